@@ -1,0 +1,1 @@
+"""Data layer: dataset folders, splits, synthetic characters, transforms, the Lightning DataModule."""

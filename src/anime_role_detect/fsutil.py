@@ -1,0 +1,68 @@
+"""Crash-safe file writes: write to a temporary sibling, fsync, then rename over the target.
+
+A reader never sees a half-written file, and a process killed mid-write leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename survives power loss (no-op where unsupported)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it is renamed onto `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write `text` (UTF-8) to `target` atomically."""
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """Serialise `obj` as JSON to `target` atomically."""
+    atomic_write_text(target, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

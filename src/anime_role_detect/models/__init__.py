@@ -1,0 +1,1 @@
+"""Model layer: backbone factory and the CharacterClassifier LightningModule."""

@@ -1,0 +1,1 @@
+"""Recognition layer: detector -> crops -> embedder + gallery and/or classifier -> tag rerank -> open-set answer."""

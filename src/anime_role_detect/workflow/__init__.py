@@ -1,0 +1,1 @@
+"""Workflow: collect -> clean -> split -> train -> evaluate -> gallery -> register, resumable."""

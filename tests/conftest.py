@@ -1,0 +1,50 @@
+"""Shared fixtures: project paths, the real-data folder, small synthetic datasets, isolated logs.
+
+Area-specific fixtures live in each area's own conftest (tests/<area>/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ARD_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real labelled images); tests that need it are skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set ARD_SHARED_DATA to its folder)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset (8 characters with near-twins, 24 images each at 96 px), made once per session."""
+    from anime_role_detect.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "chars"
+    generate_dataset(root, n_characters=8, images_per_character=24, size=96, seed=0)
+    return root
+
+
+@pytest.fixture()
+def log_dir(tmp_path) -> Path:
+    """Loguru sinks pointed at a temporary folder for one test."""
+    from anime_role_detect.log import setup_logging
+
+    return setup_logging({"dir": str(tmp_path / "logs"), "console_level": "WARNING"})
