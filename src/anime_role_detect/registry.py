@@ -60,9 +60,9 @@ class Registry:
 
     # -- creation ---------------------------------------------------------------------------
     def new_version_id(self, prefix: str = "v") -> str:
-        """A sortable, unique id: ``v20261125-093012-ab12cd``."""
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return f"{prefix}{now}-{uuid.uuid4().hex[:6]}"
+        """A unique id that sorts by creation time: ``v20261125-093012-123456-ab12``."""
+        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        return f"{prefix}{now}-{uuid.uuid4().hex[:4]}"
 
     def staging_dir(self, version_id: str | None = None) -> Path:
         """A fresh hidden folder to write a version into before `commit`."""
