@@ -1,0 +1,438 @@
+"""Append-only, crash-safe feature log: one JSON line per classification plus an embedding shard.
+
+Layout of ``DIR`` (one writer process per segment, so concurrent writers never interleave)::
+
+    DIR/segments/<stamp>-<pid>-<seq>.jsonl   one record per line, the line is the commit point
+    DIR/segments/<stamp>-<pid>-<seq>.f32     raw little-endian float32 rows referenced by offset
+    DIR/feedback.jsonl                       confirm / correct events, joined to records on read
+    DIR/images/<sha[:2]>/<sha>.<fmt>          uploaded images, only when ``store_images`` is on
+
+A record's embedding rows are written and fsynced *before* its JSON line, and the line carries the
+byte offset and a CRC32 of those rows, so a kill at any moment loses at most the record being
+written; a torn last line is ignored by readers. Segments rotate at ``max_segment_bytes``
+(100 MB, the inference-log policy) and are deleted after ``retention_days`` (14).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from ..errors import ConfigError, UserError
+from ..fsutil import atomic_write_bytes
+from ..imageio import content_hash, sniff
+from ..recognition.schema import Answer
+
+FORMAT_VERSION = 1
+SEGMENTS = "segments"
+FEEDBACK_FILE = "feedback.jsonl"
+IMAGES = "images"
+
+
+class FeedbackError(UserError, LookupError):
+    """Feedback names a record or image that is not in the feature log."""
+
+
+@dataclass(frozen=True)
+class LogPolicy:
+    """Size and privacy controls of a feature log (defaults = the inference-log policy)."""
+
+    max_segment_bytes: int = 100 * 1024 * 1024
+    retention_days: float = 14.0
+    store_images: bool = False
+    fsync: bool = True
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "LogPolicy":
+        """Build from a config mapping; unknown keys are a `ConfigError`."""
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"feature log: unknown setting(s) {unknown}; use {sorted(cls.__dataclass_fields__)}")
+        pol = cls(**cfg)
+        if pol.max_segment_bytes < 4096 or pol.retention_days <= 0:
+            raise ConfigError("feature log: max_segment_bytes must be >= 4096 and retention_days > 0")
+        return pol
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A user's verdict on one logged detection: confirmed as logged, or corrected to `role`."""
+
+    role: str
+    confirmed: bool
+    series: str = ""
+    time: float = 0.0
+
+
+@dataclass
+class LogRecord:
+    """One logged classification as read back: the JSON fields, its embeddings and joined feedback."""
+
+    data: dict
+    embeddings: np.ndarray
+    feedback: dict[int, Feedback] = field(default_factory=dict)  # detection index -> latest verdict
+    segment: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def image_sha256(self) -> str:
+        return self.data.get("image_sha256", "")
+
+    @property
+    def embedder(self) -> str:
+        return self.data.get("embedder", "")
+
+    @property
+    def detections(self) -> list[dict]:
+        return self.data.get("detections", [])
+
+    @property
+    def time(self) -> float:
+        return float(self.data.get("ts", 0.0))
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_record_id() -> str:
+    """Time-sortable unique id: ``r<ns-hex>-<random>``."""
+    return f"r{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
+
+
+def best_detection_index(detections: list[dict]) -> int | None:
+    """Index of the detection the answer's ``role`` comes from (highest similarity), or None."""
+    if not detections:
+        return None
+    return max(range(len(detections)), key=lambda i: float(detections[i].get("similarity", 0.0)))
+
+
+class _Appender:
+    """Appends whole lines/blocks to one file with a single ``write`` on an O_APPEND descriptor."""
+
+    def __init__(self, path: Path, fsync: bool) -> None:
+        self.path = path
+        self.fsync = fsync
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes) -> int:
+        """Append `data`; returns the byte offset it starts at."""
+        offset = os.lseek(self.fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        if self.fsync:
+            os.fsync(self.fd)
+        self.size = offset + len(data)
+        return offset
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class FeatureLog:
+    """Writer and reader of one feature-log folder; thread-safe, one active segment per process.
+
+    `append` is what the Recognizer's ``feature_sink`` calls; `feedback` is what the service's
+    feedback endpoint calls; `read` yields complete records with feedback joined.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], policy: LogPolicy | Mapping[str, Any] | None = None,
+                 embedder_id: str = "") -> None:
+        self.dir = Path(directory)
+        self.policy = policy if isinstance(policy, LogPolicy) else LogPolicy.from_mapping(policy)
+        self.embedder_id = embedder_id
+        self.segments_dir = self.dir / SEGMENTS
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._jsonl: _Appender | None = None
+        self._emb: _Appender | None = None
+        self._feedback: _Appender | None = None
+        self._own_ids: dict[str, str] = {}  # record id -> image hash, for this process's records
+        self._pid = os.getpid()
+
+    # -- writing --------------------------------------------------------------------------------
+    def _open_segment(self) -> None:
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        self._seq += 1
+        stem = f"{stamp}-{os.getpid()}-{self._seq:04d}"
+        self._close_segment()
+        self._emb = _Appender(self.segments_dir / f"{stem}.f32", self.policy.fsync)
+        self._jsonl = _Appender(self.segments_dir / f"{stem}.jsonl", self.policy.fsync)
+        self._pid = os.getpid()
+
+    def _close_segment(self) -> None:
+        for app in (self._jsonl, self._emb):
+            if app is not None:
+                app.close()
+        self._jsonl = self._emb = None
+
+    def _need_rotation(self) -> bool:
+        if self._jsonl is None or self._emb is None or self._pid != os.getpid():
+            return True  # first write, or a forked worker: never share a segment between processes
+        return self._jsonl.size + self._emb.size >= self.policy.max_segment_bytes
+
+    def append(self, answer: Answer, embeddings: np.ndarray | None, image_bytes: bytes | None = None,
+               embedder_id: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
+        """Log one classification (one embedding row per detection); returns the record id.
+
+        The image itself is stored only when the policy's ``store_images`` is on.
+        """
+        emb = np.zeros((0, 0), np.float32) if embeddings is None else np.asarray(embeddings, dtype="<f4")
+        if emb.ndim == 1:
+            emb = emb[None, :]
+        if emb.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (detections x dim), got shape {emb.shape}")
+        if emb.shape[0] and emb.shape[0] != max(1, len(answer.detections)):
+            raise ValueError(f"{emb.shape[0]} embedding rows for {len(answer.detections)} detections; need one row per detection")
+        emb = np.ascontiguousarray(emb)
+        sha = answer.image_sha256 or (content_hash(image_bytes) if image_bytes else "")
+        rid = new_record_id()
+        image_rel = self._store_image(sha, image_bytes) if (image_bytes and self.policy.store_images) else None
+        record: dict[str, Any] = {
+            "v": FORMAT_VERSION, "id": rid, "time": _now_iso(), "ts": time.time(), "image_sha256": sha,
+            "filename": answer.filename, "mode": answer.mode, "version": answer.version,
+            "embedder": embedder_id if embedder_id is not None else self.embedder_id,
+            "role": answer.role, "series": answer.series, "similarity": answer.similarity, "unknown": answer.unknown,
+            "boxes": answer.boxes, "whole_image": answer.whole_image, "width": answer.width, "height": answer.height,
+            "detections": [d.model_dump(include={"box", "detector_score", "role", "series", "similarity", "unknown", "topk", "tags"})
+                           for d in answer.detections],
+            "image": image_rel, **dict(extra or {}),
+        }
+        blob = emb.tobytes()
+        with self._lock:
+            if self._need_rotation():
+                self._open_segment()
+                self.apply_retention()
+            assert self._emb is not None and self._jsonl is not None
+            offset = self._emb.write(blob) if blob else self._emb.size
+            record["emb"] = {"file": self._emb.path.name, "offset": offset, "rows": int(emb.shape[0]),
+                             "dim": int(emb.shape[1]) if emb.shape[0] else 0, "crc32": zlib.crc32(blob)}
+            self._jsonl.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
+            self._own_ids[rid] = sha
+        return rid
+
+    def _store_image(self, sha: str, data: bytes) -> str:
+        kind = sniff(data)
+        ext = kind[1] if kind and kind[0] == "image" else "bin"
+        rel = f"{IMAGES}/{sha[:2]}/{sha}.{ext}"
+        target = self.dir / rel
+        if target.exists():
+            os.utime(target)  # retention counts from the latest record that references the image
+        else:
+            atomic_write_bytes(target, data)
+        return rel
+
+    def sink(self, answer: Answer, embeddings: np.ndarray) -> None:
+        """``feature_sink`` callback for the Recognizer (log failures must never fail a request)."""
+        try:
+            self.append(answer, embeddings)
+        except OSError as exc:  # disk full etc.: the answer still goes out; the error is logged
+            from ..log import system_log
+
+            system_log.error(f"feature log {self.dir}: could not append ({exc})")
+
+    def feedback(self, key: str, correct_role: str | None = None, confirmed: bool = False,
+                 detection: int | None = None, series: str = "") -> dict:
+        """Record a verdict for a record id or an image SHA-256: ``confirmed`` or corrected to `correct_role`.
+
+        `detection` picks the detection (default: the best one). Raises `FeedbackError` if the key is unknown.
+        """
+        if not confirmed and not correct_role:
+            raise FeedbackError("feedback needs confirmed=true or a correct_role (the character it really is)")
+        if correct_role is not None and not str(correct_role).strip():
+            raise FeedbackError("correct_role is empty; give the character's name")
+        by = self._key_kind(key)
+        if by is None:
+            raise FeedbackError(f"no logged classification with record id or image hash {key!r} in {self.dir}; "
+                                "send the record_id returned with the answer")
+        event = {"time": _now_iso(), "ts": time.time(), by: key, "confirmed": bool(confirmed) and not correct_role,
+                 "correct_role": (correct_role or "").strip() or None, "series": series, "detection": detection}
+        with self._lock:
+            if self._feedback is None or self._pid != os.getpid():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._feedback = _Appender(self.dir / FEEDBACK_FILE, self.policy.fsync)
+            self._feedback.write((json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
+        return event
+
+    def _key_kind(self, key: str) -> str | None:
+        """'id' or 'image_sha256' when `key` names a logged record (this process's first, then a scan)."""
+        if key in self._own_ids:
+            return "id"
+        if key in self._own_ids.values():
+            return "image_sha256"
+        for d in self._iter_json():
+            if d.get("id") == key:
+                return "id"
+            if key and d.get("image_sha256") == key:
+                return "image_sha256"
+        return None
+
+    def close(self) -> None:
+        """Close open files (appends reopen them)."""
+        with self._lock:
+            self._close_segment()
+            if self._feedback is not None:
+                self._feedback.close()
+                self._feedback = None
+
+    def __enter__(self) -> "FeatureLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- retention ------------------------------------------------------------------------------
+    def apply_retention(self, now: float | None = None) -> int:
+        """Delete closed segments (and stored images) older than ``retention_days``; returns files removed."""
+        cutoff = (now if now is not None else time.time()) - self.policy.retention_days * 86400
+        active = {a.path.name for a in (self._jsonl, self._emb) if a is not None}
+        removed = 0
+        for root in (self.segments_dir, self.dir / IMAGES):
+            if not root.is_dir():
+                continue
+            for p in root.rglob("*"):
+                if p.is_file() and p.name not in active:
+                    try:
+                        if p.stat().st_mtime < cutoff:
+                            p.unlink()
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        removed += self._prune_feedback(cutoff)
+        return removed
+
+    def _prune_feedback(self, cutoff: float) -> int:
+        """Rewrite ``feedback.jsonl`` without events older than the cutoff (atomic; rare)."""
+        path = self.dir / FEEDBACK_FILE
+        events = list(_read_jsonl(path))
+        keep = [e for e in events if float(e.get("ts", 0)) >= cutoff]
+        if len(keep) == len(events):
+            return 0
+        if self._feedback is not None:
+            self._feedback.close()
+            self._feedback = None
+        atomic_write_bytes(path, "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in keep).encode())
+        return len(events) - len(keep)
+
+    # -- reading --------------------------------------------------------------------------------
+    def segment_paths(self) -> list[Path]:
+        """JSON-lines segments, oldest first."""
+        if not self.segments_dir.is_dir():
+            return []
+        return sorted(self.segments_dir.glob("*.jsonl"))
+
+    def _iter_json(self) -> Iterator[dict]:
+        for seg in self.segment_paths():
+            yield from _read_jsonl(seg)
+
+    def read_feedback(self) -> list[dict]:
+        """All feedback events, oldest first (a torn last line is skipped)."""
+        return list(_read_jsonl(self.dir / FEEDBACK_FILE))
+
+    def read(self, embeddings: bool = True, since: float | None = None) -> Iterator[LogRecord]:
+        """Yield complete records, oldest first, with feedback joined (by record id, else image hash).
+
+        Safe while writers append: lines without their newline yet are not yielded, and a record
+        whose embedding rows fail their CRC is skipped (counted in `corrupt`).
+        """
+        joined = join_feedback(self.read_feedback())
+        self.corrupt = 0
+        for seg in self.segment_paths():
+            for data in _read_jsonl(seg):
+                if since is not None and float(data.get("ts", 0)) < since:
+                    continue
+                emb = self._load_embeddings(seg.parent, data) if embeddings else np.zeros((0, 0), np.float32)
+                if emb is None:
+                    self.corrupt += 1
+                    continue
+                yield LogRecord(data=data, embeddings=emb, feedback=feedback_for(data, joined), segment=seg.name)
+
+    @staticmethod
+    def _load_embeddings(folder: Path, data: dict) -> np.ndarray | None:
+        meta = data.get("emb") or {}
+        rows, dim = int(meta.get("rows", 0)), int(meta.get("dim", 0))
+        if rows == 0:
+            return np.zeros((0, dim), np.float32)
+        nbytes = rows * dim * 4
+        try:
+            with open(folder / meta["file"], "rb") as fh:
+                fh.seek(int(meta["offset"]))
+                blob = fh.read(nbytes)
+        except (OSError, KeyError):
+            return None
+        if len(blob) != nbytes or zlib.crc32(blob) != int(meta.get("crc32", -1)):
+            return None
+        return np.frombuffer(blob, dtype="<f4").reshape(rows, dim).astype(np.float32)
+
+    def image_path(self, record: LogRecord) -> Path | None:
+        """Stored image of a record, when images were stored and are still retained."""
+        rel = record.data.get("image")
+        p = self.dir / rel if rel else None
+        return p if p is not None and p.is_file() else None
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """Complete, parseable JSON lines of `path`; a torn or garbled line is skipped, never fatal."""
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    return  # being written (or torn by a crash): not committed
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    yield obj
+    except FileNotFoundError:
+        return
+
+
+def join_feedback(events: Iterable[dict]) -> dict[str, dict[int | None, Feedback]]:
+    """Latest verdict per (record id or ``sha:<hash>``, detection index)."""
+    out: dict[str, dict[int | None, Feedback]] = {}
+    for e in events:
+        key = e.get("id") or (f"sha:{e['image_sha256']}" if e.get("image_sha256") else None)
+        if key is None:
+            continue
+        fb = Feedback(role=e.get("correct_role") or "", confirmed=bool(e.get("confirmed")), series=e.get("series") or "",
+                      time=float(e.get("ts", 0.0)))
+        out.setdefault(key, {})[e.get("detection")] = fb
+    return out
+
+
+def feedback_for(data: dict, joined: Mapping[str, Mapping[int | None, Feedback]]) -> dict[int, Feedback]:
+    """Verdicts of one record per detection index; record-id feedback overrides image-hash feedback."""
+    dets = data.get("detections", [])
+    best = best_detection_index(dets)
+    out: dict[int, Feedback] = {}
+    for key in (f"sha:{data.get('image_sha256')}" if data.get("image_sha256") else None, data.get("id")):
+        for det, fb in (joined.get(key, {}) if key else {}).items():
+            idx = best if det is None else int(det)
+            if idx is None or idx >= len(dets):
+                continue
+            if fb.confirmed and not fb.role:
+                fb = Feedback(role=dets[idx].get("role", ""), confirmed=True, series=dets[idx].get("series", ""), time=fb.time)
+            out[idx] = fb
+    return out
