@@ -1,0 +1,407 @@
+"""The collector interface, a polite HTTP client, and the resumable download loop every booru shares.
+
+A collector turns one `CharacterQuery` into image files ``OUT/<character>/<post>.<ext>`` plus a
+per-character manifest (``OUT/.state/<character>.jsonl``, append-only, fsynced per line) that
+records each image's tags and source. Images land by write-then-rename and are named by post id,
+so a killed run never leaves a half image and a rerun never downloads an image twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+
+import requests
+
+from ...errors import ConfigError
+from ...fsutil import atomic_write_bytes
+from ...imageio import sniff
+from ...log import get_logger
+from ..progress import Progress
+
+_log = get_logger("system")
+
+STATE_DIR = ".state"
+#: File extensions worth downloading (videos, zips and flash are skipped).
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp"})
+
+
+def safe_name(name: str) -> str:
+    """A folder-safe version of a character name (keeps unicode, drops path separators and control chars)."""
+    out = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", name.strip()).strip(" .")
+    if not out:
+        raise ConfigError(f"character name {name!r} is empty after removing path characters; give a real name")
+    return out
+
+
+def booru_tag(name: str, series: str = "") -> str:
+    """Danbooru-style character tag from name + series: ``Hoshino``, ``Blue Archive`` -> ``hoshino_(blue_archive)``."""
+
+    def norm(s: str) -> str:
+        return re.sub(r"\s+", "_", s.strip().lower())
+
+    return f"{norm(name)}_({norm(series)})" if series.strip() else norm(name)
+
+
+@dataclass(frozen=True)
+class CharacterQuery:
+    """One character to collect: display name, series, booru tag and optional local source."""
+
+    name: str
+    series: str = ""
+    tag: str = ""  # booru tag; derived from name + series when empty
+    path: str = ""  # local collector: folder or file list for this character
+    limit: int | None = None  # per-character cap overriding the collector's
+
+    @property
+    def folder(self) -> str:
+        return safe_name(self.name)
+
+    @property
+    def search_tag(self) -> str:
+        return self.tag or booru_tag(self.name, self.series)
+
+    @classmethod
+    def from_config(cls, obj: Any) -> "CharacterQuery":
+        """Accept ``{"name", "series", "tag", "path", "limit"}`` or a bare name string."""
+        if isinstance(obj, str):
+            return cls(name=obj)
+        try:
+            data = dict(obj)
+        except (TypeError, ValueError):
+            raise ConfigError(f"characters entry {obj!r}: expected {{name: ..., series: ...}}") from None
+        unknown = set(data) - {"name", "series", "tag", "path", "limit"}
+        if unknown or not data.get("name"):
+            raise ConfigError(
+                f"characters entry {data}: needs 'name' and may have series, tag, path, limit (unknown: {sorted(unknown)})"
+            )
+        limit = data.get("limit")
+        return cls(name=str(data["name"]), series=str(data.get("series") or ""), tag=str(data.get("tag") or ""),
+                   path=str(data.get("path") or ""), limit=int(limit) if limit is not None else None)
+
+
+@dataclass
+class CollectReport:
+    """What collecting one character did (shown in the summary and kept in the run folder)."""
+
+    character: str
+    query: str
+    images: int = 0  # images present after this run
+    downloaded: int = 0
+    reused: int = 0  # already on disk from an earlier (interrupted) run
+    skipped_posts: int = 0  # no file URL, video, or wrong extension
+    failed_downloads: int = 0
+    malformed_pages: int = 0
+    failed_pages: int = 0
+    pages: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Collector(Protocol):
+    """Fetches images of one character into ``out_dir/<character>/`` and records them in the manifest."""
+
+    name: str
+
+    def collect(self, query: CharacterQuery, out_dir: Path, progress: Progress | None = None) -> CollectReport: ...
+
+
+# -- manifest ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ManifestEntry:
+    """One collected image: where it is, what it shows, where it came from."""
+
+    key: str  # post id / source path hash: the identity used to skip re-downloads
+    file_name: str  # '<character>/<file>' relative to the raw folder
+    tags: list[str]
+    source: str
+    group: str = ""  # booru parent/pool id, so related posts stay on one side of a split
+
+
+class Manifest:
+    """Append-only, crash-safe list of a character's collected images (a torn last line is ignored)."""
+
+    def __init__(self, out_dir: Path, character_folder: str) -> None:
+        self.path = Path(out_dir) / STATE_DIR / f"{character_folder}.jsonl"
+        self.entries: dict[str, ManifestEntry] = {}
+        self.complete: dict[str, Any] | None = None
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if "complete" in obj:
+                    self.complete = obj
+                elif "key" in obj:
+                    self.entries[obj["key"]] = ManifestEntry(**obj)
+
+    def _append(self, obj: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def add(self, entry: ManifestEntry) -> None:
+        self.entries[entry.key] = entry
+        self._append(asdict(entry))
+
+    def mark_complete(self, fingerprint: str, report: CollectReport) -> None:
+        self.complete = {"complete": fingerprint, "images": report.images}
+        self._append(self.complete)
+
+    def is_complete(self, fingerprint: str) -> bool:
+        return bool(self.complete and self.complete.get("complete") == fingerprint)
+
+
+def read_manifest(out_dir: Path, character_folder: str) -> list[ManifestEntry]:
+    """Entries of a character whose file is on disk."""
+    man = Manifest(out_dir, character_folder)
+    return [e for e in man.entries.values() if (Path(out_dir) / e.file_name).is_file()]
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+
+
+class FetchError(Exception):
+    """A request failed after all retries (reported, not fatal for the run)."""
+
+
+@dataclass
+class HttpPolicy:
+    """Timeouts, retries and rate limit for one site (all configuration)."""
+
+    timeout_s: float = 20.0
+    retries: int = 4
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    rate_limit_per_s: float = 2.0
+    user_agent: str = "anime_role_detect/0.1 (character dataset collector)"
+
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 524})
+
+
+class HttpClient:
+    """`requests` session with a rate limit, timeouts, and exponential backoff on 429/5xx/timeouts."""
+
+    def __init__(self, policy: HttpPolicy, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.policy = policy
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = policy.user_agent
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_slot = 0.0
+        self.requests = 0
+
+    def _wait_rate_limit(self) -> None:
+        if self.policy.rate_limit_per_s <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            wait = self._next_slot - now
+            self._next_slot = max(now, self._next_slot) + 1.0 / self.policy.rate_limit_per_s
+        if wait > 0:
+            self._sleep(wait)
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        delay = min(self.policy.backoff_max_s, self.policy.backoff_s * (2**attempt))
+        if retry_after:
+            try:
+                delay = min(self.policy.backoff_max_s, max(delay, float(retry_after)))
+            except ValueError:
+                pass
+        return delay
+
+    def get(self, url: str, params: Mapping[str, Any] | None = None) -> requests.Response:
+        """GET with retries; 4xx other than 429 fail at once (401/403 raise `ConfigError`: fix the key)."""
+        last = ""
+        for attempt in range(self.policy.retries + 1):
+            self._wait_rate_limit()
+            self.requests += 1
+            retry_after = None
+            try:
+                resp = self.session.get(url, params=params, timeout=self.policy.timeout_s)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                last = f"{type(exc).__name__}"
+            else:
+                if resp.status_code < 400:
+                    return resp
+                if resp.status_code in (401, 403):
+                    raise ConfigError(
+                        f"{url}: HTTP {resp.status_code} (access denied); check collector.api_key / collector.login or the base_url"
+                    )
+                if resp.status_code not in RETRY_STATUS:
+                    raise FetchError(f"{url}: HTTP {resp.status_code}")
+                last = f"HTTP {resp.status_code}"
+                retry_after = resp.headers.get("Retry-After")
+            if attempt < self.policy.retries:
+                delay = self._backoff(attempt, retry_after)
+                _log.warning(f"{url}: {last}; retry {attempt + 1}/{self.policy.retries} in {delay:.1f}s")
+                self._sleep(delay)
+        raise FetchError(f"{url}: {last} after {self.policy.retries + 1} attempts")
+
+
+# -- the shared booru loop --------------------------------------------------------------------------
+
+
+@dataclass
+class Post:
+    """A booru post reduced to what the dataset needs."""
+
+    id: str
+    file_url: str
+    ext: str
+    tags: list[str]
+    rating: str = ""
+    group: str = ""  # parent id when the site gives one
+
+
+class MalformedPage(Exception):
+    """A listing page that is not the JSON the API documents."""
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (config subsets, queries)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class BooruCollector:
+    """Pages through a booru search and downloads each post's image once; subclasses parse one API."""
+
+    name = "booru"
+
+    def __init__(
+        self,
+        base_url: str,
+        limit_per_character: int = 200,
+        page_size: int = 100,
+        extra_tags: Iterable[str] = (),
+        max_pages: int = 50,
+        max_consecutive_bad_pages: int = 3,
+        http: HttpPolicy | Mapping[str, Any] | None = None,
+        api_key: str | None = None,
+        login: str | None = None,
+        ratings: Iterable[str] = (),
+    ) -> None:
+        if not base_url:
+            raise ConfigError(f"collector.base_url is empty; set it to the {self.name} site, e.g. collector.base_url=https://...")
+        if limit_per_character <= 0 or page_size <= 0:
+            raise ConfigError("collector.limit_per_character and collector.page_size must be positive")
+        self.base_url = base_url.rstrip("/")
+        self.limit = int(limit_per_character)
+        self.page_size = int(page_size)
+        self.extra_tags = [str(t) for t in extra_tags]
+        self.max_pages = int(max_pages)
+        self.max_bad = int(max_consecutive_bad_pages)
+        self.http = HttpClient(http if isinstance(http, HttpPolicy) else HttpPolicy(**dict(http or {})))
+        self.api_key = api_key or None
+        self.login = login or None
+        self.ratings = frozenset(str(r)[:1].lower() for r in ratings)  # filtered here: tag-limited APIs stay within limits
+
+    # subclasses: the API
+    def page_request(self, tags: str, page: int) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def parse_page(self, resp: requests.Response, search_tags: frozenset[str]) -> list[Post]:
+        """Posts of one listing page; raises `MalformedPage` when the answer is not the documented JSON."""
+        raise NotImplementedError
+
+    def query_string(self, query: CharacterQuery) -> str:
+        return " ".join([query.search_tag, *self.extra_tags])
+
+    def _posts(self, query: CharacterQuery, report: CollectReport) -> Iterator[Post]:
+        tags = self.query_string(query)
+        bad_in_row = 0
+        for page in range(self.max_pages):
+            url, params = self.page_request(tags, page)
+            report.pages += 1
+            try:
+                posts = self.parse_page(self.http.get(url, params), frozenset(tags.split()))
+            except FetchError as exc:
+                report.failed_pages += 1
+                report.problems.append(f"page {page}: {exc}")
+                _log.warning(f"{query.name}: page {page} skipped ({exc})")
+                posts = None
+            except MalformedPage as exc:
+                report.malformed_pages += 1
+                report.problems.append(f"page {page}: malformed answer ({exc})")
+                _log.warning(f"{query.name}: page {page} skipped, malformed answer ({exc})")
+                posts = None
+            if posts is None:
+                bad_in_row += 1
+                if bad_in_row >= self.max_bad:
+                    report.problems.append(f"stopped after {bad_in_row} bad pages in a row")
+                    return
+                continue
+            bad_in_row = 0
+            yield from posts
+            if len(posts) < self.page_size:
+                return
+
+    def collect(self, query: CharacterQuery, out_dir: Path, progress: Progress | None = None) -> CollectReport:
+        """Download up to the cap of `query`'s images into ``out_dir/<character>/``, skipping those on disk."""
+        out_dir = Path(out_dir)
+        cap = query.limit or self.limit
+        report = CollectReport(character=query.name, query=self.query_string(query))
+        man = Manifest(out_dir, query.folder)
+        fp = fingerprint({"site": self.base_url, "q": report.query, "cap": cap, "ratings": sorted(self.ratings)})
+        have = [e for e in man.entries.values() if (out_dir / e.file_name).is_file()]
+        if man.is_complete(fp):
+            report.images = report.reused = len(have)
+            return report
+        count = len(have)
+        report.reused = count
+        stage = f"collect:{query.name}"
+        if progress:
+            progress.emit(stage, min(count, cap), cap, f"searching {report.query!r}")
+        for post in self._posts(query, report):
+            if count >= cap:
+                break
+            if post.ext.lower() not in IMAGE_EXTS or not post.file_url or (self.ratings and post.rating[:1] not in self.ratings):
+                report.skipped_posts += 1
+                continue
+            key = f"{self.name}:{post.id}"
+            rel = f"{query.folder}/{post.id}.{post.ext.lower()}"
+            if key in man.entries and (out_dir / man.entries[key].file_name).is_file():
+                continue  # counted in `have`
+            target = out_dir / rel
+            if not target.is_file():  # a file renamed into place just before a kill is adopted, not refetched
+                try:
+                    data = self.http.get(post.file_url).content
+                except FetchError as exc:
+                    report.failed_downloads += 1
+                    report.problems.append(f"post {post.id}: {exc}")
+                    continue
+                kind = sniff(data)
+                if kind is None or kind[0] != "image":
+                    report.failed_downloads += 1
+                    report.problems.append(f"post {post.id}: not an image ({len(data)} bytes from {post.file_url})")
+                    continue
+                atomic_write_bytes(target, data)
+                report.downloaded += 1
+            else:
+                report.reused += 1
+            man.add(ManifestEntry(key=key, file_name=rel, tags=post.tags, source=post.file_url,
+                                  group=f"{self.name}:{post.group}" if post.group else ""))
+            count += 1
+            if progress:
+                progress.emit(stage, min(count, cap), cap)
+        report.images = count
+        if report.failed_pages == 0 and report.malformed_pages == 0:
+            man.mark_complete(fp, report)
+        if progress:
+            progress.emit(stage, cap, cap, f"{count} images ({report.downloaded} new)")
+        return report
