@@ -1,0 +1,100 @@
+"""Open-set rejection: a per-mode score threshold calibrated on validation data for a target false-accept rate.
+
+Unseen characters are simulated leave-one-character-out: for a validation image of character c,
+the best score among the *other* characters is what the system would report if c were not
+enrolled (an impostor score). The threshold is the (1 - FAR) quantile of impostor scores, so about
+FAR of unseen characters still get a name. Saved as ``calibration.json`` next to the gallery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import GalleryError
+from ..fsutil import atomic_write_json, read_json
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class ModeThreshold:
+    """One mode's threshold and what it achieved on validation data."""
+
+    threshold: float
+    false_accept_rate: float  # measured on impostors
+    true_accept_rate: float  # genuine scores kept
+    n_genuine: int
+    n_impostor: int
+
+
+@dataclass
+class OpenSetCalibration:
+    """Thresholds per mode; a score below its mode's threshold answers 'unknown'."""
+
+    target_far: float = 0.05
+    modes: dict[str, ModeThreshold] = field(default_factory=dict)
+
+    def threshold(self, mode: str) -> float | None:
+        m = self.modes.get(mode)
+        return None if m is None else m.threshold
+
+    def is_known(self, mode: str, score: float) -> bool:
+        """True when `score` passes `mode`'s threshold (always True for an uncalibrated mode)."""
+        t = self.threshold(mode)
+        return t is None or score >= t
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        if p.is_dir() or not p.suffix:
+            p = p / CALIBRATION_FILE
+        atomic_write_json(p, {"target_far": self.target_far, "modes": {k: asdict(v) for k, v in self.modes.items()}})
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OpenSetCalibration":
+        p = Path(path)
+        if p.is_dir():
+            p = p / CALIBRATION_FILE
+        try:
+            obj = read_json(p)
+            return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()})
+        except FileNotFoundError:
+            raise GalleryError(f"open-set calibration {p} not found; rebuild with gallery_cli build --val-fraction 0.2 or set openset.enabled=false") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GalleryError(f"open-set calibration {p} is corrupt ({exc}); rebuild it with gallery_cli build") from None
+
+
+def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor scores from a ``[N, C]`` score matrix and true class indices.
+
+    With ``renormalise`` (softmax probabilities) the impostor is ``max_{j!=c} p_j / (1 - p_c)``: what
+    the classifier would say if class c did not exist.
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, int)
+    rows = np.arange(len(y))
+    genuine = s[rows, y]
+    other = s.copy()
+    other[rows, y] = -np.inf
+    impostor = other.max(1)
+    if renormalise:
+        impostor = impostor / np.maximum(1.0 - genuine, 1e-9)
+    return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
+
+
+def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05) -> ModeThreshold:
+    """Threshold with at most `target_far` of impostor scores at or above it."""
+    g = np.asarray(genuine, np.float64)
+    imp = np.sort(np.asarray(impostor, np.float64))
+    if len(imp) == 0:
+        raise GalleryError("no validation images to calibrate the open-set threshold; use a validation split with 2+ characters")
+    k = int(np.floor(target_far * len(imp)))  # impostors allowed through
+    t = float(np.nextafter(imp[len(imp) - k - 1], np.inf)) if k < len(imp) else float(imp[0])
+    far = float((imp >= t).mean())
+    tar = float((g >= t).mean()) if len(g) else 0.0
+    return ModeThreshold(threshold=t, false_accept_rate=round(far, 4), true_accept_rate=round(tar, 4),
+                         n_genuine=int(len(g)), n_impostor=int(len(imp)))
