@@ -127,8 +127,10 @@ class _Appender:
     def __init__(self, path: Path, fsync: bool) -> None:
         self.path = path
         self.fsync = fsync
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.size = os.fstat(self.fd).st_size
+        if self.size and os.pread(self.fd, 1, self.size - 1) != b"\n" and path.suffix == ".jsonl":
+            self.write(b"\n")  # end a line torn by a killed writer, so the next record starts on its own line
 
     def write(self, data: bytes) -> int:
         """Append `data`; returns the byte offset it starts at."""
