@@ -1,0 +1,300 @@
+"""Make a character detector offline: build a YOLO dataset, train ultralytics YOLOv8n from its yaml.
+
+No anime YOLO weights can be downloaded here, so the data is made locally from two sources:
+
+- ``synthetic``: multi-character composites from `data.synthetic.render_scene` with exact boxes
+  (0-3 characters per image, three drawing styles), class ``character``;
+- ``animeface``: real illustrations (e.g. ``../shared/data/newgame_full``) labelled by the nvxs
+  anime-face detector (`detector.AnimeFaceDetector`), each face box widened by ``face_expand`` so
+  it takes in hair and headwear; images where it finds no face are left out (they may hold
+  characters it missed, which would teach the model that characters are background).
+
+``python -m anime_role_detect.recognition.detector_training out=DIR [source=synthetic|animeface|both]
+[real_dir=FOLDER] [epochs=30] [n_train=200] ...`` writes ``DIR/detector.pt`` (use it with
+``detector=yolo detector.weights=DIR/detector.pt``), ``DIR/detector.json`` (validation metrics and
+the config) and the YOLO dataset and run under ``DIR/dataset`` and ``DIR/yolo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from PIL import Image
+
+from ..cli import user_errors_exit
+from ..errors import ConfigError, DatasetError
+from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
+from ..imageio import IMAGE_SUFFIXES, load_image
+from ..log import training_log
+from .detector import AnimeFaceDetector, Box, ultralytics_offline
+
+CLASS_NAMES = ("character",)
+SOURCES = ("synthetic", "animeface", "both")
+SCENE_SIZES = ((320, 224), (288, 288), (352, 240), (256, 320))
+
+
+@dataclass
+class DetectorTrainingConfig:
+    """Options of ``python -m anime_role_detect.recognition.detector_training`` (``key=value`` overrides)."""
+
+    out: str = "outputs/detector"
+    source: str = "synthetic"  # synthetic | animeface | both
+    real_dir: str | None = None  # folder of real images for source=animeface|both (searched recursively)
+    n_train: int = 200  # synthetic training composites
+    n_val: int = 40  # synthetic validation composites
+    max_characters: int = 3  # per synthetic composite (0..max; ~10% empty backgrounds)
+    max_real_images: int = 300  # real images to label with animeface (0 = all)
+    real_val_fraction: float = 0.15
+    face_expand: float = 0.5  # widen animeface boxes by this fraction of the face size per side
+    min_likelihood: float = 0.5  # animeface score threshold for a label
+    image_size: int = 320  # training/inference size (imgsz)
+    model: str = "yolov8n.yaml"  # architecture yaml shipped in ultralytics (trained from scratch) or a local .pt
+    epochs: int = 30
+    batch: int = 16
+    patience: int = 50
+    device: str = "cpu"
+    workers: int = 0
+    seed: int = 0
+    mosaic: float = 1.0  # ultralytics augmentation switches (mosaic helps small datasets)
+    close_mosaic: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)  # any other ultralytics train() argument
+
+
+@dataclass(frozen=True)
+class TrainedDetector:
+    """Where the trained weights are and how well they did on the validation split."""
+
+    weights: Path
+    metrics: dict[str, float]
+    data_yaml: Path
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def yolo_label_line(box: Box | Sequence[float], width: int, height: int, cls: int = 0) -> str:
+    """One YOLO label line: ``cls cx cy w h`` normalised to [0, 1]."""
+    x1, y1, x2, y2 = (box.x1, box.y1, box.x2, box.y2) if isinstance(box, Box) else box
+    x1, x2 = max(0.0, min(x1, width)), max(0.0, min(x2, width))
+    y1, y2 = max(0.0, min(y1, height)), max(0.0, min(y2, height))
+    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+    return f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
+
+
+def _write_sample(root: Path, split: str, stem: str, image: Image.Image, boxes: Sequence[Box | Sequence[float]]) -> None:
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    image.convert("RGB").save(root / "images" / split / f"{stem}.jpg", quality=92)
+    w, h = image.size
+    lines = [yolo_label_line(b, w, h) for b in boxes]
+    (root / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+
+
+def synthetic_scenes(n: int, seed: int, max_characters: int = 3) -> Iterator[tuple[Image.Image, list[tuple[int, int, int, int]]]]:
+    """`n` composites of 0..`max_characters` synthetic characters with their exact figure boxes."""
+    from ..data.synthetic import DOMAINS, make_characters, render_scene
+
+    rng = random.Random(seed)
+    specs = make_characters(24, seed=seed + 1, twin_fraction=0.3)
+    for _ in range(n):
+        k = 0 if rng.random() < 0.1 else rng.randint(1, max(1, max_characters))
+        size = rng.choice(SCENE_SIZES)
+        domain = rng.choice(DOMAINS)
+        img, placed = render_scene(rng.sample(specs, k), rng, size=size, domain=domain)
+        yield img, [box for _, box in placed]
+
+
+def write_synthetic_split(root: Path, split: str, n: int, seed: int, max_characters: int) -> int:
+    """Write `n` synthetic composites into ``root/{images,labels}/split``; returns the number of boxes."""
+    boxes_total = 0
+    for i, (img, boxes) in enumerate(synthetic_scenes(n, seed, max_characters)):
+        _write_sample(root, split, f"syn_{seed}_{i:05d}", img, boxes)
+        boxes_total += len(boxes)
+    return boxes_total
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive, sorted)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def write_animeface_splits(
+    root: Path, real_dir: Path, max_images: int, val_fraction: float, face_expand: float, min_likelihood: float, seed: int
+) -> dict[str, int]:
+    """Label real images with animeface and write those with >= 1 face; returns counts (images, faces, skipped)."""
+    paths = find_images(real_dir)
+    if not paths:
+        raise DatasetError(f"real_dir={real_dir}: no images found; point it at a folder of JPEG/PNG illustrations")
+    rng = random.Random(seed)
+    rng.shuffle(paths)
+    if max_images > 0:
+        paths = paths[:max_images]
+    detector = AnimeFaceDetector(min_likelihood=min_likelihood, expand=face_expand)
+    counts = {"real_images": 0, "real_faces": 0, "real_skipped": 0}
+    n_val = int(round(len(paths) * val_fraction))
+    for i, path in enumerate(paths):
+        try:
+            img = load_image(path)
+        except Exception:  # noqa: BLE001 - an unreadable file is skipped, not fatal
+            counts["real_skipped"] += 1
+            continue
+        faces = detector.detect([img])[0]
+        if not faces:
+            counts["real_skipped"] += 1
+            continue
+        split = "val" if i < n_val else "train"
+        _write_sample(root, split, f"real_{i:05d}", img, faces)
+        counts["real_images"] += 1
+        counts["real_faces"] += len(faces)
+    if counts["real_images"] == 0:
+        raise DatasetError(f"real_dir={real_dir}: animeface found no face in {len(paths)} images; use source=synthetic")
+    return counts
+
+
+def build_dataset(cfg: DetectorTrainingConfig, root: Path) -> tuple[Path, dict[str, int]]:
+    """Write the YOLO dataset (images/labels/data.yaml) for `cfg.source` under `root`; returns (data.yaml, counts)."""
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"source={cfg.source!r} is unknown; choose from {', '.join(SOURCES)}")
+    if root.exists():
+        shutil.rmtree(root)  # a stale half-written dataset must not mix into this run
+    counts: dict[str, int] = {}
+    if cfg.source in ("synthetic", "both"):
+        if cfg.n_train < 1 or cfg.n_val < 1:
+            raise ConfigError(f"n_train={cfg.n_train} and n_val={cfg.n_val} must be >= 1")
+        counts["synthetic_train_boxes"] = write_synthetic_split(root, "train", cfg.n_train, cfg.seed, cfg.max_characters)
+        counts["synthetic_val_boxes"] = write_synthetic_split(root, "val", cfg.n_val, cfg.seed + 10_000, cfg.max_characters)
+    if cfg.source in ("animeface", "both"):
+        if not cfg.real_dir:
+            raise ConfigError(f"source={cfg.source} needs real_dir=FOLDER (real illustrations to label with animeface)")
+        real_dir = Path(cfg.real_dir).expanduser()
+        if not real_dir.is_dir():
+            raise DatasetError(f"real_dir={real_dir}: no such folder; point it at a folder of illustrations")
+        counts.update(
+            write_animeface_splits(root, real_dir, cfg.max_real_images, cfg.real_val_fraction, cfg.face_expand, cfg.min_likelihood, cfg.seed)
+        )
+    for split in ("train", "val"):
+        counts[f"{split}_images"] = len(list((root / "images" / split).glob("*.jpg")))
+        if counts[f"{split}_images"] == 0:
+            raise DatasetError(f"the {split} split is empty; raise n_{split} / max_real_images or real_val_fraction")
+    data_yaml = root / "data.yaml"
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASS_NAMES))
+    atomic_write_text(data_yaml, f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return data_yaml, counts
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _no_font_download() -> Iterator[None]:
+    """ultralytics fetches Arial.ttf when it checks a dataset (for plot labels); we make no plots, so skip it."""
+    import ultralytics.data.utils as data_utils
+
+    original = data_utils.check_font
+    data_utils.check_font = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        data_utils.check_font = original
+
+
+def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> tuple[Path, dict[str, float]]:
+    """Train ultralytics YOLO on `data_yaml` fully offline; returns (best weights, validation metrics).
+
+    Offline: the architecture comes from the yaml inside the ultralytics package (no .pt download),
+    ``amp=False`` skips the AMP check (it downloads a reference model on GPUs), ``plots=False`` skips fonts.
+    """
+    ultralytics_offline()
+    from ultralytics import YOLO
+
+    model_path = Path(cfg.model).expanduser()
+    if cfg.model.endswith(".pt") and not model_path.is_file():
+        raise ConfigError(f"model={cfg.model}: no such weights file; use an architecture yaml such as yolov8n.yaml")
+    model = YOLO(str(model_path) if model_path.is_file() else cfg.model, task="detect")
+    args = dict(
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.image_size, batch=cfg.batch, device=cfg.device,
+        workers=cfg.workers, seed=cfg.seed, patience=cfg.patience, project=str(run_dir.parent), name=run_dir.name,
+        exist_ok=True, pretrained=False, amp=False, plots=False, verbose=False, mosaic=cfg.mosaic,
+        close_mosaic=cfg.close_mosaic, cache=False, deterministic=True,
+    )
+    args.update(cfg.extra or {})
+    with _no_font_download():
+        model.train(**args)
+    trainer = model.trainer
+    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+    raw = dict(getattr(trainer, "metrics", {}) or {})
+    metrics = {
+        "precision": float(raw.get("metrics/precision(B)", 0.0)),
+        "recall": float(raw.get("metrics/recall(B)", 0.0)),
+        "map50": float(raw.get("metrics/mAP50(B)", 0.0)),
+        "map50_95": float(raw.get("metrics/mAP50-95(B)", 0.0)),
+    }
+    return best, metrics
+
+
+def make_detector(cfg: DetectorTrainingConfig) -> TrainedDetector:
+    """Build the dataset, train, and publish ``out/detector.pt`` + ``out/detector.json`` atomically."""
+    if cfg.epochs < 1 or cfg.image_size < 32 or cfg.batch < 1:
+        raise ConfigError(f"epochs={cfg.epochs}, batch={cfg.batch} must be >= 1 and image_size={cfg.image_size} >= 32")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data_yaml, counts = build_dataset(cfg, out / "dataset")
+    training_log.info(f"detector dataset {data_yaml}: {counts}")
+    best, metrics = train_yolo(cfg, data_yaml, out / "yolo")
+    weights = out / "detector.pt"
+    with atomic_path(weights) as tmp:
+        shutil.copyfile(best, tmp)
+    seconds = time.perf_counter() - t0
+    atomic_write_json(out / "detector.json", {
+        "weights": weights.name, "class_names": list(CLASS_NAMES), "image_size": cfg.image_size,
+        "metrics": metrics, "dataset": counts, "seconds": round(seconds, 1), "config": asdict(cfg),
+    })
+    training_log.info(f"detector written to {weights}: {metrics} in {seconds:.0f} s")
+    return TrainedDetector(weights, metrics, data_yaml, seconds)
+
+
+def parse_overrides(argv: Sequence[str]) -> DetectorTrainingConfig:
+    """``key=value`` overrides (Hydra syntax) onto the defaults, type-checked by OmegaConf."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments must be key=value (got {bad[0]!r}); e.g. out=outputs/detector epochs=30")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DetectorTrainingConfig), OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad option: {msg}; options are {', '.join(DetectorTrainingConfig.__dataclass_fields__)}") from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> TrainedDetector:
+    """CLI entry point; prints where the weights went and the validation metrics."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    cfg = parse_overrides(args)
+    result = make_detector(cfg)
+    m = result.metrics
+    print(
+        f"detector: {result.weights}  mAP50={m['map50']:.3f} mAP50-95={m['map50_95']:.3f} "
+        f"P={m['precision']:.3f} R={m['recall']:.3f}  ({result.seconds:.0f} s)\n"
+        f"use it: detector=yolo detector.weights={result.weights}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
