@@ -150,18 +150,26 @@ class Gallery:
         for character in sorted(by_char):
             entries = by_char[character]
             emb = []
+            kept: list[tuple[str, Any, str]] = []
             for i in range(0, len(entries), bs):
-                chunk = entries[i : i + bs]
-                emb.append(embedder.embed([im() if callable(im) else im for _, im, _ in chunk]))
-                done += len(chunk)
+                chunk = [(s, im() if callable(im) else im, src) for s, im, src in entries[i : i + bs]]
+                chunk = [c for c in chunk if c[1] is not None]  # a loader returns None for an unreadable file
+                if chunk:
+                    emb.append(embedder.embed([im for _, im, _ in chunk]))
+                    kept.extend(chunk)
+                done += len(entries[i : i + bs])
                 if progress:
                     progress(done, total)
+            if not emb:
+                continue
             e = np.concatenate(emb)
             protos, labels = _prototypes(e, g.prototype_spec)
-            series = next((s for s, _, _ in entries if s), "")
+            series = next((s for s, _, _ in kept if s), "")
             for j, lab in enumerate(labels):
-                meta.append((character, series, lab or entries[j][2]))
+                meta.append((character, series, lab or kept[j][2]))
             vecs.append(protos)
+        if not vecs:
+            raise GalleryError("none of the images could be read; check the dataset folder")
         g._add_rows(np.concatenate(vecs), meta)
         return g
 
@@ -301,9 +309,7 @@ class Gallery:
         g = cls(emb["id"], int(emb["dim"]), emb.get("config"), meta.get("index"), meta.get("prototypes"), meta.get("aggregate", "max"))
         if embedder_id is not None or dim is not None:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
-        if isinstance(index, faiss.IndexIDMap2):
-            index = faiss.downcast_index(index)
-        g.index = index
+        g.index = index  # deserialize_index already returns the concrete type; re-downcasting would drop the owning wrapper
         g.rows = {int(r["id"]): Row(int(r["id"]), r["character"], r.get("series", ""), r.get("source", "")) for r in meta["rows"]}
         g.next_id = int(meta.get("next_id", max(g.rows, default=-1) + 1))
         if index.ntotal != len(g.rows):
