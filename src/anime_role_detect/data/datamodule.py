@@ -1,0 +1,293 @@
+"""`CharacterDataModule`: a ``root/<character>/<image>`` folder (+ optional tags) as Lightning data.
+
+Setup scans the folder, groups exact and near-duplicates (so copies never straddle the split),
+decodes every image once to find unreadable ones (skipped and reported, or an error), and makes a
+deterministic stratified train/val split saved as a JSON manifest that later runs reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from ..errors import ConfigError, DatasetError, ImageError
+from ..fsutil import atomic_write_json, read_json
+from ..imageio import load_image
+from ..log import training_log
+from .dedupe import assign_duplicate_groups
+from .layout import ImageRecord, Split, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+
+BALANCE_MODES = ("none", "class_weights", "sampler")
+
+
+class CharacterImageDataset(Dataset):
+    """Records -> (image tensor, character index, multi-hot tag vector)."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        root: str | Path,
+        class_to_idx: Mapping[str, int],
+        tag_to_idx: Mapping[str, int],
+        transform: Callable,
+    ) -> None:
+        self.records = list(records)
+        self.root = Path(root)
+        self.class_to_idx = dict(class_to_idx)
+        self.tag_to_idx = dict(tag_to_idx)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def tag_vector(self, rec: ImageRecord) -> torch.Tensor:
+        vec = torch.zeros(len(self.tag_to_idx), dtype=torch.float32)
+        for t in rec.tags:
+            if t in self.tag_to_idx:
+                vec[self.tag_to_idx[t]] = 1.0
+        return vec
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        rec = self.records[i]
+        img = load_image(rec.path(self.root))  # verified readable at setup
+        return self.transform(img), self.class_to_idx[rec.character], self.tag_vector(rec)
+
+
+class CharacterDataModule(L.LightningDataModule):
+    """Lightning data for character classification with a leak-free, reusable split."""
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        batch_size: int = 16,
+        val_fraction: float = 0.2,
+        seed: int = 42,
+        num_workers: int = 0,
+        augment: Mapping[str, Any] | None = None,
+        balance: str = "none",
+        dedupe_max_distance: int | None = 8,
+        skip_unreadable: bool = True,
+        split_dir: str | None = None,
+        min_tag_count: int = 2,
+        synthetic: Mapping[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if balance not in BALANCE_MODES:
+            raise ConfigError(f"data.balance={balance!r}: choose one of {', '.join(BALANCE_MODES)}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size={batch_size}: must be at least 1")
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.augment = dict(augment or {})
+        self.balance = balance
+        self.dedupe_max_distance = dedupe_max_distance
+        self.skip_unreadable = bool(skip_unreadable)
+        self.split_dir = split_dir
+        self.min_tag_count = int(min_tag_count)
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.pin_memory = bool(pin_memory)
+        self.class_names: list[str] = []
+        self.series: dict[str, str] = {}
+        self.tag_names: list[str] = []
+        self.train_records: list[ImageRecord] = []
+        self.val_records: list[ImageRecord] = []
+        self.unreadable: list[str] = []
+        self.split_path: Path | None = None
+        self._ready = False
+
+    # -- data preparation -------------------------------------------------------------------
+    def _maybe_generate_synthetic(self) -> None:
+        """Generate the embedded synthetic dataset when `root` is its configured home and missing."""
+        if not self.synthetic:
+            return
+        home = Path(str(self.synthetic.get("root", self.root))).expanduser()
+        if home.resolve() != self.root.resolve() or (self.root / "metadata.jsonl").exists():
+            return
+        from .synthetic import ensure_dataset
+
+        kw = {k: v for k, v in self.synthetic.items() if k != "root"}
+        training_log.info(f"generating the synthetic demo dataset at {self.root} ({kw})")
+        ensure_dataset(self.root, **kw)
+
+    def default_split_path(self) -> Path:
+        """Manifest location: ``split_dir/<name>-<hash of root>-s<seed>-v<frac>.json``, else ``root/split.json``."""
+        if not self.split_dir:
+            return self.root / "split.json"
+        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return Path(self.split_dir).expanduser() / f"{self.root.name}-{key}-s{self.seed}-v{self.val_fraction:g}.json"
+
+    def _verify_images(self, records: Sequence[ImageRecord]) -> list[str]:
+        """Decode every image once; return the unreadable ones as 'file: reason'."""
+        bad = []
+        for r in records:
+            try:
+                load_image(r.path(self.root))
+            except (ImageError, OSError) as exc:
+                bad.append(f"{r.file_name}: {exc}")
+        return bad
+
+    def _compute_split(self, records: list[ImageRecord]) -> dict[str, Any]:
+        if self.dedupe_max_distance is not None:
+            report = assign_duplicate_groups(records, self.root, int(self.dedupe_max_distance))
+            bad_names = set(report.unreadable)
+            unreadable = [b for b in self._verify_images([r for r in records if r.file_name in bad_names])]
+            dup_info = {"exact_duplicates": report.exact_duplicates, "near_duplicate_groups": report.near_duplicate_groups}
+        else:
+            unreadable = self._verify_images(records)
+            dup_info = {"exact_duplicates": None, "near_duplicate_groups": None}
+        bad = {u.split(": ", 1)[0] for u in unreadable}
+        good = [r for r in records if r.file_name not in bad]
+        split = stratified_group_split(good, self.val_fraction, self.seed)
+        groups = {r.file_name: r.group for r in good if r.group}
+        return {**asdict(split), "root": str(self.root.resolve()), "unreadable": unreadable, "groups": groups, **dup_info}
+
+    def _load_or_make_manifest(self, records: list[ImageRecord]) -> dict[str, Any]:
+        """Reuse the saved split when it matches this folder, seed and fraction; else compute and save it."""
+        path = self.split_path = self.default_split_path()
+        names = {r.file_name for r in records}
+        if path.is_file():
+            try:
+                m = read_json(path)
+                bad = {u.split(": ", 1)[0] for u in m.get("unreadable", [])}
+                same = set(m["train"]) | set(m["val"]) | bad == names
+                if same and int(m["seed"]) == self.seed and float(m["val_fraction"]) == self.val_fraction:
+                    return m
+                training_log.warning(f"split manifest {path} does not match the dataset (files/seed/fraction changed); making a new split")
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                training_log.warning(f"split manifest {path} is unreadable ({exc}); making a new split")
+        m = self._compute_split(records)
+        atomic_write_json(path, m)
+        training_log.info(f"wrote split manifest {path}: {len(m['train'])} train / {len(m['val'])} val")
+        return m
+
+    def prepare_data(self) -> None:
+        """Rank 0: generate the demo data if needed and write the split manifest."""
+        self._maybe_generate_synthetic()
+        self._load_or_make_manifest(scan_dataset(self.root))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Every rank: read records and the manifest, build class/tag vocabularies."""
+        if self._ready:
+            return
+        self._maybe_generate_synthetic()
+        records = scan_dataset(self.root)
+        m = self._load_or_make_manifest(records)
+        self.unreadable = list(m.get("unreadable", []))
+        if self.unreadable:
+            if not self.skip_unreadable:
+                first = self.unreadable[0]
+                raise DatasetError(
+                    f"{len(self.unreadable)} unreadable image(s) in {self.root}, first {first}; "
+                    "delete or re-export them, or set data.skip_unreadable=true"
+                )
+            training_log.warning(f"skipping {len(self.unreadable)} unreadable image(s): {'; '.join(self.unreadable[:5])}")
+        groups = m.get("groups", {})
+        by_name = {r.file_name: r for r in records}
+        for name, g in groups.items():
+            if name in by_name:
+                by_name[name].group = g
+        train_set, val_set = set(m["train"]), set(m["val"])
+        self.train_records = [r for r in records if r.file_name in train_set]
+        self.val_records = [r for r in records if r.file_name in val_set]
+        usable = self.train_records + self.val_records
+        self.class_names = class_names(records)
+        empty = sorted(set(self.class_names) - {r.character for r in usable})
+        if empty:
+            raise DatasetError(f"character folder(s) {', '.join(empty)} in {self.root} have no readable images; fix or remove them")
+        if len(self.class_names) < 2:
+            raise DatasetError(f"dataset folder {self.root} has {len(self.class_names)} character; a classifier needs at least 2")
+        if not self.val_records:
+            raise DatasetError(f"the validation split of {self.root} is empty; add images (2+ per character) or raise data.val_fraction")
+        self.series = series_of(records)
+        self.tag_names = tag_vocabulary(self.train_records, self.min_tag_count)
+        self._ready = True
+
+    # -- loaders ----------------------------------------------------------------------------
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.class_names)}
+
+    @property
+    def tag_to_idx(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tag_names)}
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Use the backbone's normalisation (called by `training.train` once the model exists)."""
+        self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+    def class_counts(self) -> list[int]:
+        counts = Counter(r.character for r in self.train_records)
+        return [counts.get(c, 0) for c in self.class_names]
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Inverse-frequency weights (mean 1) when ``balance=class_weights``; else None."""
+        if self.balance != "class_weights":
+            return None
+        counts = [max(1, c) for c in self.class_counts()]
+        inv = [1.0 / c for c in counts]
+        mean = sum(inv) / len(inv)
+        return [w / mean for w in inv]
+
+    def _dataset(self, records: Sequence[ImageRecord], train: bool) -> CharacterImageDataset:
+        tf = (
+            build_train_transform(self.image_size, self.mean, self.std, self.augment)
+            if train
+            else build_eval_transform(self.image_size, self.mean, self.std)
+        )
+        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf)
+
+    def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.balance == "sampler":
+            counts = self.class_counts()
+            weights = [1.0 / max(1, counts[self.class_to_idx[r.character]]) for r in self.train_records]
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=torch.Generator().manual_seed(self.seed))
+        return self._loader(self._dataset(self.train_records, train=True), shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(self.val_records, train=False), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes for logs and reports."""
+        return {
+            "root": str(self.root),
+            "classes": len(self.class_names),
+            "tags": len(self.tag_names),
+            "train_images": len(self.train_records),
+            "val_images": len(self.val_records),
+            "unreadable": len(self.unreadable),
+            "split_manifest": str(self.split_path) if self.split_path else None,
+        }

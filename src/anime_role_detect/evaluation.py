@@ -1,0 +1,195 @@
+"""Evaluation reports: metrics.json, a per-character accuracy table and a confusion-matrix PNG.
+
+`predict_loader` runs a classifier over a loader; `write_report` turns labels + predictions into
+the files a run (or the workflow's version folder) keeps. Reused by the workflow and fusion.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .fsutil import atomic_path, atomic_write_json, atomic_write_text
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """Counts [true, predicted]."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        cm[int(t), int(p)] += 1
+    return cm
+
+
+def per_character_table(class_names: Sequence[str], cm: np.ndarray) -> list[dict[str, Any]]:
+    """One row per character: images, correct, accuracy, most frequent confusion."""
+    rows = []
+    for i, name in enumerate(class_names):
+        total = int(cm[i].sum())
+        correct = int(cm[i, i])
+        off = cm[i].copy()
+        off[i] = 0
+        confused = class_names[int(off.argmax())] if off.sum() else ""
+        rows.append(
+            {
+                "character": name,
+                "images": total,
+                "correct": correct,
+                "accuracy": round(correct / total, 4) if total else None,
+                "most_confused_with": confused,
+            }
+        )
+    return rows
+
+
+def _table_markdown(rows: list[dict[str, Any]], overall: float) -> str:
+    lines = ["| character | images | correct | accuracy | most confused with |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"| {r['character']} | {r['images']} | {r['correct']} | {acc} | {r['most_confused_with']} |")
+    total = sum(r["images"] for r in rows)
+    lines.append(f"| **overall** | {total} | {sum(r['correct'] for r in rows)} | {100 * overall:.1f}% | |")
+    return "\n".join(lines) + "\n"
+
+
+def _table_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["character"])
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix as a PNG (counts in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels=class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 40:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix (rows: true)")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    extra_metrics: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``per_character.csv``/``.md`` and ``confusion_matrix.png``; return the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(class_names)
+    cm = confusion_matrix(y_true, y_pred, len(names))
+    n = int(cm.sum())
+    acc = float(np.trace(cm) / n) if n else 0.0
+    rows = per_character_table(names, cm)
+    per_class = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    metrics: dict[str, Any] = {
+        "accuracy": round(acc, 6),
+        "balanced_accuracy": round(float(np.mean(per_class)), 6) if per_class else 0.0,
+        "images": n,
+        "classes": len(names),
+        "per_character": {r["character"]: r["accuracy"] for r in rows},
+        "confusion_matrix": cm.tolist(),
+        "class_names": names,
+    }
+    metrics.update({k: _jsonable(v) for k, v in dict(extra_metrics or {}).items()})
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "per_character.csv", _table_csv(rows))
+    atomic_write_text(out / "per_character.md", _table_markdown(rows, acc))
+    plot_confusion_matrix(cm, names, out / "confusion_matrix.png", title=f"accuracy {100 * acc:.1f}% on {n} images")
+    return metrics
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader: Any, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Run a classifier over a (x, y, tags) loader: labels, predictions, probabilities, tag targets/probs."""
+    was_training = model.training
+    model.eval().to(device)
+    ys, probs, tag_true, tag_prob = [], [], [], []
+    for x, y, tags in loader:
+        char_logits, tag_logits = model(x.to(device))
+        ys.append(y.numpy())
+        probs.append(char_logits.softmax(-1).cpu().numpy())
+        tag_true.append(tags.numpy())
+        tag_prob.append(tag_logits.sigmoid().cpu().numpy())
+    model.train(was_training)
+    probs_a = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+    return {
+        "y_true": np.concatenate(ys) if ys else np.zeros(0, np.int64),
+        "y_pred": probs_a.argmax(-1) if len(probs_a) else np.zeros(0, np.int64),
+        "probs": probs_a,
+        "tag_true": np.concatenate(tag_true) if tag_true else np.zeros((0, 0)),
+        "tag_probs": np.concatenate(tag_prob) if tag_prob else np.zeros((0, 0)),
+    }
+
+
+def topk_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k most probable classes."""
+    if not len(y_true):
+        return 0.0
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float(np.mean([t in row for t, row in zip(y_true, top)]))
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    f1s = []
+    for i in range(n_classes):
+        tp, fp, fn = cm[i, i], cm[:, i].sum() - cm[i, i], cm[i].sum() - cm[i, i]
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def tag_map(tag_true: np.ndarray, tag_probs: np.ndarray) -> float | None:
+    """Mean average precision over tags that have at least one positive (None without tags)."""
+    if tag_true.size == 0 or tag_true.shape[1] == 0:
+        return None
+    aps = []
+    for j in range(tag_true.shape[1]):
+        t = tag_true[:, j]
+        if t.sum() == 0:
+            continue
+        order = np.argsort(-tag_probs[:, j])
+        hits = t[order]
+        prec = np.cumsum(hits) / (np.arange(len(hits)) + 1)
+        aps.append(float((prec * hits).sum() / hits.sum()))
+    return float(np.mean(aps)) if aps else None

@@ -1,0 +1,236 @@
+"""`CharacterClassifier`: a timm backbone with a character head and a multi-label tag head.
+
+The two heads train jointly (cross-entropy + ``tag_loss_weight`` x BCE); tags carry the attributes
+that separate look-alike characters. The checkpoint's hyper-parameters hold the class names,
+series, tag vocabulary, image size, normalisation and the resolved run config, so
+``CharacterClassifier.load_from_checkpoint(path)`` needs no other file and no network.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAveragePrecision,
+)
+
+from ..errors import ConfigError, UserError, WeightsError
+from .backbones import backbone_data_config, create_backbone
+
+#: optimizer name -> constructor(params, lr, weight_decay)
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": lambda params, lr, weight_decay, **kw: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw),
+    "adam": lambda params, lr, weight_decay, **kw: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kw),
+    "sgd": lambda params, lr, weight_decay, **kw: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=kw.pop("momentum", 0.9), **kw),
+}
+
+DEFAULT_BACKBONE: dict[str, Any] = {"name": "efficientnet_b0", "pretrained": False, "weights_path": None}
+DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adamw", "lr": 5e-5, "weight_decay": 1e-4, "head_lr_multiplier": 10.0}
+DEFAULT_SCHEDULER: dict[str, Any] = {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01}
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers -> plain Python, so hyper-parameters pickle safely into checkpoints."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+class CharacterClassifier(L.LightningModule):
+    """Character classifier with an auxiliary tag head; `.embed` gives pooled backbone features."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        tag_names: Sequence[str] = (),
+        series: Mapping[str, str] | None = None,
+        backbone: Mapping[str, Any] | None = None,
+        image_size: int = 224,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        tag_loss_weight: float = 0.5,
+        label_smoothing: float = 0.1,
+        dropout: float = 0.2,
+        class_weights: Sequence[float] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        class_names = list(class_names)
+        if len(class_names) < 2:
+            raise ConfigError(f"a classifier needs at least 2 characters, got {class_names}")
+        backbone = {**DEFAULT_BACKBONE, **dict(_plain(backbone) or {})}
+        optimizer = {**DEFAULT_OPTIMIZER, **dict(_plain(optimizer) or {})}
+        scheduler = {**DEFAULT_SCHEDULER, **dict(_plain(scheduler) or {})}
+        if str(optimizer["name"]).lower() not in OPTIMIZERS:
+            raise ConfigError(f"model.optimizer.name={optimizer['name']!r}: choose one of {', '.join(OPTIMIZERS)}")
+        self.save_hyperparameters(
+            {
+                "class_names": class_names,
+                "tag_names": list(tag_names),
+                "series": dict(series or {}),
+                "backbone": backbone,
+                "image_size": int(image_size),
+                "mean": None if mean is None else [float(x) for x in mean],
+                "std": None if std is None else [float(x) for x in std],
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "tag_loss_weight": float(tag_loss_weight),
+                "label_smoothing": float(label_smoothing),
+                "dropout": float(dropout),
+                "class_weights": None if class_weights is None else [float(w) for w in class_weights],
+                "run_config": _plain(run_config),
+            }
+        )
+        bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
+        self.backbone = create_backbone(backbone["name"], bool(backbone["pretrained"]), backbone["weights_path"], **bb_kw)
+        data_cfg = backbone_data_config(self.backbone)
+        self.class_names: list[str] = class_names
+        self.tag_names: list[str] = list(tag_names)
+        self.series: dict[str, str] = {c: (series or {}).get(c, "") for c in class_names}
+        self.image_size: int = int(image_size)
+        self.mean: tuple[float, ...] = tuple(float(x) for x in (mean if mean is not None else data_cfg["mean"]))
+        self.std: tuple[float, ...] = tuple(float(x) for x in (std if std is not None else data_cfg["std"]))
+        self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)
+        dim = int(self.backbone.num_features)
+        self.embed_dim: int = dim
+        self.dropout = nn.Dropout(float(dropout))
+        self.char_head = nn.Linear(dim, len(class_names))
+        self.tag_head = nn.Linear(dim, len(self.tag_names)) if self.tag_names else None
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self._build_metrics()
+
+    # -- model ------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features [N, D] (not normalised): the gallery/embedding view of the model."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(character logits [N, C], tag logits [N, T]; T may be 0)."""
+        feats = self.embed(x)
+        char_logits = self.char_head(self.dropout(feats))
+        tag_logits = self.tag_head(feats) if self.tag_head is not None else feats.new_zeros((feats.shape[0], 0))
+        return char_logits, tag_logits
+
+    # -- metrics ----------------------------------------------------------------------------
+    def _build_metrics(self) -> None:
+        n = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc_top5 = MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.val_acc_per_class = MulticlassAccuracy(num_classes=n, average=None)
+        self.val_tag_ap = MultilabelAveragePrecision(num_labels=len(self.tag_names), average=None) if self.tag_names else None
+
+    def _losses(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y, tags = batch
+        char_logits, tag_logits = self(x)
+        char_loss = F.cross_entropy(char_logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
+        tag_loss = F.binary_cross_entropy_with_logits(tag_logits, tags) if tag_logits.shape[1] else char_loss.new_zeros(())
+        loss = char_loss + self.hparams.tag_loss_weight * tag_loss
+        return {"loss": loss, "char_loss": char_loss, "tag_loss": tag_loss, "char_logits": char_logits, "tag_logits": tag_logits}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self._losses(batch)
+        self.train_acc(out["char_logits"].detach(), batch[1])
+        bs = batch[0].shape[0]
+        self.log("train/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train/tag_loss", out["tag_loss"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self._losses(batch)
+        logits, y = out["char_logits"], batch[1]
+        bs = batch[0].shape[0]
+        for metric in (self.val_acc, self.val_acc_top5, self.val_f1, self.val_acc_per_class):
+            metric.update(logits, y)
+        if self.val_tag_ap is not None:
+            self.val_tag_ap.update(out["tag_logits"].sigmoid(), batch[2].long())
+        self.log("val/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/acc_top5", self.val_acc_top5.compute())
+        self.log("val/f1_macro", self.val_f1.compute())
+        per_class = self.val_acc_per_class.compute()
+        for name, acc in zip(self.class_names, per_class):
+            self.log(f"val_class_acc/{name}", acc)
+        if self.val_tag_ap is not None:
+            ap = self.val_tag_ap.compute()
+            ap = ap[~torch.isnan(ap)] if ap.numel() else ap
+            self.log("val/tag_map", ap.mean() if ap.numel() else torch.tensor(0.0))
+            self.val_tag_ap.reset()
+        for metric in (self.val_acc, self.val_acc_top5, self.val_f1, self.val_acc_per_class):
+            metric.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        char_logits, tag_logits = self(x)
+        return {"probs": char_logits.softmax(-1), "tag_probs": tag_logits.sigmoid()}
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (heads at ``head_lr_multiplier`` x lr) with cosine annealing and optional linear warm-up."""
+        o = dict(self.hparams.optimizer)
+        name, lr, wd = str(o.pop("name")).lower(), float(o.pop("lr")), float(o.pop("weight_decay"))
+        head_mult = float(o.pop("head_lr_multiplier", 1.0))
+        heads = list(self.char_head.parameters()) + (list(self.tag_head.parameters()) if self.tag_head is not None else [])
+        groups = [{"params": list(self.backbone.parameters()), "lr": lr}, {"params": heads, "lr": lr * head_mult}]
+        opt = OPTIMIZERS[name](groups, lr=lr, weight_decay=wd, **o)
+        s = self.hparams.scheduler
+        if str(s.get("name", "cosine")).lower() in ("none", "constant"):
+            return {"optimizer": opt}
+        max_epochs = self.trainer.max_epochs if self.trainer is not None and self.trainer.max_epochs else 1
+        total = max(1, int(max_epochs if max_epochs > 0 else 1))
+        warm = min(int(s.get("warmup_epochs", 0) or 0), total - 1)
+        floor = float(s.get("min_lr_ratio", 0.0))
+
+        def factor(epoch: int) -> float:
+            import math
+
+            if epoch < warm:
+                return (epoch + 1) / (warm + 1)
+            t = (epoch - warm) / max(1, total - warm)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Weights are in the state dict: a reload must not fetch pretrained weights again."""
+        hp = checkpoint.get("hyper_parameters")
+        if isinstance(hp, dict) and isinstance(hp.get("backbone"), dict):
+            hp = checkpoint["hyper_parameters"] = dict(hp)
+            hp["backbone"] = {**copy.deepcopy(hp["backbone"]), "pretrained": False, "weights_path": None}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> "CharacterClassifier":  # type: ignore[override]
+        """Lightning's loader with one-line `WeightsError`s for a missing or corrupt file."""
+        p = Path(checkpoint_path)
+        if not p.is_file():
+            raise WeightsError(f"checkpoint {p} not found; train one with `python train.py` or fix the path")
+        try:
+            return super().load_from_checkpoint(str(p), map_location=map_location, **kwargs)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types for a bad file
+            raise WeightsError(
+                f"checkpoint {p} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); is it a CharacterClassifier checkpoint?"
+            ) from None

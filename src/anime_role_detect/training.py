@@ -1,0 +1,295 @@
+"""Training entry point behind ``train.py``: compose data, model, callbacks, loggers and trainer from
+the Hydra config, fit, then evaluate the best checkpoint and write the run's report.
+
+`train(cfg)` is callable in-process (the workflow composes a config with ``hydra.compose``) and
+returns a `TrainResult`; ``train.py`` returns ``metrics[cfg.optimized_metric]`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .errors import ConfigError
+from .evaluation import macro_f1, predict_loader, tag_map, topk_accuracy, write_report
+from .fsutil import atomic_write_text
+from .log import setup_logging, training_log
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: the best checkpoint, the run folder and its final metrics."""
+
+    ckpt_path: str
+    output_dir: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# -- W&B ------------------------------------------------------------------------------------
+def wandb_reachable(host: str = "api.wandb.ai", port: int = 443, timeout_s: float = 1.5) -> bool:
+    """True when the W&B API host accepts a TCP connection within `timeout_s`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_has_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc for api.wandb.ai."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def wandb_offline_needed() -> tuple[bool, str]:
+    """(offline?, why): offline when asked to, when there is no API key, or when W&B is unreachable."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True, f"WANDB_MODE={mode}"
+    if not wandb_has_credentials():
+        return True, "no W&B API key (WANDB_API_KEY or ~/.netrc)"
+    if not wandb_reachable():
+        return True, "api.wandb.ai is unreachable"
+    return False, "online"
+
+
+def build_wandb_logger(offline: bool | None = None, **kwargs: Any):
+    """`WandbLogger` that never hangs: offline automatically without a key or network."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    forced, why = wandb_offline_needed()
+    use_offline = forced if offline is None else bool(offline) or forced
+    if use_offline:
+        os.environ["WANDB_MODE"] = "offline"
+        training_log.info(f"W&B logging offline ({why}); sync later with `wandb sync <run dir>`")
+    kwargs.setdefault("settings", None)
+    settings = kwargs.pop("settings")
+    if settings is None:
+        import wandb
+
+        settings = wandb.Settings(init_timeout=60, silent=True, x_disable_stats=True)
+    return WandbLogger(offline=use_offline, settings=settings, **kwargs)
+
+
+# -- config helpers -------------------------------------------------------------------------
+def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Fail fast with one line for ``group=value`` overrides naming a config file that does not exist."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key.startswith("hydra") or "." in key or not (config_dir / key).is_dir():
+            continue
+        for choice in value.split(","):
+            choice = choice.strip()
+            if choice in ("", "null") or choice.startswith(("choice(", "range(", "glob(")):
+                continue
+            if not (config_dir / key / f"{choice}.yaml").is_file():
+                options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+                raise ConfigError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """The run folder: ``paths.output_dir`` (Hydra's run dir) or, outside a Hydra run, a fresh one under outputs/."""
+    try:
+        out = Path(str(cfg.paths.output_dir))
+    except Exception:  # noqa: BLE001 - ${hydra:...} is unresolvable outside @hydra.main
+        root = Path(str(OmegaConf.select(cfg, "paths.root_dir", default=".")))
+        out = root / "outputs" / "train" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _instantiate_list(cfg: DictConfig | None, what: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a callbacks/logger group."""
+    out: list[Any] = []
+    if not cfg:
+        return out
+    for name, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            try:
+                out.append(instantiate(conf))
+            except Exception as exc:  # noqa: BLE001 - report which entry failed
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(f"{what}.{name} could not be built ({type(exc).__name__}: {exc}); check conf/{what}/") from None
+    return out
+
+
+# -- reporting ------------------------------------------------------------------------------
+def evaluate_checkpoint(model: L.LightningModule, datamodule: Any, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on the validation split and write metrics.json, the per-character table and the confusion PNG."""
+    pred = predict_loader(model, datamodule.val_dataloader())
+    n = len(model.class_names)
+    tmap = tag_map(pred["tag_true"], pred["tag_probs"])
+    extra = {
+        **extra,
+        "top5_accuracy": round(topk_accuracy(pred["y_true"], pred["probs"], 5), 6),
+        "macro_f1": round(macro_f1(pred["y_true"], pred["y_pred"], n), 6),
+        "tag_map": None if tmap is None else round(tmap, 6),
+    }
+    metrics = write_report(out_dir, model.class_names, pred["y_true"].tolist(), pred["y_pred"].tolist(), extra)
+    metrics["_pred"] = pred
+    return metrics
+
+
+def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str, Any], datamodule: Any, class_names: Sequence[str]) -> None:
+    """Confusion matrix image, per-class accuracy and sample predictions onto any W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    wb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wb:
+        return
+    import wandb
+
+    pred = metrics.get("_pred", {})
+    rows = []
+    for i, rec in enumerate(datamodule.val_records[:24]):
+        if i >= len(pred.get("y_pred", [])):
+            break
+        p = int(pred["y_pred"][i])
+        rows.append([wandb.Image(str(rec.path(datamodule.root))), rec.character, class_names[p], float(pred["probs"][i][p])])
+    for lg in wb:
+        run = lg.experiment
+        run.log(
+            {
+                "eval/confusion_matrix": wandb.Image(str(out_dir / "confusion_matrix.png")),
+                "eval/per_class_accuracy": wandb.Table(
+                    columns=["character", "accuracy"], data=[[k, v] for k, v in metrics["per_character"].items()]
+                ),
+                "eval/sample_predictions": wandb.Table(columns=["image", "true", "predicted", "confidence"], data=rows),
+                "eval/accuracy": metrics["accuracy"],
+            }
+        )
+
+
+# -- main -----------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> TrainResult:
+    """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report."""
+    setup_logging(cfg.get("log"))
+    out_dir = resolve_output_dir(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    cfg_plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    training_log.info(f"data: {datamodule.summary()}")
+
+    # Data-derived arguments are passed in Python (not merged into the config) so the resolved
+    # run config travels into the checkpoint untouched.
+    model_factory = instantiate(cfg.model, _partial_=True, _convert_="all")
+    model = model_factory(
+        class_names=datamodule.class_names,
+        series=datamodule.series,
+        tag_names=datamodule.tag_names,
+        class_weights=datamodule.class_weights,
+        image_size=datamodule.image_size,
+        run_config=cfg_plain,
+    )
+    datamodule.set_normalization(model.mean, model.std)
+
+    callbacks = _instantiate_list(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_list(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams({"cfg": cfg_plain, "data": datamodule.summary()})
+
+    if trainer.is_global_zero:
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_s = time.perf_counter() - t0
+
+    ckpt_cb = trainer.checkpoint_callback
+    ckpt_path = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else ""
+    if not ckpt_path:
+        ckpt_path = str(out_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(ckpt_path)  # fast_dev_run / no checkpoint callback: still leave a model
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+    metrics: dict[str, Any] = dict(fit_metrics)
+    if trainer.is_global_zero and cfg.get("evaluate", True):
+        from .models.classifier import CharacterClassifier
+
+        best = CharacterClassifier.load_from_checkpoint(ckpt_path, map_location="cpu")
+        extra = {
+            "checkpoint": ckpt_path,
+            "fit_seconds": round(fit_s, 2),
+            "epochs": int(trainer.current_epoch),
+            "data": datamodule.summary(),
+            "fit_metrics": fit_metrics,
+        }
+        report = evaluate_checkpoint(best, datamodule, out_dir, extra)
+        try:
+            log_media_to_wandb(loggers, out_dir, report, datamodule, best.class_names)
+        except Exception as exc:  # noqa: BLE001 - media logging must not lose a finished run
+            training_log.warning(f"could not log media to W&B: {exc}")
+        report.pop("_pred", None)
+        metrics.update({k: v for k, v in report.items() if k not in ("confusion_matrix",)})
+        metrics["val/acc"] = report["accuracy"]
+        metrics["val/acc_top5"] = report["top5_accuracy"]
+        metrics["val/f1_macro"] = report["macro_f1"]
+        training_log.info(
+            f"run done in {fit_s:.0f}s: val accuracy {100 * report['accuracy']:.1f}% "
+            f"(top-5 {100 * report['top5_accuracy']:.1f}%), checkpoint {ckpt_path}, report in {out_dir}"
+        )
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                wandb.finish(quiet=True)
+            except Exception:  # noqa: BLE001
+                pass
+    return TrainResult(ckpt_path=ckpt_path, output_dir=str(out_dir), metrics=metrics)
+
+
+def optimized_metric(cfg: DictConfig, result: TrainResult) -> float | None:
+    """The value a sweeper optimises (``cfg.optimized_metric``), or None when unset/absent."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = result.metrics.get(name)
+    if value is None:
+        raise ConfigError(f"optimized_metric={name!r} is not among the run's metrics: {', '.join(sorted(map(str, result.metrics)))}")
+    return float(value)
+
+
+def main_argv_check() -> None:
+    """Validate config-group overrides on the command line before Hydra starts (one-line errors)."""
+    check_group_overrides(sys.argv[1:])
+
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "optimized_metric",
+    "check_group_overrides",
+    "build_wandb_logger",
+    "evaluate_checkpoint",
+]
