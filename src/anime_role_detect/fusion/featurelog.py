@@ -254,6 +254,23 @@ class FeatureLog:
 
             system_log.error(f"feature log {self.dir}: could not append ({exc})")
 
+    def attach(self, recognizer: Any) -> Any:
+        """Make this log the Recognizer's ``feature_sink``, tagging records with *its* embedder id; returns it.
+
+        Call again for each new Recognizer (e.g. after a hot reload): the embedder id travels with it.
+        """
+
+        def sink(answer: Answer, embeddings: np.ndarray) -> None:
+            try:
+                self.append(answer, embeddings, embedder_id=recognizer.embedder.model_id)
+            except OSError as exc:
+                from ..log import system_log
+
+                system_log.error(f"feature log {self.dir}: could not append ({exc})")
+
+        recognizer.feature_sink = sink
+        return recognizer
+
     def feedback(self, key: str, correct_role: str | None = None, confirmed: bool = False,
                  detection: int | None = None, series: str = "") -> dict:
         """Record a verdict for a record id or an image SHA-256: ``confirmed`` or corrected to `correct_role`.

@@ -1,0 +1,32 @@
+"""``python -m anime_role_detect.fusion log_dir=... registry_dir=...``: fuse the feature log into a new version (conf/fusion.yaml)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..cli import user_errors_exit
+from ..log import setup_logging
+
+CONF_DIR = str(Path(os.environ.get("ARD_CONF_DIR", Path(__file__).resolve().parents[3] / "conf")))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fusion")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    """Run one fusion and print its report as one JSON line (exit 0 also when the new version was rejected)."""
+    from .fuse import fuse
+
+    setup_logging(cfg.get("log"))
+    result = fuse(OmegaConf.to_container(cfg, resolve=True))
+    r = result.report
+    print(json.dumps({"decision": r["decision"], "reason": r["reason"], "version_id": result.version_id,
+                      "added": {c: sum(d.values()) for c, d in r["added_per_character"].items()}, "metrics": r["metrics"]}))
+
+
+if __name__ == "__main__":
+    main()

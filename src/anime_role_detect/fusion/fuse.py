@@ -1,0 +1,408 @@
+"""Fuse logged features into a new registry version: trusted examples in, near-duplicates out, caps per character.
+
+Selection (what the seed got wrong: it averaged *every* unchecked log into the index):
+confirmed and corrected detections always count; unconfirmed ones only when the answer was
+confident (score and margin over the runner-up above thresholds); only embeddings from the live
+gallery's embedder; near-duplicates of gallery rows or of each other dropped; per-character caps.
+A deterministic share of the feedback is held back for evaluation. The new version is registered
+only if it is not worse than the live one on the validation set and on held-back feedback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, GalleryError, RegistryError
+from ..fsutil import atomic_write_json, atomic_write_text, read_json
+from ..log import get_logger
+from ..recognition.gallery import INDEX_FILE, META_FILE, Gallery
+from ..recognition.schema import UNKNOWN
+from ..registry import Registry
+from .featurelog import FeatureLog, LogRecord
+
+_log = get_logger("system")
+VAL_EMBEDDINGS = "val_embeddings.npz"
+REPORT_JSON = "fusion_report.json"
+REPORT_MD = "fusion_report.md"
+STAGING_PREFIX = "f"  # fusion's staging folders are ``.staging-f<stamp>``: a crashed fusion's leftovers are recognisable
+
+
+@dataclass
+class SelectionPolicy:
+    """Which logged detections become gallery examples."""
+
+    include_unconfirmed: bool = True
+    min_confidence: float = 0.85
+    min_margin: float = 0.05
+    dedupe_cosine: float = 0.97
+    max_added_per_character: int = 100
+    max_per_character: int = 500
+    allow_new_characters: bool = True
+    since_days: float | None = None
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "SelectionPolicy":
+        return _dataclass_from(cls, cfg, "selection")
+
+
+@dataclass
+class EvalPolicy:
+    """How new and live versions are compared."""
+
+    val_dir: str | None = None
+    holdout_fraction: float = 0.25
+    tolerance: float = 0.0
+    batch_size: int = 32
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "EvalPolicy":
+        pol = _dataclass_from(cls, cfg, "evaluation")
+        if not 0.0 <= pol.holdout_fraction < 1.0:
+            raise ConfigError(f"evaluation.holdout_fraction={pol.holdout_fraction}: must be in [0, 1)")
+        return pol
+
+
+def _dataclass_from(cls: type, cfg: Mapping[str, Any] | None, where: str) -> Any:
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+    return cls(**cfg)
+
+
+@dataclass
+class Example:
+    """One logged detection chosen as a gallery example (or held back to evaluate on)."""
+
+    character: str
+    series: str
+    embedding: np.ndarray
+    kind: str  # corrected | confirmed | unconfirmed
+    score: float
+    source: str  # log:<record id>#<detection>
+
+
+@dataclass
+class FuseResult:
+    """Outcome of one fusion: the registered version (None when nothing was registered) and the report."""
+
+    version_id: str | None
+    report: dict = field(default_factory=dict)
+
+
+_KIND_PRIORITY = {"corrected": 0, "confirmed": 1, "unconfirmed": 2}
+
+
+def _is_holdout(source: str, fraction: float) -> bool:
+    """Deterministic split of feedback examples: the same record is always held back (or never)."""
+    h = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < fraction
+
+
+def _margin(det: Mapping[str, Any]) -> float:
+    """Score gap between the answer and the best *other* character in its top-k."""
+    role, score = det.get("role"), float(det.get("similarity", 0.0))
+    others = [float(t.get("score", 0.0)) for t in det.get("topk", []) if t.get("role") != role]
+    return score - max(others) if others else score
+
+
+def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, policy: SelectionPolicy,
+                     holdout_fraction: float, known: set[str]) -> tuple[list[Example], list[Example], Counter]:
+    """Split logged detections into (candidates to add, held-back feedback) and count why others were skipped."""
+    add: list[Example] = []
+    holdout: list[Example] = []
+    skipped: Counter = Counter()
+    since = time.time() - policy.since_days * 86400 if policy.since_days else None
+    for rec in records:
+        if since is not None and rec.time < since:
+            skipped["older_than_since_days"] += 1
+            continue
+        if rec.embedder != embedder_id or (len(rec.embeddings) and rec.embeddings.shape[1] != dim):
+            skipped["other_embedder"] += len(rec.detections) or 1
+            continue
+        for i, det in enumerate(rec.detections):
+            if i >= len(rec.embeddings):
+                skipped["no_embedding"] += 1
+                continue
+            source = f"log:{rec.id}#{i}"
+            fb = rec.feedback.get(i)
+            if fb is not None:
+                role = fb.role
+                kind = "confirmed" if fb.confirmed else "corrected"
+                if not role or role == UNKNOWN:
+                    skipped["feedback_without_character"] += 1
+                    continue
+                if role not in known and not policy.allow_new_characters:
+                    skipped["feedback_new_character_not_allowed"] += 1
+                    continue
+                series = fb.series or (det.get("series", "") if role == det.get("role") else "")
+                ex = Example(role, series, rec.embeddings[i], kind, 1.0, source)
+                (holdout if _is_holdout(source, holdout_fraction) else add).append(ex)
+                continue
+            if not policy.include_unconfirmed:
+                skipped["unconfirmed_disabled"] += 1
+            elif det.get("unknown") or det.get("role") in (None, "", UNKNOWN):
+                skipped["unconfirmed_unknown"] += 1
+            elif float(det.get("similarity", 0.0)) < policy.min_confidence:
+                skipped["unconfirmed_low_confidence"] += 1
+            elif _margin(det) < policy.min_margin:
+                skipped["unconfirmed_low_margin"] += 1
+            elif det["role"] not in known:
+                skipped["unconfirmed_not_in_gallery"] += 1
+            else:
+                add.append(Example(det["role"], det.get("series", ""), rec.embeddings[i], "unconfirmed",
+                                   float(det["similarity"]), source))
+    return add, holdout, skipped
+
+
+def select_examples(candidates: Sequence[Example], gallery: Gallery, policy: SelectionPolicy) -> tuple[list[Example], Counter]:
+    """Drop near-duplicates (of gallery rows of the same character, or of each other) and apply the caps.
+
+    Trusted feedback goes first, then unconfirmed examples by confidence, so caps keep the best evidence.
+    """
+    dropped: Counter = Counter()
+    ordered = sorted(candidates, key=lambda e: (_KIND_PRIORITY[e.kind], -e.score, e.source))
+    existing = {c["name"]: int(c["prototypes"]) for c in gallery.characters()}
+    kept: dict[str, list[Example]] = defaultdict(list)
+    kept_vecs: dict[str, list[np.ndarray]] = defaultdict(list)
+    if ordered:
+        nearest = gallery.search(np.stack([e.embedding for e in ordered]), k=1) if len(gallery) else [[] for _ in ordered]
+    for ex, hit in zip(ordered, nearest if ordered else []):
+        if hit and hit[0][0] == ex.character and hit[0][2] > policy.dedupe_cosine:
+            dropped["near_duplicate_of_gallery"] += 1
+            continue
+        if kept_vecs[ex.character] and float(np.max(np.stack(kept_vecs[ex.character]) @ ex.embedding)) > policy.dedupe_cosine:
+            dropped["near_duplicate_in_log"] += 1
+            continue
+        if ex.kind == "unconfirmed" and hit and hit[0][0] != ex.character and hit[0][2] > policy.dedupe_cosine:
+            dropped["unconfirmed_conflicts_with_gallery"] += 1
+            continue
+        room = min(policy.max_added_per_character, policy.max_per_character - existing.get(ex.character, 0))
+        if len(kept[ex.character]) >= room:
+            dropped["per_character_cap"] += 1
+            continue
+        kept[ex.character].append(ex)
+        kept_vecs[ex.character].append(ex.embedding)
+    return [e for c in sorted(kept) for e in kept[c]], dropped
+
+
+def top1_accuracy(gallery: Gallery, embeddings: np.ndarray, labels: Sequence[str]) -> float | None:
+    """Share of queries whose best gallery character is the label (None when there are no queries)."""
+    if len(labels) == 0:
+        return None
+    hits = gallery.search(np.asarray(embeddings, np.float32), k=1)
+    return float(np.mean([bool(h) and h[0][0] == y for h, y in zip(hits, labels)]))
+
+
+# -- validation set -------------------------------------------------------------------------------------
+def load_val_embeddings(version_dir: Path, gallery: Gallery, policy: EvalPolicy) -> tuple[np.ndarray, list[str], str]:
+    """Validation embeddings + labels: from ``evaluation.val_dir`` (embedded now), else stored with the version."""
+    if policy.val_dir:
+        return (*embed_val_dir(Path(policy.val_dir), gallery, policy.batch_size), str(policy.val_dir))
+    stored = version_dir / VAL_EMBEDDINGS
+    if stored.is_file():
+        with np.load(stored, allow_pickle=False) as z:
+            if str(z["embedder"]) != gallery.embedder_id:
+                _log.warning(f"{stored} was made with another embedder; not used for evaluation")
+                return np.zeros((0, gallery.dim), np.float32), [], ""
+            return z["embeddings"].astype(np.float32), [str(x) for x in z["labels"]], f"{version_dir.name}/{VAL_EMBEDDINGS}"
+    return np.zeros((0, gallery.dim), np.float32), [], ""
+
+
+def embed_val_dir(root: Path, gallery: Gallery, batch_size: int) -> tuple[np.ndarray, list[str]]:
+    """Embed a dataset folder's validation images (its ``split.json`` val part, else every image) with the gallery's embedder."""
+    from ..data.layout import SPLIT_FILE, scan_dataset
+    from ..imageio import load_image
+    from ..recognition.embedder import build_embedder
+
+    records = scan_dataset(root)
+    split = root / SPLIT_FILE
+    if split.is_file():
+        val = set(read_json(split).get("val", []))
+        records = [r for r in records if r.file_name in val] or records
+    if not gallery.embedder_config:
+        raise GalleryError(f"the live gallery stores no embedder config, so {root} cannot be embedded; "
+                           "rebuild the gallery with gallery_cli or drop evaluation.val_dir")
+    embedder = build_embedder(gallery.embedder_config)
+    gallery.check_embedder(embedder.model_id, embedder.dim, "the live gallery")
+    vecs = [embedder.embed([load_image(r.path(root)) for r in records[i : i + batch_size]])
+            for i in range(0, len(records), batch_size)]
+    return np.concatenate(vecs).astype(np.float32), [r.character for r in records]
+
+
+# -- registry plumbing ----------------------------------------------------------------------------------
+@contextmanager
+def fusion_lock(registry_root: Path) -> Iterator[None]:
+    """One fusion per registry at a time (an OS lock: released even when the process is killed)."""
+    registry_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(registry_root / ".fusion.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RegistryError(f"another fusion is running on {registry_root}; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def clean_fusion_staging(registry: Registry) -> int:
+    """Remove staging folders left by a killed fusion (only fusion's own; call with the fusion lock held)."""
+    n = 0
+    if registry.versions_dir.is_dir():
+        for p in registry.versions_dir.glob(f".staging-{STAGING_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
+def copy_version_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Carry the live version's other files (model, tag profiles, calibration...) into the new one (hard links when possible)."""
+    for p in src.iterdir():
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+            continue
+        try:
+            os.link(p, dst / p.name)  # version files are immutable (replaced by rename, never edited)
+        except OSError:
+            shutil.copy2(p, dst / p.name)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """Human-readable fusion report."""
+    m = report["metrics"]
+    lines = [
+        f"# Fusion report {report['time']}", "",
+        f"- decision: **{report['decision']}** ({report['reason']})",
+        f"- base version: `{report['base_version']}` -> new version: `{report.get('version_id') or '-'}`",
+        f"- log records read: {report['records']} ({report['corrupt_records']} corrupt skipped)", "",
+        "| metric | live | new |", "|---|---|---|",
+        f"| validation top-1 ({m['val_n']} images, {m.get('val_source') or 'none'}) | {_fmt(m['val_before'])} | {_fmt(m['val_after'])} |",
+        f"| held-back feedback top-1 ({m['holdout_n']}) | {_fmt(m['holdout_before'])} | {_fmt(m['holdout_after'])} |",
+        "", "| character | corrected | confirmed | unconfirmed | total added |", "|---|---|---|---|---|",
+    ]
+    for c, d in sorted(report["added_per_character"].items()):
+        lines.append(f"| {c} | {d.get('corrected', 0)} | {d.get('confirmed', 0)} | {d.get('unconfirmed', 0)} | {sum(d.values())} |")
+    lines += ["", "Skipped: " + (", ".join(f"{k}={v}" for k, v in sorted(report["skipped"].items())) or "none")]
+    return "\n".join(lines) + "\n"
+
+
+def decide(metrics: Mapping[str, Any], n_added: int, tolerance: float, force: bool) -> tuple[bool, str]:
+    """Register only when something was added and neither validation nor held-back feedback got worse."""
+    if n_added == 0:
+        return False, "no new examples passed the selection"
+    if force:
+        return True, "forced"
+    worse = [name for name in ("val", "holdout")
+             if metrics[f"{name}_before"] is not None and metrics[f"{name}_after"] < metrics[f"{name}_before"] - tolerance]
+    if worse:
+        return False, "new version is worse on " + " and ".join(worse)
+    if metrics["val_before"] is None and metrics["holdout_before"] is None:
+        return True, "no validation set or held-back feedback to compare on (added examples are trusted by policy)"
+    return True, "not worse on " + " and ".join(n for n in ("val", "holdout") if metrics[f"{n}_before"] is not None)
+
+
+def fuse(cfg: Mapping[str, Any]) -> FuseResult:
+    """Build a new version from the live one plus the feature log; register it when not worse (or forced)."""
+    cfg = dict(cfg)
+    for key in ("log_dir", "registry_dir"):
+        if not cfg.get(key):
+            raise ConfigError(f"fusion: {key} is not set; pass {key}=<folder>")
+    selection = SelectionPolicy.from_mapping(cfg.get("selection"))
+    evaluation = EvalPolicy.from_mapping(cfg.get("evaluation"))
+    log_dir, registry = Path(cfg["log_dir"]), Registry(cfg["registry_dir"])
+    if not log_dir.is_dir():
+        raise ConfigError(f"fusion: log_dir {log_dir} does not exist; point it at the service's feature log folder")
+    output_dir = Path(cfg["output_dir"]) if cfg.get("output_dir") else None
+    with fusion_lock(registry.root):
+        stale = clean_fusion_staging(registry)
+        base_id = registry.latest_id() if cfg.get("base_version", "latest") == "latest" else str(cfg["base_version"])
+        if base_id is None:
+            raise RegistryError(f"registry {registry.root} has no live version to fuse into; run the workflow first")
+        base_dir = registry.path(base_id)
+        gallery = Gallery.load(base_dir)
+        known = {c["name"] for c in gallery.characters()}
+
+        retention = dict(cfg.get("retention") or {})
+        log = FeatureLog(log_dir, {"retention_days": float(retention.get("retention_days", 14))})
+        if retention.get("apply", False):
+            log.apply_retention()
+        records = list(log.read())
+        candidates, holdout, skipped = collect_examples(records, gallery.embedder_id, gallery.dim, selection,
+                                                         evaluation.holdout_fraction, known)
+        chosen, dropped = select_examples(candidates, gallery, selection)
+        skipped.update(dropped)
+
+        val_x, val_y, val_source = load_val_embeddings(base_dir, gallery, evaluation)
+        ho_x = np.stack([e.embedding for e in holdout]) if holdout else np.zeros((0, gallery.dim), np.float32)
+        ho_y = [e.character for e in holdout]
+        metrics: dict[str, Any] = {"val_n": len(val_y), "val_source": val_source, "holdout_n": len(ho_y),
+                                   "val_before": top1_accuracy(gallery, val_x, val_y),
+                                   "holdout_before": top1_accuracy(gallery, ho_x, ho_y)}
+        by_char: dict[str, list[Example]] = defaultdict(list)
+        for ex in chosen:
+            by_char[ex.character].append(ex)
+        for character, exs in sorted(by_char.items()):
+            gallery.add(character, exs[0].series or gallery.series_of().get(character, ""), np.stack([e.embedding for e in exs]),
+                        [e.source for e in exs], embedder_id=gallery.embedder_id)
+        metrics["val_after"] = top1_accuracy(gallery, val_x, val_y)
+        metrics["holdout_after"] = top1_accuracy(gallery, ho_x, ho_y)
+        register, reason = decide(metrics, len(chosen), evaluation.tolerance, bool(cfg.get("force", False)))
+        report: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base_version": base_id, "version_id": None,
+            "decision": "registered" if register else "rejected", "reason": reason, "records": len(records),
+            "corrupt_records": getattr(log, "corrupt", 0), "embedder": gallery.embedder_id, "metrics": metrics,
+            "added_per_character": {c: dict(Counter(e.kind for e in exs)) for c, exs in by_char.items()},
+            "new_characters": sorted(set(by_char) - known), "skipped": dict(skipped), "stale_staging_removed": stale,
+            "selection": asdict(selection), "evaluation": asdict(evaluation),
+        }
+        version_id = None
+        if register:
+            version_id = _write_version(registry, base_id, base_dir, gallery, val_x, val_y, report, bool(cfg.get("promote", True)))
+            report["version_id"] = version_id
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(output_dir / REPORT_JSON, report)
+            atomic_write_text(output_dir / REPORT_MD, render_markdown(report))
+        _log.info(f"fusion: {report['decision']} ({reason}); added {len(chosen)} examples; version {version_id or '-'}")
+        return FuseResult(version_id, report)
+
+
+def _write_version(registry: Registry, base_id: str, base_dir: Path, gallery: Gallery, val_x: np.ndarray,
+                   val_y: Sequence[str], report: dict, promote: bool) -> str:
+    """Stage the new version (gallery + carried files + reports), then commit it atomically."""
+    vid = registry.new_version_id(prefix=STAGING_PREFIX)
+    staging = registry.staging_dir(vid)
+    skip = {INDEX_FILE, META_FILE, "manifest.json", "parent", "metrics.json", REPORT_JSON, REPORT_MD, VAL_EMBEDDINGS}
+    copy_version_files(base_dir, staging, skip)
+    gallery.save(staging)
+    if len(val_y):
+        with open(staging / VAL_EMBEDDINGS, "wb") as fh:  # carried forward so the next fusion can compare without images
+            np.savez(fh, embeddings=val_x, labels=np.asarray(val_y), embedder=np.asarray(gallery.embedder_id))
+    base_metrics = read_json(base_dir / "metrics.json") if (base_dir / "metrics.json").is_file() else {}
+    m = report["metrics"]
+    atomic_write_json(staging / "metrics.json", {**base_metrics, "gallery/val_top1": m["val_after"],
+                                                 "gallery/holdout_top1": m["holdout_after"],
+                                                 "fusion/added": sum(sum(d.values()) for d in report["added_per_character"].values())})
+    report["version_id"] = vid
+    atomic_write_json(staging / REPORT_JSON, report)
+    atomic_write_text(staging / REPORT_MD, render_markdown(report))
+    return registry.commit(staging, parent=base_id, kind="fusion", promote=promote,
+                           extra={"fusion": {"added": report["added_per_character"], "reason": report["reason"]}})
