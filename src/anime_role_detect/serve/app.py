@@ -1,0 +1,119 @@
+"""`create_app(cfg)`: the FastAPI application — REST API under /api, web pages at / and /workflow.
+
+Models load once at start-up (lifespan) and run in worker threads, never on the event loop; a
+newer registry version is swapped in while in-flight requests finish on the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from ..log import get_logger
+from .deps import Services
+from .errors import install_error_handlers
+from .live import LiveRecognizer, RecognizerLoader, load_from_version
+from .routes import characters, classify, feedback, pages, system, workflow
+from .settings import ServeSettings
+from .workflows import WorkflowManager, WorkflowRunner
+
+_log = get_logger("system")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+DESCRIPTION = """
+Names anime/game characters in images and videos.
+
+* `POST /api/classify` takes one image or video (multipart field `file`) and answers the seed's
+  `{filename, role, similarity, boxes}` plus every detection's top-k, tags and timings.
+* `/api/characters` lists, enrols (from a few images, no retraining) and removes characters.
+* `/api/workflow` runs collect -> train -> gallery and streams its progress.
+
+Errors are always JSON `{"error": "...", "detail": ...}`. Mutating endpoints need
+`Authorization: Bearer <token>` when the server sets `auth.token`.
+"""
+
+
+def _feature_sink(feature_log: Any, recognizer: Any) -> Callable[[Any, Any], None]:
+    """`feature_sink` for one recognizer: logs its answers with its embedder id; never fails a request."""
+    embedder = getattr(recognizer, "embedder", None)
+    embedder_id = str(getattr(embedder, "model_id", "") or "")
+
+    def sink(answer: Any, embeddings: Any) -> None:
+        try:
+            feature_log.append(answer, embeddings, embedder_id=embedder_id)
+        except Exception as exc:  # noqa: BLE001 - logging must not cost the user the answer
+            _log.error(f"feature log append failed: {exc!r}")
+
+    return sink
+
+
+def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader | None = None,
+                   workflow_runner: WorkflowRunner | None = None,
+                   workflow_config_factory: Callable[[], Any] | None = None) -> Services:
+    """The app's singletons from settings (injectable parts for embedding the service elsewhere)."""
+    feature_log = None
+    if settings.feature_log.enabled:
+        from ..fusion.featurelog import FeatureLog
+
+        feature_log = FeatureLog(settings.feature_log.dir, settings.feature_log.policy)
+
+    def on_load(rec: Any) -> None:
+        if feature_log is not None and hasattr(rec, "feature_sink"):
+            rec.feature_sink = _feature_sink(feature_log, rec)
+
+    live = LiveRecognizer(settings.registry_path, settings.version, settings.recognizer, settings.reload_interval_s,
+                          loader=recognizer_loader or load_from_version, on_load=on_load)
+    workflows = None
+    if settings.workflow.enabled:
+        workflows = WorkflowManager(settings.workflow, str(settings.registry_path.resolve()), runner=workflow_runner,
+                                    config_factory=workflow_config_factory)
+    return Services(settings=settings, live=live, workflows=workflows, feature_log=feature_log)
+
+
+def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services: Services | None = None,
+               recognizer_loader: RecognizerLoader | None = None, workflow_runner: WorkflowRunner | None = None) -> FastAPI:
+    """The service for `cfg` (conf/serve.yaml or `ServeSettings`); the recognizer loads when the app starts."""
+    settings = services.settings if services is not None else ServeSettings.from_config(cfg)
+    svc = services or build_services(settings, recognizer_loader, workflow_runner)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.started_at = time.time()
+        if not svc.live.ready:
+            await anyio.to_thread.run_sync(svc.live.load_now)
+        _log.info(f"service ready on version {svc.live.version_id or '(none)'}")
+        try:
+            yield
+        finally:
+            if svc.workflows is not None:
+                svc.workflows.shutdown()
+            if svc.feature_log is not None:
+                svc.feature_log.close()
+
+    app = FastAPI(
+        title="anime_role_detect",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.limits.max_body_bytes,
+        form_limits={"max_files": settings.limits.max_files, "max_fields": 32, "max_part_size": 64 * 1024},
+    )
+    app.state.services = svc
+    app.state.static_dir = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+    install_error_handlers(app)
+    if settings.cors.allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
+                           allow_credentials=settings.cors.allow_credentials,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
+    for module in (classify, characters, feedback, workflow, system, pages):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=app.state.static_dir), name="static")
+    return app

@@ -1,0 +1,196 @@
+"""The live recognizer: loaded once, swapped in the background when the registry's `latest` moves.
+
+A request takes a `Lease` (the recognizer object plus a shared lock) for its whole duration, so a
+reload never pulls a model out from under an in-flight request; enrol/remove take the lock
+exclusively because they change the gallery the searches read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import RegistryError
+from ..log import get_logger
+from ..registry import Registry
+
+_log = get_logger("system")
+
+#: (version_dir, recognizer config) -> Recognizer; the default uses `Recognizer.from_version`.
+RecognizerLoader = Callable[[Path, dict[str, Any]], Any]
+
+
+def load_from_version(version_dir: Path, cfg: dict[str, Any]) -> Any:
+    """Build the pipeline's `Recognizer` for one registry version folder."""
+    from ..recognition.pipeline import Recognizer
+
+    from omegaconf import OmegaConf
+
+    return Recognizer.from_version(version_dir, OmegaConf.create(cfg))
+
+
+class ReadWriteLock:
+    """Many readers or one writer; writers wait for readers to drain and block new ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Loaded:
+    """One loaded recognizer and the version it came from."""
+
+    recognizer: Any
+    version_id: str
+    loaded_at: float
+    load_s: float
+    lock: ReadWriteLock
+
+
+class LiveRecognizer:
+    """Holds the current recognizer; polls the registry and hot-swaps in a background thread."""
+
+    def __init__(self, registry_root: str | Path, version: str = "latest", cfg: dict[str, Any] | None = None,
+                 reload_interval_s: float = 2.0, loader: RecognizerLoader = load_from_version,
+                 on_load: Callable[[Any], None] | None = None) -> None:
+        self.registry = Registry(registry_root)
+        self.version = version
+        self.cfg = dict(cfg or {})
+        self.reload_interval_s = reload_interval_s
+        self.loader = loader
+        self.on_load = on_load
+        self._current: Loaded | None = None
+        self._swap_lock = threading.Lock()
+        self._loading: threading.Thread | None = None
+        self._last_check = 0.0
+        self.last_error: str | None = None
+        self._failed_id: str | None = None
+        self.reloads = 0
+
+    # -- loading ----------------------------------------------------------------------------
+    def _wanted_id(self) -> str | None:
+        return self.registry.latest_id() if self.version == "latest" else self.version
+
+    def _load(self, vid: str) -> Loaded:
+        t0 = time.perf_counter()
+        path = self.registry.path(vid)
+        rec = self.loader(path, self.cfg)
+        if self.on_load is not None:
+            self.on_load(rec)
+        took = time.perf_counter() - t0
+        _log.info(f"recognizer version {vid} loaded in {took:.2f}s from {path}")
+        return Loaded(rec, vid, time.time(), took, ReadWriteLock())
+
+    def load_now(self) -> None:
+        """Load the wanted version synchronously (start-up); failure is kept in `last_error`."""
+        vid = self._wanted_id()
+        if vid is None:
+            self.last_error = (f"registry {self.registry.root} has no live version yet; "
+                               "run the workflow (page /workflow) or `registry promote ID`")
+            _log.warning(self.last_error)
+            return
+        try:
+            self._current = self._load(vid)
+            self.last_error = None
+        except Exception as exc:  # noqa: BLE001 - the server starts and reports it on /api/health
+            self.last_error = f"version {vid} failed to load: {exc}"
+            _log.error(self.last_error)
+
+    def _background_load(self, vid: str) -> None:
+        try:
+            loaded = self._load(vid)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old version
+            self.last_error = f"version {vid} failed to load, still serving {self.version_id}: {exc}"
+            _log.error(self.last_error)
+            self._failed_id = vid
+            return
+        with self._swap_lock:
+            self._current = loaded
+            self.reloads += 1
+            self.last_error = None
+        _log.info(f"hot reload: now serving {vid}")
+
+    def maybe_reload(self, force: bool = False) -> None:
+        """Start a background load when the registry's pointer moved (rate-limited)."""
+        now = time.monotonic()
+        if not force and now - self._last_check < self.reload_interval_s:
+            return
+        self._last_check = now
+        try:
+            vid = self._wanted_id()
+        except (OSError, RegistryError):
+            return
+        with self._swap_lock:
+            busy = self._loading is not None and self._loading.is_alive()
+            current = self._current.version_id if self._current else None
+            if vid is None or vid == current or busy or vid == self._failed_id:
+                return
+            self._loading = threading.Thread(target=self._background_load, args=(vid,), name=f"reload-{vid}", daemon=True)
+            self._loading.start()
+
+    def adopt(self, vid: str) -> None:
+        """Mark the live recognizer as already holding `vid` (after the service itself committed it)."""
+        with self._swap_lock:
+            if self._current is not None:
+                self._current.version_id = vid
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until a running background load finishes (tests, shutdown)."""
+        t = self._loading
+        if t is not None:
+            t.join(timeout)
+
+    # -- using ------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def version_id(self) -> str | None:
+        cur = self._current
+        return cur.version_id if cur else None
+
+    @property
+    def loaded(self) -> Loaded | None:
+        return self._current
+
+    def current(self) -> Loaded | None:
+        """The loaded recognizer right now (after a rate-limited check for a newer version)."""
+        self.maybe_reload()
+        return self._current

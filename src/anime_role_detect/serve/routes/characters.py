@@ -1,0 +1,106 @@
+"""`/api/characters`: list the gallery, enrol a new character from a few images (no retraining), remove one."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..deps import LiveDep, ServicesDep, require_token, reading, run_model, writing
+from ..errors import ApiError
+from ..live import Loaded
+from ..uploads import check_count, read_upload
+from ..workflows import NAME_PATTERN
+from . import ERROR_RESPONSES
+from .classify import decode_upload
+
+router = APIRouter(prefix="/api/characters", tags=["gallery"])
+
+
+class CharacterInfo(BaseModel):
+    """A character the live gallery can name."""
+
+    name: str = Field(description="Character name.")
+    series: str = Field(default="", description="Series (work) it is from.")
+    prototypes: int = Field(default=0, description="Gallery vectors that represent it.")
+
+
+class CharacterList(BaseModel):
+    """The live gallery's characters."""
+
+    version: str = Field(description="Registry version serving now.")
+    count: int = Field(description="Number of characters.")
+    characters: list[CharacterInfo] = Field(description="Characters, sorted by name.")
+
+
+class EnrollResult(BaseModel):
+    """What an enrolment added."""
+
+    name: str = Field(description="Character enrolled.")
+    series: str = Field(description="Its series.")
+    added: int = Field(description="Gallery vectors added.")
+    images: int = Field(description="Images used.")
+    version: str = Field(description="Registry version serving now.")
+
+
+class RemoveResult(BaseModel):
+    """What a removal took out."""
+
+    name: str = Field(description="Character removed.")
+    removed: int = Field(description="Gallery vectors removed.")
+    version: str = Field(description="Registry version serving now.")
+
+
+def _characters(loaded: Loaded) -> list[CharacterInfo]:
+    with reading(loaded) as rec:
+        rows = rec.characters()
+    return sorted((CharacterInfo(name=r["name"], series=r.get("series") or "", prototypes=int(r.get("prototypes", 0))) for r in rows),
+                  key=lambda c: c.name)
+
+
+@router.get("", response_model=CharacterList, summary="List the characters the live gallery knows", responses=ERROR_RESPONSES)
+async def list_characters(services: ServicesDep, loaded: LiveDep) -> CharacterList:
+    chars = await run_model(services, _characters, loaded)
+    return CharacterList(version=loaded.version_id, count=len(chars), characters=chars)
+
+
+def _enroll(loaded: Loaded, name: str, series: str, images: list[Image.Image]) -> int:
+    with writing(loaded) as rec:
+        return int(rec.enroll(name, series, images))
+
+
+@router.post("", response_model=EnrollResult, status_code=201, dependencies=[Depends(require_token)],
+             summary="Enrol a new character from a few images (no retraining)", responses=ERROR_RESPONSES)
+async def enroll_character(
+    services: ServicesDep,
+    loaded: LiveDep,
+    name: Annotated[str, Form(pattern=NAME_PATTERN, description="Character name (letters, digits, space, _ . ' ( ) -).")],
+    files: Annotated[list[UploadFile], File(description="A few images of the character (one character per image works best).")],
+    series: Annotated[str, Form(max_length=80, description="Series (work) it is from.")] = "",
+) -> EnrollResult:
+    """Embeds the images and adds them to the live gallery; later requests can name the character at once."""
+    limits = services.settings.limits
+    check_count(files, limits, "images")
+    images = []
+    for i, f in enumerate(files):
+        up = await read_upload(f, limits, index=i, allow_video=False)
+        images.append(await run_model(services, decode_upload, up, limits))
+    added = await run_model(services, _enroll, loaded, name.strip(), series.strip(), images)
+    return EnrollResult(name=name.strip(), series=series.strip(), added=added, images=len(images), version=loaded.version_id)
+
+
+def _remove(loaded: Loaded, name: str) -> int:
+    with writing(loaded) as rec:
+        return int(rec.remove(name))
+
+
+@router.delete("/{name}", response_model=RemoveResult, dependencies=[Depends(require_token)],
+               summary="Remove a character from the live gallery", responses=ERROR_RESPONSES)
+async def remove_character(services: ServicesDep, loaded: LiveDep,
+                           name: Annotated[str, Path(max_length=200, description="Character name as listed.")]) -> RemoveResult:
+    removed = await run_model(services, _remove, loaded, name)
+    if not removed:
+        raise ApiError(404, f"character {name!r} is not in the gallery; GET /api/characters lists the names", {"name": name})
+    return RemoveResult(name=name, removed=removed, version=loaded.version_id)

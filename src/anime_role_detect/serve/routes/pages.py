@@ -1,0 +1,25 @@
+"""The two web pages (static HTML/CSS/JS, no build step): `/` recognise uploads, `/workflow` train new characters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(request: Request, name: str) -> FileResponse:
+    static: Path = request.app.state.static_dir
+    return FileResponse(static / name, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/")
+async def index(request: Request) -> FileResponse:
+    return _page(request, "index.html")
+
+
+@router.get("/workflow")
+async def workflow_page(request: Request) -> FileResponse:
+    return _page(request, "workflow.html")

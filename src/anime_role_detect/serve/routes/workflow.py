@@ -1,0 +1,96 @@
+"""`/api/workflow`: start the collect -> train -> gallery workflow, follow it live (SSE), cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field
+
+from ..deps import WorkflowsDep, require_token
+from ..errors import ApiError
+from ..workflows import FINISHED, Job, WorkflowManager, WorkflowRequest, WorkflowStatus
+from . import ERROR_RESPONSES
+
+router = APIRouter(prefix="/api/workflow", tags=["workflow"])
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="Job id returned by POST /api/workflow.")]
+
+
+class WorkflowList(BaseModel):
+    """Recent workflow jobs, oldest first."""
+
+    jobs: list[WorkflowStatus] = Field(description="Jobs kept by this server process.")
+
+
+def _job(manager: WorkflowManager, job_id: str) -> Job:
+    job = manager.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no workflow job {job_id!r} on this server (jobs are kept in memory until restart)", {"id": job_id})
+    return job
+
+
+@router.post("", response_model=WorkflowStatus, status_code=202, dependencies=[Depends(require_token)],
+             summary="Start a workflow run", responses=ERROR_RESPONSES)
+async def start_workflow(body: WorkflowRequest, manager: WorkflowsDep) -> WorkflowStatus:
+    """Queues the run and answers at once; follow it with GET /api/workflow/{id} or its /events stream."""
+    return manager.submit(body).snapshot()
+
+
+@router.get("", response_model=WorkflowList, summary="List recent workflow runs")
+async def list_workflows(manager: WorkflowsDep) -> WorkflowList:
+    return WorkflowList(jobs=[j.snapshot() for j in manager.list()])
+
+
+@router.get("/{job_id}", response_model=WorkflowStatus, summary="State of one workflow run", responses=ERROR_RESPONSES)
+async def get_workflow(job_id: JobId, manager: WorkflowsDep) -> WorkflowStatus:
+    return _job(manager, job_id).snapshot()
+
+
+@router.post("/{job_id}/cancel", response_model=WorkflowStatus, dependencies=[Depends(require_token)],
+             summary="Cancel a workflow run", responses=ERROR_RESPONSES)
+async def cancel_workflow(job_id: JobId, manager: WorkflowsDep) -> WorkflowStatus:
+    """The run stops at its next progress step; a finished run is left as it is."""
+    job = _job(manager, job_id)
+    manager.cancel(job)
+    return job.snapshot()
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, summary="Live progress stream (Server-Sent Events)",
+            responses=ERROR_RESPONSES)
+async def workflow_events(
+    job_id: JobId,
+    manager: WorkflowsDep,
+    last_event_id: Annotated[int | None, Header(ge=0, description="Resume after this event id (sent by EventSource on reconnect).")] = None,
+) -> AsyncIterable[ServerSentEvent]:
+    """Events ``status`` ({status}), ``progress`` ({stage, done, total, percent, message, time}) and a final
+    ``end`` ({status, error, result}); the backlog is replayed first, so a late subscriber misses nothing."""
+    job = _job(manager, job_id)
+    after = last_event_id or 0
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def push(ev: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    backlog = job.subscribe(push)
+    try:
+        ended = False
+        for ev in backlog:
+            if ev["id"] > after:
+                yield ServerSentEvent(event=ev["event"], data=ev["data"], id=str(ev["id"]))
+            ended = ended or ev["event"] == "end"
+        if ended or job.status in FINISHED and any(e["event"] == "end" for e in backlog):
+            return
+        while True:
+            ev = await queue.get()
+            if ev["id"] <= after:
+                continue
+            yield ServerSentEvent(event=ev["event"], data=ev["data"], id=str(ev["id"]))
+            if ev["event"] == "end":
+                return
+    finally:
+        job.unsubscribe(push)

@@ -1,0 +1,125 @@
+"""Typed view of `conf/serve.yaml`: validated once at start so a bad value fails with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Section):
+    """Per-request limits (sizes in MB, times in seconds)."""
+
+    max_upload_mb: float = Field(20.0, gt=0, description="Largest image upload.")
+    max_video_mb: float = Field(200.0, gt=0, description="Largest video upload.")
+    max_files: int = Field(16, ge=1, description="Most files in one batch or enrol request.")
+    max_pixels: int = Field(40_000_000, ge=64, description="Decompression-bomb guard: most pixels per image.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Model work longer than this answers 503.")
+    inference_threads: int = Field(2, ge=1, description="Worker threads for model work (off the event loop).")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_video_bytes(self) -> int:
+        return int(self.max_video_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Whole-request cap: the larger per-file limit times the file count, plus form overhead."""
+        return max(self.max_video_bytes, self.max_upload_bytes * self.max_files) + 1024 * 1024
+
+
+class Auth(_Section):
+    """Bearer token for the mutating endpoints (enrol, delete, feedback, workflow); null = open."""
+
+    token: str | None = None
+
+
+class Cors(_Section):
+    """Cross-origin access for browsers on other origins; empty = same origin only."""
+
+    allow_origins: list[str] = Field(default_factory=list)
+    allow_credentials: bool = False
+
+
+class FeatureLogSettings(_Section):
+    """Where answers and their embeddings are logged for log fusion."""
+
+    enabled: bool = True
+    dir: str = "outputs/featurelog"
+    #: `fusion.featurelog.LogPolicy` fields (max_segment_bytes, retention_days, store_images, fsync).
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkflowSettings(_Section):
+    """How `/api/workflow` builds and runs the collect -> train -> gallery workflow."""
+
+    enabled: bool = True
+    config_dir: str | None = None
+    config_name: str = "workflow"
+    runner: dict[str, Any] = Field(
+        default_factory=lambda: {"_target_": "anime_role_detect.workflow.run.run_workflow", "_partial_": True}
+    )
+    #: request parameter -> config key it sets (only these can be set from a client).
+    params: dict[str, str] = Field(default_factory=dict)
+    #: config key that receives the characters list.
+    characters_key: str = "characters"
+    #: config keys that receive the server's registry folder (so a finished run goes live here).
+    registry_keys: list[str] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
+    max_concurrent: int = Field(1, ge=1)
+    keep_finished: int = Field(50, ge=1)
+
+
+class ServeSettings(_Section):
+    """Everything the service needs, from `conf/serve.yaml`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(5001, ge=0, le=65535)
+    registry_dir: str = "outputs/registry"
+    version: str = "latest"
+    reload_interval_s: float = Field(2.0, ge=0)
+    recognizer: dict[str, Any] = Field(default_factory=dict)
+    video_sample_fps: float = Field(1.0, gt=0)
+    limits: Limits = Field(default_factory=Limits)
+    auth: Auth = Field(default_factory=Auth)
+    cors: Cors = Field(default_factory=Cors)
+    feature_log: FeatureLogSettings = Field(default_factory=FeatureLogSettings)
+    workflow: WorkflowSettings = Field(default_factory=WorkflowSettings)
+    static_dir: str | None = None
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry_dir).expanduser()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | "ServeSettings" | None) -> "ServeSettings":
+        """Validate a Hydra/OmegaConf or plain mapping; raises `ConfigError` naming the bad key."""
+        if isinstance(cfg, ServeSettings):
+            return cfg
+        if cfg is None:
+            return cls()
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        try:
+            return cls.model_validate(dict(cfg))  # type: ignore[arg-type]
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"serve config: {key}: {err['msg']}; fix it in conf/serve.yaml or on the command line") from None

@@ -1,0 +1,72 @@
+"""Checking uploads before any decoder sees them: size per file, count, and type sniffed from content."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fastapi import UploadFile
+
+from ..imageio import MediaKind, sniff
+from .errors import ApiError
+from .settings import Limits
+
+_CHUNK = 1024 * 1024
+_UNSAFE = re.compile(r"[^\w.\- ()\[\]@=+,]")
+
+ACCEPTED = "JPEG, PNG, WEBP, GIF, BMP or TIFF images, or MP4, MOV, MKV, WEBM, AVI or MPEG videos"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file, read into memory and identified by its bytes."""
+
+    filename: str
+    data: bytes
+    kind: MediaKind
+    fmt: str
+
+
+def client_filename(name: str | None, index: int = 0) -> str:
+    """The client's file name reduced to a display name (no folders, no control characters)."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    base = _UNSAFE.sub("_", base)[:120]
+    return base or f"upload-{index}"
+
+
+async def read_upload(file: UploadFile, limits: Limits, index: int = 0, allow_video: bool = True) -> Upload:
+    """Read one upload within the limits; 413 when too big, 415 when not an image/video by content."""
+    name = client_filename(file.filename, index)
+    cap = limits.max_video_bytes if allow_video else limits.max_upload_bytes
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await file.read(_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, f"{name}: over the {cap / 2**20:.0f} MB limit; send a smaller file", {"filename": name, "limit_bytes": cap})
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data:
+        raise ApiError(422, f"{name}: the file is empty; choose an image or video file", {"filename": name})
+    found = sniff(data)
+    if found is None:
+        raise ApiError(415, f"{name}: not an image or video by its content; upload {ACCEPTED}", {"filename": name})
+    kind, fmt = found
+    if kind == "video" and not allow_video:
+        raise ApiError(415, f"{name}: a {fmt} video, but this endpoint takes images only; upload an image", {"filename": name})
+    if kind == "image" and size > limits.max_upload_bytes:
+        raise ApiError(413, f"{name}: {size / 2**20:.1f} MB is over the {limits.max_upload_mb:g} MB image limit; resize or recompress it",
+                       {"filename": name, "limit_bytes": limits.max_upload_bytes})
+    return Upload(filename=name, data=data, kind=kind, fmt=fmt)
+
+
+def check_count(files: list[UploadFile], limits: Limits, what: str = "files") -> None:
+    """413 when a request carries more files than allowed, 422 when it carries none."""
+    if not files:
+        raise ApiError(422, f"no {what} uploaded; send at least one as multipart field 'files'")
+    if len(files) > limits.max_files:
+        raise ApiError(413, f"{len(files)} {what} in one request is over the limit of {limits.max_files}; split the request",
+                       {"limit_files": limits.max_files})

@@ -1,0 +1,327 @@
+"""Workflow jobs behind `/api/workflow`: build the config from a validated request, run it in a worker
+thread, keep its progress events for status queries and live streams, and honour cancel.
+
+Clients never send config strings or paths: characters and whitelisted parameters are checked by
+pydantic, then written into the composed config with `OmegaConf.update` (no override parsing).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ConfigError, UserError
+from ..log import get_logger
+from ..workflow.progress import CancelledError, Progress, ProgressEvent
+from .settings import WorkflowSettings
+
+_log = get_logger("system")
+_compose_lock = threading.Lock()
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'()\-]{0,79}$"
+
+
+class CharacterIn(BaseModel):
+    """A character to collect images for and train on."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="Character name, e.g. 'suzukaze_aoba' (letters, digits, space, _ . ' ( ) -).")
+    series: str = Field(default="", max_length=80, pattern=r"^[^\x00-\x1f]*$", description="Series (work) the character is from.")
+
+
+class WorkflowParams(BaseModel):
+    """Training parameters a client may set; each must also be enabled in `workflow.params` of serve.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int | None = Field(default=None, ge=1, le=200, description="Training epochs.")
+    images_per_character: int | None = Field(default=None, ge=1, le=2000, description="Images to collect per character.")
+    image_size: int | None = Field(default=None, ge=32, le=1024, description="Training image side in pixels.")
+    batch_size: int | None = Field(default=None, ge=1, le=512, description="Training batch size.")
+    learning_rate: float | None = Field(default=None, gt=0, le=1, description="Optimizer learning rate.")
+    backbone: str | None = Field(default=None, pattern=r"^[a-z0-9_.]{1,64}$", description="timm backbone name, e.g. 'efficientnet_lite0_offline'.")
+    val_fraction: float | None = Field(default=None, gt=0, lt=1, description="Share of images held out for validation.")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed.")
+
+
+class WorkflowRequest(BaseModel):
+    """Start the collect -> clean -> train -> gallery -> registry workflow."""
+
+    model_config = ConfigDict(extra="forbid")
+    characters: list[CharacterIn] = Field(min_length=1, max_length=200, description="Characters to learn.")
+    params: WorkflowParams = Field(default_factory=WorkflowParams, description="Training parameters (omitted = server defaults).")
+
+
+class StageStatus(BaseModel):
+    """Latest progress of one workflow stage."""
+
+    stage: str = Field(description="Stage name (collect, clean, split, train, gallery, registry, ...).")
+    done: int = Field(description="Units done.")
+    total: int = Field(description="Units in the stage (0 when unknown).")
+    percent: float = Field(description="done/total in percent.")
+    message: str = Field(default="", description="Latest message of the stage.")
+
+
+class WorkflowOutcome(BaseModel):
+    """What a finished workflow produced."""
+
+    version_id: str | None = Field(default=None, description="Registry version created (live when promoted).")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Evaluation metrics of the new version.")
+    summary: Any = Field(default=None, description="Run summary from the workflow.")
+
+
+class WorkflowStatus(BaseModel):
+    """State of one workflow job."""
+
+    id: str = Field(description="Job id.")
+    status: JobStatus = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
+    created: float = Field(description="Unix time the job was created.")
+    started: float | None = Field(default=None, description="Unix time it started running.")
+    finished: float | None = Field(default=None, description="Unix time it ended.")
+    characters: list[CharacterIn] = Field(description="Characters requested.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters applied.")
+    stages: list[StageStatus] = Field(default_factory=list, description="Latest event per stage, in order of first appearance.")
+    log: list[str] = Field(default_factory=list, description="Most recent log lines (newest last).")
+    events: int = Field(default=0, description="Events emitted so far (the stream's last id).")
+    result: WorkflowOutcome | None = Field(default=None, description="Outcome when succeeded.")
+    error: str | None = Field(default=None, description="Why it failed, when failed.")
+
+
+WorkflowRunner = Callable[[Any, Progress], Any]
+
+
+def default_config_dir() -> Path:
+    """The project's `conf/` folder (next to `src/`)."""
+    return Path(__file__).resolve().parents[3] / "conf"
+
+
+def compose_config(settings: WorkflowSettings) -> Any:
+    """Compose the workflow's Hydra config (inside a running Hydra app or standalone)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf_dir = Path(settings.config_dir) if settings.config_dir else default_config_dir()
+    with _compose_lock:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name=settings.config_name, overrides=list(settings.overrides))
+        if not (conf_dir / f"{settings.config_name}.yaml").is_file():
+            raise ConfigError(f"workflow config {conf_dir / settings.config_name}.yaml not found; set workflow.config_dir in serve.yaml")
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+            return compose(config_name=settings.config_name, overrides=list(settings.overrides))
+
+
+def build_runner(settings: WorkflowSettings) -> WorkflowRunner:
+    """Instantiate the configured runner (`_target_`, default `workflow.run.run_workflow`)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(settings.runner)
+    except Exception as exc:  # noqa: BLE001 - a bad target is a config mistake
+        raise ConfigError(f"workflow.runner {settings.runner.get('_target_')!r} cannot be loaded ({exc}); fix serve.yaml") from None
+
+
+@dataclass
+class Job:
+    """One workflow run: its request, progress, event history and outcome."""
+
+    id: str
+    request: WorkflowRequest
+    params: dict[str, Any]
+    progress: Progress = field(default_factory=lambda: Progress(log=True))
+    status: JobStatus = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: WorkflowOutcome | None = None
+    error: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- events -----------------------------------------------------------------------------
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """Record an event (numbered from 1) and hand it to live listeners."""
+        with self.lock:
+            ev = {"id": len(self.events) + 1, "event": kind, "data": data}
+            self.events.append(ev)
+            listeners = list(self.listeners)
+        for fn in listeners:
+            fn(ev)
+
+    def subscribe(self, fn: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        """Register a listener; returns the events so far (nothing is lost or doubled in between)."""
+        with self.lock:
+            self.listeners.append(fn)
+            return list(self.events)
+
+    def unsubscribe(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        with self.lock:
+            if fn in self.listeners:
+                self.listeners.remove(fn)
+
+    def set_status(self, status: JobStatus, **extra: Any) -> None:
+        self.status = status
+        self.publish("status", {"status": status, **extra})
+        if status in FINISHED:
+            self.publish("end", {"status": status, "error": self.error,
+                                 "result": self.result.model_dump(mode="json") if self.result else None})
+
+    def on_progress(self, ev: ProgressEvent) -> None:
+        self.publish("progress", ev.to_json())
+
+    # -- views ------------------------------------------------------------------------------
+    def snapshot(self) -> WorkflowStatus:
+        stages = [StageStatus(stage=e.stage, done=e.done, total=e.total, percent=round(100 * e.fraction, 1), message=e.message)
+                  for e in list(self.progress.stages.values())]
+        log = [f"[{e.stage}] {e.done}/{e.total} {e.message}".rstrip() for e in self.progress.events if e.message][-50:]
+        return WorkflowStatus(id=self.id, status=self.status, created=self.created, started=self.started, finished=self.finished,
+                              characters=self.request.characters, params=self.params, stages=stages, log=log,
+                              events=len(self.events), result=self.result, error=self.error)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types from dataclasses/OmegaConf/paths in a workflow result."""
+    import dataclasses
+
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        try:
+            return obj.item()
+        except Exception:  # noqa: BLE001
+            pass
+    return str(obj)
+
+
+class WorkflowManager:
+    """Runs workflow jobs in a small thread pool and keeps the recent ones for queries."""
+
+    def __init__(self, settings: WorkflowSettings, registry_dir: str, runner: WorkflowRunner | None = None,
+                 config_factory: Callable[[], Any] | None = None) -> None:
+        self.settings = settings
+        self.registry_dir = registry_dir
+        self._runner = runner
+        self._config_factory = config_factory or (lambda: compose_config(settings))
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrent, thread_name_prefix="workflow")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def runner(self) -> WorkflowRunner:
+        if self._runner is None:
+            self._runner = build_runner(self.settings)
+        return self._runner
+
+    def check_params(self, params: WorkflowParams) -> dict[str, Any]:
+        """The set parameters, refusing any that this server does not expose."""
+        given = params.model_dump(exclude_none=True)
+        blocked = sorted(k for k in given if k not in self.settings.params)
+        if blocked:
+            raise ConfigError(f"parameter(s) {', '.join(blocked)} cannot be set on this server; "
+                              f"allowed: {', '.join(sorted(self.settings.params)) or 'none'}")
+        return given
+
+    def build_config(self, job: Job) -> Any:
+        """Composed workflow config with the job's characters, parameters and this server's registry."""
+        from omegaconf import OmegaConf
+
+        cfg = self._config_factory()
+        OmegaConf.set_struct(cfg, False)
+        chars = [c.model_dump() for c in job.request.characters]
+        OmegaConf.update(cfg, self.settings.characters_key, chars, merge=False, force_add=True)
+        for name, value in job.params.items():
+            OmegaConf.update(cfg, self.settings.params[name], value, merge=False, force_add=True)
+        for key in self.settings.registry_keys:
+            OmegaConf.update(cfg, key, self.registry_dir, merge=False, force_add=True)
+        return cfg
+
+    def submit(self, request: WorkflowRequest) -> Job:
+        """Queue a job; runs as soon as a worker is free."""
+        params = self.check_params(request.params)
+        runner = self.runner  # fail now (400) rather than inside the thread when misconfigured
+        job = Job(id=uuid.uuid4().hex[:12], request=request, params=params)
+        job.progress.subscribe(job.on_progress)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.settings.keep_finished:
+                oldest = next((k for k, j in self._jobs.items() if j.status in FINISHED), None)
+                if oldest is None:
+                    break
+                del self._jobs[oldest]
+        job.publish("status", {"status": "queued"})
+        self._pool.submit(self._run, job, runner)
+        return job
+
+    def _run(self, job: Job, runner: WorkflowRunner) -> None:
+        if job.progress.cancelled:
+            job.finished = time.time()
+            job.set_status("cancelled")
+            return
+        job.started = time.time()
+        job.set_status("running")
+        try:
+            cfg = self.build_config(job)
+            out = runner(cfg, job.progress)
+            job.progress.check_cancelled()
+            job.result = WorkflowOutcome(version_id=getattr(out, "version_id", None),
+                                         metrics=_jsonable(getattr(out, "metrics", None) or {}),
+                                         summary=_jsonable(getattr(out, "summary", None)))
+            job.finished = time.time()
+            job.set_status("succeeded")
+        except CancelledError:
+            job.finished = time.time()
+            job.set_status("cancelled")
+        except UserError as exc:
+            job.error = str(exc)
+            job.finished = time.time()
+            job.set_status("failed")
+        except Exception as exc:  # noqa: BLE001 - a job failure is reported, never kills the server
+            job.error = f"{type(exc).__name__}: {exc}"
+            _log.error(f"workflow {job.id} failed: {job.error}\n{traceback.format_exc()}")
+            job.finished = time.time()
+            job.set_status("failed")
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job: Job) -> None:
+        """Ask a job to stop at its next progress event (queued jobs never start)."""
+        if job.status in FINISHED:
+            return
+        job.progress.cancel()
+        if job.status == "running":
+            job.set_status("cancelling")
+
+    def shutdown(self) -> None:
+        for job in self.list():
+            if job.status not in FINISHED:
+                job.progress.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
