@@ -37,7 +37,7 @@ class TagReranker:
     """Per-character tag probabilities and the weight that turns tag evidence into a score change."""
 
     def __init__(self, tags: Sequence[str], characters: Sequence[str], p_tag_given_char: np.ndarray, p_tag: np.ndarray,
-                 weight: float = 0.02, min_evidence: float = 0.05) -> None:
+                 weight: float = 0.02, min_evidence: float = 0.05, mode_weights: dict[str, float] | None = None) -> None:
         self.tags = list(tags)
         self.characters = list(characters)
         self.char_index = {c: i for i, c in enumerate(self.characters)}
@@ -47,7 +47,12 @@ class TagReranker:
         self.w_present = np.log(p_ct / p_t)  # [C, T]
         self.w_absent = np.log((1 - p_ct) / (1 - p_t))
         self.weight = float(weight)
+        self.mode_weights = {k: float(v) for k, v in (mode_weights or {}).items()}  # tuned per mode (scores differ in scale)
         self.min_evidence = float(min_evidence)
+
+    def weight_for(self, mode: str) -> float:
+        """The tuned weight for `mode`, else the default."""
+        return self.mode_weights.get(mode, self.weight)
 
     # -- learning -----------------------------------------------------------------------------
     @classmethod
@@ -129,7 +134,7 @@ class TagReranker:
         if p.is_dir() or not p.suffix:
             p = p / PROFILE_FILE
         atomic_write_json(p, {
-            "format": 1, "weight": self.weight, "min_evidence": self.min_evidence, "tags": self.tags,
+            "format": 1, "weight": self.weight, "mode_weights": self.mode_weights, "min_evidence": self.min_evidence, "tags": self.tags,
             "p_tag": [round(float(x), 6) for x in self.p_t],
             "characters": {c: [round(float(x), 6) for x in self.p_ct[i]] for i, c in enumerate(self.characters)},
         }, indent=None)
@@ -144,7 +149,8 @@ class TagReranker:
             obj = read_json(p)
             chars = list(obj["characters"])
             return cls(obj["tags"], chars, np.array([obj["characters"][c] for c in chars]), np.array(obj["p_tag"]),
-                       weight=float(obj.get("weight", 0.02)), min_evidence=float(obj.get("min_evidence", 0.05)))
+                       weight=float(obj.get("weight", 0.02)), min_evidence=float(obj.get("min_evidence", 0.05)),
+                       mode_weights=obj.get("mode_weights"))
         except FileNotFoundError:
             raise GalleryError(f"tag profiles {p} not found; build them with gallery_cli build (needs tagged metadata) or set rerank=false") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -162,5 +168,4 @@ def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]]
             hits += bool(res.candidates) and res.candidates[0][0] == y
         acc[float(w)] = hits / max(1, len(labels))
     best = max(acc.items(), key=lambda kv: (kv[1], -kv[0]))[0]
-    reranker.weight = best
     return best, acc

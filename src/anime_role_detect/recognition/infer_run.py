@@ -1,0 +1,155 @@
+"""What ``infer.py`` does: resolve the input (image, folder, video), recognise in batches, write JSON lines / CSV / JSON.
+
+In a folder, an unreadable file becomes an ``{"filename", "error"}`` line and the run goes on; a
+single bad file is a one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, TextIO
+
+from ..errors import ConfigError, ImageError, UserError
+from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
+from ..log import get_logger, setup_logging
+from .pipeline import Recognizer, _plain
+from .schema import Answer
+
+CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms")
+_log = get_logger("inference")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive, sorted; hidden folders skipped)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+class AnswerWriter:
+    """Writes answers (or per-file errors) as JSON lines, CSV rows or one JSON document."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        if fmt not in ("jsonl", "csv", "json"):
+            raise ConfigError(f"output.format={fmt!r}: choose jsonl, csv or json")
+        self.stream, self.fmt = stream, fmt
+        self._csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS) if fmt == "csv" else None
+        if self._csv:
+            self._csv.writeheader()
+
+    def answer(self, ans: Any) -> None:
+        if self.fmt == "json":
+            self.stream.write(ans.model_dump_json(indent=2) + "\n")
+        elif self.fmt == "jsonl":
+            self.stream.write(ans.model_dump_json() + "\n")
+        else:
+            self._csv.writerow(_csv_row(ans))
+        self.stream.flush()
+
+    def error(self, filename: str, message: str) -> None:
+        if self.fmt == "csv":
+            self._csv.writerow({"filename": filename, "error": message})
+        else:
+            self.stream.write(json.dumps({"filename": filename, "error": message}, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+def _csv_row(ans: Answer) -> dict[str, Any]:
+    best = max(ans.detections, key=lambda d: d.similarity, default=None)
+    second = best.topk[1] if best is not None and len(best.topk) > 1 else None
+    return {
+        "filename": ans.filename, "role": ans.role, "series": ans.series, "similarity": ans.similarity, "unknown": ans.unknown,
+        "mode": ans.mode, "detections": len(ans.detections), "boxes": json.dumps(ans.boxes),
+        "top2": second.role if second else "", "top2_score": second.score if second else "",
+        "tags_used": " ".join(best.rerank.tags_used) if best is not None and best.rerank else "", "error": "",
+        "total_ms": ans.timings_ms.get("total", ""),
+    }
+
+
+def _decoded(files: list[Path]) -> Iterator[tuple[Path, Any, str | None, str]]:
+    """(path, image or None, sha256, error message)."""
+    for f in files:
+        try:
+            data = f.read_bytes()
+            yield f, decode_image(data, str(f)), content_hash(data), ""
+        except ImageError as exc:
+            yield f, None, None, str(exc)
+        except OSError as exc:
+            yield f, None, None, f"{f}: cannot read ({exc.strerror}); check permissions"
+
+
+def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
+    """Recognise ``cfg.image`` (file or folder) or ``cfg.video``; returns how many inputs failed."""
+    c = dict(_plain(cfg) or {})
+    if c.get("log"):
+        setup_logging({**c["log"], "console_level": c["log"].get("console_level", "WARNING")})
+    image, video = c.get("image"), c.get("video")
+    if bool(image) == bool(video):
+        raise ConfigError("give exactly one input: image=PATH (file or folder) or video=PATH")
+    out_cfg = dict(c.get("output") or {})
+    out_path = out_cfg.get("path")
+    fh: TextIO = open(out_path, "w", encoding="utf-8", newline="") if out_path else (stream or sys.stdout)
+    try:
+        rec = Recognizer.from_config(c)
+        writer = AnswerWriter(fh, out_cfg.get("format", "jsonl"))
+        if video:
+            vp = Path(video)
+            if not vp.is_file():
+                raise ImageError(f"{vp}: no such video file; check the path")
+            ans = rec.recognize_video(vp, sample_fps=c.get("sample_fps"))
+            fh.write(ans.model_dump_json(indent=2 if writer.fmt == "json" else None) + "\n")
+            return 0
+        ip = Path(image)
+        if ip.is_file():
+            if ip.suffix.lower() in VIDEO_SUFFIXES:
+                raise ConfigError(f"{ip} is a video; use video={ip}")
+            data = ip.read_bytes()
+            writer.answer(rec.recognize_bytes(data, str(ip)))
+            return 0
+        if not ip.is_dir():
+            raise ImageError(f"{ip}: no such file or folder; check the path")
+        files = list_images(ip)
+        if not files:
+            raise ImageError(f"{ip}: the folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)))
+    finally:
+        if out_path:
+            fh.close()
+
+
+def _run_folder(rec: Recognizer, files: list[Path], writer: AnswerWriter, batch_size: int, progress: bool) -> int:
+    from tqdm import tqdm
+
+    failed = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(files), unit="img", desc="recognising", file=sys.stderr, disable=not progress)
+    batch: list[tuple[Path, Any, str]] = []
+
+    def flush() -> None:
+        if batch:
+            answers = rec.recognize_batch([(img, str(f)) for f, img, _ in batch], hashes=[h for _, _, h in batch])
+            for a in answers:
+                writer.answer(a)
+            bar.update(len(batch))
+            batch.clear()
+
+    for f, img, h, err in _decoded(files):
+        if err:
+            failed += 1
+            writer.error(str(f), err)
+            bar.update(1)
+            continue
+        batch.append((f, img, h or ""))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    bar.close()
+    dt = time.perf_counter() - t0
+    _log.info(f"recognised {len(files) - failed} image(s), {failed} unreadable, {len(files) / max(dt, 1e-9):.1f} img/s")
+    if failed:
+        print(f"warning: {failed} of {len(files)} file(s) could not be read (see 'error' lines)", file=sys.stderr)
+    return failed
