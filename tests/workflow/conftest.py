@@ -28,3 +28,30 @@ def booru(specs):
     server.start()
     yield server
     server.stop()
+
+
+#: Tiny training: random-init resnet10t at 64 px, a few epochs, no progress bar, one thread.
+TINY_TRAIN = [
+    "data=folder", "~experiment", "model=tiny", "trainer.max_epochs=4", "data.image_size=64",
+    "data.batch_size=16", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+    "callbacks.early_stopping.patience=10", "threads=1", "data.num_workers=0",
+]
+
+
+def workflow_config(root: Path, base_url: str, characters: list[dict], extra: list[str] = ()):
+    """conf/workflow.yaml composed for tests: the fake booru, fast HTTP, tiny training, everything under `root`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from anime_role_detect.workflow.run import CONFIG_DIR
+
+    overrides = [
+        f"paths.root_dir={root}", "collector=danbooru", f"collector.base_url={base_url}", "collector.page_size=10",
+        "collector.limit_per_character=40", "clean.min_side=48", "gallery.embedder.flip_tta=false",
+        "gallery.embedder.batch_size=64", *[f"collector.http.{k}={v}" for k, v in FAST_HTTP.items()], *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="workflow", overrides=overrides)
+    cfg.train.overrides = list(TINY_TRAIN)
+    cfg.characters = OmegaConf.create(characters)
+    return cfg

@@ -1,0 +1,81 @@
+"""``python -m anime_role_detect.workflow characters='[{"name":"Hoshino","series":"Blue Archive"}]'``.
+
+Thin Hydra entry point (conf/workflow.yaml): progress bars per stage, a summary table at the end;
+rerun the same command after an interruption to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from ..cli import user_errors_exit
+from ..log import setup_logging
+from .progress import CancelledError, Progress, ProgressEvent
+from .run import CONFIG_DIR, WorkflowResult, run_workflow
+
+
+class RichBars:
+    """One rich progress bar per stage, fed by `Progress` events."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.bars = RichProgress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[message]}"),
+                                 console=Console(stderr=True), transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if ev.stage not in self.tasks:
+            self.tasks[ev.stage] = self.bars.add_task(ev.stage, total=max(ev.total, 1), message="")
+        task = self.tasks[ev.stage]
+        self.bars.update(task, completed=ev.done, total=max(ev.total, 1), message=ev.message[:60] if ev.message else None)
+
+    def __enter__(self) -> "RichBars":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.stop()
+
+
+def print_summary(result: WorkflowResult) -> None:
+    """The per-character table (collected, kept, train/val, accuracy) and the version line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"version {result.version_id}" if result.version_id else "workflow (stopped early)")
+    for col in ("character", "series", "collected", "kept", "train", "val", "val accuracy"):
+        table.add_column(col, justify="left" if col in ("character", "series") else "right")
+    for r in result.summary:
+        acc = r.get("accuracy")
+        table.add_row(r["character"], r.get("series") or "", "-" if r.get("collected") is None else str(r["collected"]),
+                      str(r["kept"]), str(r["train"]), str(r["val"]), "-" if acc is None else f"{100 * acc:.1f}%")
+    Console().print(table)
+    acc = result.metrics.get("accuracy")
+    print(f"val accuracy {'-' if acc is None else format(100 * acc, '.1f') + '%'} | version {result.version_id or '-'} | run folder {result.run_dir}"
+          + (f" | resumed: {', '.join(result.resumed_stages)}" if result.resumed_stages else ""))
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="workflow", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    setup_logging(cfg.get("log"))
+    progress = Progress()
+    try:
+        with RichBars() as bars:
+            progress.subscribe(bars)
+            result = run_workflow(cfg, progress)
+    except (KeyboardInterrupt, CancelledError):
+        print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    print_summary(result)
+
+
+if __name__ == "__main__":
+    main()

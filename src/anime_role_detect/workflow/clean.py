@@ -1,0 +1,197 @@
+"""Cleaning collected images into a training-ready dataset folder.
+
+Rejects files that are not images, are corrupt, or are too small; removes exact duplicates
+(content hash) and perceptual near-duplicates (pHash within ``max_distance`` bits) keeping the
+largest copy (or, with ``near_duplicates=group``, keeps them all in one split group); a picture
+found under two characters is dropped as ambiguous. Optionally crops each image to the character
+the detector finds. The dataset is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from PIL import Image
+
+from ..data.dedupe import assign_duplicate_groups, file_sha256, near_duplicate_clusters, perceptual_hash
+from ..data.layout import ImageRecord, write_metadata
+from ..errors import ConfigError, ImageError
+from ..imageio import ImageLimits, load_image
+from ..log import get_logger
+from .progress import Progress
+
+_log = get_logger("system")
+
+NEAR_DUPLICATE_MODES = ("remove", "group")
+
+
+@dataclass
+class CleanConfig:
+    """Cleaning options (``clean:`` in conf/workflow.yaml)."""
+
+    min_side: int = 64  # px; smaller images carry too little of the character
+    max_distance: int = 6  # pHash bits for near-duplicates (0 = exact copies only)
+    near_duplicates: str = "remove"  # remove: keep the largest copy; group: keep all, same split side
+    crop: Mapping[str, Any] | None = None  # {enabled, detector: {...}, margin, keep_uncropped}
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "CleanConfig":
+        data = dict(cfg or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"clean: unknown option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        out = cls(**data)
+        if out.near_duplicates not in NEAR_DUPLICATE_MODES:
+            raise ConfigError(f"clean.near_duplicates={out.near_duplicates!r}: choose one of {NEAR_DUPLICATE_MODES}")
+        return out
+
+
+@dataclass
+class CleanReport:
+    """Per-character counts and every rejected file with its reason."""
+
+    kept: dict[str, int] = field(default_factory=dict)
+    collected: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # file_name -> reason
+    reasons: dict[str, int] = field(default_factory=dict)
+    near_duplicate_groups: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Item:
+    record: ImageRecord
+    src: Path
+    sha: str = ""
+    phash: int = 0
+    pixels: int = 0
+    crop: Image.Image | None = None
+
+
+def _reject(report: CleanReport, item: _Item, reason: str) -> None:
+    report.rejected[item.record.file_name] = reason
+    key = reason.split(":", 1)[0]
+    report.reasons[key] = report.reasons.get(key, 0) + 1
+
+
+def _crop_function(crop_cfg: Mapping[str, Any] | None) -> Callable[[Image.Image], Image.Image | None] | None:
+    """Detector-based crop (largest-score box plus margin), or None when cropping is off."""
+    if not crop_cfg or not crop_cfg.get("enabled", False):
+        return None
+    from ..recognition.detector import build_detector, crop_box
+
+    detector = build_detector(dict(crop_cfg.get("detector") or {}))
+    margin = float(crop_cfg.get("margin", 0.1))
+
+    def crop(img: Image.Image) -> Image.Image | None:
+        boxes = detector.detect([img])[0]
+        if not boxes:
+            return None
+        best = max(boxes, key=lambda b: b.score)
+        return crop_box(img, best, margin)
+
+    return crop
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def clean_dataset(
+    records: Sequence[ImageRecord],
+    raw_root: Path,
+    out_root: Path,
+    cfg: CleanConfig,
+    progress: Progress | None = None,
+) -> tuple[list[ImageRecord], CleanReport]:
+    """Write the cleaned dataset of `records` (files under `raw_root`) to `out_root`; returns kept records and report."""
+    raw_root, out_root = Path(raw_root), Path(out_root)
+    report = CleanReport(collected=dict(Counter(r.character for r in records)))
+    limits = ImageLimits(min_side=max(1, int(cfg.min_side)))
+    crop = _crop_function(cfg.crop)
+    keep_uncropped = bool((cfg.crop or {}).get("keep_uncropped", True))
+    items: list[_Item] = []
+    for i, rec in enumerate(sorted(records, key=lambda r: r.file_name)):
+        item = _Item(record=ImageRecord(**rec.to_json()), src=raw_root / rec.file_name)
+        try:
+            img = load_image(item.src, limits)
+        except ImageError as exc:
+            text = str(exc)
+            reason = "too small" if "too small" in text else "not an image" if "not an image" in text else "corrupt"
+            _reject(report, item, f"{reason}: {text.split(': ', 1)[-1]}")
+        else:
+            if crop is not None:
+                cropped = crop(img)
+                if cropped is None and not keep_uncropped:
+                    _reject(report, item, "no character found by the detector")
+                    img = None
+                elif cropped is not None:
+                    item.crop = img = cropped
+            if img is not None:
+                item.sha = file_sha256(item.src)
+                item.phash = perceptual_hash(img)
+                item.pixels = img.size[0] * img.size[1]
+                items.append(item)
+        if progress and (i % 16 == 0 or i + 1 == len(records)):
+            progress.emit("clean", i + 1, len(records), "checking images" if i + 1 < len(records) else "")
+
+    # Near-duplicates by pHash distance; exact copies (same bytes, same hash) always fall in one cluster.
+    clusters = near_duplicate_clusters([it.phash for it in items], int(cfg.max_distance))
+    members: dict[int, list[_Item]] = defaultdict(list)
+    for it, c in zip(items, clusters):
+        members[c].append(it)
+    kept: list[_Item] = []
+    for group in members.values():
+        chars = {it.record.character for it in group}
+        if len(chars) > 1:
+            for it in group:
+                _reject(report, it, f"ambiguous: the same picture is collected for {', '.join(sorted(chars))}")
+            continue
+        if len(group) == 1:
+            kept.append(group[0])
+            continue
+        report.near_duplicate_groups += 1
+        best = max(group, key=lambda it: (it.pixels, it.src.stat().st_size, it.record.file_name))
+        if cfg.near_duplicates == "group":
+            gid = f"dup:{best.record.file_name}"
+            for it in group:
+                it.record.group = gid
+            kept.extend(group)
+            continue
+        kept.append(best)
+        for it in group:
+            if it is not best:
+                kind = "exact duplicate" if it.sha == best.sha else "near-duplicate"
+                _reject(report, it, f"{kind}: of {best.record.file_name}")
+
+    if out_root.exists():
+        shutil.rmtree(out_root)
+    out_root.mkdir(parents=True)
+    out_records: list[ImageRecord] = []
+    for it in sorted(kept, key=lambda it: it.record.file_name):
+        rec = it.record
+        if it.crop is not None:
+            rec.file_name = str(Path(rec.file_name).with_suffix(".png").as_posix())
+            (out_root / rec.file_name).parent.mkdir(parents=True, exist_ok=True)
+            it.crop.save(out_root / rec.file_name)
+        else:
+            _link_or_copy(it.src, out_root / rec.file_name)
+        out_records.append(rec)
+    if cfg.near_duplicates == "group":  # also merge booru parent groups with pHash groups (transitively)
+        assign_duplicate_groups(out_records, out_root, int(cfg.max_distance))
+    write_metadata(out_root, out_records)
+    report.kept = dict(Counter(r.character for r in out_records))
+    if progress:
+        progress.emit("clean", len(records), len(records), f"kept {len(out_records)} of {len(records)} images")
+    return out_records, report
