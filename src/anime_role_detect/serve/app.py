@@ -41,20 +41,6 @@ Errors are always JSON `{"error": "...", "detail": ...}`. Mutating endpoints nee
 """
 
 
-def _feature_sink(feature_log: Any, recognizer: Any) -> Callable[[Any, Any], None]:
-    """`feature_sink` for one recognizer: logs its answers with its embedder id; never fails a request."""
-    embedder = getattr(recognizer, "embedder", None)
-    embedder_id = str(getattr(embedder, "model_id", "") or "")
-
-    def sink(answer: Any, embeddings: Any) -> None:
-        try:
-            feature_log.append(answer, embeddings, embedder_id=embedder_id)
-        except Exception as exc:  # noqa: BLE001 - logging must not cost the user the answer
-            _log.error(f"feature log append failed: {exc!r}")
-
-    return sink
-
-
 def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader | None = None,
                    workflow_runner: WorkflowRunner | None = None,
                    workflow_config_factory: Callable[[], Any] | None = None) -> Services:
@@ -67,7 +53,7 @@ def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader 
 
     def on_load(rec: Any) -> None:
         if feature_log is not None and hasattr(rec, "feature_sink"):
-            rec.feature_sink = _feature_sink(feature_log, rec)
+            feature_log.attach(rec)  # answers + embeddings (tagged with this recognizer's embedder) feed log fusion
 
     live = LiveRecognizer(settings.registry_path, settings.version, settings.recognizer, settings.reload_interval_s,
                           loader=recognizer_loader or load_from_version, on_load=on_load)

@@ -8,6 +8,8 @@ exclusively because they change the gallery the searches read.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -28,9 +30,9 @@ def load_from_version(version_dir: Path, cfg: dict[str, Any]) -> Any:
     """Build the pipeline's `Recognizer` for one registry version folder."""
     from ..recognition.pipeline import Recognizer
 
-    from omegaconf import OmegaConf
-
-    return Recognizer.from_version(version_dir, OmegaConf.create(cfg))
+    rec = Recognizer.from_version(version_dir, cfg)
+    rec.warmup()  # load every model now, not on the first request
+    return rec
 
 
 class ReadWriteLock:
@@ -164,11 +166,47 @@ class LiveRecognizer:
             self._loading = threading.Thread(target=self._background_load, args=(vid,), name=f"reload-{vid}", daemon=True)
             self._loading.start()
 
-    def adopt(self, vid: str) -> None:
-        """Mark the live recognizer as already holding `vid` (after the service itself committed it)."""
+    @property
+    def reloading(self) -> bool:
+        """True while a newer version is loading in the background."""
+        t = self._loading
+        return t is not None and t.is_alive()
+
+    def persist_edit(self, loaded: Loaded, kind: str = "gallery-edit") -> str | None:
+        """Save an enrol/remove as a new registry version (unchanged files hard-linked) and keep serving it.
+
+        Following `latest`, the new version is promoted; a pinned server re-pins to it. Call under the write lock.
+        """
+        rec = loaded.recognizer
+        src = getattr(rec, "version_dir", None)
+        if src is None or not hasattr(rec, "save_gallery"):
+            return None
+        staging = self.registry.staging_dir()
+        try:
+            for p in Path(src).iterdir():
+                if p.name in ("manifest.json", "parent") or p.name.startswith("."):
+                    continue
+                if p.is_dir():
+                    shutil.copytree(p, staging / p.name)
+                    continue
+                try:
+                    os.link(p, staging / p.name)  # versions are immutable; new files are written by rename
+                except OSError:
+                    shutil.copy2(p, staging / p.name)
+            rec.save_gallery(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         with self._swap_lock:
-            if self._current is not None:
-                self._current.version_id = vid
+            promote = self.version == "latest"
+            vid = self.registry.commit(staging, parent=loaded.version_id, kind=kind, promote=promote)
+            rec.version_dir = self.registry.path(vid)
+            rec.version = vid
+            loaded.version_id = vid
+            if not promote:
+                self.version = vid
+        _log.info(f"gallery edit saved as version {vid} (parent {rec.version_dir.name})")
+        return vid
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until a running background load finishes (tests, shutdown)."""

@@ -69,8 +69,11 @@ class WorkflowSettings(_Section):
     runner: dict[str, Any] = Field(
         default_factory=lambda: {"_target_": "anime_role_detect.workflow.run.run_workflow", "_partial_": True}
     )
-    #: request parameter -> config key it sets (only these can be set from a client).
+    #: request parameter -> where it goes (only these can be set from a client): a config key
+    #: (``split.seed``) or ``LIST_KEY+=TEMPLATE`` appending e.g. ``trainer.max_epochs={value}`` to a list of overrides.
     params: dict[str, str] = Field(default_factory=dict)
+    #: config key -> value applied to every run (server-side settings such as the collector's folder).
+    values: dict[str, Any] = Field(default_factory=dict)
     #: config key that receives the characters list.
     characters_key: str = "characters"
     #: config keys that receive the server's registry folder (so a finished run goes live here).
@@ -90,6 +93,7 @@ class ServeSettings(_Section):
     registry_dir: str = "outputs/registry"
     version: str = "latest"
     reload_interval_s: float = Field(2.0, ge=0)
+    persist_gallery_edits: bool = True
     recognizer: dict[str, Any] = Field(default_factory=dict)
     video_sample_fps: float = Field(1.0, gt=0)
     limits: Limits = Field(default_factory=Limits)

@@ -49,7 +49,7 @@ class WorkflowParams(BaseModel):
     image_size: int | None = Field(default=None, ge=32, le=1024, description="Training image side in pixels.")
     batch_size: int | None = Field(default=None, ge=1, le=512, description="Training batch size.")
     learning_rate: float | None = Field(default=None, gt=0, le=1, description="Optimizer learning rate.")
-    backbone: str | None = Field(default=None, pattern=r"^[a-z0-9_.]{1,64}$", description="timm backbone name, e.g. 'efficientnet_lite0_offline'.")
+    model: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,64}$", description="Model config from conf/model/, e.g. 'efficientnet_lite0' or 'tiny'.")
     val_fraction: float | None = Field(default=None, gt=0, lt=1, description="Share of images held out for validation.")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed.")
 
@@ -189,6 +189,21 @@ class Job:
                               events=len(self.events), result=self.result, error=self.error)
 
 
+def apply_param(cfg: Any, target: str, value: Any) -> None:
+    """Set one validated parameter: ``key`` sets a value, ``LIST+=k={value}`` replaces/appends an override in a list."""
+    from omegaconf import OmegaConf
+
+    if "+=" not in target:
+        OmegaConf.update(cfg, target, value, merge=False, force_add=True)
+        return
+    list_key, template = target.split("+=", 1)
+    entry = template.format(value=value)
+    prefix = entry.split("=", 1)[0] + "="
+    current = OmegaConf.select(cfg, list_key, default=None)
+    items = [str(x) for x in (current or []) if not str(x).lstrip("+~").startswith(prefix.lstrip("+~"))]
+    OmegaConf.update(cfg, list_key, [*items, entry], merge=False, force_add=True)
+
+
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types from dataclasses/OmegaConf/paths in a workflow result."""
     import dataclasses
@@ -250,10 +265,12 @@ class WorkflowManager:
 
         cfg = self._config_factory()
         OmegaConf.set_struct(cfg, False)
+        for key, value in self.settings.values.items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         chars = [c.model_dump() for c in job.request.characters]
         OmegaConf.update(cfg, self.settings.characters_key, chars, merge=False, force_add=True)
         for name, value in job.params.items():
-            OmegaConf.update(cfg, self.settings.params[name], value, merge=False, force_add=True)
+            apply_param(cfg, self.settings.params[name], value)
         for key in self.settings.registry_keys:
             OmegaConf.update(cfg, key, self.registry_dir, merge=False, force_add=True)
         return cfg

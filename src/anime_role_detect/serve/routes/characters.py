@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..deps import LiveDep, ServicesDep, require_token, reading, run_model, writing
+from ..deps import LiveDep, Services, ServicesDep, require_token, reading, run_model, writing
 from ..errors import ApiError
 from ..live import Loaded
 from ..uploads import check_count, read_upload
@@ -66,9 +66,12 @@ async def list_characters(services: ServicesDep, loaded: LiveDep) -> CharacterLi
     return CharacterList(version=loaded.version_id, count=len(chars), characters=chars)
 
 
-def _enroll(loaded: Loaded, name: str, series: str, images: list[Image.Image]) -> int:
+def _enroll(services: Services, loaded: Loaded, name: str, series: str, images: list[Image.Image]) -> int:
     with writing(loaded) as rec:
-        return int(rec.enroll(name, series, images))
+        added = int(rec.enroll(name, series, images))
+        if services.settings.persist_gallery_edits:
+            services.live.persist_edit(loaded, kind="enroll")
+        return added
 
 
 @router.post("", response_model=EnrollResult, status_code=201, dependencies=[Depends(require_token)],
@@ -87,20 +90,23 @@ async def enroll_character(
     for i, f in enumerate(files):
         up = await read_upload(f, limits, index=i, allow_video=False)
         images.append(await run_model(services, decode_upload, up, limits))
-    added = await run_model(services, _enroll, loaded, name.strip(), series.strip(), images)
+    added = await run_model(services, _enroll, services, loaded, name.strip(), series.strip(), images)
     return EnrollResult(name=name.strip(), series=series.strip(), added=added, images=len(images), version=loaded.version_id)
 
 
-def _remove(loaded: Loaded, name: str) -> int:
+def _remove(services: Services, loaded: Loaded, name: str) -> int:
     with writing(loaded) as rec:
-        return int(rec.remove(name))
+        removed = int(rec.remove(name))
+        if removed and services.settings.persist_gallery_edits:
+            services.live.persist_edit(loaded, kind="remove")
+        return removed
 
 
 @router.delete("/{name}", response_model=RemoveResult, dependencies=[Depends(require_token)],
                summary="Remove a character from the live gallery", responses=ERROR_RESPONSES)
 async def remove_character(services: ServicesDep, loaded: LiveDep,
                            name: Annotated[str, Path(max_length=200, description="Character name as listed.")]) -> RemoveResult:
-    removed = await run_model(services, _remove, loaded, name)
+    removed = await run_model(services, _remove, services, loaded, name)
     if not removed:
         raise ApiError(404, f"character {name!r} is not in the gallery; GET /api/characters lists the names", {"name": name})
     return RemoveResult(name=name, removed=removed, version=loaded.version_id)

@@ -63,7 +63,7 @@ async def version(services: ServicesDep) -> VersionInfo:
         latest = live.registry.latest_id()
     except OSError:
         latest = None
-    busy = live._loading is not None and live._loading.is_alive()  # noqa: SLF001 - same package
+    busy = live.reloading
     return VersionInfo(version=live.version_id, follows=live.version, registry_latest=latest, reload_pending=busy,
                        reloads=live.reloads, loaded_at=loaded.loaded_at if loaded else None,
                        load_s=round(loaded.load_s, 3) if loaded else None,

@@ -3,7 +3,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const PARAMS = { epochs: "int", images_per_character: "int", image_size: "int", batch_size: "int", learning_rate: "float", backbone: "str" };
+  const PARAMS = { epochs: "int", images_per_character: "int", image_size: "int", batch_size: "int", learning_rate: "float", model: "str" };
   const state = { job: null, source: null, stages: new Map() };
 
   function readCharacters() {

@@ -1,0 +1,210 @@
+"""The REST API over real HTTP against `python -m anime_role_detect.serve` (uvicorn on 127.0.0.1):
+classify, batch, enrol-then-recognise, feedback, health/version, errors as JSON."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from anime_role_detect.fusion.featurelog import FeatureLog
+
+from .conftest import png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def _jpeg(path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_health_and_version_report_the_live_registry_version(client, registry_root):
+    health = client.get("/api/health").json()
+    latest = (registry_root / "latest").read_text().strip()
+    assert health["ready"] is True and health["status"] == "ok"
+    assert health["version"] == latest
+    version = client.get("/api/version").json()
+    assert version["follows"] == "latest"
+    assert version["registry_latest"] == latest
+    assert version["load_s"] > 0
+
+
+def test_classify_answers_the_seed_contract_for_a_gallery_image(client, service_data):
+    name = service_data.names[2]
+    path = service_data.images(name)[0]
+    r = client.post("/api/classify", files={"file": ("photo.png", path.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    assert {"filename", "role", "similarity", "boxes"} <= ans.keys()  # the seed's README contract
+    assert ans["filename"] == "photo.png"
+    assert ans["role"] == name
+    assert ans["similarity"] > 0.95
+    assert ans["boxes"] and len(ans["boxes"][0]) == 4
+    assert ans["detections"][0]["topk"][0]["role"] == name
+    assert len(ans["image_sha256"]) == 64 and ans["mode"] == "clip"
+
+
+def test_type_comes_from_content_not_the_name(client, service_data):
+    path = service_data.images(service_data.names[0])[0]
+    # a JPEG named .txt is still an image
+    r = client.post("/api/classify", files={"file": ("notes.txt", _jpeg(path), "text/plain")})
+    assert r.status_code == 200, r.text
+    assert r.json()["role"] == service_data.names[0]
+    # text named .png is refused with 415 and a JSON message
+    r = client.post("/api/classify", files={"file": ("cat.png", b"hello, I am not a picture" * 10, "image/png")})
+    assert r.status_code == 415
+    body = r.json()
+    assert "not an image or video" in body["error"] and body["detail"]["filename"] == "cat.png"
+
+
+@pytest.mark.parametrize(
+    "payload, status, needle",
+    [
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 422, "corrupt"),  # PNG magic, garbage body
+        (b"", 422, "empty"),
+    ],
+)
+def test_bad_images_are_4xx_json_errors(client, payload, status, needle):
+    r = client.post("/api/classify", files={"file": ("bad.png", payload, "image/png")})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_seed_flag_use_model_switches_mode_and_explains_what_is_missing(client, service_data):
+    """The served version has a gallery but no classifier: use_model=true must say so (400), not fall back silently."""
+    path = service_data.images(service_data.names[0])[0]
+    r = client.post("/api/classify", files={"file": ("a.png", path.read_bytes())}, data={"use_model": "true"})
+    assert r.status_code == 400
+    assert "classifier" in r.json()["error"]
+    r = client.post("/api/classify", files={"file": ("a.png", path.read_bytes())}, data={"mode": "clip", "use_model": "true"})
+    assert r.status_code == 200 and r.json()["mode"] == "clip"  # an explicit mode wins over the seed flag
+
+
+def test_missing_file_field_is_422_naming_the_field(client):
+    r = client.post("/api/classify", data={"mode": "clip"})
+    assert r.status_code == 422
+    assert "file" in r.json()["error"]
+
+
+def test_batch_answers_in_order_and_isolates_bad_files(client, service_data):
+    names = service_data.names[:3]
+    files = [("files", (f"{n}.png", service_data.images(n)[1].read_bytes(), "image/png")) for n in names]
+    files.insert(1, ("files", ("broken.jpg", b"\xff\xd8\xff" + b"\x00" * 40, "image/jpeg")))
+    r = client.post("/api/classify/batch", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["filename"] for x in body["results"]] == [f"{names[0]}.png", "broken.jpg", f"{names[1]}.png", f"{names[2]}.png"]
+    assert body["ok"] == 3 and body["failed"] == 1
+    assert body["results"][1]["status"] == 422 and body["results"][1]["answer"] is None
+    assert [x["answer"]["role"] for x in body["results"] if x["answer"]] == names
+
+
+def test_enroll_then_recognise_without_retraining(client, service_data, registry_root):
+    new = service_data.enroll_name
+    imgs = service_data.images(new)
+    probe = imgs[-1].read_bytes()
+    before = client.post("/api/classify", files={"file": ("probe.png", probe)}).json()
+    assert before["role"] != new
+    assert new not in [c["name"] for c in client.get("/api/characters").json()["characters"]]
+    old_version = client.get("/api/version").json()["version"]
+
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in imgs]
+    r = client.post("/api/characters", data={"name": new, "series": "series_new"}, files=files)
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] >= 1 and r.json()["images"] == len(imgs)
+
+    chars = {c["name"]: c for c in client.get("/api/characters").json()["characters"]}
+    assert chars[new]["series"] == "series_new"
+    after = client.post("/api/classify", files={"file": ("probe.png", probe)}).json()
+    assert after["role"] == new and after["similarity"] > 0.95
+    # the edit is a new registry version with the served one as parent, and the server serves it
+    version = client.get("/api/version").json()
+    assert version["version"] != old_version
+    assert (registry_root / "latest").read_text().strip() == version["version"]
+    assert (registry_root / "versions" / version["version"] / "parent").read_text().strip() == old_version
+    assert after["version"] == version["version"]
+
+    r = client.delete(f"/api/characters/{new}")
+    assert r.status_code == 200 and r.json()["removed"] >= 1
+    assert client.post("/api/classify", files={"file": ("probe.png", probe)}).json()["role"] != new
+    r = client.delete(f"/api/characters/{new}")
+    assert r.status_code == 404 and "not in the gallery" in r.json()["error"]
+
+
+def test_enroll_refuses_bad_names_and_non_images(client, service_data):
+    img = service_data.images(service_data.names[0])[0].read_bytes()
+    r = client.post("/api/characters", data={"name": "../../etc/passwd"}, files=[("files", ("a.png", img))])
+    assert r.status_code == 422 and "name" in r.json()["error"]
+    r = client.post("/api/characters", data={"name": "okay_name"}, files=[("files", ("a.png", b"plain text, not an image"))])
+    assert r.status_code == 415
+
+
+def test_feedback_joins_the_feature_log(client, server, service_data):
+    path = service_data.images(service_data.names[1])[2]
+    ans = client.post("/api/classify", files={"file": ("fb.png", path.read_bytes())}).json()
+    r = client.post("/api/feedback", json={"image_sha256": ans["image_sha256"], "confirmed": True})
+    assert r.status_code == 200, r.text
+    r = client.post("/api/feedback", json={"image_sha256": ans["image_sha256"], "correct_role": "someone_else"})
+    assert r.status_code == 200 and r.json()["correct_role"] == "someone_else"
+    # what log fusion will read: the logged answer with its embedding, and both verdicts joined
+    log = FeatureLog(server.workdir / "featurelog")
+    recs = [rec for rec in log.read() if rec.image_sha256 == ans["image_sha256"]]
+    assert recs, "the answer was not logged"
+    rec = recs[-1]
+    assert rec.embeddings.shape[0] == len(ans["detections"]) and rec.embeddings.shape[1] > 0
+    latest = list(rec.feedback.values())
+    assert len(latest) == 1 and latest[0].role == "someone_else" and not latest[0].confirmed
+    events = [e for e in log.read_feedback() if e.get("image_sha256") == ans["image_sha256"]]
+    assert [e["confirmed"] for e in events] == [True, False]
+
+
+def test_feedback_for_an_unknown_answer_is_404_and_bad_bodies_422(client):
+    r = client.post("/api/feedback", json={"image_sha256": "0" * 64, "confirmed": True})
+    assert r.status_code == 404 and "no logged classification" in r.json()["error"]
+    r = client.post("/api/feedback", json={"image_sha256": "0" * 64})
+    assert r.status_code == 422 and "confirmed" in r.json()["error"]
+    r = client.post("/api/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]
+
+
+def test_unknown_paths_and_methods_are_json(client):
+    r = client.get("/api/nothing-here")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/json") and r.json()["error"]
+    r = client.put("/api/classify")
+    assert r.status_code == 405 and r.json()["error"]
+
+
+def test_hot_reload_follows_the_registry_without_failing_requests(client, server, registry_root, service_data):
+    """Promote another version while requests run: every request answers 200 and the server switches over."""
+    from anime_role_detect.registry import Registry
+
+    from .conftest import build_version
+
+    reg = Registry(registry_root)
+    before = client.get("/api/version").json()["version"]
+    new_vid = build_version(registry_root, service_data.gallery_root, promote=False)
+    png = service_data.images(service_data.names[0])[3].read_bytes()
+    reg.promote(new_vid)
+    statuses, versions = [], set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = client.post("/api/classify", files={"file": ("x.png", png)})
+        statuses.append(r.status_code)
+        versions.add(r.json().get("version"))
+        if client.get("/api/version").json()["version"] == new_vid and len(statuses) >= 3:
+            break
+    assert set(statuses) == {200}
+    assert client.get("/api/version").json()["version"] == new_vid
+    r = client.post("/api/classify", files={"file": ("x.png", png)})
+    assert r.json()["version"] == new_vid and r.json()["role"] == service_data.names[0]
+    # roll back: the server follows again
+    reg.promote(before)
+    deadline = time.monotonic() + 90
+    while client.get("/api/version").json()["version"] != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get("/api/version").json()["version"] == before
+    assert versions <= {before, new_vid}  # every answer came from one whole version, old or new
