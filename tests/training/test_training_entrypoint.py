@@ -1,0 +1,101 @@
+"""The real `train.py` entry point: fast_dev_run, DDP on 2 CPU processes, multirun, one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _one_line_error(proc, *needles: str) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_fast_dev_run_end_to_end(tmp_path, synthetic_root, tiny, train_py):
+    proc = train_py(tiny(tmp_path, synthetic_root) + ["+trainer.fast_dev_run=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    for name in ("metrics.json", "per_character.md", "confusion_matrix.png", "config.yaml"):
+        assert (run / name).is_file(), name
+    split = list((tmp_path / "data" / "splits").glob("*.json"))
+    assert len(split) == 1  # the split manifest lives under paths.data_dir, not in the user's folder
+
+
+def test_ddp_two_cpu_processes_one_checkpoint(tmp_path, synthetic_root, tiny, train_py):
+    args = tiny(tmp_path, synthetic_root) + [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=2",
+        "callbacks.model_checkpoint.save_last=false",
+    ]
+    proc = train_py(args, cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs  # both ranks write into the same run folder
+    ckpts = list(runs[0].rglob("*.ckpt"))
+    assert len(ckpts) == 1, ckpts
+    import torch
+
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["run_config"]["trainer"]["strategy"] == "ddp"
+    assert state["hyper_parameters"]["run_config"]["trainer"]["devices"] == 2
+    assert (runs[0] / "metrics.json").is_file()
+
+
+def test_multirun_two_values_two_runs(tmp_path, synthetic_root, tiny, train_py):
+    args = ["-m"] + tiny(tmp_path, synthetic_root) + ["+trainer.fast_dev_run=true", "model.optimizer.lr=1e-3,2e-3"]
+    proc = train_py(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = []
+    for j in jobs:
+        assert (j / "checkpoints" / "last.ckpt").is_file() and (j / "metrics.json").is_file()
+        lrs.append(float(next(ln for ln in (j / "config.yaml").read_text().splitlines() if ln.strip().startswith("lr:")).split(":")[1]))
+    assert sorted(lrs) == [1e-3, 2e-3]
+
+
+def test_missing_data_folder_one_line(tmp_path, tiny, train_py):
+    proc = train_py(tiny(tmp_path, tmp_path / "no_such_folder"), cwd=tmp_path)
+    _one_line_error(proc, "no_such_folder", "does not exist", "data.root=")
+
+
+def test_empty_class_folder_one_line(tmp_path, synthetic_root, tiny, train_py):
+    root = tmp_path / "data_empty"
+    shutil.copytree(synthetic_root, root)
+    (root / "ghost").mkdir()
+    proc = train_py(tiny(tmp_path, root), cwd=tmp_path)
+    _one_line_error(proc, "ghost", "no images")
+
+
+def test_corrupt_image_one_line_when_not_skipping(tmp_path, synthetic_root, tiny, train_py):
+    root = tmp_path / "data_corrupt"
+    shutil.copytree(synthetic_root, root)
+    (root / "char_03" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    proc = train_py(tiny(tmp_path, root) + ["data.skip_unreadable=false"], cwd=tmp_path)
+    _one_line_error(proc, "char_03/truncated.jpg", "skip_unreadable")
+
+
+def test_unknown_trainer_one_line(tmp_path, train_py):
+    proc = train_py(["trainer=xyz"], cwd=tmp_path)
+    line = _one_line_error(proc, "unknown trainer 'xyz'")
+    for option in ("cpu", "gpu", "mps", "ddp", "default"):
+        assert option in line

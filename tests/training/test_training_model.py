@@ -1,0 +1,72 @@
+"""A short real training run: beats chance, leaves a self-contained checkpoint and a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anime_role_detect.data.transforms import build_eval_transform
+from anime_role_detect.errors import WeightsError
+from anime_role_detect.evaluation import write_report
+from anime_role_detect.models.classifier import CharacterClassifier
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_run_clearly_beats_chance(trained_run):
+    m = trained_run.metrics
+    chance = 1 / 8
+    assert m["val/acc"] >= 3 * chance, m  # 8 characters incl. near-twins: chance is 12.5%
+    assert m["images"] >= 32 and m["classes"] == 8
+    out = Path(trained_run.output_dir)
+    for name in ("metrics.json", "per_character.csv", "per_character.md", "confusion_matrix.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["accuracy"] == m["accuracy"] and len(saved["confusion_matrix"]) == 8
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **overall** |" in (out / "per_character.md").read_text()
+    assert 0.0 <= saved["tag_map"] <= 1.0 and saved["top5_accuracy"] >= saved["accuracy"]
+
+
+def test_checkpoint_reloads_self_contained_with_identical_logits(trained_run, synthetic_root):
+    from anime_role_detect.data.layout import scan_dataset
+    from anime_role_detect.imageio import load_image
+
+    model = CharacterClassifier.load_from_checkpoint(trained_run.ckpt_path, map_location="cpu").eval()
+    again = CharacterClassifier.load_from_checkpoint(trained_run.ckpt_path, map_location="cpu").eval()
+    assert model.class_names == [f"char_{i:02d}" for i in range(8)]
+    assert set(model.series) == set(model.class_names) and all(model.series.values())
+    assert "1girl" in model.tag_names and model.image_size == 64
+    assert len(model.mean) == 3 and len(model.std) == 3
+    assert model.hparams.run_config["data"]["image_size"] == 64  # the resolved run config travels along
+    tf = build_eval_transform(model.image_size, model.mean, model.std)
+    recs = scan_dataset(synthetic_root)[:5]
+    x = torch.stack([tf(load_image(r.path(synthetic_root))) for r in recs])
+    with torch.no_grad():
+        c1, t1 = model(x)
+        c2, t2 = again(x)
+        emb = model.embed(x)
+    assert torch.equal(c1, c2) and torch.equal(t1, t2)
+    assert c1.shape == (5, 8) and t1.shape == (5, len(model.tag_names))
+    assert emb.shape == (5, model.embed_dim) and emb.abs().sum() > 0
+
+
+def test_checkpoint_errors_are_weights_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        CharacterClassifier.load_from_checkpoint(tmp_path / "missing.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match="could not be loaded"):
+        CharacterClassifier.load_from_checkpoint(bad)
+
+
+def test_write_report_files(tmp_path):
+    m = write_report(tmp_path, ["a", "b", "c"], [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], {"note": "x"})
+    assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)
+    assert m["per_character"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert m["confusion_matrix"][0] == [1, 1, 0] and m["note"] == "x"
+    rows = (tmp_path / "per_character.csv").read_text().splitlines()
+    assert rows[0].startswith("character,images,correct,accuracy") and rows[1].startswith("a,2,1,0.5,b")
