@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
@@ -183,9 +184,19 @@ class NoDetector:
 
 
 def ultralytics_offline() -> None:
-    """Keep ultralytics from touching the network (update checks, analytics, hub); call before importing it."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    """Keep ultralytics off the network (online check, update checks, analytics, hub); call before importing it.
+
+    ultralytics reads ``YOLO_OFFLINE`` once at import; if it was imported earlier, its cached flags are reset too.
+    """
+    os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    for module in ("ultralytics.utils", "ultralytics.utils.events", "ultralytics.utils.checks"):
+        mod = sys.modules.get(module)
+        if mod is not None and getattr(mod, "ONLINE", False):
+            mod.ONLINE = False
+    events = sys.modules.get("ultralytics.utils.events")
+    if events is not None and getattr(events, "events", None) is not None:
+        events.events.enabled = False
 
 
 @register_detector("yolo")

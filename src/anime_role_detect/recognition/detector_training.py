@@ -9,7 +9,7 @@ No anime YOLO weights can be downloaded here, so the data is made locally from t
   it takes in hair and headwear; images where it finds no face are left out (they may hold
   characters it missed, which would teach the model that characters are background).
 
-``python -m anime_role_detect.recognition.detector_training out=DIR [source=synthetic|animeface|both]
+``python -m anime_role_detect.recognition.detector_training out=DIR [preset=tiny] [source=synthetic|animeface|both]
 [real_dir=FOLDER] [epochs=30] [n_train=200] ...`` writes ``DIR/detector.pt`` (use it with
 ``detector=yolo detector.weights=DIR/detector.pt``), ``DIR/detector.json`` (validation metrics and
 the config) and the YOLO dataset and run under ``DIR/dataset`` and ``DIR/yolo``.
@@ -56,15 +56,33 @@ class DetectorTrainingConfig:
     min_likelihood: float = 0.5  # animeface score threshold for a label
     image_size: int = 320  # training/inference size (imgsz)
     model: str = "yolov8n.yaml"  # architecture yaml shipped in ultralytics (trained from scratch) or a local .pt
+    width: float | None = None  # override the yaml's width multiple (e.g. 0.125 = half of yolov8n: faster on CPU)
+    depth: float | None = None  # override the yaml's depth multiple
     epochs: int = 30
     batch: int = 16
     patience: int = 50
     device: str = "cpu"
     workers: int = 0
     seed: int = 0
+    optimizer: str = "auto"  # ultralytics optimizer (auto picks AdamW for short runs)
+    lr0: float | None = None  # initial learning rate (None: the optimizer's default)
+    warmup_epochs: float = 3.0
+    val_each_epoch: bool = True  # False: validate only after the last epoch (faster)
     mosaic: float = 1.0  # ultralytics augmentation switches (mosaic helps small datasets)
     close_mosaic: int = 5
+    preset: str | None = None  # apply PRESETS[preset] first (then the other overrides)
     extra: dict[str, Any] = field(default_factory=dict)  # any other ultralytics train() argument
+
+
+#: Named option sets. ``tiny``: a detector in about a minute on 2 CPU cores (tests, demos): half-width
+#: YOLOv8n at 160 px, 96 synthetic composites, 25 epochs; 20/20 two-character scenes found at IoU > 0.5.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": dict(
+        n_train=96, n_val=16, epochs=25, image_size=160, batch=16, width=0.125, mosaic=0.0, optimizer="AdamW",
+        lr0=0.01, warmup_epochs=1.0, val_each_epoch=False,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,38 @@ def _no_font_download() -> Iterator[None]:
         data_utils.check_font = original
 
 
+def scaled_model_yaml(model: str, width: float | None, depth: float | None, out_dir: Path) -> str:
+    """`model` (an ultralytics architecture yaml) with its width/depth multiples replaced, written to `out_dir`.
+
+    ``yolov8n.yaml`` with ``width=0.125`` halves every channel count of YOLOv8n: about 3x fewer FLOPs,
+    which is what makes a detector trainable in a minute on 2 CPU cores for tests and demos.
+    """
+    if width is None and depth is None:
+        return model
+    from ultralytics.nn.tasks import guess_model_scale, yaml_model_load
+
+    try:
+        spec = yaml_model_load(model)
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"model={model}: architecture yaml not found ({exc}); use e.g. yolov8n.yaml") from None
+    scales = spec.get("scales") or {}
+    scale = spec.get("scale") or guess_model_scale(model) or (next(iter(scales)) if scales else "")
+    base = list(scales.get(scale, [spec.get("depth_multiple", 1.0), spec.get("width_multiple", 1.0), 1024]))
+    if depth is not None:
+        base[0] = float(depth)
+    if width is not None:
+        base[1] = float(width)
+    spec = {k: v for k, v in spec.items() if k not in ("yaml_file", "scales", "depth_multiple", "width_multiple")}
+    spec["scale"] = "n"
+    spec["scales"] = {"n": base}
+    import yaml
+
+    path = out_dir / f"{Path(model).stem}-d{base[0]:g}-w{base[1]:g}.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
 def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> tuple[Path, dict[str, float]]:
     """Train ultralytics YOLO on `data_yaml` fully offline; returns (best weights, validation metrics).
 
@@ -218,13 +268,19 @@ def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> t
     model_path = Path(cfg.model).expanduser()
     if cfg.model.endswith(".pt") and not model_path.is_file():
         raise ConfigError(f"model={cfg.model}: no such weights file; use an architecture yaml such as yolov8n.yaml")
-    model = YOLO(str(model_path) if model_path.is_file() else cfg.model, task="detect")
+    arch = str(model_path) if model_path.is_file() else cfg.model
+    if not arch.endswith(".pt"):
+        arch = scaled_model_yaml(arch, cfg.width, cfg.depth, run_dir.parent)
+    model = YOLO(arch, task="detect")
     args = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.image_size, batch=cfg.batch, device=cfg.device,
         workers=cfg.workers, seed=cfg.seed, patience=cfg.patience, project=str(run_dir.parent), name=run_dir.name,
         exist_ok=True, pretrained=False, amp=False, plots=False, verbose=False, mosaic=cfg.mosaic,
-        close_mosaic=cfg.close_mosaic, cache=False, deterministic=True,
+        close_mosaic=cfg.close_mosaic, cache=False, deterministic=True, optimizer=cfg.optimizer,
+        warmup_epochs=cfg.warmup_epochs, val=cfg.val_each_epoch,
     )
+    if cfg.lr0 is not None:
+        args["lr0"] = cfg.lr0
     args.update(cfg.extra or {})
     with _no_font_download():
         model.train(**args)
@@ -270,12 +326,28 @@ def parse_overrides(argv: Sequence[str]) -> DetectorTrainingConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise ConfigError(f"arguments must be key=value (got {bad[0]!r}); e.g. out=outputs/detector epochs=30")
+    argv = [a.lstrip("+") for a in argv]
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r} is unknown; choose from {', '.join(PRESETS)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(DetectorTrainingConfig), OmegaConf.from_dotlist(list(argv)))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(DetectorTrainingConfig), PRESETS.get(preset or "default", {}), OmegaConf.from_dotlist(argv)
+        )
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"bad option: {msg}; options are {', '.join(DetectorTrainingConfig.__dataclass_fields__)}") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def make_tiny_detector(out: str | Path, seed: int = 0) -> Path:
+    """``out/detector.pt`` trained with the ``tiny`` preset, reused when already there (shared by tests)."""
+    out = Path(out)
+    weights = out / "detector.pt"
+    if weights.is_file() and (out / "detector.json").is_file():
+        return weights
+    cfg = parse_overrides(["preset=tiny", f"out={out}", f"seed={seed}"])
+    return make_detector(cfg).weights
 
 
 @user_errors_exit
