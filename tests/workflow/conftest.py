@@ -32,7 +32,7 @@ def booru(specs):
 
 #: Tiny training: random-init resnet10t at 64 px, a few epochs, no progress bar, one thread.
 TINY_TRAIN = [
-    "data=folder", "~experiment", "model=tiny", "trainer.max_epochs=4", "data.image_size=64",
+    "data=folder", "~experiment", "model=efficientnet_lite0", "trainer.max_epochs=4", "data.image_size=96",
     "data.batch_size=16", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
     "callbacks.early_stopping.patience=10", "threads=1", "data.num_workers=0",
 ]

@@ -267,8 +267,8 @@ class WorkflowProgressCallback(L.Callback):
 
     live: dict[str, Progress] = {}
 
-    def __init__(self, progress_id: str) -> None:
-        self.progress = self.live.get(progress_id)
+    def __init__(self, progress_id: str | int) -> None:
+        self.progress = self.live.get(str(progress_id))  # Hydra parses the numeric id as an int
 
     def _emit(self, trainer: L.Trainer, message: str = "") -> None:
         if self.progress is not None:

@@ -1,0 +1,161 @@
+"""The whole workflow against a fake booru: faults survived, a version registered and live, infer.py recognises it."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import workflow_config
+from fakebooru import FakeBooru, make_posts
+
+from anime_role_detect.data.layout import Split, read_metadata
+from anime_role_detect.data.synthetic import make_characters, render_character
+from anime_role_detect.errors import ConfigError, DatasetError
+from anime_role_detect.registry import Registry
+from anime_role_detect.workflow.collectors import booru_tag
+from anime_role_detect.workflow.progress import CancelledError, Progress
+from anime_role_detect.workflow.run import run_workflow
+
+PROJECT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def specs3():
+    return make_characters(3, seed=3, twin_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def booru3(specs3):
+    server = FakeBooru(make_posts(specs3, per_character=16, size=96, seed=1), timeout_sleep_s=1.0)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _chars(specs) -> list[dict]:
+    return [{"name": s.name, "series": s.series} for s in specs]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, booru3, specs3):
+    """One full in-process run with listing faults on every character; shared by the tests below."""
+    root = tmp_path_factory.mktemp("wf")
+    for s in specs3:
+        tag = booru_tag(s.name, s.series)
+        booru3.add_faults(f"page:{tag}:0", "429", "500")
+        booru3.add_faults(f"page:{tag}:1", "timeout")
+    booru3.add_faults(f"page:{booru_tag(specs3[0].name, specs3[0].series)}:1", "malformed")  # after the timeout retry
+    cfg = workflow_config(root, booru3.base_url, _chars(specs3))
+    events = []
+    progress = Progress(log=False)
+    progress.subscribe(events.append)
+    result = run_workflow(cfg, progress)
+    return {"root": root, "cfg": cfg, "result": result, "events": events,
+            "requests": dict(booru3.image_requests)}
+
+
+def test_workflow_registers_a_live_version_with_every_file(first_run, specs3):
+    result = first_run["result"]
+    reg = Registry(first_run["root"] / "outputs" / "registry")
+    assert reg.latest_id() == result.version_id
+    vdir = reg.path("latest")
+    for name in ("model.ckpt", "gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json",
+                 "metrics.json", "config.yaml", "parent", "per_character.md", "confusion_matrix.png"):
+        assert (vdir / name).is_file(), name
+    assert (vdir / "parent").read_text().strip() == "none"
+    metrics = json.loads((vdir / "metrics.json").read_text())
+    assert set(metrics["per_character"]) == {s.name for s in specs3}
+    rows = {r["character"]: r for r in result.summary}
+    assert set(rows) == {s.name for s in specs3}
+    for r in rows.values():  # 16 distinct pictures each; planted copies removed; 80/20 split
+        assert r["kept"] <= 16 and r["train"] + r["val"] == r["kept"] and r["val"] >= 2
+        assert r["accuracy"] is not None
+    # the malformed page of the first character was skipped and reported, not fatal
+    collect = json.loads((Path(result.run_dir) / "stages" / "collect.json").read_text())["output"]["characters"]
+    assert collect[specs3[0].name]["malformed_pages"] == 1
+    assert rows[specs3[0].name]["collected"] < rows[specs3[1].name]["collected"]
+    stages = [e.stage for e in first_run["events"]]
+    for stage in ("collect", "clean", "split", "train", "evaluate", "gallery", "register"):
+        assert stage in stages
+    assert any(e.stage == "train" and "val/acc" in e.message for e in first_run["events"])  # epoch events from Lightning
+
+
+def test_infer_recognises_held_out_images_with_the_new_version(first_run, specs3):
+    rng = random.Random(12345)  # never seen: a different stream from the booru's
+    img_dir = first_run["root"] / "held_out"
+    img_dir.mkdir()
+    truth = {}
+    for s in specs3:
+        for k in range(2):
+            img, _ = render_character(s, rng, 96)
+            img.save(img_dir / f"{s.name}_{k}.png")
+            truth[f"{s.name}_{k}.png"] = s.name
+    registry = first_run["root"] / "outputs" / "registry"
+    proc = subprocess.run(
+        [sys.executable, "infer.py", f"image={img_dir}", f"registry_dir={registry}", "version=latest", "mode=clip",
+         "output.format=jsonl", "output.progress=false", f"paths.root_dir={first_run['root']}"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == len(truth)
+    correct = sum(Path(a["filename"]).name in truth and a["role"] == truth[Path(a["filename"]).name] for a in answers)
+    assert all(a["version"] == first_run["result"].version_id for a in answers)
+    assert correct >= len(truth) - 1, answers
+
+
+def test_rerun_resumes_every_stage_and_downloads_nothing(first_run, booru3):
+    before = dict(booru3.image_requests)
+    again = run_workflow(first_run["cfg"], Progress(log=False))
+    assert again.version_id == first_run["result"].version_id
+    assert again.resumed_stages == ["collect", "clean", "split", "train", "evaluate", "gallery", "register"]
+    assert dict(booru3.image_requests) == before
+    assert len(Registry(first_run["root"] / "outputs" / "registry").list()) == 1
+
+
+def test_planted_near_duplicates_never_straddle_train_and_val(tmp_path, booru3, specs3):
+    planted = [p for p in booru3.posts if p.planted]
+    assert planted
+    for mode in ("remove", "group"):
+        cfg = workflow_config(tmp_path / mode, booru3.base_url, _chars(specs3),
+                              [f"clean.near_duplicates={mode}", "stop_after=split"])
+        result = run_workflow(cfg, Progress(log=False))
+        assert result.version_id == ""
+        dataset = Path(result.run_dir) / "dataset"
+        split = Split.load(dataset / "split.json")
+        side = {**{f: "train" for f in split.train}, **{f: "val" for f in split.val}}
+        meta = read_metadata(dataset)
+        by_post = {int(Path(f).stem): f for f in meta}
+        for p in planted:
+            original = int(p.planted.split(":")[1])
+            pair = [by_post.get(p.id), by_post.get(original)]
+            kept = [f for f in pair if f]
+            if mode == "remove":
+                assert len(kept) <= 1, f"planted copy {p.planted} survived cleaning"
+            else:
+                assert len(kept) == 2 and meta[kept[0]].group == meta[kept[1]].group != ""
+                assert side[kept[0]] == side[kept[1]]
+        report = json.loads((Path(result.run_dir) / "clean_report.json").read_text())
+        if mode == "remove":
+            assert report["reasons"].get("exact duplicate", 0) >= len(specs3)
+            assert report["reasons"].get("near-duplicate", 0) >= len(specs3)
+
+
+def test_cancel_stops_the_run_and_bad_requests_fail_in_one_line(tmp_path, booru3, specs3):
+    progress = Progress(log=False)
+    progress.subscribe(lambda ev: progress.cancel() if ev.stage.startswith("collect:") and ev.done >= 3 else None)
+    cfg = workflow_config(tmp_path / "c", booru3.base_url, _chars(specs3))
+    with pytest.raises(CancelledError):
+        run_workflow(cfg, progress)
+    with pytest.raises(ConfigError, match="no characters given"):
+        run_workflow(workflow_config(tmp_path / "d", booru3.base_url, []), Progress(log=False))
+    with pytest.raises(ConfigError, match="listed twice"):
+        run_workflow(workflow_config(tmp_path / "d", booru3.base_url, _chars(specs3) + _chars(specs3[:1])), Progress(log=False))
+    unknown = [{"name": "nobody", "series": "nowhere"}, *_chars(specs3[:1])]
+    with pytest.raises(DatasetError, match="too few usable images.*nobody: 0"):
+        run_workflow(workflow_config(tmp_path / "e", booru3.base_url, unknown), Progress(log=False))
