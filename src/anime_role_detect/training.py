@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
-from .evaluation import macro_f1, predict_loader, tag_map, topk_accuracy, write_report
 from .fsutil import atomic_write_text
 from .log import setup_logging, training_log
+
+# torch / Lightning are imported inside the functions that need them, so `train.py` can reject a
+# bad command line (see `check_group_overrides`) before paying for those imports.
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -137,8 +137,10 @@ def _instantiate_list(cfg: DictConfig | None, what: str) -> list[Any]:
 
 
 # -- reporting ------------------------------------------------------------------------------
-def evaluate_checkpoint(model: L.LightningModule, datamodule: Any, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def evaluate_checkpoint(model: Any, datamodule: Any, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate on the validation split and write metrics.json, the per-character table and the confusion PNG."""
+    from .evaluation import macro_f1, predict_loader, tag_map, topk_accuracy, write_report
+
     pred = predict_loader(model, datamodule.val_dataloader())
     n = len(model.class_names)
     tmap = tag_map(pred["tag_true"], pred["tag_probs"])
@@ -186,6 +188,9 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 # -- main -----------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report."""
+    import lightning as L
+    import torch
+
     setup_logging(cfg.get("log"))
     out_dir = resolve_output_dir(cfg)
     if cfg.get("seed") is not None:
@@ -214,7 +219,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     callbacks = _instantiate_list(cfg.get("callbacks"), "callbacks")
     loggers = _instantiate_list(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams({"cfg": cfg_plain, "data": datamodule.summary()})

@@ -78,20 +78,33 @@ def test_missing_data_folder_one_line(tmp_path, tiny, train_py):
     _one_line_error(proc, "no_such_folder", "does not exist", "data.root=")
 
 
-def test_empty_class_folder_one_line(tmp_path, synthetic_root, tiny, train_py):
+def _train_error(cfg) -> str:
+    """Run the real `training.train` and return its `UserError` message (which must be one line)."""
+    from anime_role_detect.errors import UserError
+    from anime_role_detect.training import train
+
+    with pytest.raises(UserError) as info:
+        train(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 500, msg
+    return msg
+
+
+def test_empty_class_folder_one_line(tmp_path, synthetic_root, tiny, compose_cfg):
     root = tmp_path / "data_empty"
     shutil.copytree(synthetic_root, root)
     (root / "ghost").mkdir()
-    proc = train_py(tiny(tmp_path, root), cwd=tmp_path)
-    _one_line_error(proc, "ghost", "no images")
+    msg = _train_error(compose_cfg(tiny(tmp_path, root) + [f"paths.output_dir={tmp_path / 'out'}"]))
+    assert "ghost" in msg and "no images" in msg
 
 
-def test_corrupt_image_one_line_when_not_skipping(tmp_path, synthetic_root, tiny, train_py):
+def test_corrupt_image_one_line_when_not_skipping(tmp_path, synthetic_root, tiny, compose_cfg):
     root = tmp_path / "data_corrupt"
     shutil.copytree(synthetic_root, root)
     (root / "char_03" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
-    proc = train_py(tiny(tmp_path, root) + ["data.skip_unreadable=false"], cwd=tmp_path)
-    _one_line_error(proc, "char_03/truncated.jpg", "skip_unreadable")
+    cfg = compose_cfg(tiny(tmp_path, root) + [f"paths.output_dir={tmp_path / 'out'}", "data.skip_unreadable=false"])
+    msg = _train_error(cfg)
+    assert "char_03/truncated.jpg" in msg and "skip_unreadable" in msg
 
 
 def test_unknown_trainer_one_line(tmp_path, train_py):

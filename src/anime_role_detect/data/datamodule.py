@@ -8,6 +8,7 @@ deterministic stratified train/val split saved as a JSON manifest that later run
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -137,10 +138,12 @@ class CharacterDataModule(L.LightningDataModule):
         """Decode every image once; return the unreadable ones as 'file: reason'."""
         bad = []
         for r in records:
+            path = r.path(self.root)
             try:
-                load_image(r.path(self.root))
+                load_image(path)
             except (ImageError, OSError) as exc:
-                bad.append(f"{r.file_name}: {exc}")
+                reason = re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc).replace(f"{path}: ", ""))
+                bad.append(f"{r.file_name}: {reason}")
         return bad
 
     def _compute_split(self, records: list[ImageRecord]) -> dict[str, Any]:
@@ -192,10 +195,10 @@ class CharacterDataModule(L.LightningDataModule):
         self.unreadable = list(m.get("unreadable", []))
         if self.unreadable:
             if not self.skip_unreadable:
-                first = self.unreadable[0]
+                more = f" (+{len(self.unreadable) - 1} more)" if len(self.unreadable) > 1 else ""
                 raise DatasetError(
-                    f"{len(self.unreadable)} unreadable image(s) in {self.root}, first {first}; "
-                    "delete or re-export them, or set data.skip_unreadable=true"
+                    f"unreadable image in {self.root}: {self.unreadable[0]}{more}; "
+                    "delete or re-export it, or set data.skip_unreadable=true to skip it"
                 )
             training_log.warning(f"skipping {len(self.unreadable)} unreadable image(s): {'; '.join(self.unreadable[:5])}")
         groups = m.get("groups", {})
