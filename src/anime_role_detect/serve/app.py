@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..log import get_logger
 from .deps import Services
-from .errors import install_error_handlers
+from .errors import BodyLimitMiddleware, install_error_handlers
 from .live import LiveRecognizer, RecognizerLoader, load_from_version
 from .routes import characters, classify, feedback, pages, system, workflow
 from .settings import ServeSettings
@@ -89,13 +89,13 @@ def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.limits.max_body_bytes,
         form_limits={"max_files": settings.limits.max_files, "max_fields": 32, "max_part_size": 64 * 1024},
     )
     app.state.services = svc
     app.state.static_dir = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
     install_error_handlers(app)
-    if settings.cors.allow_origins:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    if settings.cors.allow_origins:  # added last = outermost, so even a 413 carries the CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
                            allow_credentials=settings.cors.allow_credentials,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])

@@ -99,12 +99,46 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         text = exc.detail if isinstance(exc.detail, str) and exc.detail else _STATUS_TEXT.get(exc.status_code, "error")
-        if exc.status_code == 413:
-            text = "upload too large: the request body is over the server's limit; send a smaller file or fewer files"
-        return error_response(exc.status_code, text.lower() if text[:1].isupper() and text.istitle() else text,
-                              None, getattr(exc, "headers", None))
+        if text.istitle():  # Starlette's stock reason phrases ("Not Found") -> our lower-case one-liners
+            text = _STATUS_TEXT.get(exc.status_code, text.lower())
+        return error_response(exc.status_code, text, None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         _log.opt(exception=exc).error(f"unhandled error in {request.method} {request.url.path}: {exc!r}")
         return error_response(500, "internal error; the server log has the details", type(exc).__name__)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over `max_bytes` with a JSON 413: at once from Content-Length, else while streaming."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return (f"upload too large: the request body is over the server's {self.max_bytes / 2**20:.3g} MB limit; "
+                "send a smaller file or fewer files")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await error_response(413, self._message(), {"limit_bytes": self.max_bytes})(scope, receive, send)
+            return
+        total = 0
+
+        async def limited_receive() -> Any:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)

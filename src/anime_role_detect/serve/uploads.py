@@ -34,33 +34,38 @@ def client_filename(name: str | None, index: int = 0) -> str:
     return base or f"upload-{index}"
 
 
+def fmt_mb(n: int) -> str:
+    """Bytes as a short MB figure: '20 MB', '0.05 MB'."""
+    return f"{n / 2**20:.3g} MB"
+
+
 async def read_upload(file: UploadFile, limits: Limits, index: int = 0, allow_video: bool = True) -> Upload:
-    """Read one upload within the limits; 413 when too big, 415 when not an image/video by content."""
+    """Read one upload within the limits; 413 when too big, 415 when not an image/video by content.
+
+    The type is sniffed from the first chunk, so the per-type size limit applies while streaming.
+    """
     name = client_filename(file.filename, index)
-    cap = limits.max_video_bytes if allow_video else limits.max_upload_bytes
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await file.read(_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > cap:
-            raise ApiError(413, f"{name}: over the {cap / 2**20:.0f} MB limit; send a smaller file", {"filename": name, "limit_bytes": cap})
-        chunks.append(chunk)
-    data = b"".join(chunks)
-    if not data:
+    first = await file.read(_CHUNK)
+    if not first:
         raise ApiError(422, f"{name}: the file is empty; choose an image or video file", {"filename": name})
-    found = sniff(data)
+    found = sniff(first)
     if found is None:
         raise ApiError(415, f"{name}: not an image or video by its content; upload {ACCEPTED}", {"filename": name})
     kind, fmt = found
     if kind == "video" and not allow_video:
         raise ApiError(415, f"{name}: a {fmt} video, but this endpoint takes images only; upload an image", {"filename": name})
-    if kind == "image" and size > limits.max_upload_bytes:
-        raise ApiError(413, f"{name}: {size / 2**20:.1f} MB is over the {limits.max_upload_mb:g} MB image limit; resize or recompress it",
-                       {"filename": name, "limit_bytes": limits.max_upload_bytes})
-    return Upload(filename=name, data=data, kind=kind, fmt=fmt)
+    limit = limits.max_upload_bytes if kind == "image" else limits.max_video_bytes
+    chunks, size = [first], len(first)
+    while size <= limit:
+        chunk = await file.read(_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        chunks.append(chunk)
+    if size > limit:
+        fix = "resize or recompress it" if kind == "image" else "cut or re-encode it"
+        raise ApiError(413, f"{name}: over the {fmt_mb(limit)} {kind} limit; {fix}", {"filename": name, "limit_bytes": limit})
+    return Upload(filename=name, data=b"".join(chunks), kind=kind, fmt=fmt)
 
 
 def check_count(files: list[UploadFile], limits: Limits, what: str = "files") -> None:
