@@ -159,3 +159,107 @@ def test_cancel_stops_the_run_and_bad_requests_fail_in_one_line(tmp_path, booru3
     unknown = [{"name": "nobody", "series": "nowhere"}, *_chars(specs3[:1])]
     with pytest.raises(DatasetError, match="too few usable images.*nobody: 0"):
         run_workflow(workflow_config(tmp_path / "e", booru3.base_url, unknown), Progress(log=False))
+
+
+# -- kill and resume (subprocess, SIGKILL) ---------------------------------------------------------------------
+
+
+def _cli_args(root: Path, base_url: str, specs, run_name: str, extra: list[str] = ()) -> list[str]:
+    from conftest import FAST_HTTP, TINY_TRAIN
+
+    chars = ",".join(f"{{name:{s.name},series:{s.series}}}" for s in specs)
+    train = ",".join(f"'{o}'" for o in [*TINY_TRAIN, "trainer.max_epochs=8"])
+    return [sys.executable, "-m", "anime_role_detect.workflow", f"paths.root_dir={root}", f"collector.base_url={base_url}",
+            "collector.page_size=10", "collector.limit_per_character=40", "clean.min_side=48",
+            "gallery.embedder.flip_tta=false", *[f"collector.http.{k}={v}" for k, v in FAST_HTTP.items()],
+            f"run_name={run_name}", f"characters=[{chars}]", f"train.overrides=[{train}]", "log.console_level=WARNING", *extra]
+
+
+def _wait_then_kill(proc: subprocess.Popen, ready, timeout_s: float = 240) -> None:
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"workflow ended (rc={proc.returncode}) before the kill point:\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -9
+
+
+def _downloaded_ids(raw: Path) -> set[int]:
+    return {int(p.stem) for p in raw.glob("*/*") if p.is_file() and not p.name.startswith(".") and not p.parent.name.startswith(".")}
+
+
+def _assert_previous_live_version_usable(registry: Path, vid: str, specs) -> None:
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    reg = Registry(registry)
+    assert reg.latest_id() == vid
+    assert [v.id for v in reg.list()] == [vid]  # no half-written version became visible
+    img, _ = render_character(specs[1], random.Random(7), 96)
+    answer = Recognizer.from_version(reg.path("latest"), {"detector": None}).recognize(img, "probe.png")
+    assert answer.version in ("", vid) and answer.detections
+
+
+def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(first_run, booru3, specs3, tmp_path):
+    registry = first_run["root"] / "outputs" / "registry"
+    v1 = first_run["result"].version_id
+    args = _cli_args(first_run["root"], booru3.base_url, specs3, "killed")
+    run_dir = first_run["root"] / "outputs" / "workflow" / "work" / "killed"
+    raw = run_dir / "raw"
+
+    # 1. SIGKILL while images are downloading (the server is slowed down so the kill lands mid-collection).
+    booru3.image_delay_s = 0.1
+    before = dict(booru3.image_requests)
+    _wait_then_kill(subprocess.Popen(args, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                    lambda: len(_downloaded_ids(raw)) >= 8)
+    on_disk = _downloaded_ids(raw)
+    assert 8 <= len(on_disk) < 48 and not (run_dir / "stages" / "collect.json").exists()
+    after_kill_1 = dict(booru3.image_requests)
+    _assert_previous_live_version_usable(registry, v1, specs3)
+
+    # 2. SIGKILL once training has written its first last.ckpt (collection, cleaning and split are done).
+    booru3.image_delay_s = 0.0
+    last_ckpt = run_dir / "train" / "checkpoints" / "last.ckpt"
+    _wait_then_kill(subprocess.Popen(args, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                    last_ckpt.is_file)
+    for pid in on_disk:  # nothing that was on disk was fetched again
+        assert booru3.image_requests[pid] == after_kill_1[pid], pid
+    assert (run_dir / "stages" / "split.json").exists() and not (run_dir / "stages" / "train.json").exists()
+    _assert_previous_live_version_usable(registry, v1, specs3)
+    after_kill_2 = dict(booru3.image_requests)
+
+    # 3. The same command finishes: no download at all, training resumes from last.ckpt, a new live version.
+    done = subprocess.run(args, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert dict(booru3.image_requests) == after_kill_2
+    assert "resumed: collect, clean, split" in done.stdout
+    train_out = json.loads((run_dir / "stages" / "train.json").read_text())["output"]
+    assert train_out["resumed_from"] and train_out["resumed_from"].endswith("last.ckpt")
+    reg = Registry(registry)
+    v2 = reg.latest_id()
+    assert v2 != v1 and reg.info(v2).parent == v1 and len(reg.list()) == 2
+    assert "val accuracy" in done.stdout and v2 in done.stdout
+    # downloads per image: at most one beyond the first run's (the request in flight when killed is redone)
+    refetched = [pid for pid, n in booru3.image_requests.items() if n - before.get(pid, 0) > 1]
+    assert len(refetched) <= 1, refetched
+
+    # Equivalent to an uninterrupted run: same cleaned dataset and split, same characters in model and gallery.
+    reference = run_workflow(workflow_config(first_run["root"], booru3.base_url, _chars(specs3), ["run_name=reference", "stop_after=split"]),
+                             Progress(log=False))
+    ref_split = Split.load(Path(reference.run_dir) / "dataset" / "split.json")
+    got_split = Split.load(run_dir / "dataset" / "split.json")
+    assert (got_split.train, got_split.val) == (ref_split.train, ref_split.val)
+    gallery = json.loads((reg.path(v2) / "gallery.json").read_text())
+    assert len(json.dumps(gallery)) > 0
+    metrics = json.loads((reg.path(v2) / "metrics.json").read_text())
+    assert sorted(metrics["per_character"]) == sorted(s.name for s in specs3)
+    assert metrics["images"] == len(ref_split.val)
