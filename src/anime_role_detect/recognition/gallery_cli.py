@@ -26,7 +26,7 @@ from ..log import get_logger
 from .gallery import Gallery
 from .openset import OpenSetCalibration, calibrate, leave_one_out_scores
 from .pipeline import MODEL_FILE, MODES, Recognizer, _plain
-from .rerank import TagReranker, tune_weight
+from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 _log = get_logger("system")
@@ -35,18 +35,21 @@ _log = get_logger("system")
 def compose_config(overrides: Sequence[str] = (), config_name: str = "infer") -> dict[str, Any]:
     """``conf/<config_name>.yaml`` with Hydra overrides, as a plain dict (no Hydra run folder)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except HydraException as exc:
         raise ConfigError(f"bad override in {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
-    cfg_d = OmegaConf.to_container(cfg, resolve=False)
-    cfg_d.pop("hydra", None)
-    cfg_d.pop("paths", None)
-    return cfg_d  # type: ignore[return-value]
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+        if "paths" in cfg:
+            del cfg.paths["output_dir"]  # only resolvable inside a Hydra run
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def _safe_loader(path: Path) -> Callable[[], Image.Image | None]:
@@ -86,7 +89,7 @@ def _score_matrix(cands: list[list[tuple[str, str, float]]], names: list[str]) -
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
-                   target_far: float = 0.05, tune: bool = True) -> tuple[dict[str, float], OpenSetCalibration, dict[str, float]]:
+                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.9) -> tuple[dict[str, float], OpenSetCalibration, dict[str, float]]:
     """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights."""
     top1: dict[str, float] = {}
     calib = OpenSetCalibration(target_far=target_far)
@@ -102,11 +105,11 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             m = _score_matrix(scored.candidates, names)
             y_idx = [names.index(labels[i]) for i in known]
             g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
-            calib.modes[mode] = calibrate(g, imp, target_far)
+            calib.modes[mode] = calibrate(g, imp, target_far, min_tar)
         if need_tags and scored.tag_probs is not None:
             aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
             if tune:
-                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels)
+                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, default=DEFAULT_WEIGHTS.get(mode, 0.03))
             w = weights.get(mode, rec.reranker.weight_for(mode))
             hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] == y for c, a, y in zip(scored.candidates, aligned, labels) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))

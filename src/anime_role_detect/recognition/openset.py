@@ -3,7 +3,8 @@
 Unseen characters are simulated leave-one-character-out: for a validation image of character c,
 the best score among the *other* characters is what the system would report if c were not
 enrolled (an impostor score). The threshold is the (1 - FAR) quantile of impostor scores, so about
-FAR of unseen characters still get a name. Saved as ``calibration.json`` next to the gallery.
+FAR of unseen characters still get a name, unless that would reject more than 1 - min_tar of the
+known images (near-twins), in which case the achieved FAR is recorded instead. Saved as ``calibration.json`` next to the gallery.
 """
 
 from __future__ import annotations
@@ -86,14 +87,19 @@ def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise:
     return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
 
 
-def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05) -> ModeThreshold:
-    """Threshold with at most `target_far` of impostor scores at or above it."""
-    g = np.asarray(genuine, np.float64)
+def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05, min_tar: float = 0.9) -> ModeThreshold:
+    """Threshold with at most `target_far` of impostor scores at or above it, lowered if needed so at least
+    `min_tar` of genuine scores still pass (near-twins make some impostors as strong as genuine matches:
+    rejecting most known images to meet the FAR would be worse than a higher FAR, which is then reported)."""
+    g = np.sort(np.asarray(genuine, np.float64))
     imp = np.sort(np.asarray(impostor, np.float64))
     if len(imp) == 0:
         raise GalleryError("no validation images to calibrate the open-set threshold; use a validation split with 2+ characters")
     k = int(np.floor(target_far * len(imp)))  # impostors allowed through
     t = float(np.nextafter(imp[len(imp) - k - 1], np.inf)) if k < len(imp) else float(imp[0])
+    if len(g) and min_tar > 0:
+        t_tar = float(g[int(np.floor((1.0 - min_tar) * len(g)))])  # keeps >= min_tar of genuine scores
+        t = min(t, t_tar)
     far = float((imp >= t).mean())
     tar = float((g >= t).mean()) if len(g) else 0.0
     return ModeThreshold(threshold=t, false_accept_rate=round(far, 4), true_accept_rate=round(tar, 4),

@@ -51,8 +51,8 @@ class TagReranker:
         self.min_evidence = float(min_evidence)
 
     def weight_for(self, mode: str) -> float:
-        """The tuned weight for `mode`, else the default."""
-        return self.mode_weights.get(mode, self.weight)
+        """The tuned weight for `mode`, else that mode's default."""
+        return self.mode_weights.get(mode, DEFAULT_WEIGHTS.get(mode, self.weight))
 
     # -- learning -----------------------------------------------------------------------------
     @classmethod
@@ -157,9 +157,14 @@ class TagReranker:
             raise GalleryError(f"tag profiles {p} are corrupt ({exc}); rebuild them with gallery_cli build") from None
 
 
+#: Starting weights per mode (score scales differ: cosine gaps are small, probability gaps large).
+DEFAULT_WEIGHTS = {"clip": 0.03, "model": 0.1, "fusion": 0.05}
+
+
 def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]], tag_probs: np.ndarray, labels: Sequence[str],
-                grid: Sequence[float] = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)) -> tuple[float, dict[float, float]]:
-    """Pick the weight with the best validation top-1 (ties -> smaller weight); returns it and accuracy per weight."""
+                grid: Sequence[float] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5), default: float = 0.03) -> tuple[float, dict[float, float]]:
+    """Pick the weight with the best validation top-1; ties go to the one nearest `default` (a small validation set
+    at ceiling accuracy cannot tell weights apart, and should not switch reranking off)."""
     acc: dict[float, float] = {}
     for w in grid:
         hits = 0
@@ -167,5 +172,5 @@ def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]]
             res = reranker.rerank(cands, s, weight=w)
             hits += bool(res.candidates) and res.candidates[0][0] == y
         acc[float(w)] = hits / max(1, len(labels))
-    best = max(acc.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+    best = max(acc.items(), key=lambda kv: (round(kv[1], 9), -abs(np.log((kv[0] + 1e-3) / (default + 1e-3)))))[0]
     return best, acc

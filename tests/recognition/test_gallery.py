@@ -1,0 +1,133 @@
+"""Gallery on real Faiss: index types, prototypes, add/remove, atomic save/load, refusing other embedders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anime_role_detect.errors import ConfigError, GalleryError
+from anime_role_detect.fsutil import atomic_write_json
+from anime_role_detect.recognition import gallery as gallery_mod
+from anime_role_detect.recognition.gallery import Gallery
+
+DIM = 32
+
+
+def clusters(n_chars: int = 6, per_char: int = 40, seed: int = 0, spread: float = 0.25):
+    """Unit vectors around one random centre per character."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_chars, DIM))
+    vecs, labels = [], []
+    for c in range(n_chars):
+        v = centres[c] + spread * rng.normal(size=(per_char, DIM))
+        vecs.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+        labels += [f"c{c}"] * per_char
+    return np.concatenate(vecs).astype(np.float32), labels, centres
+
+
+def filled(index: dict | None = None, prototypes: dict | None = None) -> tuple[Gallery, np.ndarray, list[str]]:
+    vecs, labels, centres = clusters()
+    g = Gallery("test:emb", DIM, {"kind": "timm"}, index=index, prototypes=prototypes)
+    for c in sorted(set(labels)):
+        rows = np.array([i for i, y in enumerate(labels) if y == c])
+        g.add(c, f"series_{c}", vecs[rows], [f"{c}/{i}.png" for i in rows])
+    q = centres + 0.1 * np.random.default_rng(1).normal(size=centres.shape)
+    return g, (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), [f"c{i}" for i in range(len(centres))]
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw", "hnsw_m": 16}, {"type": "ivfpq", "nlist": 4, "pq_m": 8}])
+def test_every_index_type_finds_the_right_character(index, tmp_path):
+    g, queries, truth = filled(index)
+    res = g.search(queries, k=3)
+    assert [r[0][0] for r in res] == truth
+    assert all(r[0][1] == f"series_{r[0][0]}" for r in res)
+    assert all(r[0][2] >= r[1][2] for r in res)
+    g.save(tmp_path)
+    loaded = Gallery.load(tmp_path)
+    assert loaded.index_spec.type == index["type"]
+    assert loaded.search(queries, k=3) == res
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw"}, {"type": "ivfpq", "nlist": 4, "pq_m": 8}])
+def test_remove_deletes_one_character_and_keeps_the_rest(index):
+    g, queries, truth = filled(index)
+    assert g.remove("c2") == 40
+    assert g.remove("c2") == 0
+    res = g.search(queries, k=6)
+    assert all(c != "c2" for r in res for c, _, _ in r)
+    assert [r[0][0] for i, r in enumerate(res) if i != 2] == [t for t in truth if t != "c2"]
+    assert len(g) == 200 and "c2" not in [c["name"] for c in g.characters()]
+    g.add("c2", "series_c2", queries[2:3])  # ids keep growing, no collision after a removal
+    assert g.search(queries[2:3], k=1)[0][0][0] == "c2"
+
+
+@pytest.mark.parametrize("method,rows_per_char", [("mean", 1), ("kmeans", 4), ("all", 40)])
+def test_prototypes_per_character(method, rows_per_char):
+    g, queries, truth = filled(prototypes={"method": method, "k": 4})
+    assert {c["prototypes"] for c in g.characters()} == {rows_per_char}
+    assert [r[0][0] for r in g.search(queries, k=1)] == truth
+
+
+def test_refuses_another_embedder_or_dimension(tmp_path):
+    g, queries, _ = filled()
+    g.save(tmp_path)
+    with pytest.raises(GalleryError, match="built with embedder test:emb .*rebuild"):
+        Gallery.load(tmp_path, embedder_id="open_clip:ViT-B-32:laion", dim=DIM)
+    with pytest.raises(GalleryError, match="dim 32"):
+        Gallery.load(tmp_path, embedder_id="test:emb", dim=512)
+    with pytest.raises(GalleryError):
+        g.add("x", "", np.ones((2, 16), np.float32))
+    with pytest.raises(GalleryError):
+        g.add("x", "", queries[:1], embedder_id="timm:other")
+    with pytest.raises(GalleryError, match="query dimension"):
+        g.search(np.ones((1, 8), np.float32))
+
+
+def test_corrupt_or_mismatched_files_are_clear_errors(tmp_path):
+    g, _, _ = filled()
+    g.save(tmp_path)
+    with pytest.raises(GalleryError, match="no gallery in"):
+        Gallery.load(tmp_path / "missing")
+    (tmp_path / "gallery.faiss").write_bytes(b"garbage")
+    with pytest.raises(GalleryError, match="does not match"):
+        Gallery.load(tmp_path)
+    meta = json.loads((tmp_path / "gallery.json").read_text())
+    meta.pop("index_sha256")
+    (tmp_path / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(GalleryError, match="not a readable Faiss index"):
+        Gallery.load(tmp_path)
+    (tmp_path / "gallery.json").write_text("{not json")
+    with pytest.raises(GalleryError, match="corrupt"):
+        Gallery.load(tmp_path)
+
+
+def test_crash_during_save_never_leaves_a_gallery_that_loads_wrong(tmp_path, monkeypatch):
+    old, queries, _ = filled()
+    old.save(tmp_path)
+    before = Gallery.load(tmp_path).search(queries, k=2)
+    new, _, _ = filled()
+    new.remove("c0")
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(gallery_mod, "atomic_write_json", crash)  # index written, metadata not
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(GalleryError, match="interrupted save"):
+        Gallery.load(tmp_path)
+    monkeypatch.setattr(gallery_mod, "atomic_write_json", atomic_write_json)
+    old.save(tmp_path)  # a retry of the save restores a consistent pair
+    assert Gallery.load(tmp_path).search(queries, k=2) == before
+
+
+def test_bad_index_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="flat, hnsw or ivfpq"):
+        filled({"type": "lsh"})
+    with pytest.raises(ConfigError, match="pq_m"):
+        filled({"type": "ivfpq", "pq_m": 7})
+    with pytest.raises(ConfigError, match="aggregate"):
+        Gallery("e", DIM, aggregate="median")
