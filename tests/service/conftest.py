@@ -154,3 +154,21 @@ def server(tmp_path_factory, registry_root) -> Iterator[Server]:
 def client(server) -> Iterator[httpx.Client]:
     with server.client() as c:
         yield c
+
+
+def mp4_bytes(frames: Sequence[Image.Image], fps: int = 4) -> bytes:
+    """Encode frames as an MPEG-4 video in memory (PyAV), for video uploads."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(img.convert("RGB"))):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()

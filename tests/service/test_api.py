@@ -208,3 +208,22 @@ def test_hot_reload_follows_the_registry_without_failing_requests(client, server
         time.sleep(0.2)
     assert client.get("/api/version").json()["version"] == before
     assert versions <= {before, new_vid}  # every answer came from one whole version, old or new
+
+
+def test_video_upload_answers_appearances(client, service_data):
+    """A video (detected from its bytes) gets per-character appearance spans and per-frame answers."""
+    from .conftest import mp4_bytes
+
+    a, b = service_data.names[0], service_data.names[3]
+    frames = [Image.open(p) for p in service_data.images(a)[:4]] * 2 + [Image.open(p) for p in service_data.images(b)[:4]]
+    data = mp4_bytes(frames, fps=4)  # 3 s: 2 s of `a`, then 1 s of `b`
+    r = client.post("/api/classify", files={"file": ("clip.bin", data)}, data={"sample_fps": "4"})
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    assert ans["filename"] == "clip.bin" and ans["role"] == a
+    roles = {x["role"] for x in ans["appearances"]}
+    assert {a, b} <= roles
+    first_a = min(x["start_s"] for x in ans["appearances"] if x["role"] == a)
+    first_b = min(x["start_s"] for x in ans["appearances"] if x["role"] == b)
+    assert first_a < first_b
+    assert len(ans["frames"]) >= 10 and all(f["filename"].startswith("clip.bin@") for f in ans["frames"])

@@ -1,0 +1,158 @@
+"""A fresh server with an empty registry trains characters through `/api/workflow` (real `run_workflow`:
+local collector over synthetic images, tiny model), streams progress over SSE, goes live by hot reload,
+and a second run is cancelled mid-training."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import Server, start_server
+
+pytestmark = pytest.mark.slow
+
+TINY_TRAIN = [
+    "data=folder", "~experiment", "model=tiny", "trainer.max_epochs=2", "data.image_size=64", "data.batch_size=16",
+    "logger=csv", "~callbacks.progress_bar", "callbacks.early_stopping.patience=10", "threads=1", "data.num_workers=0",
+]
+
+
+def write_site_config(folder: Path, collector_root: Path, work_dir: Path) -> Path:
+    """A site config layered on conf/serve.yaml (how a deployment sets server-side workflow values)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "defaults": ["serve", "_self_"],
+        "workflow": {
+            "overrides": ["collector=local"],
+            "values": {
+                "collector.root": str(collector_root), "work_dir": str(work_dir), "clean.min_side": 48,
+                "gallery.embedder.flip_tta": False, "gallery.embedder.batch_size": 64, "train.overrides": TINY_TRAIN,
+            },
+        },
+    }
+    (folder / "serve_site.yaml").write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
+    return folder
+
+
+def sse(client: httpx.Client, url: str, timeout: float = 300) -> Iterator[dict]:
+    """Parse a text/event-stream into {event, id, data} dicts."""
+    with client.stream("GET", url, timeout=timeout) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        ev: dict = {}
+        for line in r.iter_lines():
+            if not line:
+                if "data" in ev:
+                    ev["data"] = json.loads(ev["data"])
+                    yield ev
+                ev = {}
+                continue
+            if line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            ev[key] = value[1:] if value.startswith(" ") else value
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, service_data) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("fresh")
+    conf = write_site_config(base / "site_conf", service_data.gallery_root, base / "wf")
+    srv = start_server(base / "srv", base / "registry", config_dir=conf, config_name="serve_site")
+    yield srv
+    srv.stop()
+
+
+def test_fresh_server_has_no_model_and_says_how_to_get_one(fresh, service_data):
+    with fresh.client() as c:
+        health = c.get("/api/health").json()
+        assert health["ready"] is False and "no live version" in health["error"]
+        r = c.post("/api/classify", files={"file": ("a.png", service_data.images(service_data.names[0])[0].read_bytes())})
+        assert r.status_code == 503 and "no recognizer" in r.json()["error"] and "workflow" in r.json()["detail"]
+
+
+def test_workflow_trains_streams_progress_and_goes_live(fresh, service_data):
+    names = service_data.names[:3]
+    with fresh.client() as c:
+        r = c.post("/api/workflow", json={"characters": [{"name": n, "series": "synthetic"} for n in names],
+                                          "params": {"epochs": 2, "seed": 1}})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status"] in ("queued", "running") and [x["name"] for x in job["characters"]] == names
+
+        events = list(sse(c, f"/api/workflow/{job['id']}/events"))
+        kinds = [e["event"] for e in events]
+        assert kinds[-1] == "end" and events[-1]["data"]["status"] == "succeeded", events[-1]
+        assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))  # nothing lost or doubled
+        statuses = [e["data"]["status"] for e in events if e["event"] == "status"]
+        assert statuses[:2] == ["queued", "running"] and statuses[-1] == "succeeded"
+        stages = list(dict.fromkeys(e["data"]["stage"] for e in events if e["event"] == "progress"))
+        assert {"collect", "train", "register"} <= set(stages)
+        assert stages.index("collect") < stages.index("train") < stages.index("register")
+        assert all(0 <= e["data"]["percent"] <= 100 for e in events if e["event"] == "progress")
+
+        result = events[-1]["data"]["result"]
+        vid = result["version_id"]
+        assert vid and result["metrics"]
+        status = c.get(f"/api/workflow/{job['id']}").json()
+        assert status["status"] == "succeeded" and status["result"]["version_id"] == vid
+        assert any(s["stage"] == "register" and s["percent"] == 100 for s in status["stages"])
+
+        # a late subscriber gets the whole history, then the stream ends
+        replay = list(sse(c, f"/api/workflow/{job['id']}/events"))
+        assert [e["id"] for e in replay] == [e["id"] for e in events]
+        resumed = list(sse_with_last_id(c, job["id"], last_id=len(events) - 1))
+        assert [e["event"] for e in resumed] == ["end"]
+
+        # the new version is live without a restart
+        deadline = time.monotonic() + 120
+        while c.get("/api/version").json()["version"] != vid and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert c.get("/api/version").json()["version"] == vid
+        assert {x["name"] for x in c.get("/api/characters").json()["characters"]} == set(names)
+        img = service_data.images(names[1])[0].read_bytes()
+        ans = c.post("/api/classify", files={"file": ("x.png", img)}).json()
+        assert ans["version"] == vid and ans["role"] in set(names) | {"unknown"}
+
+
+def sse_with_last_id(client: httpx.Client, job_id: str, last_id: int) -> Iterator[dict]:
+    """Resume a stream the way EventSource does after a reconnect."""
+    with client.stream("GET", f"/api/workflow/{job_id}/events", headers={"Last-Event-ID": str(last_id)}, timeout=60) as r:
+        assert r.status_code == 200
+        block: list[str] = []
+        for line in r.iter_lines():
+            if line:
+                block.append(line)
+                continue
+            fields = dict(x.split(": ", 1) for x in block if not x.startswith(":"))
+            block = []
+            if "data" in fields:
+                yield {"event": fields.get("event"), "id": fields.get("id"), "data": json.loads(fields["data"])}
+
+
+def test_cancel_stops_a_running_workflow(fresh, service_data):
+    names = service_data.names[3:5]
+    with fresh.client() as c:
+        r = c.post("/api/workflow", json={"characters": [{"name": n} for n in names], "params": {"epochs": 200}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        seen_stages, end = set(), None
+        for ev in sse(c, f"/api/workflow/{job_id}/events"):
+            if ev["event"] == "progress":
+                seen_stages.add(ev["data"]["stage"])
+                if ev["data"]["stage"] == "train" and "cancel_sent" not in seen_stages:
+                    seen_stages.add("cancel_sent")
+                    r = c.post(f"/api/workflow/{job_id}/cancel")
+                    assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
+            if ev["event"] == "end":
+                end = ev["data"]
+        assert "cancel_sent" in seen_stages, f"never reached training: {seen_stages}"
+        assert end is not None and end["status"] == "cancelled"
+        assert c.get(f"/api/workflow/{job_id}").json()["status"] == "cancelled"
+        listed = {j["id"]: j["status"] for j in c.get("/api/workflow").json()["jobs"]}
+        assert listed[job_id] == "cancelled"
+        assert c.get("/api/workflow/0123456789ab").status_code == 404
