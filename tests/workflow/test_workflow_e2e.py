@@ -263,3 +263,20 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
     metrics = json.loads((reg.path(v2) / "metrics.json").read_text())
     assert sorted(metrics["per_character"]) == sorted(s.name for s in specs3)
     assert metrics["images"] == len(ref_split.val)
+
+
+def test_one_new_character_extends_the_live_version_dataset(first_run, booru3, specs3):
+    one = _chars(specs3[:1])
+    with pytest.raises(DatasetError, match="a classifier needs 2\\+"):
+        run_workflow(workflow_config(first_run["root"], booru3.base_url, one, ["run_name=alone", "stop_after=split"]),
+                     Progress(log=False))
+    result = run_workflow(workflow_config(first_run["root"], booru3.base_url, one,
+                                          ["run_name=extend", "extend_live=true", "stop_after=split"]), Progress(log=False))
+    rows = {r["character"]: r["source"] for r in result.summary}
+    assert rows == {specs3[0].name: "collected", specs3[1].name: "extra dataset", specs3[2].name: "extra dataset"}
+    live_dataset = Path(first_run["result"].run_dir) / "dataset"
+    got = read_metadata(Path(result.run_dir) / "dataset")
+    want = read_metadata(live_dataset)
+    assert {f for f in got if not f.startswith(specs3[0].name)} == {f for f in want if not f.startswith(specs3[0].name)}
+    pinned = json.loads((Path(result.run_dir) / "extend_live.json").read_text())
+    assert pinned["version"] == first_run["result"].version_id

@@ -64,6 +64,7 @@ class RunContext:
     run_dir: Path
     queries: list[CharacterQuery]
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra_datasets: list[str] = field(default_factory=list)  # resolved extra_datasets (+ the live version's, pinned)
     restarted: bool = False  # the stage ran before under another fingerprint: discard its partial output
 
     @property
@@ -165,13 +166,33 @@ def _collected_records(ctx: RunContext) -> list[ImageRecord]:
     return records
 
 
+def resolve_extra_datasets(ctx: RunContext) -> list[str]:
+    """``extra_datasets`` plus, with ``extend_live``, the live version's dataset (pinned at the run's first attempt)."""
+    extras = [str(Path(str(f)).expanduser().resolve()) for f in ctx.cfg.get("extra_datasets") or []]
+    if not ctx.cfg.get("extend_live", False):
+        return extras
+    pinned = ctx.run_dir / "extend_live.json"
+    if pinned.is_file():
+        live = read_json(pinned)
+    else:
+        reg = ctx.registry
+        vid = reg.latest_id()
+        if vid is None:
+            raise ConfigError(f"extend_live=true but registry {reg.root} has no live version yet; run without it first")
+        dataset = read_json(reg.path(vid) / MANIFEST).get("dataset")
+        if not dataset or not Path(dataset).is_dir():
+            raise DatasetError(
+                f"live version {vid} does not name an existing dataset folder ({dataset}); "
+                "pass the folder with extra_datasets=[...] instead of extend_live"
+            )
+        live = {"version": vid, "dataset": dataset}
+        atomic_write_json(pinned, live)
+    return [*extras, str(live["dataset"])]
+
+
 def _extra_records(ctx: RunContext) -> list[tuple[Path, list[ImageRecord]]]:
-    """Records of ``extra_datasets`` (existing dataset folders trained alongside the collected characters)."""
-    out = []
-    for folder in ctx.cfg.get("extra_datasets") or []:
-        root = Path(str(folder)).expanduser()
-        out.append((root, scan_dataset(root)))
-    return out
+    """Records of the extra dataset folders (trained alongside the collected characters)."""
+    return [(Path(folder), scan_dataset(folder)) for folder in ctx.extra_datasets]
 
 
 def stage_clean(ctx: RunContext) -> dict[str, Any]:
@@ -185,8 +206,8 @@ def stage_clean(ctx: RunContext) -> dict[str, Any]:
     roots: dict[str, Path] = {}
     for root, recs in sources:
         for r in recs:
-            if root != ctx.raw_dir and r.character in collected_names:
-                continue  # a collected character wins over an extra dataset's folder of the same name
+            if (root != ctx.raw_dir and r.character in collected_names) or r.file_name in roots:
+                continue  # a collected character wins over an extra dataset's folder of the same name; first source wins
             merged.append(r)
             roots[r.file_name] = root
     staging = ctx.run_dir / "dataset.partial"
@@ -420,15 +441,25 @@ def stage_register(ctx: RunContext) -> dict[str, Any]:
     return {"version_id": vid, "live": reg.latest_id() == vid}
 
 
-#: The stages in order: name, function, the config keys whose values it depends on.
-STAGES: tuple[tuple[str, Callable[[RunContext], dict[str, Any]], tuple[str, ...]], ...] = (
-    ("collect", stage_collect, ("characters", "collector")),
-    ("clean", stage_clean, ("clean", "extra_datasets", "min_images_per_character")),
-    ("split", stage_split, ("split",)),
-    ("train", stage_train, ("train",)),
-    ("evaluate", stage_evaluate, ()),
-    ("gallery", stage_gallery, ("gallery",)),
-    ("register", stage_register, ()),
+def _inputs(*keys: str, extra: bool = False) -> Callable[[RunContext], Any]:
+    """What a stage's result depends on besides earlier stages: config values (+ the resolved extra datasets)."""
+
+    def get(ctx: RunContext) -> Any:
+        part = _config_part(ctx.cfg, keys)
+        return {**part, "_extra_datasets": ctx.extra_datasets} if extra else part
+
+    return get
+
+
+#: The stages in order: name, function, what its result depends on (fingerprinted with the earlier stages').
+STAGES: tuple[tuple[str, Callable[[RunContext], dict[str, Any]], Callable[[RunContext], Any]], ...] = (
+    ("collect", stage_collect, _inputs("characters", "collector")),
+    ("clean", stage_clean, _inputs("clean", "min_images_per_character", extra=True)),
+    ("split", stage_split, _inputs("split")),
+    ("train", stage_train, _inputs("train")),
+    ("evaluate", stage_evaluate, _inputs()),
+    ("gallery", stage_gallery, _inputs("gallery")),
+    ("register", stage_register, _inputs()),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
@@ -475,8 +506,10 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
     run_dir = resolve_run_dir(cfg, queries)
     with run_lock(run_dir):
         stage_dir = run_dir / STAGE_DIR
-        if cfg.get("restart", False) and stage_dir.exists():
-            shutil.rmtree(stage_dir)
+        if cfg.get("restart", False):  # everything but the downloads is redone, and a new version is made
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            for pinned in ("version_id", "extend_live.json"):
+                (run_dir / pinned).unlink(missing_ok=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "workflow.yaml", OmegaConf.to_yaml(cfg, resolve=False))
         ctx = RunContext(cfg=cfg, progress=progress, run_dir=run_dir, queries=queries)
@@ -487,10 +520,11 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         stop_after = cfg.get("stop_after")
         if stop_after and stop_after not in STAGE_NAMES:
             raise ConfigError(f"stop_after={stop_after!r}: choose one of {', '.join(STAGE_NAMES)}")
-        for name, fn, keys in STAGES:
+        ctx.extra_datasets = resolve_extra_datasets(ctx)
+        for name, fn, inputs in STAGES:
             if stop_after and STAGE_NAMES.index(name) > STAGE_NAMES.index(stop_after):
                 break
-            fp = fingerprint([chain, _config_part(cfg, keys)])
+            fp = fingerprint([chain, inputs(ctx)])
             chain = fp
             done_path, started_path = stage_dir / f"{name}.json", stage_dir / f"{name}.started"
             marker = read_json(done_path) if done_path.is_file() else None
