@@ -24,19 +24,21 @@
     return d.unknown || d.role === "unknown" ? "unknown" : d.role;
   }
 
-  // Draw the image at its own resolution; CSS scales the canvas down to fit the screen.
+  // Draw at the image's resolution (small images scaled up so names stay legible); CSS fits it to the screen.
   function drawImage(img, answer) {
     const canvas = $("canvas");
-    const w = img.naturalWidth, h = img.naturalHeight;
+    const scale = Math.max(1, 480 / Math.max(img.naturalWidth, img.naturalHeight));
+    const w = Math.round(img.naturalWidth * scale), h = Math.round(img.naturalHeight * scale);
     canvas.width = w; canvas.height = h;
     const ctx = canvas.getContext("2d");
-    ctx.drawImage(img, 0, 0);
+    ctx.imageSmoothingEnabled = scale < 2;
+    ctx.drawImage(img, 0, 0, w, h);
     const lw = Math.max(3, Math.round(Math.min(w, h) / 120));
-    const font = Math.max(12, Math.round(Math.min(w, h) / 24));
+    const font = Math.max(13, Math.round(Math.min(w, h) / 24));
     const dets = answer.detections && answer.detections.length ? answer.detections
       : (answer.boxes || []).map((box) => ({ box, role: answer.role, similarity: answer.similarity }));
     dets.forEach((d, i) => {
-      const [x1, y1, x2, y2] = d.box;
+      const [x1, y1, x2, y2] = d.box.map((v) => v * scale);
       const color = COLORS[i % COLORS.length];
       ctx.lineWidth = lw; ctx.strokeStyle = color;
       // keep the whole stroke inside the picture so a whole-image box is visible too
@@ -52,7 +54,8 @@
       ctx.fillStyle = color; ctx.fillRect(tx, ty, tw, th);
       ctx.fillStyle = "#fff"; ctx.fillText(text, tx + 5, ty + font);
     });
-    canvas.dataset.boxes = JSON.stringify(dets.map((d) => d.box));
+    canvas.dataset.boxes = JSON.stringify(dets.map((d) => d.box.map((v) => v * scale)));
+    canvas.dataset.scale = String(scale);
     canvas.dataset.lineWidth = String(lw);
     canvas.dataset.colors = JSON.stringify(dets.map((_, i) => COLORS[i % COLORS.length]));
     canvas.classList.remove("hidden");

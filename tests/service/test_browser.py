@@ -1,0 +1,140 @@
+"""The real pages in headless Debian Chromium (Selenium): upload a picture, see the name and a box drawn on
+the canvas; a friendly error for a non-image; a phone-sized layout; the workflow page's client-side checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def _driver(tmp_path: Path, width: int, height: int):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian chromium + chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome-profile'}",
+                 f"--window-size={width},{height}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+
+
+@pytest.fixture()
+def browser(tmp_path) -> Iterator:
+    drv = _driver(tmp_path, 1200, 900)
+    yield drv
+    drv.quit()
+
+
+def _wait(drv, cond, timeout: float = 90):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout).until(cond)
+
+
+def _upload(drv, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    drv.find_element(By.ID, "file").send_keys(str(path))
+
+
+def _answered_or_error(drv):
+    state = drv.execute_script("return document.body.dataset.state || ''")
+    return state if state in ("answered", "error") else False
+
+
+def _box_pixel(drv) -> dict:
+    """The canvas colour in the middle of the first box's left edge, plus the box and colour the page drew."""
+    return drv.execute_script("""
+        const c = document.getElementById('canvas');
+        const boxes = JSON.parse(c.dataset.boxes || '[]');
+        if (!boxes.length) return {boxes: []};
+        const lw = +c.dataset.lineWidth, [x1, y1, x2, y2] = boxes[0];
+        const x = Math.round(Math.max(1, x1 + lw / 2)), y = Math.round((y1 + y2) / 2);
+        const px = c.getContext('2d').getImageData(x, y, 1, 1).data;
+        return {boxes, color: JSON.parse(c.dataset.colors)[0], px: Array.from(px), w: c.width, h: c.height};
+    """)
+
+
+def test_upload_shows_name_box_topk_and_screenshot(browser, server, service_data, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    name = service_data.names[1]
+    src = service_data.images(name)[0]
+    big = tmp_path / "upload.png"  # a larger copy, as users upload
+    Image.open(src).resize((384, 384), Image.NEAREST).save(big)
+    browser.get(server.url + "/")
+    assert "Who is this" in browser.title
+    _wait(browser, lambda d: d.find_element(By.ID, "version").text.startswith("model "))
+    _upload(browser, big)
+    assert _wait(browser, _answered_or_error) == "answered", browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "result-role").text == name
+    info = _box_pixel(browser)
+    assert info["boxes"] and info["w"] == info["h"] >= 384  # drawn at (at least) the picture's resolution
+    want = tuple(int(info["color"][i:i + 2], 16) for i in (1, 3, 5))
+    assert tuple(info["px"][:3]) == want, f"no box stroke at the box edge: {info}"
+    bars = browser.find_elements(By.CSS_SELECTOR, "#detections .topk .barrow")
+    assert bars and bars[0].find_element(By.CSS_SELECTOR, ".name").text == name
+    width = bars[0].find_element(By.CSS_SELECTOR, ".bar > span").get_attribute("style")
+    assert "width" in width
+    shot = tmp_path / "recognised.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_non_image_gets_a_friendly_message(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    bogus = tmp_path / "holiday.jpg"
+    bogus.write_text("this is a shopping list, not a photo\n" * 20)
+    browser.get(server.url + "/")
+    _upload(browser, bogus)
+    assert _wait(browser, _answered_or_error) == "error"
+    box = browser.find_element(By.ID, "error")
+    assert box.is_displayed()
+    assert "not an image or a video we can read" in box.text and "holiday.jpg" in box.text
+    assert "Traceback" not in browser.page_source
+    browser.save_screenshot(str(tmp_path / "error.png"))
+
+
+def test_phone_sized_layout_fits_the_screen(tmp_path, server, service_data):
+    from selenium.webdriver.common.by import By
+
+    drv = _driver(tmp_path, 390, 844)
+    try:
+        drv.get(server.url + "/")
+        _upload(drv, service_data.images(service_data.names[0])[0])
+        assert _wait(drv, _answered_or_error) == "answered"
+        doc_w = drv.execute_script("return document.documentElement.scrollWidth")
+        view_w = drv.execute_script("return window.innerWidth")
+        assert doc_w <= view_w, "horizontal scrolling on a phone"
+        canvas_w = drv.find_element(By.ID, "canvas").rect["width"]
+        assert 0 < canvas_w <= view_w
+        drv.save_screenshot(str(tmp_path / "phone.png"))
+    finally:
+        drv.quit()
+
+
+def test_workflow_page_checks_the_json_before_sending(browser, server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/workflow")
+    area = browser.find_element(By.ID, "characters")
+    area.clear()
+    area.send_keys('[{"name": "aoba"')  # broken JSON
+    browser.find_element(By.ID, "start").click()
+    box = _wait(browser, lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False, 10)
+    assert "not valid JSON" in box.text
+    assert browser.find_element(By.ID, "progress").get_attribute("class").split().count("hidden") == 1
+
