@@ -141,11 +141,17 @@ def test_wrong_corrections_make_it_worse_so_it_is_not_registered_unless_forced(w
         for k, emb in enumerate(sample(c, 8)):
             rid = log.append(_classify(live, emb, f"{c:02d}{k:062d}"), emb[None])
             log.feedback(rid, correct_role=CHARS[(c + 1) % 4])
-    res = fuse(_cfg(world, evaluation={"holdout_fraction": 0.0}))
+    gate_only = {"holdout_fraction": 0.0, "prune_regressions": False}
+    res = fuse(_cfg(world, evaluation=gate_only))
     assert res.version_id is None and "worse on val" in res.report["reason"]
     assert world["reg"].latest_id() == world["v0"]
-    forced = fuse(_cfg(world, evaluation={"holdout_fraction": 0.0}, force=True, promote=False))
-    assert forced.version_id is not None and world["reg"].latest_id() == world["v0"]  # registered, not live
+    # the regression guard drops the poisoned examples that steal validation images
+    guarded = fuse(_cfg(world, evaluation={"holdout_fraction": 0.0}))
+    m = guarded.report["metrics"]
+    assert guarded.report["skipped"]["pruned_validation_regression"] > 0 and m["val_after"] >= m["val_before"]
+    live = world["reg"].latest_id()
+    forced = fuse(_cfg(world, evaluation=gate_only, force=True, promote=False))
+    assert forced.version_id is not None and world["reg"].latest_id() == live  # registered, not live
 
 
 def test_caps_dedupe_and_other_embedders(world):

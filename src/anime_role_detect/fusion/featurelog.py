@@ -171,6 +171,12 @@ class FeatureLog:
         self._feedback: _Appender | None = None
         self._own_ids: dict[str, str] = {}  # record id -> image hash, for this process's records
         self._pid = os.getpid()
+        self._local = threading.local()
+
+    @property
+    def last_record_id(self) -> str | None:
+        """Id of the record this thread appended last (a server returns it with the answer, for feedback)."""
+        return getattr(self._local, "last_id", None)
 
     # -- writing --------------------------------------------------------------------------------
     def _open_segment(self) -> None:
@@ -232,6 +238,7 @@ class FeatureLog:
                              "dim": int(emb.shape[1]) if emb.shape[0] else 0, "crc32": zlib.crc32(blob)}
             self._jsonl.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
             self._own_ids[rid] = sha
+        self._local.last_id = rid
         return rid
 
     def _store_image(self, sha: str, data: bytes) -> str:

@@ -64,6 +64,8 @@ class EvalPolicy:
     holdout_fraction: float = 0.25
     tolerance: float = 0.0
     batch_size: int = 32
+    prune_regressions: bool = True
+    prune_rounds: int = 3
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "EvalPolicy":
@@ -148,7 +150,9 @@ def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, p
                     continue
                 series = fb.series or (det.get("series", "") if role == det.get("role") else "")
                 ex = Example(role, series, rec.embeddings[i], kind, 1.0, source)
-                (holdout if _is_holdout(source, holdout_fraction) else add).append(ex)
+                # split by image content: the same picture logged twice never lands on both sides
+                split_key = f"{rec.image_sha256 or rec.id}#{i}"
+                (holdout if _is_holdout(split_key, holdout_fraction) else add).append(ex)
                 continue
             if not policy.include_unconfirmed:
                 skipped["unconfirmed_disabled"] += 1
@@ -195,6 +199,49 @@ def select_examples(candidates: Sequence[Example], gallery: Gallery, policy: Sel
         kept[ex.character].append(ex)
         kept_vecs[ex.character].append(ex.embedding)
     return [e for c in sorted(kept) for e in kept[c]], dropped
+
+
+def top1_hits(gallery: Gallery, embeddings: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """Per query: is the best gallery character the label."""
+    if len(labels) == 0:
+        return np.zeros(0, bool)
+    return np.array([bool(h) and h[0][0] == y for h, y in zip(gallery.search(np.asarray(embeddings, np.float32), k=1), labels)])
+
+
+def regression_culprits(gallery: Gallery, val_x: np.ndarray, val_y: Sequence[str], right_before: np.ndarray,
+                        added: set[str]) -> set[str]:
+    """Sources of added rows that win a validation image the live version answered right and the new one gets wrong.
+
+    Such an example pulls another character's look into the wrong name (a mislabel, or a style
+    shared by several characters); dropping it keeps the original domain from regressing.
+    """
+    right_after = top1_hits(gallery, val_x, val_y)
+    broken = np.flatnonzero(right_before & ~right_after)
+    if len(broken) == 0 or gallery.index is None:
+        return set()
+    wrong = [gallery.search(val_x[i : i + 1], k=1)[0][0][0] for i in broken]
+    _, ids = gallery.index.search(np.ascontiguousarray(val_x[broken], dtype=np.float32), min(len(gallery), 32))
+    culprits: set[str] = set()
+    for char, row_ids in zip(wrong, ids):
+        for rid in row_ids.tolist():
+            row = gallery.rows.get(int(rid))
+            if row is not None and row.character == char:
+                if row.source in added:
+                    culprits.add(row.source)
+                break
+    return culprits
+
+
+def gallery_with(base_dir: Path, examples: Sequence[Example]) -> Gallery:
+    """The live gallery plus `examples` (one call to `Gallery.add` per character)."""
+    gallery = Gallery.load(base_dir)
+    by_char: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_char[ex.character].append(ex)
+    for character, exs in sorted(by_char.items()):
+        gallery.add(character, exs[0].series or gallery.series_of().get(character, ""), np.stack([e.embedding for e in exs]),
+                    [e.source for e in exs], embedder_id=gallery.embedder_id)
+    return gallery
 
 
 def top1_accuracy(gallery: Gallery, embeddings: np.ndarray, labels: Sequence[str]) -> float | None:
@@ -356,12 +403,23 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         metrics: dict[str, Any] = {"val_n": len(val_y), "val_source": val_source, "holdout_n": len(ho_y),
                                    "val_before": top1_accuracy(gallery, val_x, val_y),
                                    "holdout_before": top1_accuracy(gallery, ho_x, ho_y)}
+        live_gallery = gallery
+        gallery = gallery_with(base_dir, chosen)
+        pruned = 0
+        if evaluation.prune_regressions and len(val_y):
+            right_before = top1_hits(live_gallery, val_x, val_y)
+            for _ in range(max(0, evaluation.prune_rounds)):
+                culprits = regression_culprits(gallery, val_x, val_y, right_before, {e.source for e in chosen})
+                if not culprits:
+                    break
+                chosen = [e for e in chosen if e.source not in culprits]
+                pruned += len(culprits)
+                gallery = gallery_with(base_dir, chosen)
+        if pruned:
+            skipped["pruned_validation_regression"] = pruned
         by_char: dict[str, list[Example]] = defaultdict(list)
         for ex in chosen:
             by_char[ex.character].append(ex)
-        for character, exs in sorted(by_char.items()):
-            gallery.add(character, exs[0].series or gallery.series_of().get(character, ""), np.stack([e.embedding for e in exs]),
-                        [e.source for e in exs], embedder_id=gallery.embedder_id)
         metrics["val_after"] = top1_accuracy(gallery, val_x, val_y)
         metrics["holdout_after"] = top1_accuracy(gallery, ho_x, ho_y)
         register, reason = decide(metrics, len(chosen), evaluation.tolerance, bool(cfg.get("force", False)))
