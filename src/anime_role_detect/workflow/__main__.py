@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict
 
 from ..cli import user_errors_exit
 from ..log import setup_logging
@@ -65,10 +65,10 @@ def print_summary(result: WorkflowResult) -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="workflow", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    log_cfg = dict(OmegaConf.to_container(cfg.log, resolve=True)) if cfg.get("log") else {}
-    if sys.stderr.isatty():  # the bars show progress; INFO lines would tear them (they still go to logs/)
-        log_cfg["console_level"] = "WARNING"
-    setup_logging(log_cfg)
+    if sys.stderr.isatty() and cfg.get("log"):  # the bars show progress; INFO lines would tear them (still in logs/)
+        with open_dict(cfg):
+            cfg.log.console_level = "WARNING"
+    setup_logging(cfg.get("log"))
     progress = Progress()
     try:
         with RichBars() as bars:

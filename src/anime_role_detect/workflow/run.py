@@ -313,19 +313,27 @@ class WorkflowProgressCallback(L.Callback):
             self.progress.emit("train", min(trainer.current_epoch + 1, total), total, msg)
 
 
+def hydra_quote(value: Any) -> str:
+    """A Hydra override value that stays one string whatever it holds (spaces, commas, brackets in paths)."""
+    return "'" + str(value).replace("'", "\\'").replace("${", "\\${") + "'"
+
+
 def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     tcfg = ctx.cfg.train
-    values = {"dataset": str(ctx.dataset_dir.resolve()), "train_dir": str(ctx.train_dir.resolve()),
+    values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
               "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
               "progress_id": str(id(ctx.progress))}
     overrides = [str(o) for o in tcfg.get("overrides") or []]
     overrides += [str(b).format(**values) for b in tcfg.bind]
+    log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
+    if log_dir:  # training logs where the workflow logs, at the same console level
+        overrides += [f"log.dir={hydra_quote(log_dir)}", f"log.console_level={ctx.cfg.log.console_level}"]
     if resume_ckpt is not None:
-        overrides.append(f"ckpt_path={resume_ckpt}")
+        overrides.append(f"ckpt_path={hydra_quote(resume_ckpt)}")
     name = str(tcfg.get("config_name", "train"))
     try:
         if GlobalHydra.instance().is_initialized():

@@ -1,0 +1,66 @@
+"""Stage bookkeeping: the same command finds the same run folder, a changed setting redoes only its stage and later ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import workflow_config
+from hydra import compose, initialize_config_dir
+
+from anime_role_detect.errors import UserError
+from anime_role_detect.workflow.progress import Progress
+from anime_role_detect.workflow.run import CONFIG_DIR, hydra_quote, parse_characters, resolve_run_dir, run_lock, run_workflow
+
+
+def _chars(specs) -> list[dict]:
+    return [{"name": s.name, "series": s.series} for s in specs]
+
+
+def test_same_command_same_run_folder_and_caps_do_not_move_it(tmp_path, specs):
+    a = workflow_config(tmp_path, "http://127.0.0.1:1", _chars(specs))
+    b = workflow_config(tmp_path, "http://127.0.0.1:1", _chars(specs), ["collector.limit_per_character=999"])
+    c = workflow_config(tmp_path, "http://127.0.0.1:1", _chars(specs[:2]))
+    run_a = resolve_run_dir(a, parse_characters(a))
+    assert run_a == resolve_run_dir(b, parse_characters(b))  # raising a cap reuses the downloads
+    assert run_a != resolve_run_dir(c, parse_characters(c))
+    assert run_a.name.startswith(f"{specs[0].name}+2-")
+
+
+def test_changed_clean_setting_redoes_clean_and_later_stages_only(tmp_path, booru, specs):
+    cfg = workflow_config(tmp_path, booru.base_url, _chars(specs), ["stop_after=split"])
+    first = run_workflow(cfg, Progress(log=False))
+    assert first.resumed_stages == []
+    requests = dict(booru.image_requests)
+    cfg2 = workflow_config(tmp_path, booru.base_url, _chars(specs), ["stop_after=split", "clean.near_duplicates=group"])
+    second = run_workflow(cfg2, Progress(log=False))
+    assert second.resumed_stages == ["collect"] and second.run_dir == first.run_dir
+    assert dict(booru.image_requests) == requests
+    kept_first = {r["character"]: r["kept"] for r in first.summary}
+    kept_second = {r["character"]: r["kept"] for r in second.summary}
+    assert all(kept_second[c] > kept_first[c] for c in kept_first)  # grouped copies are kept
+    third = run_workflow(cfg2, Progress(log=False))
+    assert third.resumed_stages == ["collect", "clean", "split"]
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(UserError, match="another workflow is running"):
+            with run_lock(tmp_path):
+                pass
+
+
+def test_hydra_quote_survives_spaces_quotes_commas_and_interpolations(tmp_path):
+    odd = str(tmp_path / "my data, it's [v2]" / "${not_a_key}")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=folder", f"data.root={hydra_quote(odd)}"])
+    assert cfg.data.root == odd
+
+
+def test_collector_choices_compose(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        safe = compose(config_name="workflow", overrides=["collector=safebooru"])
+        local = compose(config_name="workflow", overrides=["collector=local", f"collector.root={tmp_path}"])
+    assert safe.collector.base_url == "https://safebooru.org" and safe.collector.name == "gelbooru"
+    assert local.collector.name == "local"
