@@ -1,0 +1,76 @@
+"""The Hydra config tree: every group option composes, objects instantiate, sweeps are wired."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from anime_role_detect.errors import ConfigError
+from anime_role_detect.training import CONFIG_DIR, check_group_overrides
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "mps", "ddp"])
+def test_trainer_options_compose(compose_cfg, trainer):
+    cfg = compose_cfg([f"trainer={trainer}"])
+    assert cfg.trainer._target_.endswith("Trainer")
+    expected = {"default": "auto", "cpu": "cpu", "gpu": "gpu", "mps": "mps", "ddp": "auto"}[trainer]
+    assert cfg.trainer.accelerator == expected
+    if trainer == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 1
+
+
+def test_cpu_ddp_trainer_instantiates_with_gloo(compose_cfg, tmp_path):
+    cfg = compose_cfg(["trainer=ddp", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path}"])
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert type(trainer.strategy).__name__ == "DDPStrategy"
+    assert trainer.strategy._get_process_group_backend() == "gloo"
+    assert trainer.num_devices == 2
+
+
+def test_default_run_is_the_offline_demo(compose_cfg):
+    cfg = compose_cfg([])
+    assert cfg.model.backbone.name == "efficientnet_lite0_offline" and cfg.model.backbone.pretrained
+    assert cfg.data.synthetic.root == cfg.data.root  # generated on first use
+    assert cfg.model.optimizer.weight_decay == pytest.approx(1e-4) and cfg.data.batch_size == 16
+    b0 = compose_cfg(["model=efficientnet_b0"])
+    assert b0.model.backbone.name == "efficientnet_b0" and b0.model.optimizer.lr == pytest.approx(5e-5)
+    assert b0.callbacks.model_checkpoint.monitor == "val/acc" and b0.callbacks.early_stopping.monitor == "val/acc"
+
+
+@pytest.mark.parametrize("experiment", ["newgame_full", "mixed5"])
+def test_real_data_experiments_point_at_shared_data(compose_cfg, experiment, project_root):
+    cfg = compose_cfg([f"experiment={experiment}", f"paths.root_dir={project_root}"])
+    assert Path(cfg.data.root).resolve() == (project_root.parent / "shared" / "data" / experiment).resolve()
+    assert cfg.data.synthetic is None and cfg.model.backbone.name == "efficientnet_lite0_offline"
+
+
+def test_optuna_search_is_wired(compose_cfg):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert "model.optimizer.lr" in sweeper.params and cfg.optimized_metric == "val/acc"
+
+
+def test_loggers_and_callbacks_instantiate(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(["logger=many", f"paths.output_dir={tmp_path}"])
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "WandbLogger"}
+    callbacks = {type(instantiate(c)).__name__ for c in cfg.callbacks.values()}
+    assert callbacks == {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "TQDMProgressBar"}
+
+
+def test_group_override_check():
+    check_group_overrides(["trainer=cpu", "model=tiny", "data.root=/x", "-m", "model.optimizer.lr=1e-3,1e-4"])
+    check_group_overrides(["trainer=cpu,ddp", "hparams_search=optuna", "experiment=null"])
+    with pytest.raises(ConfigError, match=r"unknown trainer 'tpu'; choose one of: cpu, ddp, default, gpu, mps"):
+        check_group_overrides(["trainer=tpu"])
+    with pytest.raises(ConfigError, match="unknown model 'vit_huge'"):
+        check_group_overrides(["model=vit_huge"])
