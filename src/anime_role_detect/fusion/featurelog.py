@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -37,6 +38,7 @@ FORMAT_VERSION = 1
 SEGMENTS = "segments"
 FEEDBACK_FILE = "feedback.jsonl"
 IMAGES = "images"
+OWN_IDS_MAX = 200_000  # ids kept in memory so feedback on recent answers needs no scan of the segments
 
 
 class FeedbackError(UserError, LookupError):
@@ -169,7 +171,7 @@ class FeatureLog:
         self._jsonl: _Appender | None = None
         self._emb: _Appender | None = None
         self._feedback: _Appender | None = None
-        self._own_ids: dict[str, str] = {}  # record id -> image hash, for this process's records
+        self._own_ids: OrderedDict[str, str] = OrderedDict()  # recent record id -> image hash (bounded), for fast feedback
         self._pid = os.getpid()
         self._local = threading.local()
 
@@ -238,6 +240,8 @@ class FeatureLog:
                              "dim": int(emb.shape[1]) if emb.shape[0] else 0, "crc32": zlib.crc32(blob)}
             self._jsonl.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
             self._own_ids[rid] = sha
+            if len(self._own_ids) > OWN_IDS_MAX:
+                self._own_ids.popitem(last=False)
         self._local.last_id = rid
         return rid
 
@@ -265,17 +269,32 @@ class FeatureLog:
         """Make this log the Recognizer's ``feature_sink``, tagging records with *its* embedder id; returns it.
 
         Call again for each new Recognizer (e.g. after a hot reload): the embedder id travels with it.
+        With ``store_images`` on, uploads given to ``recognize_bytes`` are stored with their record.
         """
 
         def sink(answer: Answer, embeddings: np.ndarray) -> None:
+            pending = getattr(self._local, "upload", None)
+            data = pending[1] if pending and pending[0] == answer.image_sha256 else None
             try:
-                self.append(answer, embeddings, embedder_id=recognizer.embedder.model_id)
+                self.append(answer, embeddings, image_bytes=data, embedder_id=recognizer.embedder.model_id)
             except OSError as exc:
                 from ..log import system_log
 
                 system_log.error(f"feature log {self.dir}: could not append ({exc})")
 
         recognizer.feature_sink = sink
+        if self.policy.store_images and not getattr(recognizer, "_feature_log_wraps_bytes", False):
+            upload = recognizer.recognize_bytes  # the sink gets no bytes: keep the upload at hand for this thread
+
+            def recognize_bytes(data: bytes, *args: Any, **kwargs: Any) -> Answer:
+                self._local.upload = (content_hash(data), data)
+                try:
+                    return upload(data, *args, **kwargs)
+                finally:
+                    self._local.upload = None
+
+            recognizer.recognize_bytes = recognize_bytes
+            recognizer._feature_log_wraps_bytes = True
         return recognizer
 
     def feedback(self, key: str, correct_role: str | None = None, confirmed: bool = False,

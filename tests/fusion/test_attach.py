@@ -1,0 +1,57 @@
+"""FeatureLog as the real Recognizer's sink: records carry the recognizer's embedder id; uploads stored only when enabled."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anime_role_detect.data.synthetic import make_characters, render_character
+from anime_role_detect.fusion.featurelog import FeatureLog
+from anime_role_detect.recognition.embedder import build_embedder
+from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.pipeline import Recognizer
+
+EMBEDDER = {"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def version_dir(tmp_path_factory):
+    """A version folder with a 3-character gallery from a tiny random-init embedder."""
+    rng = random.Random(0)
+    specs = make_characters(3, seed=0, twin_fraction=0.0)
+    emb = build_embedder(EMBEDDER)
+    items = [(s.name, s.series, render_character(s, rng, 64)[0], f"{s.name}/{k}") for s in specs for k in range(3)]
+    d = tmp_path_factory.mktemp("version")
+    Gallery.build(items, emb, embedder_config=EMBEDDER).save(d)
+    return d
+
+
+def _png(seed: int) -> bytes:
+    spec = make_characters(3, seed=0, twin_fraction=0.0)[seed % 3]
+    buf = io.BytesIO()
+    render_character(spec, random.Random(seed), 64)[0].save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_recognizer_sink_logs_answer_embedding_and_optionally_the_upload(tmp_path, version_dir, store):
+    log = FeatureLog(tmp_path / "fl", {"store_images": store})
+    rec = log.attach(Recognizer.from_version(version_dir, {"mode": "clip", "rerank": False}))
+    data = _png(1)
+    ans = rec.recognize_bytes(data, "up.png")
+    rid = log.last_record_id
+    rec.recognize(Image.open(io.BytesIO(data)).convert("RGB"), "pil.png")  # no bytes at hand: never stored
+    records = list(FeatureLog(tmp_path / "fl").read())
+    assert [r.id for r in records][0] == rid and len(records) == 2
+    first = records[0]
+    assert first.embedder == rec.embedder.model_id and first.image_sha256 == ans.image_sha256
+    assert first.data["role"] == ans.role and first.detections[0]["topk"][0]["role"] == ans.detections[0].topk[0].role
+    np.testing.assert_allclose(first.embeddings, rec.embedder.embed([Image.open(io.BytesIO(data)).convert("RGB")]), atol=1e-5)
+    stored = FeatureLog(tmp_path / "fl").image_path(first)
+    assert (stored is not None and stored.read_bytes() == data) if store else stored is None
+    assert FeatureLog(tmp_path / "fl").image_path(records[1]) is None
+    assert not (tmp_path / "fl" / "images").exists() or store
