@@ -132,3 +132,11 @@ def test_local_collector_folder_and_file_list_with_sidecar_tags(synthetic_root, 
     assert r2.images == 3
     with pytest.raises(ConfigError, match="neither a folder nor a .txt"):
         col.collect(CharacterQuery(name="x", path=str(tmp_path / "missing")), tmp_path / "raw")
+
+
+def test_oversized_downloads_are_refused_and_reported(booru, specs, tmp_path):
+    col = DanbooruCollector(base_url=booru.base_url, page_size=50, http={**FAST_HTTP, "max_image_bytes": 2000})
+    report = col.collect(_query(specs[0]), tmp_path)
+    assert report.images == 0 and report.failed_downloads > 0
+    assert all("limit" in p for p in report.problems)
+    assert not list(tmp_path.glob(f"{specs[0].name}/*"))  # nothing half-written left behind

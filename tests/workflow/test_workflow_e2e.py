@@ -280,3 +280,14 @@ def test_one_new_character_extends_the_live_version_dataset(first_run, booru3, s
     assert {f for f in got if not f.startswith(specs3[0].name)} == {f for f in want if not f.startswith(specs3[0].name)}
     pinned = json.loads((Path(result.run_dir) / "extend_live.json").read_text())
     assert pinned["version"] == first_run["result"].version_id
+
+
+def test_cancel_during_training_stops_before_anything_is_registered(tmp_path, booru3, specs3):
+    progress = Progress(log=False)
+    progress.subscribe(lambda ev: progress.cancel() if ev.stage == "train" and ev.done >= 1 else None)
+    cfg = workflow_config(tmp_path, booru3.base_url, _chars(specs3), ["run_name=cancel", "gallery.include_val=false"])
+    with pytest.raises(CancelledError):
+        run_workflow(cfg, progress)
+    run_dir = tmp_path / "outputs" / "workflow" / "work" / "cancel"
+    assert (run_dir / "stages" / "split.json").is_file() and not (run_dir / "stages" / "train.json").exists()
+    assert Registry(tmp_path / "outputs" / "registry").latest_id() is None

@@ -360,6 +360,8 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     WorkflowProgressCallback.live[str(id(ctx.progress))] = ctx.progress
     try:
         result = train(tcfg)
+    except SystemExit as exc:  # Lightning turns Ctrl-C during fit into sys.exit(1): keep it an interrupt
+        raise KeyboardInterrupt("training interrupted") from exc
     finally:
         WorkflowProgressCallback.live.pop(str(id(ctx.progress)), None)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str)) or v is None}

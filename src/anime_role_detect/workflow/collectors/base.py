@@ -189,6 +189,7 @@ class HttpPolicy:
     backoff_max_s: float = 30.0
     rate_limit_per_s: float = 2.0
     user_agent: str = "anime_role_detect/0.1 (character dataset collector)"
+    max_image_bytes: int = 50 * 1024 * 1024  # larger downloads are abandoned (same limit as decoding)
 
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 524})
@@ -225,7 +226,25 @@ class HttpClient:
                 pass
         return delay
 
-    def get(self, url: str, params: Mapping[str, Any] | None = None) -> requests.Response:
+    def _read_capped(self, resp: requests.Response, limit: int) -> bytes:
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise FetchError(f"{resp.url}: {int(declared) / 1e6:.1f} MB is over the {limit / 1e6:.0f} MB limit")
+        chunks, size = [], 0
+        for chunk in resp.iter_content(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                resp.close()
+                raise FetchError(f"{resp.url}: more than {limit / 1e6:.0f} MB; skipped")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def get_bytes(self, url: str) -> bytes:
+        """Download a file with the retries of `get`, refusing anything over ``max_image_bytes``."""
+        return self._read_capped(self.get(url, stream=True), int(self.policy.max_image_bytes))
+
+    def get(self, url: str, params: Mapping[str, Any] | None = None, stream: bool = False) -> requests.Response:
         """GET with retries; 4xx other than 429 fail at once (401/403 raise `ConfigError`: fix the key)."""
         last = ""
         for attempt in range(self.policy.retries + 1):
@@ -233,7 +252,7 @@ class HttpClient:
             self.requests += 1
             retry_after = None
             try:
-                resp = self.session.get(url, params=params, timeout=self.policy.timeout_s)
+                resp = self.session.get(url, params=params, timeout=self.policy.timeout_s, stream=stream)
             except (requests.Timeout, requests.ConnectionError) as exc:
                 last = f"{type(exc).__name__}"
             else:
@@ -380,8 +399,8 @@ class BooruCollector:
             target = out_dir / rel
             if not target.is_file():  # a file renamed into place just before a kill is adopted, not refetched
                 try:
-                    data = self.http.get(post.file_url).content
-                except FetchError as exc:
+                    data = self.http.get_bytes(post.file_url)
+                except (FetchError, requests.RequestException) as exc:
                     report.failed_downloads += 1
                     report.problems.append(f"post {post.id}: {exc}")
                     continue
