@@ -14,11 +14,11 @@ from .helpers import TRAIN_CHARS, compose, infer_cfg
 
 @pytest.fixture(scope="session")
 def rec_data(tmp_path_factory) -> Path:
-    """Synthetic training set: 8 characters (half near-twins), 30 images each, 64 px."""
+    """Synthetic training set: 8 characters (half near-twins), 24 images each, 96 px (the classifier trains at 64)."""
     from anime_role_detect.data.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("rec_data") / "chars"
-    generate_dataset(root, n_characters=TRAIN_CHARS, images_per_character=30, size=64, seed=3, twin_fraction=0.5)
+    generate_dataset(root, n_characters=TRAIN_CHARS, images_per_character=24, size=96, seed=3, twin_fraction=0.5)
     return root
 
 
@@ -33,7 +33,7 @@ def trained_ckpt(tmp_path_factory, rec_data) -> Path:
     root = tmp_path_factory.mktemp("rec_train")
     cfg = compose("train", [
         f"paths.root_dir={root}", f"paths.output_dir={root / 'out'}", f"data.root={rec_data}", "data.synthetic=null",
-        "data.image_size=64", "data.batch_size=16", "model=tiny", "trainer=cpu", "trainer.max_epochs=6",
+        "data.image_size=64", "data.batch_size=16", "model=tiny", "trainer=cpu", "trainer.max_epochs=5",
         "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv", "log.console_level=WARNING",
         "model.optimizer.lr=3e-3", "evaluate=false",
     ])
@@ -41,12 +41,21 @@ def trained_ckpt(tmp_path_factory, rec_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def version_dir(tmp_path_factory, rec_data, trained_ckpt) -> Path:
+def onnx_tagger(tmp_path_factory, rec_data) -> list[str]:
+    """A WD14-format ONNX tagger trained on the synthetic tags; returned as infer.py overrides."""
+    from .helpers import train_onnx_tagger
+
+    model, tags = train_onnx_tagger(rec_data, tmp_path_factory.mktemp("tagger"))
+    return ["tagger=wd14", f"tagger.model_path={model}", f"tagger.tags_path={tags}", "tagger.general_threshold=0.5"]
+
+
+@pytest.fixture(scope="session")
+def version_dir(tmp_path_factory, rec_data, trained_ckpt, onnx_tagger) -> Path:
     """A complete recognition folder (classifier embedder gallery, tag profiles, calibration, model.ckpt)."""
     from anime_role_detect.recognition.gallery_cli import build_recognition_folder
 
     out = tmp_path_factory.mktemp("version") / "v1"
-    cfg = infer_cfg(["embedder=classifier", "embedder.flip_tta=false"])
+    cfg = infer_cfg(["embedder=classifier", "embedder.flip_tta=false", *onnx_tagger])
     report = build_recognition_folder(rec_data, out, cfg, model_ckpt=trained_ckpt, val_fraction=0.25, seed=0, target_far=0.05)
     (out / "build_report.txt").write_text(repr(report))
     return out
@@ -61,7 +70,7 @@ def test_images(rec_data):
     out = []
     for spec in load_characters(rec_data):
         for _ in range(8):
-            img, _ = render_character(spec, rng, 64)
+            img, _ = render_character(spec, rng, 96)
             out.append((img, spec.name))
     return out
 

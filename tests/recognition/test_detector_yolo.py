@@ -45,9 +45,9 @@ def tiny_yolo_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def yolo(tiny_yolo_weights) -> YoloDetector:
     cfg = OmegaConf.load(PROJECT_ROOT / "conf" / "detector" / "yolo.yaml")
-    cfg.weights, cfg.imgsz = str(tiny_yolo_weights), 160
+    cfg.weights = str(tiny_yolo_weights)
     det = build_detector(cfg)
-    assert isinstance(det, YoloDetector)
+    assert isinstance(det, YoloDetector) and det.imgsz == 160  # imgsz: null = the size it was trained at
     return det
 
 
@@ -69,6 +69,9 @@ def test_two_characters_give_two_boxes_near_the_true_ones(yolo):
 
 @pytest.mark.slow
 def test_an_empty_background_gives_no_boxes_and_thresholds_apply(yolo, tiny_yolo_weights):
+    import torch
+
+    torch.set_num_threads(2)
     rng = random.Random(8)
     empties = [render_scene([], rng, size=(320, 224))[0] for _ in range(5)]
     assert sum(len(b) for b in yolo.detect(empties)) <= 1
@@ -76,6 +79,20 @@ def test_an_empty_background_gives_no_boxes_and_thresholds_apply(yolo, tiny_yolo
     strict = YoloDetector(weights=tiny_yolo_weights, imgsz=160, conf=0.999)
     capped = YoloDetector(weights=tiny_yolo_weights, imgsz=160, conf=0.01, max_det=1)
     assert strict.detect([one]) == [[]] and len(capped.detect([one])[0]) == 1
+    assert torch.get_num_threads() == 2  # ultralytics' select_device (threads = cpu_count - 1) was undone
+
+
+@pytest.mark.slow
+def test_concurrent_callers_get_the_same_boxes_as_one_caller(yolo):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(11)
+    specs = make_characters(4, seed=12)
+    scenes = [render_scene(rng.sample(specs, 2), rng, size=(320, 224))[0] for _ in range(6)]
+    expected = [yolo.detect([img])[0] for img in scenes]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda img: yolo.detect([img])[0], scenes))
+    assert [[b.as_list() for b in boxes] for boxes in got] == [[b.as_list() for b in boxes] for boxes in expected]
 
 
 @pytest.mark.slow

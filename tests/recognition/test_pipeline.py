@@ -32,14 +32,14 @@ def accuracy(answers: list[Answer], labels: list[str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def recognizer(version_dir) -> Recognizer:
-    return Recognizer.from_version(version_dir, infer_cfg())
+def recognizer(version_dir, onnx_tagger) -> Recognizer:
+    return Recognizer.from_version(version_dir, infer_cfg(onnx_tagger))
 
 
 @pytest.fixture(scope="module")
-def closed_set(version_dir) -> Recognizer:
+def closed_set(version_dir, onnx_tagger) -> Recognizer:
     """The same folder with open-set rejection off: pure top-1 accuracy."""
-    return Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}})
+    return Recognizer.from_version(version_dir, {**infer_cfg(onnx_tagger), "openset": {"enabled": False}})
 
 
 def test_version_folder_has_the_contract_files(version_dir):
@@ -65,7 +65,7 @@ def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pair
     specs = {s.name: s for s in load_characters(rec_data)}
     rng = random.Random(99)
     names = sorted({n for pair in twin_pairs for n in pair})
-    items = [(render_character(specs[n], rng, 64)[0], n) for n in names for _ in range(12)]
+    items = [(render_character(specs[n], rng, 96)[0], n) for n in names for _ in range(12)]
     imgs, labels = [(im, f"{n}.png") for im, n in items], [n for _, n in items]
     plain = closed_set.recognize_batch(imgs, mode="clip", rerank=False)
     reranked = closed_set.recognize_batch(imgs, mode="clip", rerank=True)
@@ -74,6 +74,15 @@ def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pair
     changed = [d.rerank for a in reranked for d in a.detections if d.rerank is not None and d.rerank.changed]
     assert changed and all(r.tags_used for r in changed), "a changed answer must name the tags that moved it"
     assert all(d.rerank is None for a in plain for d in a.detections)
+    assert all(d.tags for a in reranked for d in a.detections), "the ONNX tagger's tags are part of the answer"
+
+
+def test_classifier_tag_head_is_the_default_tagger(version_dir, test_images):
+    rec = Recognizer.from_version(version_dir, infer_cfg())  # tagger=auto: the classifier's own tag head
+    ans = rec.recognize(test_images[0][0], "t.png", mode="fusion", rerank=True)
+    assert type(rec.tagger).__name__ == "ClassifierTagger"
+    det = ans.detections[0]
+    assert det.rerank is not None and all(0.0 <= t.score <= 1.0 for t in det.tags)
 
 
 def _stranger(known: list[CharacterSpec]) -> CharacterSpec:
@@ -90,7 +99,7 @@ def _stranger(known: list[CharacterSpec]) -> CharacterSpec:
 def test_unseen_character_is_answered_unknown(recognizer, rec_data, test_images):
     stranger = _stranger(load_characters(rec_data))
     rng = random.Random(5)
-    unseen = [(render_character(stranger, rng, 64)[0], f"s{i}.png") for i in range(12)]
+    unseen = [(render_character(stranger, rng, 96)[0], f"s{i}.png") for i in range(12)]
     answers = recognizer.recognize_batch(unseen, mode="clip", rerank=False)
     unknown = np.mean([a.unknown and a.role == UNKNOWN for a in answers])
     known = recognizer.recognize_batch([(im, "k.png") for im, _ in test_images], mode="clip", rerank=False)
@@ -120,8 +129,8 @@ def test_enroll_and_remove_without_retraining(version_dir, tmp_path, rec_data):
     rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}})
     stranger = _stranger(load_characters(rec_data))
     rng = random.Random(11)
-    shots = [render_character(stranger, rng, 64)[0] for _ in range(6)]
-    probe = [(render_character(stranger, rng, 64)[0], f"p{i}.png") for i in range(8)]
+    shots = [render_character(stranger, rng, 96)[0] for _ in range(6)]
+    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(8)]
     before = rec.recognize_batch(probe, mode="clip", rerank=False)
     assert not any(a.role == "stranger" for a in before)
     assert rec.enroll("stranger", "series_z", shots) == 6
@@ -157,7 +166,7 @@ def test_recognize_bytes_hashes_content_and_reports_decode_time(recognizer, test
     buf = io.BytesIO()
     test_images[0][0].save(buf, format="PNG")
     ans = recognizer.recognize_bytes(buf.getvalue(), "up.png")
-    assert len(ans.image_sha256) == 64 and "decode" in ans.timings_ms and ans.width == 64
+    assert len(ans.image_sha256) == 64 and "decode" in ans.timings_ms and ans.width == 96
 
 
 def _jpeg(size=(64, 64)) -> bytes:

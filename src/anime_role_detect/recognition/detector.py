@@ -15,12 +15,14 @@ means "nothing found": the caller falls back to the whole image and reports ``wh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -199,6 +201,28 @@ def ultralytics_offline() -> None:
         events.events.enabled = False
 
 
+@contextlib.contextmanager
+def torch_global_state_kept() -> Iterator[None]:
+    """Undo the process-wide torch settings ultralytics changes (CPU thread count, deterministic mode).
+
+    ultralytics' ``select_device`` sets ``torch.set_num_threads(cpu_count - 1)`` (1 on a 2-core box)
+    and training turns on deterministic algorithms; without this the rest of the pipeline
+    (embedder, classifier) would silently run single-threaded after the first detection.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_deterministic = torch.backends.cudnn.deterministic
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+
+
 @register_detector("yolo")
 class YoloDetector:
     """ultralytics YOLO (any v8/11 detect checkpoint) over a local weights file.
@@ -215,31 +239,35 @@ class YoloDetector:
         conf: float = 0.25,
         iou: float = 0.5,
         max_det: int = 20,
-        imgsz: int = 320,
+        imgsz: int | None = None,
         device: str = "cpu",
         min_box_frac: float = 0.0,
         classes: list[int] | None = None,
     ) -> None:
         if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
             raise ConfigError(f"detector.conf={conf} / detector.iou={iou}: thresholds must be in [0, 1]")
-        if max_det < 1 or imgsz < 32:
-            raise ConfigError(f"detector.max_det={max_det} must be >= 1 and detector.imgsz={imgsz} >= 32")
-        self.conf, self.iou, self.max_det, self.imgsz = float(conf), float(iou), int(max_det), int(imgsz)
+        if max_det < 1 or (imgsz is not None and imgsz < 32):
+            raise ConfigError(f"detector.max_det={max_det} must be >= 1 and detector.imgsz={imgsz} >= 32 (or null)")
+        self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
         self.device, self.min_box_frac, self.classes = str(device), float(min_box_frac), classes
         self.weights = Path(weights).expanduser() if weights else None
         self.model = self._load(self.weights) if self.weights is not None else None
+        self._lock = threading.Lock()  # an ultralytics predictor is not safe to share between threads
         if self.model is None:
             system_log.warning(f"detector=yolo without weights: whole images are recognised; {MAKE_WEIGHTS_HINT}")
+        trained = int((getattr(self.model, "overrides", None) or {}).get("imgsz") or 640) if self.model is not None else 640
+        self.imgsz = int(imgsz) if imgsz is not None else trained  # null: the size the weights were trained at
 
     @staticmethod
     def _load(weights: Path):
         if not weights.is_file():
             raise WeightsError(f"YOLO weights {weights} not found; {MAKE_WEIGHTS_HINT}")
         ultralytics_offline()
-        from ultralytics import YOLO
-
         try:
-            return YOLO(str(weights), task="detect")
+            with torch_global_state_kept():  # torch is imported (threads fixed) before ultralytics sets OMP_NUM_THREADS=1
+                from ultralytics import YOLO
+
+                return YOLO(str(weights), task="detect")
         except Exception as exc:  # noqa: BLE001 - torch/ultralytics raise many kinds for a bad file
             raise WeightsError(
                 f"YOLO weights {weights} cannot be loaded ({type(exc).__name__}: {str(exc)[:160]}); "
@@ -253,11 +281,12 @@ class YoloDetector:
     def detect(self, images: Sequence[Image.Image]) -> list[list[Box]]:
         if self.model is None or not images:
             return [[] for _ in images]
-        results = self.model.predict(
-            [im.convert("RGB") for im in images],
-            conf=self.conf, iou=self.iou, max_det=self.max_det, imgsz=self.imgsz,
-            device=self.device, classes=self.classes, verbose=False, save=False,
-        )
+        with self._lock, torch_global_state_kept():
+            results = self.model.predict(
+                [im.convert("RGB") for im in images],
+                conf=self.conf, iou=self.iou, max_det=self.max_det, imgsz=self.imgsz,
+                device=self.device, classes=self.classes, verbose=False, save=False,
+            )
         names = self.names
         out: list[list[Box]] = []
         for im, res in zip(images, results):
@@ -364,5 +393,5 @@ class AnimeFaceDetector:
 
 __all__ = [
     "Box", "Detector", "build_detector", "register_detector", "available_detectors", "crop_box",
-    "NoDetector", "YoloDetector", "AnimeFaceDetector", "MAKE_WEIGHTS_HINT", "ultralytics_offline",
+    "NoDetector", "YoloDetector", "AnimeFaceDetector", "MAKE_WEIGHTS_HINT", "ultralytics_offline", "torch_global_state_kept",
 ]

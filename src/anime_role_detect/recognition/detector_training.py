@@ -33,7 +33,7 @@ from ..errors import ConfigError, DatasetError
 from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
 from ..imageio import IMAGE_SUFFIXES, load_image
 from ..log import training_log
-from .detector import AnimeFaceDetector, Box, ultralytics_offline
+from .detector import AnimeFaceDetector, Box, torch_global_state_kept, ultralytics_offline
 
 CLASS_NAMES = ("character",)
 SOURCES = ("synthetic", "animeface", "both")
@@ -62,6 +62,7 @@ class DetectorTrainingConfig:
     batch: int = 16
     patience: int = 50
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads for training (None: this process's setting, not ultralytics' cpu_count-1)
     workers: int = 0
     seed: int = 0
     optimizer: str = "auto"  # ultralytics optimizer (auto picks AdamW for short runs)
@@ -202,10 +203,20 @@ def build_dataset(cfg: DetectorTrainingConfig, root: Path) -> tuple[Path, dict[s
         counts[f"{split}_images"] = len(list((root / "images" / split).glob("*.jpg")))
         if counts[f"{split}_images"] == 0:
             raise DatasetError(f"the {split} split is empty; raise n_{split} / max_real_images or real_val_fraction")
-    data_yaml = root / "data.yaml"
-    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASS_NAMES))
-    atomic_write_text(data_yaml, f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    data_yaml = _write_data_yaml(root, "data.yaml", "images/val")
+    for prefix, source in (("syn_", "synthetic"), ("real_", "real")):  # per-source validation sets for the report
+        val_images = sorted((root / "images" / "val").glob(f"{prefix}*.jpg"))
+        if val_images:
+            atomic_write_text(root / f"val_{source}.txt", "".join(f"./images/val/{p.name}\n" for p in val_images))
+            _write_data_yaml(root, f"data_val_{source}.yaml", f"val_{source}.txt")
     return data_yaml, counts
+
+
+def _write_data_yaml(root: Path, name: str, val: str) -> Path:
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASS_NAMES))
+    path = root / name
+    atomic_write_text(path, f"path: {root.resolve()}\ntrain: images/train\nval: {val}\nnames:\n{names}\n")
+    return path
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -263,7 +274,8 @@ def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> t
     ``amp=False`` skips the AMP check (it downloads a reference model on GPUs), ``plots=False`` skips fonts.
     """
     ultralytics_offline()
-    from ultralytics import YOLO
+    with torch_global_state_kept():  # import torch before ultralytics (which sets OMP_NUM_THREADS=1)
+        from ultralytics import YOLO
 
     model_path = Path(cfg.model).expanduser()
     if cfg.model.endswith(".pt") and not model_path.is_file():
@@ -271,7 +283,8 @@ def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> t
     arch = str(model_path) if model_path.is_file() else cfg.model
     if not arch.endswith(".pt"):
         arch = scaled_model_yaml(arch, cfg.width, cfg.depth, run_dir.parent)
-    model = YOLO(arch, task="detect")
+    with torch_global_state_kept():
+        model = YOLO(arch, task="detect")
     args = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.image_size, batch=cfg.batch, device=cfg.device,
         workers=cfg.workers, seed=cfg.seed, patience=cfg.patience, project=str(run_dir.parent), name=run_dir.name,
@@ -282,18 +295,37 @@ def train_yolo(cfg: DetectorTrainingConfig, data_yaml: Path, run_dir: Path) -> t
     if cfg.lr0 is not None:
         args["lr0"] = cfg.lr0
     args.update(cfg.extra or {})
-    with _no_font_download():
+    import torch
+
+    threads = int(cfg.threads or torch.get_num_threads())
+    model.add_callback("on_pretrain_routine_start", lambda trainer: torch.set_num_threads(threads))
+    with _no_font_download(), torch_global_state_kept():
         model.train(**args)
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
-    raw = dict(getattr(trainer, "metrics", {}) or {})
-    metrics = {
+    return best, _box_metrics(dict(getattr(trainer, "metrics", {}) or {}))
+
+
+def _box_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    return {
         "precision": float(raw.get("metrics/precision(B)", 0.0)),
         "recall": float(raw.get("metrics/recall(B)", 0.0)),
         "map50": float(raw.get("metrics/mAP50(B)", 0.0)),
         "map50_95": float(raw.get("metrics/mAP50-95(B)", 0.0)),
     }
-    return best, metrics
+
+
+def validate_detector(weights: Path, data_yaml: Path, image_size: int, device: str = "cpu", batch: int = 16) -> dict[str, float]:
+    """Box precision/recall/mAP of `weights` on the ``val`` split of `data_yaml` (ultralytics val, no plots)."""
+    ultralytics_offline()
+    with torch_global_state_kept():
+        from ultralytics import YOLO
+
+        model = YOLO(str(weights), task="detect")
+        with _no_font_download():
+            result = model.val(data=str(data_yaml), imgsz=image_size, batch=batch, device=device, plots=False,
+                               verbose=False, workers=0, project=str(weights.parent / "yolo"), name="val", exist_ok=True)
+    return _box_metrics(dict(result.results_dict))
 
 
 def make_detector(cfg: DetectorTrainingConfig) -> TrainedDetector:
@@ -306,13 +338,21 @@ def make_detector(cfg: DetectorTrainingConfig) -> TrainedDetector:
     data_yaml, counts = build_dataset(cfg, out / "dataset")
     training_log.info(f"detector dataset {data_yaml}: {counts}")
     best, metrics = train_yolo(cfg, data_yaml, out / "yolo")
+    seconds = time.perf_counter() - t0
+    by_source = {}
+    if cfg.source == "both":  # how the one model does on each kind of picture
+        for source in ("synthetic", "real"):
+            yaml_path = data_yaml.parent / f"data_val_{source}.yaml"
+            if yaml_path.is_file():
+                by_source[source] = validate_detector(best, yaml_path, cfg.image_size, cfg.device, cfg.batch)
     weights = out / "detector.pt"
     with atomic_path(weights) as tmp:
         shutil.copyfile(best, tmp)
-    seconds = time.perf_counter() - t0
     atomic_write_json(out / "detector.json", {
         "weights": weights.name, "class_names": list(CLASS_NAMES), "image_size": cfg.image_size,
-        "metrics": metrics, "dataset": counts, "seconds": round(seconds, 1), "config": asdict(cfg),
+        "metrics": metrics, "metrics_by_source": by_source, "dataset": counts, "seconds": round(seconds, 1),
+        "config": asdict(cfg),
+        "note": "real-image labels come from the animeface detector (pseudo-labels), not from people",
     })
     training_log.info(f"detector written to {weights}: {metrics} in {seconds:.0f} s")
     return TrainedDetector(weights, metrics, data_yaml, seconds)

@@ -89,8 +89,12 @@ def _score_matrix(cands: list[list[tuple[str, str, float]]], names: list[str]) -
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
-                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.9) -> tuple[dict[str, float], OpenSetCalibration, dict[str, float]]:
-    """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights."""
+                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.9,
+                   tag_truth: Sequence[Sequence[str]] | None = None) -> tuple[dict[str, float], OpenSetCalibration, dict[str, float]]:
+    """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights.
+
+    With `tag_truth` (the images' metadata tags) the reranker first learns the tagger's noise per tag.
+    """
     top1: dict[str, float] = {}
     calib = OpenSetCalibration(target_far=target_far)
     weights: dict[str, float] = {}
@@ -108,6 +112,10 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             calib.modes[mode] = calibrate(g, imp, target_far, min_tar)
         if need_tags and scored.tag_probs is not None:
             aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
+            if tag_truth is not None and rec.reranker.noise is None:
+                truth = np.array([[t in set(tags) for t in rec.reranker.tags] for tags in tag_truth])
+                usable = rec.reranker.fit_tagger_noise(aligned, truth, tagger_id=getattr(rec.tagger, "model_id", ""))
+                _log.info(f"tagger noise model: {usable} of {len(rec.reranker.tags)} profile tags usable")
             if tune:
                 weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, default=DEFAULT_WEIGHTS.get(mode, 0.03))
             w = weights.get(mode, rec.reranker.weight_for(mode))
@@ -162,11 +170,11 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
         rec = Recognizer.from_version(out, rcfg)
         modes = [m for m in MODES if m == "clip" or (out / MODEL_FILE).is_file()]
-        top1, calib, weights = evaluate_split(rec, vimgs, vlabels, modes, target_far)
+        top1, calib, weights = evaluate_split(rec, vimgs, vlabels, modes, target_far, tag_truth=[r.tags for _, r in loaded])
         calib.save(out)
         report.top1, report.rerank_weights = top1, weights
         report.thresholds = {m: t.threshold for m, t in calib.modes.items()}
-        if weights and rec.reranker is not None:
+        if rec.reranker is not None and (weights or rec.reranker.noise is not None):
             rec.reranker.mode_weights.update(weights)
             rec.reranker.save(out)
         if include_val:  # thresholds are set; the final gallery also learns from the held-out images

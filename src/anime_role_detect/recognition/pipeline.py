@@ -239,7 +239,12 @@ class Recognizer:
     def reranker(self) -> TagReranker | None:
         def load() -> TagReranker | None:
             p = self._file(PROFILE_FILE)
-            return TagReranker.load(p) if p is not None else None
+            if p is None:
+                return None
+            rr = TagReranker.load(p)
+            if rr.noise is not None and self.tagger is not None and not rr.use_tagger(getattr(self.tagger, "model_id", "")):
+                _log.warning(f"{p}: tagger noise model was learned for another tagger; using its scores as probabilities")
+            return rr
 
         return self._part("reranker", load)
 

@@ -49,6 +49,8 @@ class TagReranker:
         self.weight = float(weight)
         self.mode_weights = {k: float(v) for k, v in (mode_weights or {}).items()}  # tuned per mode (scores differ in scale)
         self.min_evidence = float(min_evidence)
+        self.noise: dict[str, np.ndarray] | None = None  # tagger noise model per tag (fit_tagger_noise)
+        self.noise_tagger_id = ""
 
     def weight_for(self, mode: str) -> float:
         """The tuned weight for `mode`, else that mode's default."""
@@ -87,13 +89,52 @@ class TagReranker:
         a, b = zip(*pairs)
         return np.array(a), np.array(b)
 
+    def fit_tagger_noise(self, tag_probs: np.ndarray, truth: np.ndarray, min_examples: int = 3, tagger_id: str = "") -> int:
+        """Learn how the tagger's scores behave when a tag is really present/absent (validation images + their metadata tags).
+
+        Scores are modelled as Gaussians on the logit scale per tag and class; a tag the tagger cannot
+        see (same distribution either way) then contributes nothing, instead of noise. Tags with fewer
+        than `min_examples` positives or negatives are switched off. Returns how many tags stay usable.
+        """
+        x = _logit(np.asarray(tag_probs, np.float64))
+        truth = np.asarray(truth, bool)
+        known = ~np.isnan(x)
+        mu1, sd1, mu0, sd0 = (np.zeros(len(self.tags)) for _ in range(4))
+        usable = np.zeros(len(self.tags), bool)
+        for t in range(len(self.tags)):
+            pos, neg = x[known[:, t] & truth[:, t], t], x[known[:, t] & ~truth[:, t], t]
+            if len(pos) < min_examples or len(neg) < min_examples:
+                continue
+            usable[t] = True
+            mu1[t], mu0[t] = pos.mean(), neg.mean()
+            pooled = np.sqrt((pos.var() * len(pos) + neg.var() * len(neg)) / (len(pos) + len(neg)))
+            sd1[t] = sd0[t] = max(float(pooled), 0.25)  # shared spread: a likelihood ratio that is monotone in the score
+        self.noise = {"mu1": mu1, "sd1": sd1, "mu0": mu0, "sd0": sd0, "usable": usable}
+        self.noise_tagger_id = tagger_id
+        return int(usable.sum())
+
+    def use_tagger(self, tagger_id: str) -> bool:
+        """Keep the noise model only if it was learned for this tagger; returns whether it is kept."""
+        if self.noise is not None and self.noise_tagger_id and self.noise_tagger_id != tagger_id:
+            self.noise = None
+        return self.noise is not None
+
     def contributions(self, character: str, tag_probs: np.ndarray) -> np.ndarray:
         """Per-profile-tag log-likelihood-ratio terms for `character` (zeros if it has no profile)."""
         ci = self.char_index.get(character)
         if ci is None:
             return np.zeros(len(self.tags))
         s = np.asarray(tag_probs, np.float64)
-        return s * self.w_present[ci] + (1 - s) * self.w_absent[ci]
+        if self.noise is None:  # tagger scores taken as calibrated probabilities
+            return s * self.w_present[ci] + (1 - s) * self.w_absent[ci]
+        n = self.noise
+        x = _logit(s)
+        l1 = -0.5 * ((x - n["mu1"]) / np.where(n["usable"], n["sd1"], 1.0)) ** 2 - np.log(np.where(n["usable"], n["sd1"], 1.0))
+        l0 = -0.5 * ((x - n["mu0"]) / np.where(n["usable"], n["sd0"], 1.0)) ** 2 - np.log(np.where(n["usable"], n["sd0"], 1.0))
+        p_ct, p_t = self.p_ct[ci], self.p_t
+        ll_c = np.logaddexp(np.log(p_ct) + l1, np.log1p(-p_ct) + l0)
+        ll_ref = np.logaddexp(np.log(p_t) + l1, np.log1p(-p_t) + l0)
+        return np.where(n["usable"], ll_c - ll_ref, 0.0)
 
     def rerank(self, candidates: Sequence[Candidate], tag_probs: np.ndarray, weight: float | None = None, max_tags: int = 5) -> RerankResult:
         """Reorder `candidates` with tag evidence; `tag_probs` are aligned with ``self.tags`` (NaN = tag unknown to the tagger)."""
@@ -102,7 +143,7 @@ class TagReranker:
             return RerankResult([], Rerank())
         s = np.asarray(tag_probs, np.float64)
         known = ~np.isnan(s)
-        s = np.where(known, s, 0.0)
+        s = np.where(known, s, 0.5)
         contrib = [self.contributions(c, s) * known for c, _, _ in candidates]
         has_profile = [c in self.char_index for c, _, _ in candidates]
         llr = np.array([x.sum() for x in contrib])
@@ -137,6 +178,8 @@ class TagReranker:
             "format": 1, "weight": self.weight, "mode_weights": self.mode_weights, "min_evidence": self.min_evidence, "tags": self.tags,
             "p_tag": [round(float(x), 6) for x in self.p_t],
             "characters": {c: [round(float(x), 6) for x in self.p_ct[i]] for i, c in enumerate(self.characters)},
+            "tagger_noise": None if self.noise is None else {k: v.tolist() for k, v in self.noise.items()},
+            "tagger_id": self.noise_tagger_id,
         }, indent=None)
         return p
 
@@ -148,13 +191,22 @@ class TagReranker:
         try:
             obj = read_json(p)
             chars = list(obj["characters"])
-            return cls(obj["tags"], chars, np.array([obj["characters"][c] for c in chars]), np.array(obj["p_tag"]),
+            rr = cls(obj["tags"], chars, np.array([obj["characters"][c] for c in chars]), np.array(obj["p_tag"]),
                        weight=float(obj.get("weight", 0.02)), min_evidence=float(obj.get("min_evidence", 0.05)),
                        mode_weights=obj.get("mode_weights"))
+            if obj.get("tagger_noise"):
+                rr.noise = {k: np.asarray(v, bool if k == "usable" else np.float64) for k, v in obj["tagger_noise"].items()}
+                rr.noise_tagger_id = str(obj.get("tagger_id") or "")
+            return rr
         except FileNotFoundError:
             raise GalleryError(f"tag profiles {p} not found; build them with gallery_cli build (needs tagged metadata) or set rerank=false") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise GalleryError(f"tag profiles {p} are corrupt ({exc}); rebuild them with gallery_cli build") from None
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p) - np.log1p(-p)
 
 
 #: Starting weights per mode (score scales differ: cosine gaps are small, probability gaps large).

@@ -103,7 +103,9 @@ class OnnxTagger:
             raise WeightsError(f"tagger model {mp} predicts {out_dim} tags but {tags_path} lists {len(self.tag_names)}; use the tag list shipped with the model")
         self.thresholds = np.where(self.categories == CHARACTER, character_threshold, general_threshold).astype(np.float32)
         self.thresholds[self.categories == RATING] = np.inf  # ratings are not content tags
-        self.model_id = f"onnx:{mp.name}"
+        from .embedder import file_fingerprint
+
+        self.model_id = f"onnx:{mp.name}:{file_fingerprint(mp)}"
 
     def _prepare(self, img: Image.Image) -> np.ndarray:
         """Pad to a square (white), resize to the model's size, scale and reorder channels."""

@@ -1,0 +1,150 @@
+"""Top-1 of gallery recognition on the real labelled sets in ../shared/data, leak-free 80/20 splits.
+
+For each set: near-duplicates grouped (`data.dedupe`), `stratified_group_split` per seed, gallery built
+from the train side with the real `Gallery` (Faiss) and queried with the val side. Every image is
+embedded once per embedder (plus its mirror image), then each gallery variant reuses the vectors.
+
+Baseline (same run, same splits): frozen ImageNet Lite0 features, one mean prototype per character,
+no flip: the recipe behind the data README's 40.7% / 87.8% (which used random splits).
+With ``--ckpt SET=PATH`` the fine-tuned classifier is evaluated too: as an embedder (gallery mode) and
+as a classifier (model mode), on the same val images (the checkpoint must not have trained on them:
+train it with the same split seed, see docs/recognition.md).
+
+    python benchmarks/eval_real_data.py [--sets newgame_full mixed5] [--seeds 0 1 2] [--ckpt newgame_full=PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = Path(os.environ.get("ARD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def embed_all(embedder, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Plain and mirrored embeddings of every image (flip_tta off, so both are raw)."""
+    from PIL import Image
+
+    from anime_role_detect.imageio import load_image
+
+    plain, flipped = [], []
+    bs = 32
+    for i in range(0, len(paths), bs):
+        ims = [load_image(p) for p in paths[i : i + bs]]
+        plain.append(embedder.embed(ims))
+        flipped.append(embedder.embed([im.transpose(Image.FLIP_LEFT_RIGHT) for im in ims]))
+        print(f"\r  embedded {min(i + bs, len(paths))}/{len(paths)}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return np.concatenate(plain), np.concatenate(flipped)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def gallery_top1(vecs: np.ndarray, labels: list[str], train: np.ndarray, val: np.ndarray, prototypes: dict, aggregate: str) -> float:
+    from anime_role_detect.recognition.gallery import Gallery
+
+    g = Gallery("eval", vecs.shape[1], prototypes=prototypes, aggregate=aggregate)
+    for c in sorted(set(labels)):
+        rows = [i for i in train if labels[i] == c]
+        g.add(c, "", vecs[rows])
+    res = g.search(vecs[val], k=1)
+    return float(np.mean([bool(r) and r[0][0] == labels[i] for r, i in zip(res, val)]))
+
+
+VARIANTS = {
+    # name: (use flip, prototypes, aggregate)
+    "mean prototype (baseline recipe)": (False, {"method": "mean"}, "max"),
+    "mean prototype + flip": (True, {"method": "mean"}, "max"),
+    "kmeans 4/char + flip": (True, {"method": "kmeans", "k": 4}, "max"),
+    "all samples, top-3 mean + flip": (True, {"method": "all"}, "top3_mean"),
+    "all samples, max (1-NN) + flip": (True, {"method": "all"}, "max"),
+}
+
+
+def model_top1(ckpt: str, paths: list[Path], labels: list[str], val: np.ndarray) -> float:
+    import torch
+
+    from anime_role_detect.imageio import load_image
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+
+    e = ClassifierEmbedder(ckpt)
+    hits = []
+    with torch.inference_mode():
+        for i in range(0, len(val), 32):
+            idx = val[i : i + 32]
+            logits, _ = e.model(e.preprocess([load_image(paths[j]) for j in idx]))
+            pred = logits.argmax(1).tolist()
+            hits += [e.model.class_names[p] == labels[j] for p, j in zip(pred, idx)]
+    return float(np.mean(hits))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", nargs="+", default=["newgame_full", "mixed5"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ckpt", nargs="*", default=[], help="SET=PATH: a fine-tuned classifier for that set")
+    args = ap.parse_args(argv)
+    import torch
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    torch.set_num_threads(args.threads)
+    from anime_role_detect.data.dedupe import assign_duplicate_groups
+    from anime_role_detect.data.layout import scan_dataset, stratified_group_split
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder, build_embedder
+
+    ckpts = dict(c.split("=", 1) for c in args.ckpt)
+    lite0 = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "flip_tta": False, "batch_size": 32})
+    rows: list[tuple[str, str, str]] = []
+    for name in args.sets:
+        root = DATA / name
+        if not root.is_dir():
+            print(f"skip {name}: {root} not found", file=sys.stderr)
+            continue
+        recs = scan_dataset(root)
+        rep = assign_duplicate_groups(recs, root)
+        paths = [r.path(root) for r in recs]
+        labels = [r.character for r in recs]
+        pos = {r.file_name: i for i, r in enumerate(recs)}
+        print(f"{name}: {len(recs)} images, {len(set(labels))} characters, {rep.near_duplicate_groups} near-duplicate groups", file=sys.stderr)
+        splits = []
+        for seed in args.seeds:
+            sp = stratified_group_split(recs, 0.2, seed)
+            splits.append((np.array([pos[f] for f in sp.train]), np.array([pos[f] for f in sp.val])))
+        embedders = {"ImageNet Lite0 (frozen)": lite0}
+        if name in ckpts:
+            embedders["fine-tuned classifier"] = ClassifierEmbedder(ckpts[name])
+        for ename, emb in embedders.items():
+            t0 = time.perf_counter()
+            plain, flipped = embed_all(emb, paths)
+            ms = (time.perf_counter() - t0) * 1e3 / (2 * len(paths))
+            both = unit(plain + flipped)
+            for vname, (flip, protos, agg) in VARIANTS.items():
+                vecs = both if flip else plain
+                accs = [gallery_top1(vecs, labels, tr, va, protos, agg) for tr, va in splits]
+                rows.append((name, f"clip: {ename}, {vname}", f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.pstdev(accs):.1f}"))
+                print(f"  {rows[-1][1]}: {rows[-1][2]}   ({ms:.0f} ms/img embed)", file=sys.stderr)
+        if name in ckpts:
+            accs = [model_top1(ckpts[name], paths, labels, va) for _, va in splits]
+            rows.append((name, "model: fine-tuned classifier", f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.pstdev(accs):.1f}"))
+    print("\n| set | method | top-1 % (mean ± sd over seeds " + " ".join(map(str, args.seeds)) + ") |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    print("\nrerank: n/a on these sets (no per-image tags to learn profiles from; see docs/recognition.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Embedders: real offline ImageNet Lite0 and random-init timm/open_clip models; unit-length float32, batched; weight errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anime_role_detect.errors import ConfigError, WeightsError
+from anime_role_detect.recognition.embedder import build_embedder
+
+
+def imgs(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_offline_lite0_embeddings_are_unit_float32_and_batch_independent():
+    e = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "image_size": 96, "batch_size": 2})
+    assert e.dim == 1280 and e.model_id.startswith("timm:efficientnet_lite0_offline:pretrained:")
+    x = e.embed(imgs(5))
+    assert x.shape == (5, 1280) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    one = e.embed(imgs(5)[3:4])
+    assert np.allclose(one[0], x[3], atol=1e-4)  # batching does not change an image's embedding
+    assert e.embed([]).shape == (0, 1280)
+
+
+def test_flip_tta_is_mirror_invariant():
+    e = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64, "flip_tta": True})
+    im = imgs(1)[0].resize((48, 48))  # square: letterbox padding is symmetric too
+    a, b = e.embed([im, im.transpose(Image.FLIP_LEFT_RIGHT)])
+    assert np.allclose(a, b, atol=1e-4)
+
+
+def test_random_inits_get_different_ids():
+    from anime_role_detect.recognition.embedder import clear_shared_models
+
+    a = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64})
+    clear_shared_models()
+    b = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64})
+    assert a.model_id != b.model_id  # a gallery of one random init refuses the other
+
+
+@pytest.mark.slow
+def test_open_clip_vit_b32_random_init():
+    e = build_embedder({"kind": "open_clip", "model_name": "ViT-B-32", "pretrained": None, "batch_size": 4})
+    x = e.embed(imgs(2))
+    assert e.dim == 512 and x.shape == (2, 512) and e.model_id.startswith("open_clip:ViT-B-32:random:")
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_weight_and_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(WeightsError, match=r"missing\.pt not found.*embedder\.pretrained"):
+        build_embedder({"kind": "open_clip", "model_name": "ViT-B-32", "pretrained": str(tmp_path / "missing.pt")})
+    with pytest.raises(ConfigError, match="unknown open_clip model"):
+        build_embedder({"kind": "open_clip", "model_name": "ViT-Nope", "pretrained": None})
+    with pytest.raises(WeightsError, match=r"gone\.ckpt not found"):
+        build_embedder({"kind": "classifier", "ckpt_path": str(tmp_path / "gone.ckpt")})
+    with pytest.raises(WeightsError, match="backbone weights .* not found"):
+        build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "weights_path": str(tmp_path / "w.pt")})
+    with pytest.raises(ConfigError, match="embedder.kind"):
+        build_embedder({"kind": "sift"})
+    with pytest.raises(ConfigError, match="bad option"):
+        build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "colour": "blue"})

@@ -1,0 +1,86 @@
+"""The real entry points as subprocesses: `infer.py` on a file and a folder, and `gallery_cli` add/list/remove."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, test_images) -> Path:
+    d = tmp_path_factory.mktemp("inputs")
+    for i, (im, name) in enumerate(test_images[::4]):
+        im.save(d / f"{i:02d}_{name}.png")
+    (d / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return d
+
+
+def test_infer_py_on_one_file_prints_a_json_answer(version_dir, folder, tmp_path):
+    img = sorted(folder.glob("*.png"))[0]
+    p = run([str(PROJECT_ROOT / "infer.py"), f"image={img}", f"gallery={version_dir}", "mode=fusion", "rerank=true",
+             f"paths.root_dir={tmp_path}", "log.console_level=WARNING"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ans = json.loads(p.stdout.strip().splitlines()[-1])
+    assert ans["filename"] == str(img) and ans["mode"] == "fusion"
+    assert {"role", "similarity", "boxes", "detections", "timings_ms", "unknown"} <= set(ans)
+    assert ans["detections"][0]["topk"] and ans["timings_ms"]["total"] > 0
+
+
+def test_infer_py_on_a_folder_writes_csv_and_reports_bad_files(version_dir, folder, tmp_path):
+    out = tmp_path / "answers.csv"
+    p = run([str(PROJECT_ROOT / "infer.py"), f"image={folder}", f"gallery={version_dir}", "output.format=csv",
+             f"output.path={out}", f"paths.root_dir={tmp_path}", "log.console_level=WARNING", "batch_size=4"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == len(list(folder.iterdir()))
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and "zz_broken.jpg" in bad[0]["filename"] and "truncated" in bad[0]["error"]
+    good = [r for r in rows if not r["error"]]
+    hits = [Path(r["filename"]).stem.split("_", 1)[1] == r["role"] for r in good]
+    assert sum(hits) >= len(hits) / 2
+    assert "1 of" in p.stderr  # the warning names how many files failed
+
+
+def test_infer_py_bad_input_is_one_line_error(version_dir, folder, tmp_path):
+    p = run([str(PROJECT_ROOT / "infer.py"), f"image={folder / 'zz_broken.jpg'}", f"gallery={version_dir}",
+             f"paths.root_dir={tmp_path}"], cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: ") and "zz_broken.jpg" in p.stderr and "Traceback" not in p.stderr
+    p = run([str(PROJECT_ROOT / "infer.py"), f"image={folder}", "version=latest", f"registry_dir={tmp_path / 'empty'}",
+             f"paths.root_dir={tmp_path}"], cwd=tmp_path)
+    assert p.returncode == 2 and "no live version" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_gallery_cli_add_list_remove(version_dir, tmp_path, folder):
+    g = tmp_path / "g"
+    shutil.copytree(version_dir, g)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for f in sorted(folder.glob("*.png"))[:3]:
+        shutil.copy(f, shots / f.name)
+    cli = ["-m", "anime_role_detect.recognition.gallery_cli"]
+    p = run(cli + ["add", "--gallery", str(g), "--character", "newbie", "--series", "s9", str(shots)], cwd=tmp_path)
+    assert p.returncode == 0 and "enrolled newbie" in p.stdout, p.stderr[-1500:]
+    p = run(cli + ["list", "--gallery", str(g)], cwd=tmp_path)
+    assert "newbie\ts9\t3" in p.stdout
+    p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)
+    assert p.returncode == 0 and "removed newbie: 3" in p.stdout
+    p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)
+    assert p.returncode == 2 and "not in the gallery" in p.stderr
