@@ -38,18 +38,20 @@ TINY_TRAIN = [
 ]
 
 
-def workflow_config(root: Path, base_url: str, characters: list[dict], extra: list[str] = ()):
-    """conf/workflow.yaml composed for tests: the fake booru, fast HTTP, tiny training, everything under `root`."""
+def workflow_config(root: Path, base_url: str | None, characters: list[dict], extra: list[str] = ()):
+    """conf/workflow.yaml composed for tests: the fake booru (None: set the collector in `extra`), fast HTTP,
+    tiny training, everything under `root`."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from anime_role_detect.workflow.run import CONFIG_DIR
 
-    overrides = [
-        f"paths.root_dir={root}", "collector=danbooru", f"collector.base_url={base_url}", "collector.page_size=10",
-        "collector.limit_per_character=40", "clean.min_side=48", "gallery.embedder.flip_tta=false",
-        "gallery.embedder.batch_size=64", *[f"collector.http.{k}={v}" for k, v in FAST_HTTP.items()], *extra,
-    ]
+    booru = [
+        "collector=danbooru", f"collector.base_url={base_url}", "collector.page_size=10", "collector.limit_per_character=40",
+        *[f"collector.http.{k}={v}" for k, v in FAST_HTTP.items()],
+    ] if base_url else []
+    overrides = [f"paths.root_dir={root}", *booru, "clean.min_side=48", "gallery.embedder.flip_tta=false",
+                 "gallery.embedder.batch_size=64", *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="workflow", overrides=overrides)
     cfg.train.overrides = list(TINY_TRAIN)

@@ -1,0 +1,42 @@
+"""The local collector and cleaning on the real images in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import workflow_config
+
+from anime_role_detect.data.dedupe import near_duplicate_clusters, perceptual_hash
+from anime_role_detect.data.layout import Split, read_metadata
+from anime_role_detect.imageio import load_image
+from anime_role_detect.workflow.progress import Progress
+from anime_role_detect.workflow.run import run_workflow
+
+pytestmark = pytest.mark.realdata
+
+
+def test_real_near_duplicates_are_removed_before_the_split(shared_data, tmp_path):
+    names = ["Gojo_Satoru", "Hua_Cheng", "Rintarou_Okabe"]
+    cfg = workflow_config(tmp_path, None, [{"name": n} for n in names],
+                          ["collector=local", f"collector.root={shared_data / 'mixed5'}", "stop_after=split", "clean.min_side=64"])
+    result = run_workflow(cfg, Progress(log=False))
+    run_dir = Path(result.run_dir)
+    report = json.loads((run_dir / "clean_report.json").read_text())
+    assert report["reasons"].get("near-duplicate", 0) >= 10  # mixed5 holds re-encoded copies of the same pictures
+    dataset = run_dir / "dataset"
+    meta = read_metadata(dataset)
+    split = Split.load(dataset / "split.json")
+    assert set(split.train) | set(split.val) == set(meta)
+    # Independent check: no kept train image is within the pHash threshold of a kept val image.
+    files = sorted(meta)
+    hashes = [perceptual_hash(load_image(dataset / f)) for f in files]
+    side = {**{f: 0 for f in split.train}, **{f: 1 for f in split.val}}
+    clusters = near_duplicate_clusters(hashes, int(cfg.clean.max_distance))
+    sides_per_cluster: dict[int, set[int]] = {}
+    for f, c in zip(files, clusters):
+        sides_per_cluster.setdefault(c, set()).add(side[f])
+    assert all(len(s) == 1 for s in sides_per_cluster.values())
+    rows = {r["character"]: r for r in result.summary}
+    assert set(rows) == set(names) and all(r["val"] >= 8 for r in rows.values())
