@@ -55,3 +55,37 @@ def test_recognizer_sink_logs_answer_embedding_and_optionally_the_upload(tmp_pat
     assert (stored is not None and stored.read_bytes() == data) if store else stored is None
     assert FeatureLog(tmp_path / "fl").image_path(records[1]) is None
     assert not (tmp_path / "fl" / "images").exists() or store
+
+
+@pytest.mark.slow
+def test_export_stored_uploads_as_dataset_via_cli(tmp_path, version_dir):
+    """`python -m anime_role_detect.fusion export_dir=...` turns corrected, stored uploads into a training folder."""
+    import json
+    import subprocess
+    import sys
+
+    from anime_role_detect.data.layout import read_metadata, scan_dataset
+    from anime_role_detect.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.import_folder(version_dir)
+    log = FeatureLog(tmp_path / "fl", {"store_images": True})
+    rec = log.attach(Recognizer.from_version(reg.path(), {"mode": "clip", "rerank": False}))
+    names = sorted(c["name"] for c in rec.characters())
+    uploads = {}
+    for seed in range(4):
+        data = _png(seed)
+        ans = rec.recognize_bytes(data, f"{seed}.png")
+        truth = names[seed % 3]
+        log.feedback(ans.image_sha256, correct_role=truth) if ans.role != truth else log.feedback(ans.image_sha256, confirmed=True)
+        uploads[ans.image_sha256] = truth
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "anime_role_detect.fusion", f"log_dir={tmp_path / 'fl'}",
+                           f"registry_dir={reg.root}", f"export_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"log.dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 4
+    meta = read_metadata(out)
+    assert {r.group: r.character for r in meta.values()} == uploads  # grouped by upload, labelled by the verdicts
+    assert len(scan_dataset(out)) == 4

@@ -464,3 +464,52 @@ def _write_version(registry: Registry, base_id: str, base_dir: Path, gallery: Ga
     atomic_write_text(staging / REPORT_MD, render_markdown(report))
     return registry.commit(staging, parent=base_id, kind="fusion", promote=promote,
                            extra={"fusion": {"added": report["added_per_character"], "reason": report["reason"]}})
+
+
+# -- export for classifier fine-tuning ------------------------------------------------------------------
+def export_dataset(cfg: Mapping[str, Any]) -> dict:
+    """Write the selected logged examples whose uploads were stored as a dataset folder for the training framework.
+
+    ``ROOT/<character>/<sha>_<det>.png`` (the detection's box cropped) + ``metadata.jsonl`` with
+    ``source=log:<record>#<det>`` and ``group=<image sha>`` so crops of one upload never straddle a
+    split. Feed it to the workflow (``extra_datasets=[ROOT] extend_live=true``) to fine-tune.
+    """
+    from PIL import Image
+
+    from ..data.layout import ImageRecord, write_metadata
+
+    cfg = dict(cfg)
+    out = Path(str(cfg.get("export_dir") or ""))
+    if not cfg.get("export_dir"):
+        raise ConfigError("fusion export: export_dir is not set; pass export_dir=<new dataset folder>")
+    selection = SelectionPolicy.from_mapping(cfg.get("selection"))
+    registry = Registry(cfg["registry_dir"])
+    gallery = Gallery.load(registry.path(str(cfg.get("base_version") or "latest")))
+    log = FeatureLog(cfg["log_dir"])
+    records = {r.id: r for r in log.read()}
+    examples, holdout, skipped = collect_examples(records.values(), gallery.embedder_id, gallery.dim, selection, 0.0,
+                                                  {c["name"] for c in gallery.characters()})
+    rows: list[ImageRecord] = []
+    no_image = 0
+    for ex in examples:
+        rid, det = ex.source[len("log:"):].rsplit("#", 1)
+        rec = records[rid]
+        path = log.image_path(rec)
+        if path is None:
+            no_image += 1
+            continue
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            box = rec.detections[int(det)].get("box") or [0, 0, im.width, im.height]
+            crop = im if rec.data.get("whole_image") else im.crop(tuple(int(round(v)) for v in box[:4]))
+        rel = f"{ex.character}/{rec.image_sha256[:16]}_{det}.png"
+        (out / ex.character).mkdir(parents=True, exist_ok=True)
+        crop.save(out / rel)
+        rows.append(ImageRecord(file_name=rel, character=ex.character, series=ex.series, source=ex.source,
+                                group=rec.image_sha256, tags=[t["tag"] for t in rec.detections[int(det)].get("tags", [])]))
+    if rows:
+        write_metadata(out, rows)
+    summary = {"export_dir": str(out), "images": len(rows), "without_stored_image": no_image,
+               "per_character": dict(Counter(r.character for r in rows)), "skipped": dict(skipped)}
+    _log.info(f"fusion export: {len(rows)} images to {out} ({no_image} selected examples had no stored image)")
+    return summary
