@@ -172,3 +172,22 @@ def mp4_bytes(frames: Sequence[Image.Image], fps: int = 4) -> bytes:
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def write_site_config(folder: Path, collector_root: Path, work_dir: Path, train_overrides: Sequence[str]) -> Path:
+    """A site config layered on conf/serve.yaml (how a deployment sets server-side workflow values)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "defaults": ["serve", "_self_"],
+        "workflow": {
+            "overrides": ["collector=local"],
+            "values": {
+                "collector.root": str(collector_root), "work_dir": str(work_dir), "clean.min_side": 48,
+                "gallery.embedder.flip_tta": False, "gallery.embedder.batch_size": 64, "train.overrides": list(train_overrides),
+            },
+        },
+    }
+    import yaml
+
+    (folder / "serve_site.yaml").write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
+    return folder

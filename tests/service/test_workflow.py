@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import yaml
 
-from .conftest import Server, start_server
+from .conftest import Server, start_server, write_site_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +19,6 @@ TINY_TRAIN = [
     "data=folder", "~experiment", "model=tiny", "trainer.max_epochs=2", "data.image_size=64", "data.batch_size=16",
     "logger=csv", "~callbacks.progress_bar", "callbacks.early_stopping.patience=10", "threads=1", "data.num_workers=0",
 ]
-
-
-def write_site_config(folder: Path, collector_root: Path, work_dir: Path) -> Path:
-    """A site config layered on conf/serve.yaml (how a deployment sets server-side workflow values)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "defaults": ["serve", "_self_"],
-        "workflow": {
-            "overrides": ["collector=local"],
-            "values": {
-                "collector.root": str(collector_root), "work_dir": str(work_dir), "clean.min_side": 48,
-                "gallery.embedder.flip_tta": False, "gallery.embedder.batch_size": 64, "train.overrides": TINY_TRAIN,
-            },
-        },
-    }
-    (folder / "serve_site.yaml").write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
-    return folder
 
 
 def sse(client: httpx.Client, url: str, timeout: float = 300) -> Iterator[dict]:
@@ -61,7 +42,7 @@ def sse(client: httpx.Client, url: str, timeout: float = 300) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory, service_data) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("fresh")
-    conf = write_site_config(base / "site_conf", service_data.gallery_root, base / "wf")
+    conf = write_site_config(base / "site_conf", service_data.gallery_root, base / "wf", TINY_TRAIN)
     srv = start_server(base / "srv", base / "registry", config_dir=conf, config_name="serve_site")
     yield srv
     srv.stop()
@@ -156,3 +137,5 @@ def test_cancel_stops_a_running_workflow(fresh, service_data):
         listed = {j["id"]: j["status"] for j in c.get("/api/workflow").json()["jobs"]}
         assert listed[job_id] == "cancelled"
         assert c.get("/api/workflow/0123456789ab").status_code == 404
+        r = c.get("/api/workflow/0123456789ab/events")  # refused before the stream starts, as JSON
+        assert r.status_code == 404 and r.json()["error"]

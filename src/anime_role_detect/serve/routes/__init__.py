@@ -17,3 +17,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid fields, or an image that cannot be decoded."},
     503: {"model": ErrorBody, "description": "No model loaded yet, or the request timed out."},
 }
+
+
+def json_error_responses(codes: tuple[int, ...] = (404, 422)) -> dict[int | str, dict[str, Any]]:
+    """Error responses documented as JSON on a route whose success type is not JSON (e.g. an SSE stream)."""
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    return {c: {"description": ERROR_RESPONSES[c]["description"], "content": {"application/json": {"schema": ref}}} for c in codes}

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from ..deps import WorkflowsDep, require_token
 from ..errors import ApiError
 from ..workflows import FINISHED, Job, WorkflowManager, WorkflowRequest, WorkflowStatus
-from . import ERROR_RESPONSES
+from . import ERROR_RESPONSES, json_error_responses
 
 router = APIRouter(prefix="/api/workflow", tags=["workflow"])
 
@@ -31,6 +31,14 @@ def _job(manager: WorkflowManager, job_id: str) -> Job:
     if job is None:
         raise ApiError(404, f"no workflow job {job_id!r} on this server (jobs are kept in memory until restart)", {"id": job_id})
     return job
+
+
+def job_dep(job_id: JobId, manager: WorkflowsDep) -> Job:
+    """The job named in the path; 404 before any response starts (an SSE stream cannot change its status later)."""
+    return _job(manager, job_id)
+
+
+JobDep = Annotated[Job, Depends(job_dep)]
 
 
 @router.post("", response_model=WorkflowStatus, status_code=202, dependencies=[Depends(require_token)],
@@ -60,15 +68,13 @@ async def cancel_workflow(job_id: JobId, manager: WorkflowsDep) -> WorkflowStatu
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, summary="Live progress stream (Server-Sent Events)",
-            responses=ERROR_RESPONSES)
+            responses=json_error_responses())
 async def workflow_events(
-    job_id: JobId,
-    manager: WorkflowsDep,
+    job: JobDep,
     last_event_id: Annotated[int | None, Header(ge=0, description="Resume after this event id (sent by EventSource on reconnect).")] = None,
 ) -> AsyncIterable[ServerSentEvent]:
     """Events ``status`` ({status}), ``progress`` ({stage, done, total, percent, message, time}) and a final
     ``end`` ({status, error, result}); the backlog is replayed first, so a late subscriber misses nothing."""
-    job = _job(manager, job_id)
     after = last_event_id or 0
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
