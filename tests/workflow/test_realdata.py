@@ -40,3 +40,22 @@ def test_real_near_duplicates_are_removed_before_the_split(shared_data, tmp_path
     assert all(len(s) == 1 for s in sides_per_cluster.values())
     rows = {r["character"]: r for r in result.summary}
     assert set(rows) == set(names) and all(r["val"] >= 8 for r in rows.values())
+
+
+def test_crop_with_the_anime_face_detector_on_real_illustrations(shared_data, tmp_path):
+    names = ["suzukaze_aoba", "takimoto_hifumi"]
+    cfg = workflow_config(tmp_path, None, [{"name": n, "limit": 12} for n in names],
+                          ["collector=local", f"collector.root={shared_data / 'newgame_full'}", "stop_after=clean",
+                           "clean.crop.enabled=true", "clean.crop.keep_uncropped=false", "clean.crop.margin=0.3",
+                           "min_images_per_character=2"])
+    result = run_workflow(cfg, Progress(log=False))
+    run_dir = Path(result.run_dir)
+    meta = read_metadata(run_dir / "dataset")
+    report = json.loads((run_dir / "clean_report.json").read_text())
+    assert meta and all(f.endswith(".png") for f in meta)  # crops are saved as PNG
+    for f, rec in meta.items():
+        crop = load_image(run_dir / "dataset" / f)
+        original = load_image(next((run_dir / "raw" / rec.character).glob(f"{Path(f).stem}.*")))
+        assert crop.size[0] * crop.size[1] < original.size[0] * original.size[1]
+    assert report["reasons"].get("no character found by the detector", 0) + len(meta) + sum(
+        v for k, v in report["reasons"].items() if k != "no character found by the detector") == 24
