@@ -100,7 +100,8 @@ def _crop_function(crop_cfg: Mapping[str, Any] | None) -> Callable[[Image.Image]
     return crop
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (no extra disk space), copying when linking is not possible."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -186,7 +187,7 @@ def clean_dataset(
             (out_root / rec.file_name).parent.mkdir(parents=True, exist_ok=True)
             it.crop.save(out_root / rec.file_name)
         else:
-            _link_or_copy(it.src, out_root / rec.file_name)
+            link_or_copy(it.src, out_root / rec.file_name)
         out_records.append(rec)
     if cfg.near_duplicates == "group":  # also merge booru parent groups with pHash groups (transitively)
         assign_duplicate_groups(out_records, out_root, int(cfg.max_distance))

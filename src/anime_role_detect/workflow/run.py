@@ -28,7 +28,7 @@ from ..errors import ConfigError, DatasetError, UserError
 from ..fsutil import atomic_write_json, atomic_write_text, read_json
 from ..log import get_logger
 from ..registry import MANIFEST, Registry
-from .clean import CleanConfig, clean_dataset
+from .clean import CleanConfig, clean_dataset, link_or_copy
 from .collectors import CharacterQuery, build_collector, read_manifest
 from .collectors.base import fingerprint, safe_name
 from .progress import Progress
@@ -251,11 +251,9 @@ def _clean_multi(records: list[ImageRecord], roots: Mapping[str, Path], out_root
     tmp_raw = out_root.parent / "merged.partial"
     if tmp_raw.exists():
         shutil.rmtree(tmp_raw)
-    from .clean import _link_or_copy
-
     for root, recs in by_root.items():
         for r in recs:
-            _link_or_copy(root / r.file_name, tmp_raw / r.file_name)
+            link_or_copy(root / r.file_name, tmp_raw / r.file_name)
     try:
         return clean_dataset(records, tmp_raw, out_root, ccfg, progress)
     finally:
