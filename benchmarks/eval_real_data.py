@@ -8,9 +8,10 @@ Baseline (same run, same splits): frozen ImageNet Lite0 features, one mean proto
 no flip: the recipe behind the data README's 40.7% / 87.8% (which used random splits).
 With ``--ckpt SET=PATH`` the fine-tuned classifier is evaluated too: as an embedder (gallery mode) and
 as a classifier (model mode), on the same val images (the checkpoint must not have trained on them:
-train it with the same split seed, see docs/recognition.md).
+pass its split manifest with ``--split SET=data/splits/<set>-...json``).
 
-    python benchmarks/eval_real_data.py [--sets newgame_full mixed5] [--seeds 0 1 2] [--ckpt newgame_full=PATH]
+    python benchmarks/eval_real_data.py [--sets newgame_full mixed5] [--seeds 0 1 2]
+    python benchmarks/eval_real_data.py --sets mixed5 --ckpt mixed5=CKPT --split mixed5=data/splits/mixed5-...json
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ckpt", nargs="*", default=[], help="SET=PATH: a fine-tuned classifier for that set")
+    ap.add_argument("--split", nargs="*", default=[], help="SET=PATH: use this split manifest (train.py's data/splits/*.json) instead of --seeds")
     args = ap.parse_args(argv)
     import torch
     from loguru import logger
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from anime_role_detect.recognition.embedder import ClassifierEmbedder, build_embedder
 
     ckpts = dict(c.split("=", 1) for c in args.ckpt)
+    manifests = dict(c.split("=", 1) for c in args.split)
     lite0 = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "flip_tta": False, "batch_size": 32})
     rows: list[tuple[str, str, str]] = []
     for name in args.sets:
@@ -119,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         pos = {r.file_name: i for i, r in enumerate(recs)}
         print(f"{name}: {len(recs)} images, {len(set(labels))} characters, {rep.near_duplicate_groups} near-duplicate groups", file=sys.stderr)
         splits = []
-        for seed in args.seeds:
+        if name in manifests:  # the exact split a checkpoint was trained on: its val images are unseen by it
+            import json
+
+            m = json.loads(Path(manifests[name]).read_text())
+            splits.append((np.array([pos[f] for f in m["train"] if f in pos]), np.array([pos[f] for f in m["val"] if f in pos])))
+            print(f"  split from {manifests[name]}: {len(splits[0][0])} train / {len(splits[0][1])} val", file=sys.stderr)
+        for seed in ([] if name in manifests else args.seeds):
             sp = stratified_group_split(recs, 0.2, seed)
             splits.append((np.array([pos[f] for f in sp.train]), np.array([pos[f] for f in sp.val])))
         embedders = {"ImageNet Lite0 (frozen)": lite0}
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ckpts:
             accs = [model_top1(ckpts[name], paths, labels, va) for _, va in splits]
             rows.append((name, "model: fine-tuned classifier", f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.pstdev(accs):.1f}"))
-    print("\n| set | method | top-1 % (mean ± sd over seeds " + " ".join(map(str, args.seeds)) + ") |")
+    print("\n| set | method | top-1 % (mean ± sd over splits) |")
     print("|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
