@@ -55,7 +55,10 @@ def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader 
         if feature_log is not None and hasattr(rec, "feature_sink"):
             feature_log.attach(rec)  # answers + embeddings (tagged with this recognizer's embedder) feed log fusion
 
-    live = LiveRecognizer(settings.registry_path, settings.version, settings.recognizer, settings.reload_interval_s,
+    # the recognizer's own safe decode uses the server's limits unless the config sets its own
+    rec_cfg = {"limits": {"max_pixels": settings.limits.max_pixels, "max_bytes": settings.limits.max_upload_bytes},
+               **settings.recognizer}
+    live = LiveRecognizer(settings.registry_path, settings.version, rec_cfg, settings.reload_interval_s,
                           loader=recognizer_loader or load_from_version, on_load=on_load)
     workflows = None
     if settings.workflow.enabled:
