@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "tiny": dict(
         n_train=96, n_val=16, epochs=25, image_size=160, batch=16, width=0.125, mosaic=0.0, optimizer="AdamW",
-        lr0=0.01, warmup_epochs=1.0, val_each_epoch=False,
+        lr0=0.01, warmup_epochs=1.0, val_each_epoch=False, threads=1,  # 1 thread: robust on a shared, busy CPU
     ),
 }
 
