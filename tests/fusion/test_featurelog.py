@@ -63,6 +63,10 @@ def test_feedback_joined_by_record_id_and_by_image_hash(tmp_path):
     # a fresh process (new FeatureLog object) finds records it did not write
     other = FeatureLog(tmp_path)
     other.feedback(a, confirmed=True)
+    other.feedback("c" * 64, correct_role="char_09", detection=0)  # by hash, found by scanning
+    with pytest.raises(FeedbackError):
+        other.feedback("e" * 64, confirmed=True)
+    other.feedback(c, correct_role="char_04")  # record-id feedback beats image-hash feedback
     recs = {r.id: r for r in FeatureLog(tmp_path).read()}
     assert recs[a].feedback[0].confirmed and recs[a].feedback[0].role == "char_00"
     assert set(recs[b].feedback) == {1} and recs[b].feedback[1].role == "char_05" and not recs[b].feedback[1].confirmed

@@ -347,16 +347,38 @@ class FeatureLog:
         return event
 
     def _key_kind(self, key: str) -> str | None:
-        """'id' or 'image_sha256' when `key` names a logged record (this process's first, then a scan)."""
+        """'id' or 'image_sha256' when `key` names a logged record: this process's recent ids, else a scan.
+
+        The scan goes newest segment first and parses only lines containing the key's bytes, so
+        feedback on an answer another worker logged stays cheap on a large log.
+        """
+        if not key:
+            return None
         if key in self._own_ids:
             return "id"
         if key in self._own_ids.values():
             return "image_sha256"
-        for d in self._iter_json():
-            if d.get("id") == key:
-                return "id"
-            if key and d.get("image_sha256") == key:
-                return "image_sha256"
+        needle = key.encode("utf-8")
+        for seg in reversed(self.segment_paths()):
+            try:
+                blob = seg.read_bytes()
+            except FileNotFoundError:
+                continue
+            start = blob.find(needle)
+            while start != -1:
+                line_start = blob.rfind(b"\n", 0, start) + 1
+                line_end = blob.find(b"\n", start)
+                if line_end == -1:
+                    break  # an uncommitted last line
+                try:
+                    d = json.loads(blob[line_start:line_end])
+                except ValueError:
+                    d = {}
+                if d.get("id") == key:
+                    return "id"
+                if d.get("image_sha256") == key:
+                    return "image_sha256"
+                start = blob.find(needle, line_end)
         return None
 
     def close(self) -> None:
@@ -421,9 +443,10 @@ class FeatureLog:
         """All feedback events, oldest first (a torn last line is skipped)."""
         return list(_read_jsonl(self.dir / FEEDBACK_FILE))
 
-    def read(self, embeddings: bool = True, since: float | None = None) -> Iterator[LogRecord]:
+    def read(self, embeddings: bool = True, since: float | None = None, embedder: str | None = None) -> Iterator[LogRecord]:
         """Yield complete records, oldest first, with feedback joined (by record id, else image hash).
 
+        With `embedder` given, rows are loaded only for that embedder's records (others come without).
         Safe while writers append: lines without their newline yet are not yielded, and a record
         whose embedding rows fail their CRC is skipped (counted in `corrupt`).
         """
@@ -433,7 +456,8 @@ class FeatureLog:
             for data in _read_jsonl(seg):
                 if since is not None and float(data.get("ts", 0)) < since:
                     continue
-                emb = self._load_embeddings(seg.parent, data) if embeddings else np.zeros((0, 0), np.float32)
+                wanted = embeddings and (embedder is None or data.get("embedder") == embedder)
+                emb = self._load_embeddings(seg.parent, data) if wanted else np.zeros((0, 0), np.float32)
                 if emb is None:
                     self.corrupt += 1
                     continue

@@ -130,7 +130,7 @@ def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, p
         if since is not None and rec.time < since:
             skipped["older_than_since_days"] += 1
             continue
-        if rec.embedder != embedder_id or (len(rec.embeddings) and rec.embeddings.shape[1] != dim):
+        if rec.embedder != embedder_id or (rec.embeddings.size and rec.embeddings.shape[1] != dim):
             skipped["other_embedder"] += len(rec.detections) or 1
             continue
         for i, det in enumerate(rec.detections):
@@ -391,8 +391,15 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         log = FeatureLog(log_dir, {"retention_days": float(retention.get("retention_days", 14))})
         if retention.get("apply", False):
             log.apply_retention()
-        records = list(log.read())
-        candidates, holdout, skipped = collect_examples(records, gallery.embedder_id, gallery.dim, selection,
+        n_records = 0
+
+        def counted() -> Iterator[LogRecord]:  # streamed: only selected examples keep their embeddings in memory
+            nonlocal n_records
+            for rec in log.read(embedder=gallery.embedder_id):
+                n_records += 1
+                yield rec
+
+        candidates, holdout, skipped = collect_examples(counted(), gallery.embedder_id, gallery.dim, selection,
                                                          evaluation.holdout_fraction, known)
         chosen, dropped = select_examples(candidates, gallery, selection)
         skipped.update(dropped)
@@ -425,7 +432,7 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         register, reason = decide(metrics, len(chosen), evaluation.tolerance, bool(cfg.get("force", False)))
         report: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base_version": base_id, "version_id": None,
-            "decision": "registered" if register else "rejected", "reason": reason, "records": len(records),
+            "decision": "registered" if register else "rejected", "reason": reason, "records": n_records,
             "corrupt_records": getattr(log, "corrupt", 0), "embedder": gallery.embedder_id, "metrics": metrics,
             "added_per_character": {c: dict(Counter(e.kind for e in exs)) for c, exs in by_char.items()},
             "new_characters": sorted(set(by_char) - known), "skipped": dict(skipped), "stale_staging_removed": stale,
