@@ -190,3 +190,17 @@ def test_bad_config_and_empty_registry_are_one_line_errors(tmp_path):
         fuse({"log_dir": str(tmp_path / "fl"), "registry_dir": str(tmp_path / "r")})
     with pytest.raises(ConfigError, match="unknown key"):
         fuse({"log_dir": str(tmp_path / "fl"), "registry_dir": str(tmp_path / "r"), "selection": {"min_conf": 1}})
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "fl").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "anime_role_detect.fusion", f"log_dir={tmp_path / 'fl'}",
+                           f"registry_dir={tmp_path / 'reg'}", f"hydra.run.dir={tmp_path / 'run'}", f"log.dir={tmp_path / 'logs'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: registry {tmp_path / 'reg'} has no live version to fuse into; run the workflow first"]
+    assert "Traceback" not in proc.stderr
