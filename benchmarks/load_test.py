@@ -46,6 +46,7 @@ class Phase:
     errors: int = 0
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    model_ms: list[float] = field(default_factory=list)  # recognizer time inside the answer (timings_ms.total)
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -58,6 +59,7 @@ class Phase:
         self.errors += other.errors
         self.seconds += other.seconds
         self.latencies_ms += other.latencies_ms
+        self.model_ms += other.model_ms
         self.error_samples += other.error_samples[: max(0, 5 - len(self.error_samples))]
         return self
 
@@ -68,7 +70,8 @@ class Phase:
         return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("latencies_ms", "model_ms")}
+        d["model_p50_ms"] = round(statistics.median(self.model_ms), 1) if self.model_ms else None
         d.update(throughput_rps=round(self.throughput, 2), p50_ms=round(self.pct(50), 1), p99_ms=round(self.pct(99), 1),
                  mean_ms=round(statistics.fmean(self.latencies_ms), 1) if self.latencies_ms else None)
         return d
@@ -131,8 +134,9 @@ def baseline_in_process(rec, images: list[bytes], limit_s: float) -> Phase:
         if time.perf_counter() - t0 > limit_s:
             break
         s = time.perf_counter()
-        rec.recognize_bytes(data, f"{i}.png")
+        ans = rec.recognize_bytes(data, f"{i}.png")
         phase.latencies_ms.append((time.perf_counter() - s) * 1e3)
+        phase.model_ms.append(float(ans.timings_ms.get("total", 0.0)))
         phase.requests += 1
     phase.seconds = time.perf_counter() - t0
     return phase
@@ -153,6 +157,8 @@ async def run_clients(url: str, images: list[bytes], clients: int, total: int, l
             try:
                 r = await c.post("/api/classify", files={"file": (f"{i}.png", data, "image/png")})
                 ok = r.status_code == 200 and "role" in r.json()
+                if ok:
+                    phase.model_ms.append(float(r.json().get("timings_ms", {}).get("total", 0.0)))
                 if not ok and len(phase.error_samples) < 5:
                     phase.error_samples.append(f"{r.status_code}: {r.text[:200]}")
             except httpx.HTTPError as exc:
@@ -171,11 +177,11 @@ async def run_clients(url: str, images: list[bytes], clients: int, total: int, l
     return phase
 
 
-def start_server(registry: Path, workdir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(registry: Path, workdir: Path, threads: int, torch_threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [sys.executable, "-m", "anime_role_detect.serve", f"port={port}", f"registry_dir={registry}",
             f"feature_log.dir={workdir / 'featurelog'}", f"hydra.run.dir={workdir / 'hydra'}", "log.console_level=WARNING",
-            f"limits.inference_threads={threads}"]
+            f"limits.inference_threads={threads}", f"recognizer.threads={torch_threads}"]
     env = {**os.environ, "ARD_ROOT": str(workdir), "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
     log = open(workdir / "server.log", "wb")
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="use a running server (loopback only) instead of starting one")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per phase (drift on shared machines)")
     ap.add_argument("--threads", type=int, default=2, help="server inference threads (limits.inference_threads)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads in the server and the baseline")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
@@ -218,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(registry, work, args.threads)
+            proc, url = start_server(registry, work, args.threads, args.torch_threads)
         try:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)  # same per-request compute as one server worker
             rec = load_recognizer(registry)
             rec.recognize_bytes(images[0], "warmup.png")
             asyncio.run(run_clients(url, images[:4], 1, 4, 30, "warm-up"))
@@ -239,14 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(15)
 
     base = phases[0]
+    single, multi = phases[-2], phases[-1]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nloopback load test: {args.requests} requests/phase in {args.rounds} interleaved rounds, {args.size}px PNGs, "
           f"server threads={args.threads}, cpus={os.cpu_count()}, load average {load:.1f}")
-    print(f"{'phase':<26}{'req':>6}{'err':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x base req/s':>14}{'x base p50':>12}")
+    print(f"{'phase':<26}{'req':>6}{'err':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'model p50':>10}"
+          f"{'x base req/s':>14}{'x base p50':>12}")
     for p in phases:
-        print(f"{p.name:<26}{p.requests:>6}{p.errors:>5}{p.throughput:>9.2f}{p.pct(50):>9.1f}{p.pct(99):>9.1f}"
+        model = statistics.median(p.model_ms) if p.model_ms else float("nan")
+        print(f"{p.name:<26}{p.requests:>6}{p.errors:>5}{p.throughput:>9.2f}{p.pct(50):>9.1f}{p.pct(99):>9.1f}{model:>10.1f}"
               f"{p.throughput / base.throughput:>14.2f}{p.pct(50) / base.pct(50):>12.2f}")
-    single, multi = phases[-2], phases[-1]
+    if single.model_ms:
+        over = [lat - m for lat, m in zip(single.latencies_ms, single.model_ms)]
+        print(f"\nHTTP + upload + JSON overhead per request (1 client, latency - recognizer time): "
+              f"median {statistics.median(over):.1f} ms")
     print(f"\nconcurrency gain ({multi.clients} clients vs 1): {multi.throughput / single.throughput:.2f}x throughput, "
           f"p99 {multi.pct(99) / single.pct(99):.2f}x")
     errors = sum(p.errors for p in phases)

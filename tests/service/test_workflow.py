@@ -139,3 +139,31 @@ def test_cancel_stops_a_running_workflow(fresh, service_data):
         assert c.get("/api/workflow/0123456789ab").status_code == 404
         r = c.get("/api/workflow/0123456789ab/events")  # refused before the stream starts, as JSON
         assert r.status_code == 404 and r.json()["error"]
+
+
+@pytest.mark.browser
+def test_workflow_page_runs_and_shows_live_progress_and_metrics(fresh, service_data, tmp_path):
+    """The /workflow page in headless Chromium: start, stages and log lines arrive over SSE, metrics at the end."""
+    from selenium.webdriver.common.by import By
+
+    from .test_browser import _driver, _wait
+
+    drv = _driver(tmp_path, 1200, 900)
+    try:
+        drv.get(fresh.url + "/workflow")
+        area = drv.find_element(By.ID, "characters")
+        area.clear()
+        area.send_keys(json.dumps([{"name": n, "series": "synthetic"} for n in service_data.names[:3]]))
+        drv.find_element(By.ID, "p-epochs").send_keys("2")
+        drv.find_element(By.ID, "start").click()
+        final = _wait(drv, lambda d: d.execute_script("return document.body.dataset.status") in ("succeeded", "failed", "cancelled")
+                      and d.execute_script("return document.body.dataset.status"), 240)
+        assert final == "succeeded", drv.find_element(By.ID, "log").text[-2000:]
+        stages = [e.get_attribute("data-stage") for e in drv.find_elements(By.CSS_SELECTOR, "#stages .barrow")]
+        assert {"collect", "train", "register"} <= set(stages)
+        assert "register" in drv.find_element(By.ID, "log").text
+        assert "New version" in drv.find_element(By.ID, "outcome-text").text
+        assert drv.find_elements(By.CSS_SELECTOR, "#metrics tbody tr")
+        drv.save_screenshot(str(tmp_path / "workflow.png"))
+    finally:
+        drv.quit()
