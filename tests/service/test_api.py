@@ -11,7 +11,6 @@ from PIL import Image
 
 from anime_role_detect.fusion.featurelog import FeatureLog
 
-from .conftest import png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -6,19 +6,19 @@ import io
 import os
 import tempfile
 import warnings
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ...errors import ImageError, UserError
+from ...errors import UserError
 from ...recognition.schema import Answer, Mode, VideoAnswer
 from ..deps import LiveDep, ServicesDep, reading, run_model
 from ..errors import ApiError, status_for_user_error
 from ..live import Loaded
 from ..settings import Limits
-from ..uploads import Upload, check_count, read_upload
+from ..uploads import Upload, check_count, client_filename, read_upload
 from . import ERROR_RESPONSES
 
 router = APIRouter(prefix="/api", tags=["recognition"])
@@ -154,14 +154,12 @@ async def classify_batch(
             up = await read_upload(f, limits, index=i, allow_video=False)
             slots.append((await run_model(services, decode_upload, up, limits), up.filename))
         except ApiError as exc:
-            slots.append(BatchItem(filename=f.filename or f"upload-{i}", status=exc.status_code, error=exc.error))
+            slots.append(BatchItem(filename=client_filename(f.filename, i), status=exc.status_code, error=exc.error))
         except UserError as exc:
-            slots.append(BatchItem(filename=f.filename or f"upload-{i}", status=status_for_user_error(exc), error=str(exc)))
+            slots.append(BatchItem(filename=client_filename(f.filename, i), status=status_for_user_error(exc), error=str(exc)))
     good = [s for s in slots if not isinstance(s, BatchItem)]
     answers = iter(await run_model(services, recognize_many, loaded, good, mode, rerank) if good else [])
     results = [s if isinstance(s, BatchItem) else BatchItem(filename=s[1], status=200, answer=next(answers)) for s in slots]
     ok = sum(r.status == 200 for r in results)
     return BatchAnswer(results=results, ok=ok, failed=len(results) - ok)
 
-
-__all__: list[Any] = ["router", "resolve_mode", "ImageError"]

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from ..deps import WorkflowsDep, require_token
 from ..errors import ApiError
-from ..workflows import FINISHED, Job, WorkflowManager, WorkflowRequest, WorkflowStatus
+from ..workflows import Job, WorkflowManager, WorkflowRequest, WorkflowStatus
 from . import ERROR_RESPONSES, json_error_responses
 
 router = APIRouter(prefix="/api/workflow", tags=["workflow"])
@@ -89,7 +89,7 @@ async def workflow_events(
             if ev["id"] > after:
                 yield ServerSentEvent(event=ev["event"], data=ev["data"], id=str(ev["id"]))
             ended = ended or ev["event"] == "end"
-        if ended or job.status in FINISHED and any(e["event"] == "end" for e in backlog):
+        if ended:
             return
         while True:
             ev = await queue.get()
