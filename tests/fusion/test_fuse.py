@@ -204,3 +204,30 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: registry {tmp_path / 'reg'} has no live version to fuse into; run the workflow first"]
     assert "Traceback" not in proc.stderr
+
+
+def test_feedback_raises_the_bar_for_unconfirmed_answers_on_a_new_style(world):
+    """On the new style confident answers are often wrong; the verdicts show it, so fewer wrong guesses get in."""
+    live = Gallery.load(world["reg"].path())
+    log, sample = world["log"], world["sample"]
+    truth: dict[str, str] = {}
+    for c in range(4):
+        for k, emb in enumerate(sample(c, 14, "night")):
+            ans = _classify(live, emb, f"{c:02d}{k:062d}")
+            rid = log.append(ans, emb[None])
+            truth[rid] = CHARS[c]
+            if k < 6:
+                log.feedback(rid, confirmed=True) if ans.role == CHARS[c] else log.feedback(rid, correct_role=CHARS[c])
+
+    def wrong_unconfirmed_added(auto: bool) -> tuple[int, int, dict]:
+        res = fuse(_cfg(world, selection={"min_confidence": 0.0, "min_margin": 0.0, "auto_confidence": auto},
+                        evaluation={"holdout_fraction": 0.0, "prune_regressions": False}, force=True, promote=False))
+        g = Gallery.load(world["reg"].path(res.version_id))
+        rows = [r for r in g.rows.values() if r.source.startswith("log:")]
+        unconf = [r for r in rows if not any(e.get("id") == r.source[4:].split("#")[0] for e in log.read_feedback())]
+        return sum(r.character != truth[r.source[4:].split("#")[0]] for r in unconf), len(unconf), res.report["unconfirmed_bar"]
+
+    wrong_off, n_off, _ = wrong_unconfirmed_added(False)
+    wrong_on, n_on, bar = wrong_unconfirmed_added(True)
+    assert bar["verdicts"] == 24 and bar["feedback_bar"] is not None
+    assert wrong_off >= 10 and wrong_on <= wrong_off // 3, (wrong_off, n_off, wrong_on, n_on, bar)

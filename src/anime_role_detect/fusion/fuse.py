@@ -45,6 +45,11 @@ class SelectionPolicy:
     include_unconfirmed: bool = True
     min_confidence: float = 0.85
     min_margin: float = 0.05
+    # raise the bar from the feedback itself: the lowest score at which answers users checked were
+    # right at least `auto_precision` of the time (needs `auto_min_feedback` verdicts)
+    auto_confidence: bool = True
+    auto_precision: float = 0.95
+    auto_min_feedback: int = 20
     dedupe_cosine: float = 0.97
     max_added_per_character: int = 100
     max_per_character: int = 500
@@ -119,11 +124,32 @@ def _margin(det: Mapping[str, Any]) -> float:
     return score - max(others) if others else score
 
 
+def feedback_threshold(verdicts: Sequence[tuple[float, bool]], precision: float, min_count: int) -> float | None:
+    """Lowest score s such that checked answers scoring >= s were right at least `precision` of the time.
+
+    None when there are fewer than `min_count` verdicts; +inf when no score reaches the precision
+    (then no unconfirmed answer is trusted).
+    """
+    if len(verdicts) < min_count:
+        return None
+    ordered = sorted(verdicts, key=lambda v: -v[0])
+    best = float("inf")
+    right = 0
+    for n, (score, ok) in enumerate(ordered, 1):
+        right += ok
+        if right / n >= precision and n >= min(5, len(ordered)):
+            best = score
+    return best
+
+
 def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, policy: SelectionPolicy,
-                     holdout_fraction: float, known: set[str]) -> tuple[list[Example], list[Example], Counter]:
-    """Split logged detections into (candidates to add, held-back feedback) and count why others were skipped."""
+                     holdout_fraction: float, known: set[str]) -> tuple[list[Example], list[Example], Counter, dict]:
+    """Split logged detections into (candidates to add, held-back feedback), count why others were skipped,
+    and say which confidence bar unconfirmed answers had to pass (``info["min_confidence"]``)."""
     add: list[Example] = []
     holdout: list[Example] = []
+    unconfirmed: list[Example] = []
+    verdicts: list[tuple[float, bool]] = []  # (score of the logged answer, was it right) from feedback
     skipped: Counter = Counter()
     since = time.time() - policy.since_days * 86400 if policy.since_days else None
     for rec in records:
@@ -142,6 +168,8 @@ def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, p
             if fb is not None:
                 role = fb.role
                 kind = "confirmed" if fb.confirmed else "corrected"
+                if det.get("role") not in (None, "", UNKNOWN) and not det.get("unknown"):
+                    verdicts.append((float(det.get("similarity", 0.0)), role == det.get("role")))
                 if not role or role == UNKNOWN:
                     skipped["feedback_without_character"] += 1
                     continue
@@ -165,9 +193,20 @@ def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, p
             elif det["role"] not in known:
                 skipped["unconfirmed_not_in_gallery"] += 1
             else:
-                add.append(Example(det["role"], det.get("series", ""), rec.embeddings[i], "unconfirmed",
-                                   float(det["similarity"]), source))
-    return add, holdout, skipped
+                unconfirmed.append(Example(det["role"], det.get("series", ""), rec.embeddings[i], "unconfirmed",
+                                           float(det["similarity"]), source))
+    bar = policy.min_confidence
+    auto = feedback_threshold(verdicts, policy.auto_precision, policy.auto_min_feedback) if policy.auto_confidence else None
+    if auto is not None and auto > bar:
+        bar = auto
+        kept = [e for e in unconfirmed if e.score >= bar]
+        if len(kept) < len(unconfirmed):
+            skipped["unconfirmed_below_feedback_bar"] += len(unconfirmed) - len(kept)
+        unconfirmed = kept
+    finite = lambda x: x if x is None or np.isfinite(x) else "unreachable"  # noqa: E731 - JSON has no infinity
+    info = {"min_confidence": finite(bar), "feedback_bar": finite(auto), "verdicts": len(verdicts),
+            "verdict_accuracy": (sum(ok for _, ok in verdicts) / len(verdicts)) if verdicts else None}
+    return add + unconfirmed, holdout, skipped, info
 
 
 def select_examples(candidates: Sequence[Example], gallery: Gallery, policy: SelectionPolicy) -> tuple[list[Example], Counter]:
@@ -399,8 +438,8 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
                 n_records += 1
                 yield rec
 
-        candidates, holdout, skipped = collect_examples(counted(), gallery.embedder_id, gallery.dim, selection,
-                                                         evaluation.holdout_fraction, known)
+        candidates, holdout, skipped, bar_info = collect_examples(counted(), gallery.embedder_id, gallery.dim, selection,
+                                                                   evaluation.holdout_fraction, known)
         chosen, dropped = select_examples(candidates, gallery, selection)
         skipped.update(dropped)
 
@@ -436,7 +475,7 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
             "corrupt_records": getattr(log, "corrupt", 0), "embedder": gallery.embedder_id, "metrics": metrics,
             "added_per_character": {c: dict(Counter(e.kind for e in exs)) for c, exs in by_char.items()},
             "new_characters": sorted(set(by_char) - known), "skipped": dict(skipped), "stale_staging_removed": stale,
-            "selection": asdict(selection), "evaluation": asdict(evaluation),
+            "unconfirmed_bar": bar_info, "selection": asdict(selection), "evaluation": asdict(evaluation),
         }
         version_id = None
         if register:
@@ -494,7 +533,7 @@ def export_dataset(cfg: Mapping[str, Any]) -> dict:
     gallery = Gallery.load(registry.path(str(cfg.get("base_version") or "latest")))
     log = FeatureLog(cfg["log_dir"])
     records = {r.id: r for r in log.read()}
-    examples, holdout, skipped = collect_examples(records.values(), gallery.embedder_id, gallery.dim, selection, 0.0,
+    examples, holdout, skipped, _ = collect_examples(records.values(), gallery.embedder_id, gallery.dim, selection, 0.0,
                                                   {c["name"] for c in gallery.characters()})
     rows: list[ImageRecord] = []
     no_image = 0
