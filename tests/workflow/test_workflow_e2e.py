@@ -175,7 +175,7 @@ def _cli_args(root: Path, base_url: str, specs, run_name: str, extra: list[str] 
             f"run_name={run_name}", f"characters=[{chars}]", f"train.overrides=[{train}]", "log.console_level=WARNING", *extra]
 
 
-def _wait_then_kill(proc: subprocess.Popen, ready, timeout_s: float = 240) -> None:
+def _wait_then_kill(proc: subprocess.Popen, ready, timeout_s: float = 240, sig: int = 9) -> str:
     import os
     import signal
     import time
@@ -183,15 +183,26 @@ def _wait_then_kill(proc: subprocess.Popen, ready, timeout_s: float = 240) -> No
     deadline = time.monotonic() + timeout_s
     while not ready():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            err = Path(proc.args_log).read_text(errors="replace")
             raise AssertionError(f"workflow ended (rc={proc.returncode}) before the kill point:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("kill point never reached")
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -9
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -9
+    return Path(proc.args_log).read_text(errors="replace")
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """The CLI in a subprocess, output to a file (a full pipe must never stall it before the kill)."""
+    fh = open(log, "w")
+    proc = subprocess.Popen(args, cwd=PROJECT, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    proc.args_log = str(log)  # type: ignore[attr-defined]
+    fh.close()
+    return proc
 
 
 def _downloaded_ids(raw: Path) -> set[int]:
@@ -219,18 +230,26 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
     # 1. SIGKILL while images are downloading (the server is slowed down so the kill lands mid-collection).
     booru3.image_delay_s = 0.1
     before = dict(booru3.image_requests)
-    _wait_then_kill(subprocess.Popen(args, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                    lambda: len(_downloaded_ids(raw)) >= 8)
+    _wait_then_kill(_start(args, tmp_path / "kill1.log"), lambda: len(_downloaded_ids(raw)) >= 8)
     on_disk = _downloaded_ids(raw)
     assert 8 <= len(on_disk) < 48 and not (run_dir / "stages" / "collect.json").exists()
-    after_kill_1 = dict(booru3.image_requests)
     _assert_previous_live_version_usable(registry, v1, specs3)
+
+    # 1b. Ctrl-C (SIGINT) mid-collection: exit code 130 and a one-line hint, no traceback.
+    import signal
+
+    err = _wait_then_kill(_start(args, tmp_path / "sigint.log"), lambda: len(_downloaded_ids(raw)) >= len(on_disk) + 4,
+                          sig=signal.SIGINT)
+    assert "interrupted: rerun the same command to resume" in err and "Traceback" not in err, err[-2000:]
+    for pid in on_disk:
+        assert booru3.image_requests[pid] == before.get(pid, 0) + 1, pid  # fetched once, in phase 1
+    on_disk = _downloaded_ids(raw)
+    after_kill_1 = dict(booru3.image_requests)
 
     # 2. SIGKILL once training has written its first last.ckpt (collection, cleaning and split are done).
     booru3.image_delay_s = 0.0
     last_ckpt = run_dir / "train" / "checkpoints" / "last.ckpt"
-    _wait_then_kill(subprocess.Popen(args, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                    last_ckpt.is_file)
+    _wait_then_kill(_start(args, tmp_path / "kill2.log"), last_ckpt.is_file)
     for pid in on_disk:  # nothing that was on disk was fetched again
         assert booru3.image_requests[pid] == after_kill_1[pid], pid
     assert (run_dir / "stages" / "split.json").exists() and not (run_dir / "stages" / "train.json").exists()
@@ -267,6 +286,9 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
 
 def test_one_new_character_extends_the_live_version_dataset(first_run, booru3, specs3):
     one = _chars(specs3[:1])
+    reg = Registry(first_run["root"] / "outputs" / "registry")
+    live = reg.latest_id()
+    live_dataset = Path(json.loads((reg.path(live) / "manifest.json").read_text())["dataset"])
     with pytest.raises(DatasetError, match="a classifier needs 2\\+"):
         run_workflow(workflow_config(first_run["root"], booru3.base_url, one, ["run_name=alone", "stop_after=split"]),
                      Progress(log=False))
@@ -274,12 +296,11 @@ def test_one_new_character_extends_the_live_version_dataset(first_run, booru3, s
                                           ["run_name=extend", "extend_live=true", "stop_after=split"]), Progress(log=False))
     rows = {r["character"]: r["source"] for r in result.summary}
     assert rows == {specs3[0].name: "collected", specs3[1].name: "extra dataset", specs3[2].name: "extra dataset"}
-    live_dataset = Path(first_run["result"].run_dir) / "dataset"
     got = read_metadata(Path(result.run_dir) / "dataset")
     want = read_metadata(live_dataset)
     assert {f for f in got if not f.startswith(specs3[0].name)} == {f for f in want if not f.startswith(specs3[0].name)}
     pinned = json.loads((Path(result.run_dir) / "extend_live.json").read_text())
-    assert pinned["version"] == first_run["result"].version_id
+    assert pinned["version"] == live and Path(pinned["dataset"]) == live_dataset
 
 
 def test_cancel_during_training_stops_before_anything_is_registered(tmp_path, booru3, specs3):
