@@ -7,7 +7,7 @@ answers with the folder label. `fuse()` builds the new version (validation = the
 Printed: top-1 on the other half of `newgame_full` and on the held-out faces, live vs fused, and
 the same for "add every answer unchecked" (the seed's approach) as the baseline.
 
-``python benchmarks/fusion_real_data.py [--data ../shared/data] [--feedback 0.5] [--image-size 160]``
+``python benchmarks/fusion_real_data.py [--data ../shared/data] [--feedback 0.5] [--image-size 160] [--min-confidence 0.6] [--no-auto]``
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--feedback", type=float, default=0.5, help="share of streamed answers a user confirms or corrects")
     ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--min-confidence", type=float, default=0.85, help="selection.min_confidence (floor for unconfirmed answers)")
+    ap.add_argument("--no-auto", action="store_true", help="selection.auto_confidence=false (fixed bar only)")
     args = ap.parse_args()
     data = Path(args.data)
     faces, full = data / "newgame_faces", data / "newgame_full"
@@ -95,7 +97,8 @@ def main() -> None:
                 log.feedback(ans.image_sha256, confirmed=True) if ans.role == r.character else log.feedback(ans.image_sha256, correct_role=r.character)
                 n_fb += 1
         live = Gallery.load(reg.path(v0))
-        res = fuse({"log_dir": str(tmp / "featurelog"), "registry_dir": str(reg.root), "evaluation": {"holdout_fraction": 0.2}})
+        res = fuse({"log_dir": str(tmp / "featurelog"), "registry_dir": str(reg.root), "evaluation": {"holdout_fraction": 0.2},
+                    "selection": {"min_confidence": args.min_confidence, "auto_confidence": not args.no_auto}})
         fused = Gallery.load(reg.path(res.version_id)) if res.version_id else live
         # baseline: every streamed answer added unchecked (what the seed did)
         naive = Gallery.load(reg.path(v0))
@@ -106,6 +109,7 @@ def main() -> None:
         stream_acc = float(np.mean([a.role == r.character for r, a in answers]))
         print(f"gallery {len(face_gal)} faces; stream {len(stream)} full illustrations (live top-1 {stream_acc:.3f}), "
               f"feedback on {n_fb}; test {len(test)} full; original-domain check {len(face_val)} faces; {dt:.0f} s")
+        print(f"unconfirmed bar: {res.report['unconfirmed_bar']}")
         print(f"fusion: {res.report['decision']} ({res.report['reason']}); added "
               f"{sum(sum(d.values()) for d in res.report['added_per_character'].values())}; skipped {res.report['skipped']}")
         print(f"{'top-1':<32}{'full (new domain)':>18}{'faces (original)':>18}")

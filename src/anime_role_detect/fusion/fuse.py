@@ -283,6 +283,21 @@ def gallery_with(base_dir: Path, examples: Sequence[Example]) -> Gallery:
     return gallery
 
 
+def prune_regressions(base_dir: Path, chosen: list[Example], val_x: np.ndarray, val_y: Sequence[str],
+                      right_before: np.ndarray, rounds: int) -> tuple[Gallery, list[Example], int]:
+    """The live gallery plus `chosen`, after up to `rounds` passes dropping `regression_culprits`; returns (gallery, kept, dropped)."""
+    gallery = gallery_with(base_dir, chosen)
+    pruned = 0
+    for _ in range(max(0, rounds) if len(val_y) else 0):
+        culprits = regression_culprits(gallery, val_x, val_y, right_before, {e.source for e in chosen})
+        if not culprits:
+            break
+        chosen = [e for e in chosen if e.source not in culprits]
+        pruned += len(culprits)
+        gallery = gallery_with(base_dir, chosen)
+    return gallery, chosen, pruned
+
+
 def top1_accuracy(gallery: Gallery, embeddings: np.ndarray, labels: Sequence[str]) -> float | None:
     """Share of queries whose best gallery character is the label (None when there are no queries)."""
     if len(labels) == 0:
@@ -449,18 +464,8 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         metrics: dict[str, Any] = {"val_n": len(val_y), "val_source": val_source, "holdout_n": len(ho_y),
                                    "val_before": top1_accuracy(gallery, val_x, val_y),
                                    "holdout_before": top1_accuracy(gallery, ho_x, ho_y)}
-        live_gallery = gallery
-        gallery = gallery_with(base_dir, chosen)
-        pruned = 0
-        if evaluation.prune_regressions and len(val_y):
-            right_before = top1_hits(live_gallery, val_x, val_y)
-            for _ in range(max(0, evaluation.prune_rounds)):
-                culprits = regression_culprits(gallery, val_x, val_y, right_before, {e.source for e in chosen})
-                if not culprits:
-                    break
-                chosen = [e for e in chosen if e.source not in culprits]
-                pruned += len(culprits)
-                gallery = gallery_with(base_dir, chosen)
+        rounds = evaluation.prune_rounds if evaluation.prune_regressions else 0
+        gallery, chosen, pruned = prune_regressions(base_dir, chosen, val_x, val_y, top1_hits(gallery, val_x, val_y), rounds)
         if pruned:
             skipped["pruned_validation_regression"] = pruned
         by_char: dict[str, list[Example]] = defaultdict(list)
