@@ -388,12 +388,14 @@ def _fmt(x: float | None) -> str:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable fusion report."""
-    m = report["metrics"]
+    m, bar = report["metrics"], report.get("unconfirmed_bar") or {}
     lines = [
         f"# Fusion report {report['time']}", "",
         f"- decision: **{report['decision']}** ({report['reason']})",
         f"- base version: `{report['base_version']}` -> new version: `{report.get('version_id') or '-'}`",
-        f"- log records read: {report['records']} ({report['corrupt_records']} corrupt skipped)", "",
+        f"- log records read: {report['records']} ({report['corrupt_records']} corrupt skipped)",
+        f"- unconfirmed answers needed score >= {bar.get('min_confidence')} (feedback bar {bar.get('feedback_bar')} "
+        f"from {bar.get('verdicts', 0)} verdicts)", "",
         "| metric | live | new |", "|---|---|---|",
         f"| validation top-1 ({m['val_n']} images, {m.get('val_source') or 'none'}) | {_fmt(m['val_before'])} | {_fmt(m['val_after'])} |",
         f"| held-back feedback top-1 ({m['holdout_n']}) | {_fmt(m['holdout_before'])} | {_fmt(m['holdout_after'])} |",
