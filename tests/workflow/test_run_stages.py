@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from conftest import workflow_config
 from hydra import compose, initialize_config_dir

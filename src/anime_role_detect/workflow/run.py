@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.layout import ImageRecord, Split, read_metadata, scan_dataset, stratified_group_split
+from ..data.layout import ImageRecord, read_metadata, scan_dataset, stratified_group_split
 from ..errors import ConfigError, DatasetError, UserError
 from ..fsutil import atomic_write_json, atomic_write_text, read_json
 from ..log import get_logger
