@@ -312,3 +312,21 @@ def test_cancel_during_training_stops_before_anything_is_registered(tmp_path, bo
     run_dir = tmp_path / "outputs" / "workflow" / "work" / "cancel"
     assert (run_dir / "stages" / "split.json").is_file() and not (run_dir / "stages" / "train.json").exists()
     assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
+
+
+def test_changed_gallery_setting_registers_a_new_version_and_keys_stay_out_of_it(first_run, booru3):
+    reg = Registry(first_run["root"] / "outputs" / "registry")
+    live_before, versions_before = reg.latest_id(), len(reg.list())
+    cfg = workflow_config(first_run["root"], booru3.base_url, first_run["cfg"].characters,
+                          ["gallery.build.aggregate=top3_mean", "collector.api_key=SECRET123", "collector.login=me"])
+    before = dict(booru3.image_requests)
+    result = run_workflow(cfg, Progress(log=False))
+    assert result.resumed_stages == ["collect", "clean", "split", "train", "evaluate"]  # credentials are not inputs
+    assert dict(booru3.image_requests) == before
+    assert result.version_id not in (live_before, first_run["result"].version_id)
+    assert reg.latest_id() == result.version_id and len(reg.list()) == versions_before + 1
+    assert reg.info(result.version_id).parent == live_before
+    vdir = reg.path(result.version_id)
+    assert json.loads((vdir / "gallery.json").read_text())["aggregate"] == "top3_mean"
+    for text in ((vdir / "config.yaml").read_text(), (Path(result.run_dir) / "workflow.yaml").read_text()):
+        assert "SECRET123" not in text and "api_key: '***'" in text

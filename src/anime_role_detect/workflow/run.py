@@ -66,6 +66,7 @@ class RunContext:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_datasets: list[str] = field(default_factory=list)  # resolved extra_datasets (+ the live version's, pinned)
     restarted: bool = False  # the stage ran before under another fingerprint: discard its partial output
+    fingerprint: str = ""  # of the running stage (its config and everything before it)
 
     @property
     def raw_dir(self) -> Path:
@@ -410,13 +411,34 @@ def stage_gallery(ctx: RunContext) -> dict[str, Any]:
 
 
 def _version_id(ctx: RunContext) -> str:
-    """The run's version id, fixed at its first register attempt so a retry reuses it."""
-    path = ctx.run_dir / "version_id"
+    """The version id for this result, fixed at its first register attempt so a retry reuses it
+    (a changed config gives a new fingerprint and so a new version)."""
+    path = ctx.run_dir / "version_id.json"
     if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
+        pinned = read_json(path)
+        if pinned.get("fingerprint") == ctx.fingerprint:
+            return str(pinned["id"])
     vid = ctx.registry.new_version_id()
-    atomic_write_text(path, vid + "\n")
+    atomic_write_json(path, {"fingerprint": ctx.fingerprint, "id": vid})
     return vid
+
+
+SECRET_KEYS = ("api_key", "login", "password", "token")
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    """The config as YAML with literal credentials masked (``${oc.env:...}`` references are kept: they hold no secret)."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+
+    def mask(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if k in SECRET_KEYS and isinstance(v, str) and v and not v.startswith("${") else mask(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [mask(v) for v in node]
+        return node
+
+    return OmegaConf.to_yaml(OmegaConf.create(mask(data)))
 
 
 def stage_register(ctx: RunContext) -> dict[str, Any]:
@@ -435,7 +457,7 @@ def stage_register(ctx: RunContext) -> dict[str, Any]:
             if (report_dir / name).is_file():
                 shutil.copy2(report_dir / name, staging / name)
         train_cfg = Path(ctx.outputs["train"]["output_dir"]) / "config.yaml"
-        cfg_text = "# workflow config\n" + OmegaConf.to_yaml(ctx.cfg, resolve=False)
+        cfg_text = "# workflow config\n" + redacted_yaml(ctx.cfg)
         if train_cfg.is_file():
             atomic_write_text(staging / "train_config.yaml", train_cfg.read_text(encoding="utf-8"))
         atomic_write_text(staging / "config.yaml", cfg_text)
@@ -516,10 +538,10 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         stage_dir = run_dir / STAGE_DIR
         if cfg.get("restart", False):  # everything but the downloads is redone, and a new version is made
             shutil.rmtree(stage_dir, ignore_errors=True)
-            for pinned in ("version_id", "extend_live.json"):
+            for pinned in ("version_id.json", "extend_live.json"):
                 (run_dir / pinned).unlink(missing_ok=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "workflow.yaml", OmegaConf.to_yaml(cfg, resolve=False))
+        atomic_write_text(run_dir / "workflow.yaml", redacted_yaml(cfg))
         ctx = RunContext(cfg=cfg, progress=progress, run_dir=run_dir, queries=queries)
         _log.info(f"workflow run folder {run_dir} ({len(queries)} characters)")
         resumed: list[str] = []
@@ -543,6 +565,7 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
                 continue
             started = read_json(started_path) if started_path.is_file() else None
             ctx.restarted = bool(started and started.get("fingerprint") != fp)
+            ctx.fingerprint = fp
             atomic_write_json(started_path, {"fingerprint": fp})
             progress.check_cancelled()
             t0 = time.perf_counter()
