@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     baselines = {"clip": median_ms(eager_clip, args.repeats), "model": median_ms(eager_model, args.repeats)}
     baselines["fusion"] = baselines["clip"] + baselines["model"]
 
-    print(f"\nCPU threads: {args.threads}; image {one.size[0]}x{one.size[1]}; repeats {args.repeats}; batch {args.batch}\n")
+    load = os.getloadavg()[0]
+    print(f"\nCPU threads: {args.threads} of {os.cpu_count()} cores; load average {load:.1f} (other processes compete when > cores); "
+          f"image {one.size[0]}x{one.size[1]}; repeats {args.repeats}; batch {args.batch}\n")
     header = f"{'mode':<8}{'rerank':<8}{'end-to-end ms':>14}{'eager ms':>10}{'ratio':>7}{'batch img/s':>13}  stages (median ms)"
     print(header)
     print("-" * len(header))
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             st = " ".join(f"{k}={v:.1f}" for k, v in stages.items() if v >= 0.05)
             print(f"{mode:<8}{str(rerank):<8}{e2e:>14.1f}{baselines[mode]:>10.1f}{e2e / baselines[mode]:>7.2f}{thr:>13.1f}  {st}")
     print("\nratio = pipeline end-to-end / eager forward of the same network(s) on one image (same process).")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
