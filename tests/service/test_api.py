@@ -226,3 +226,28 @@ def test_video_upload_answers_appearances(client, service_data):
     first_b = min(x["start_s"] for x in ans["appearances"] if x["role"] == b)
     assert first_a < first_b
     assert len(ans["frames"]) >= 10 and all(f["filename"].startswith("clip.bin@") for f in ans["frames"])
+
+
+def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(client, registry_root, service_data):
+    from anime_role_detect.registry import Registry
+
+    reg = Registry(registry_root)
+    good = client.get("/api/version").json()["version"]
+    staging = reg.staging_dir()
+    (staging / "gallery.json").write_text("{this is not json")
+    (staging / "gallery.faiss").write_bytes(b"\x00" * 64)
+    broken = reg.commit(staging, kind="test-broken", promote=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = client.get("/api/version").json()
+            if info["last_error"] and broken in info["last_error"]:
+                break
+            time.sleep(0.2)
+        assert broken in (info["last_error"] or "") and info["version"] == good and info["registry_latest"] == broken
+        png = service_data.images(service_data.names[0])[0].read_bytes()
+        r = client.post("/api/classify", files={"file": ("x.png", png)})
+        assert r.status_code == 200 and r.json()["version"] == good
+        assert client.get("/api/health").json()["ready"] is True
+    finally:
+        reg.promote(good)
