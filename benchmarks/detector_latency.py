@@ -100,10 +100,10 @@ def bench_video(repeat: int) -> None:
 
     base = timed(decode_all, repeat, warmup=1)
     print(f"video 10 s 25 fps 320x240: decode every frame (PyAV baseline) {base * 1e3:7.1f} ms")
-    for backend in ("av", "opencv"):
+    for backend in ("av", "av_keyframes", "opencv"):
         for fps in (1.0, 5.0):
             t = timed(lambda: list(iter_video_frames(tmp, fps, backend=backend)), repeat, warmup=1)
-            print(f"  iter_video_frames backend={backend:6s} sample_fps={fps:3.0f}: {t * 1e3:7.1f} ms   ratio {t / base:5.2f}x")
+            print(f"  iter_video_frames backend={backend:12s} sample_fps={fps:3.0f}: {t * 1e3:7.1f} ms   ratio {t / base:5.2f}x")
 
 
 def main() -> None:

@@ -105,6 +105,17 @@ def test_frames_are_sampled_at_the_requested_rate(a_then_b_video, backend):
     assert all(img.mode == "RGB" and img.size == (SIZE, SIZE) for _, img in frames)
 
 
+def test_keyframe_backend_samples_only_key_frames(a_then_b_video):
+    every = [t for t, _ in iter_video_frames(a_then_b_video, sample_fps=100.0)]
+    with av.open(str(a_then_b_video)) as container:
+        keys = [round(float(p.pts * p.time_base), 3) for p in container.demux(video=0) if p.is_keyframe and p.pts is not None]
+    fast = [t for t, _ in iter_video_frames(a_then_b_video, sample_fps=100.0, backend="av_keyframes")]
+    assert fast == sorted(keys) and 1 <= len(fast) < len(every) and set(fast) <= set(every)
+    # at 1 fps each tick takes the first key frame at or after it
+    ticks = [t for t, _ in iter_video_frames(a_then_b_video, sample_fps=1.0, backend="av_keyframes")]
+    assert ticks[0] == 0.0 and set(ticks) <= set(keys) and ticks == sorted(set(ticks))
+
+
 def test_sampling_faster_than_the_video_gives_every_frame_once(a_then_b_video):
     times = [t for t, _ in iter_video_frames(a_then_b_video, sample_fps=100.0)]
     assert len(times) == 4 * FPS and times == sorted(set(times))
