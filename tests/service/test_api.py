@@ -251,3 +251,21 @@ def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(client, 
         assert client.get("/api/health").json()["ready"] is True
     finally:
         reg.promote(good)
+
+
+def test_pages_are_served_with_a_strict_policy_and_api_calls_are_traced(client, server):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert client.get("/workflow").status_code == 200 and client.get("/static/app.js").status_code == 200
+    r = client.get("/api/health")
+    rid = r.headers["x-request-id"]
+    assert len(rid) == 16
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # one inference-log line per API request, with the same id
+        logs = "".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("inference*.log"))
+        if rid in logs:
+            break
+        time.sleep(0.2)
+    assert f"{rid} GET /api/health 200" in logs

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..log import get_logger
 from .deps import Services
-from .errors import BodyLimitMiddleware, install_error_handlers
+from .errors import AccessLogMiddleware, BodyLimitMiddleware, install_error_handlers
 from .live import LiveRecognizer, RecognizerLoader, load_from_version
 from .routes import characters, classify, feedback, pages, system, workflow
 from .settings import ServeSettings
@@ -98,6 +98,7 @@ def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services
     app.state.static_dir = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware)
     if settings.cors.allow_origins:  # added last = outermost, so even a 413 carries the CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
                            allow_credentials=settings.cors.allow_credentials,

@@ -142,3 +142,36 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class AccessLogMiddleware:
+    """One inference-log line per API request (method, path, status, ms) and an ``X-Request-ID`` header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._log = get_logger("inference")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+        import uuid
+
+        rid = uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"].startswith("/api/"):
+                self._log.info(f"{rid} {scope['method']} {scope['path']} {status} {(time.perf_counter() - t0) * 1e3:.1f}ms")
