@@ -269,3 +269,36 @@ def test_pages_are_served_with_a_strict_policy_and_api_calls_are_traced(client, 
             break
         time.sleep(0.2)
     assert f"{rid} GET /api/health 200" in logs
+
+
+def test_model_work_does_not_block_the_event_loop(server, service_data):
+    """While batches of model work are in flight, health and version still answer at once."""
+    import threading
+
+    import httpx
+
+    imgs = [p.read_bytes() for n in service_data.names for p in service_data.images(n)[:3]][:15]
+    done: list[int] = []
+
+    def heavy() -> None:
+        with httpx.Client(base_url=server.url, timeout=300) as c:
+            r = c.post("/api/classify/batch", files=[("files", (f"{i}.png", b)) for i, b in enumerate(imgs)])
+            done.append(r.status_code)
+
+    workers = [threading.Thread(target=heavy) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(0.3)  # let the batches reach the model threads
+    answered_while_busy = 0
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        while any(w.is_alive() for w in workers):
+            t0 = time.perf_counter()
+            assert c.get("/api/health").status_code == 200
+            if any(w.is_alive() for w in workers):
+                answered_while_busy += 1
+                assert time.perf_counter() - t0 < 5.0
+            time.sleep(0.05)
+    for w in workers:
+        w.join()
+    assert done == [200, 200, 200]
+    assert answered_while_busy >= 3, "health never answered while the batches were running"
