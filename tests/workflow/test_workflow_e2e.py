@@ -76,9 +76,12 @@ def test_workflow_registers_a_live_version_with_every_file(first_run, specs3):
         assert r["kept"] <= 16 and r["train"] + r["val"] == r["kept"] and r["val"] >= 2
         assert r["accuracy"] is not None
     # the malformed page of the first character was skipped and reported, not fatal
-    collect = json.loads((Path(result.run_dir) / "stages" / "collect.json").read_text())["output"]["characters"]
-    assert collect[specs3[0].name]["malformed_pages"] == 1
+    # (the collect stage is left unfinished, so the next run asks for that page again)
+    assert not (Path(result.run_dir) / "stages" / "collect.json").exists()
+    collect = json.loads((Path(result.run_dir) / "stages" / "clean.json").read_text())  # clean ran on what was there
+    assert collect["output"]["kept"][specs3[0].name] < collect["output"]["kept"][specs3[1].name]
     assert rows[specs3[0].name]["collected"] < rows[specs3[1].name]["collected"]
+    assert any("malformed" in p for p in rows[specs3[0].name]["problems"]) and not rows[specs3[1].name]["problems"]
     stages = [e.stage for e in first_run["events"]]
     for stage in ("collect", "clean", "split", "train", "evaluate", "gallery", "register"):
         assert stage in stages
@@ -109,13 +112,27 @@ def test_infer_recognises_held_out_images_with_the_new_version(first_run, specs3
     assert correct >= len(truth) - 1, answers
 
 
-def test_rerun_resumes_every_stage_and_downloads_nothing(first_run, booru3):
+def test_rerun_fetches_only_what_the_site_failed_to_serve_then_resumes_everything(first_run, booru3, specs3):
     before = dict(booru3.image_requests)
+    tag0 = booru_tag(specs3[0].name, specs3[0].series)
+    mine = [p for p in booru3.posts if p.search_tag == tag0]
+    missed = {p.id for p in mine[10:20] if p.ext != "mp4" and not p.no_file}  # the malformed page 1 (page_size 10)
     again = run_workflow(first_run["cfg"], Progress(log=False))
-    assert again.version_id == first_run["result"].version_id
-    assert again.resumed_stages == ["collect", "clean", "split", "train", "evaluate", "gallery", "register"]
-    assert dict(booru3.image_requests) == before
-    assert len(Registry(first_run["root"] / "outputs" / "registry").list()) == 1
+    fetched = {pid for pid, n in booru3.image_requests.items() if n > before.get(pid, 0)}
+    assert fetched == missed  # only the gap, nothing already on disk
+    assert again.resumed_stages == []  # new images: cleaning, split, training, gallery are redone
+    reg = Registry(first_run["root"] / "outputs" / "registry")
+    assert again.version_id != first_run["result"].version_id and reg.latest_id() == again.version_id
+    assert reg.info(again.version_id).parent == first_run["result"].version_id
+    rows = {r["character"]: r for r in again.summary}
+    assert rows[specs3[0].name]["collected"] == rows[specs3[1].name]["collected"]
+    # Complete now: a third run redoes nothing and asks the site for nothing.
+    requests, pages = dict(booru3.image_requests), sum(booru3.page_requests.values())
+    third = run_workflow(first_run["cfg"], Progress(log=False))
+    assert third.version_id == again.version_id
+    assert third.resumed_stages == ["collect", "clean", "split", "train", "evaluate", "gallery", "register"]
+    assert dict(booru3.image_requests) == requests and sum(booru3.page_requests.values()) == pages
+    assert len(reg.list()) == 2
 
 
 def test_planted_near_duplicates_never_straddle_train_and_val(tmp_path, booru3, specs3):
@@ -209,12 +226,12 @@ def _downloaded_ids(raw: Path) -> set[int]:
     return {int(p.stem) for p in raw.glob("*/*") if p.is_file() and not p.name.startswith(".") and not p.parent.name.startswith(".")}
 
 
-def _assert_previous_live_version_usable(registry: Path, vid: str, specs) -> None:
+def _assert_previous_live_version_usable(registry: Path, vid: str, n_versions: int, specs) -> None:
     from anime_role_detect.recognition.pipeline import Recognizer
 
     reg = Registry(registry)
     assert reg.latest_id() == vid
-    assert [v.id for v in reg.list()] == [vid]  # no half-written version became visible
+    assert len(reg.list()) == n_versions  # no half-written version became visible
     img, _ = render_character(specs[1], random.Random(7), 96)
     answer = Recognizer.from_version(reg.path("latest"), {"detector": None}).recognize(img, "probe.png")
     assert answer.version in ("", vid) and answer.detections
@@ -222,7 +239,8 @@ def _assert_previous_live_version_usable(registry: Path, vid: str, specs) -> Non
 
 def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(first_run, booru3, specs3, tmp_path):
     registry = first_run["root"] / "outputs" / "registry"
-    v1 = first_run["result"].version_id
+    v1 = Registry(registry).latest_id()  # the live version before this run
+    n_versions = len(Registry(registry).list())
     args = _cli_args(first_run["root"], booru3.base_url, specs3, "killed")
     run_dir = first_run["root"] / "outputs" / "workflow" / "work" / "killed"
     raw = run_dir / "raw"
@@ -233,7 +251,7 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
     _wait_then_kill(_start(args, tmp_path / "kill1.log"), lambda: len(_downloaded_ids(raw)) >= 8)
     on_disk = _downloaded_ids(raw)
     assert 8 <= len(on_disk) < 48 and not (run_dir / "stages" / "collect.json").exists()
-    _assert_previous_live_version_usable(registry, v1, specs3)
+    _assert_previous_live_version_usable(registry, v1, n_versions, specs3)
 
     # 1b. Ctrl-C (SIGINT) mid-collection: exit code 130 and a one-line hint, no traceback.
     import signal
@@ -253,7 +271,7 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
     for pid in on_disk:  # nothing that was on disk was fetched again
         assert booru3.image_requests[pid] == after_kill_1[pid], pid
     assert (run_dir / "stages" / "split.json").exists() and not (run_dir / "stages" / "train.json").exists()
-    _assert_previous_live_version_usable(registry, v1, specs3)
+    _assert_previous_live_version_usable(registry, v1, n_versions, specs3)
     after_kill_2 = dict(booru3.image_requests)
 
     # 3. The same command finishes: no download at all, training resumes from last.ckpt, a new live version.
@@ -265,7 +283,7 @@ def test_killed_mid_collection_and_mid_training_resumes_without_redownloading(fi
     assert train_out["resumed_from"] and train_out["resumed_from"].endswith("last.ckpt")
     reg = Registry(registry)
     v2 = reg.latest_id()
-    assert v2 != v1 and reg.info(v2).parent == v1 and len(reg.list()) == 2
+    assert v2 != v1 and reg.info(v2).parent == v1 and len(reg.list()) == n_versions + 1
     assert "val accuracy" in done.stdout and v2 in done.stdout
     # downloads per image: at most one beyond the first run's (the request in flight when killed is redone)
     refetched = [pid for pid, n in booru3.image_requests.items() if n - before.get(pid, 0) > 1]

@@ -15,7 +15,44 @@ from omegaconf import DictConfig, open_dict
 from ..cli import user_errors_exit
 from ..log import setup_logging
 from .progress import CancelledError, Progress, ProgressEvent
-from .run import CONFIG_DIR, WorkflowResult, run_workflow
+from .run import CONFIG_DIR, WorkflowResult, hydra_quote, run_workflow
+
+
+def _hydra_value(obj: Any) -> str:
+    """A JSON value written in Hydra's override grammar (unquoted keys, quoted strings)."""
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, list):
+        return "[" + ",".join(_hydra_value(v) for v in obj) + "]"
+    if isinstance(obj, str):
+        return hydra_quote(obj)
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    return repr(obj)
+
+
+def json_overrides_to_hydra(args: list[str]) -> list[str]:
+    """Accept JSON for list/dict values (``characters='[{"name":"Hoshino","series":"Blue Archive"}]'``).
+
+    Hydra's grammar wants ``[{name:Hoshino,series:'Blue Archive'}]``; arguments whose value is not a JSON
+    list or object are passed through untouched.
+    """
+    import json
+
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-") and value.lstrip()[:1] in "[{" and value:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, (list, dict)):
+                arg = f"{key}={_hydra_value(parsed)}"
+        out.append(arg)
+    return out
 
 
 class RichBars:
@@ -56,7 +93,11 @@ def print_summary(result: WorkflowResult) -> None:
         acc = r.get("accuracy")
         table.add_row(r["character"], r.get("series") or "", "-" if r.get("collected") is None else str(r["collected"]),
                       str(r["kept"]), str(r["train"]), str(r["val"]), "-" if acc is None else f"{100 * acc:.1f}%")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for r in result.summary:
+        if r.get("problems"):
+            console.print(f"[yellow]{r['character']}[/]: {'; '.join(r['problems'])} (rerun the same command to retry)")
     acc = result.metrics.get("accuracy")
     print(f"val accuracy {'-' if acc is None else format(100 * acc, '.1f') + '%'} | version {result.version_id or '-'} | run folder {result.run_dir}"
           + (f" | resumed: {', '.join(result.resumed_stages)}" if result.resumed_stages else ""))
@@ -81,4 +122,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = json_overrides_to_hydra(sys.argv[1:])
     main()

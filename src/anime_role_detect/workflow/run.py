@@ -155,7 +155,11 @@ def stage_collect(ctx: RunContext) -> dict[str, Any]:
         reports[q.name] = collector.collect(q, ctx.raw_dir, ctx.progress).to_json()
         _log.info(f"collected {q.name}: {reports[q.name]['images']} images ({reports[q.name]['downloaded']} downloaded)")
     ctx.progress.emit("collect", len(ctx.queries), len(ctx.queries))
-    return {"characters": reports}
+    files = {q.folder: sorted(e.file_name for e in read_manifest(ctx.raw_dir, q.folder)) for q in ctx.queries}
+    gaps = [f"{name}: {r['failed_pages']} failed + {r['malformed_pages']} malformed pages"
+            for name, r in reports.items() if r["failed_pages"] or r["malformed_pages"]]
+    # data_key: what later stages depend on (the collected files), so a retry that adds images redoes them.
+    return {"characters": reports, "data_key": fingerprint(files), "incomplete": "; ".join(gaps)}
 
 
 def _collected_records(ctx: RunContext) -> list[ImageRecord]:
@@ -216,7 +220,13 @@ def stage_clean(ctx: RunContext) -> dict[str, Any]:
     min_images = int(ctx.cfg.get("min_images_per_character", 4))
     too_few = {q.name: report.kept.get(q.folder, 0) for q in ctx.queries if report.kept.get(q.folder, 0) < min_images}
     if too_few:
-        detail = ", ".join(f"{k}: {v}" for k, v in too_few.items())
+        collected = ctx.outputs.get("collect", {}).get("characters", {})
+
+        def why(name: str) -> str:
+            problems = collected.get(name, {}).get("problems") or []
+            return f" ({problems[0]}{f'; +{len(problems) - 1} more' if len(problems) > 1 else ''})" if problems else ""
+
+        detail = ", ".join(f"{k}: {v}{why(k)}" for k, v in too_few.items())
         raise DatasetError(
             f"too few usable images after cleaning ({detail}; need {min_images}); check each character's tag "
             "(give it explicitly with tag=...), raise collector.limit_per_character, or lower min_images_per_character"
@@ -514,6 +524,7 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
             "train": split.get(name, {}).get("train", 0),
             "val": split.get(name, {}).get("val", 0),
             "accuracy": acc.get(name),
+            "problems": list(collected.get(q.name, {}).get("problems", []))[:5] if q else [],
         })
     return rows
 
@@ -545,7 +556,7 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         ctx = RunContext(cfg=cfg, progress=progress, run_dir=run_dir, queries=queries)
         _log.info(f"workflow run folder {run_dir} ({len(queries)} characters)")
         resumed: list[str] = []
-        chain = ""
+        chain, result_key = "", ""
         t_start = time.perf_counter()
         stop_after = cfg.get("stop_after")
         if stop_after and stop_after not in STAGE_NAMES:
@@ -554,12 +565,14 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         for name, fn, inputs in STAGES:
             if stop_after and STAGE_NAMES.index(name) > STAGE_NAMES.index(stop_after):
                 break
-            fp = fingerprint([chain, inputs(ctx)])
+            # A stage's fingerprint: the one before it, its own inputs, and what the stage before it produced.
+            fp = fingerprint([chain, inputs(ctx), result_key])
             chain = fp
             done_path, started_path = stage_dir / f"{name}.json", stage_dir / f"{name}.started"
             marker = read_json(done_path) if done_path.is_file() else None
             if marker and marker.get("fingerprint") == fp:
                 ctx.outputs[name] = marker["output"]
+                result_key = fingerprint(marker["output"].get("data_key", marker["output"]))
                 resumed.append(name)
                 progress.emit(name, 1, 1, "done earlier")
                 continue
@@ -571,6 +584,10 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
             t0 = time.perf_counter()
             output = fn(ctx)
             ctx.outputs[name] = output
+            result_key = fingerprint(output.get("data_key", output))
+            if output.get("incomplete"):  # e.g. pages the site failed to serve: the next run tries again
+                _log.warning(f"stage {name} incomplete: {output['incomplete']}; rerun the same command to retry")
+                continue
             atomic_write_json(done_path, {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
                                           "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                           "output": output})
