@@ -61,3 +61,19 @@ def test_collector_choices_compose(tmp_path):
         local = compose(config_name="workflow", overrides=["collector=local", f"collector.root={tmp_path}"])
     assert safe.collector.base_url == "https://safebooru.org" and safe.collector.name == "gelbooru"
     assert local.collector.name == "local"
+
+
+def test_json_list_overrides_become_hydra_overrides():
+    from anime_role_detect.workflow.__main__ import json_overrides_to_hydra
+
+    args = json_overrides_to_hydra([
+        'characters=[{"name": "Hoshino", "series": "Blue Archive"}, {"name": "Rem", "tag": "rem_(re:zero)", "limit": 5}]',
+        'extra_datasets=["/data/it\'s here, [v2]"]', "train.overrides=[\"data=folder\",\"~experiment\"]", "run_name=x",
+        "characters_hydra=[a,b]",
+    ])
+    assert args[3:] == ["run_name=x", "characters_hydra=[a,b]"]  # not JSON: untouched
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="workflow", overrides=args[:3])
+    assert [dict(c) for c in cfg.characters] == [{"name": "Hoshino", "series": "Blue Archive"},
+                                                 {"name": "Rem", "tag": "rem_(re:zero)", "limit": 5}]
+    assert list(cfg.extra_datasets) == ["/data/it's here, [v2]"] and list(cfg.train.overrides) == ["data=folder", "~experiment"]

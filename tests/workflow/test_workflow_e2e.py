@@ -184,12 +184,12 @@ def test_cancel_stops_the_run_and_bad_requests_fail_in_one_line(tmp_path, booru3
 def _cli_args(root: Path, base_url: str, specs, run_name: str, extra: list[str] = ()) -> list[str]:
     from conftest import FAST_HTTP, TINY_TRAIN
 
-    chars = ",".join(f"{{name:{s.name},series:{s.series}}}" for s in specs)
-    train = ",".join(f"'{o}'" for o in [*TINY_TRAIN, "trainer.max_epochs=8"])
+    chars = json.dumps(_chars(specs))  # the documented JSON form: characters='[{"name": ..., "series": ...}]'
+    train = json.dumps([*TINY_TRAIN, "trainer.max_epochs=8"])
     return [sys.executable, "-m", "anime_role_detect.workflow", f"paths.root_dir={root}", f"collector.base_url={base_url}",
             "collector.page_size=10", "collector.limit_per_character=40", "clean.min_side=48",
             "gallery.embedder.flip_tta=false", *[f"collector.http.{k}={v}" for k, v in FAST_HTTP.items()],
-            f"run_name={run_name}", f"characters=[{chars}]", f"train.overrides=[{train}]", "log.console_level=WARNING", *extra]
+            f"run_name={run_name}", f"characters={chars}", f"train.overrides={train}", "log.console_level=WARNING", *extra]
 
 
 def _wait_then_kill(proc: subprocess.Popen, ready, timeout_s: float = 240, sig: int = 9) -> str:
