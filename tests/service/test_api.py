@@ -41,7 +41,7 @@ def test_classify_answers_the_seed_contract_for_a_gallery_image(client, service_
     assert {"filename", "role", "similarity", "boxes"} <= ans.keys()  # the seed's README contract
     assert ans["filename"] == "photo.png"
     assert ans["role"] == name
-    assert ans["similarity"] > 0.95
+    assert ans["similarity"] > 0.5 and ans["similarity"] >= ans["detections"][0]["topk"][-1]["score"]
     assert ans["boxes"] and len(ans["boxes"][0]) == 4
     assert ans["detections"][0]["topk"][0]["role"] == name
     assert len(ans["image_sha256"]) == 64 and ans["mode"] == "clip"
@@ -119,7 +119,7 @@ def test_enroll_then_recognise_without_retraining(client, service_data, registry
     chars = {c["name"]: c for c in client.get("/api/characters").json()["characters"]}
     assert chars[new]["series"] == "series_new"
     after = client.post("/api/classify", files={"file": ("probe.png", probe)}).json()
-    assert after["role"] == new and after["similarity"] > 0.95
+    assert after["role"] == new and after["similarity"] > 0.5
     # the edit is a new registry version with the served one as parent, and the server serves it
     version = client.get("/api/version").json()
     assert version["version"] != old_version
