@@ -123,9 +123,25 @@
     } catch (err) { ARD.showError($("error"), err); $("cancel").disabled = false; }
   }
 
+  // After a reload of the page, pick up a run that is still going (its history is replayed by the stream).
+  async function resumeRunning() {
+    try {
+      const { jobs } = await ARD.api("/api/workflow");
+      const job = jobs.reverse().find((j) => ["queued", "running", "cancelling"].includes(j.status));
+      if (!job) return;
+      state.job = job;
+      $("job-id").textContent = `job ${job.id}`;
+      $("progress").classList.remove("hidden");
+      document.body.dataset.job = job.id;
+      setStatus(job.status);
+      follow(job);
+    } catch { /* the workflow API may be disabled on this server */ }
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     ARD.restoreToken();
     ARD.showVersion();
+    resumeRunning();
     $("start").addEventListener("click", start);
     $("cancel").addEventListener("click", cancel);
   });
