@@ -230,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import json
 
+    from ..log import setup_logging
+
     if args.cmd == "build":
         cfg = compose_config(args.overrides)
+        setup_logging({**(cfg.get("log") or {}), "console_level": "WARNING"})
         from tqdm import tqdm
 
         bar = tqdm(total=0, desc="embedding", unit="img", file=sys.stderr)
