@@ -181,11 +181,10 @@ def test_hot_reload_follows_the_registry_without_failing_requests(client, server
     """Promote another version while requests run: every request answers 200 and the server switches over."""
     from anime_role_detect.registry import Registry
 
-    from .conftest import build_version
-
     reg = Registry(registry_root)
     before = client.get("/api/version").json()["version"]
-    new_vid = build_version(registry_root, service_data.gallery_root, promote=False)
+    # a new version with the same files (as a re-run or a rollback target would have), registered, then promoted
+    new_vid = reg.import_folder(reg.path(before), parent=before, kind="test", promote=False)
     png = service_data.images(service_data.names[0])[3].read_bytes()
     reg.promote(new_vid)
     statuses, versions = [], set()
@@ -302,3 +301,34 @@ def test_model_work_does_not_block_the_event_loop(server, service_data):
         w.join()
     assert done == [200, 200, 200]
     assert answered_while_busy >= 3, "health never answered while the batches were running"
+
+
+def test_start_on_a_broken_version_reports_it_then_recovers_on_promote(tmp_path, registry_root):
+    """Broken weights at start-up: the server still starts, says what is wrong, and serves once a good version is live."""
+    import shutil
+
+    from anime_role_detect.registry import Registry
+
+    from .conftest import start_server
+
+    root = tmp_path / "registry"
+    shutil.copytree(registry_root, root)
+    reg = Registry(root)
+    good = reg.latest_id()
+    staging = reg.staging_dir()
+    (staging / "gallery.json").write_text("{truncated")
+    broken = reg.commit(staging, kind="test-broken", promote=True)
+    srv = start_server(tmp_path / "srv", root)
+    try:
+        with srv.client() as c:
+            health = c.get("/api/health").json()
+            assert health["ready"] is False and broken in health["error"] and "promote" in health["error"]
+            r = c.post("/api/classify", files={"file": ("a.png", b"\x89PNG\r\n\x1a\n")})
+            assert r.status_code == 503 and broken in r.json()["detail"]
+            reg.promote(good)
+            deadline = time.monotonic() + 90
+            while not c.get("/api/health").json()["ready"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.get("/api/health").json()["ready"] is True and c.get("/api/version").json()["version"] == good
+    finally:
+        srv.stop()

@@ -34,7 +34,7 @@ def test_mixed5_held_out_pictures_are_named_over_http(tmp_path, shared_data):
                 held.append((char_dir.name, img))
             else:
                 os.symlink(img, train_root / char_dir.name / img.name)  # never copied: read in place
-    cfg = compose_config(["embedder=lite0", "embedder.image_size=160", "embedder.flip_tta=false", "tagger=none"])
+    cfg = compose_config(["embedder=lite0", "embedder.image_size=128", "embedder.flip_tta=false", "tagger=none"])
     reg = Registry(tmp_path / "registry")
     staging = reg.staging_dir()
     build_recognition_folder(train_root, staging, cfg, val_fraction=0.2, seed=0)

@@ -131,7 +131,8 @@ class LiveRecognizer:
             self._current = self._load(vid)
             self.last_error = None
         except Exception as exc:  # noqa: BLE001 - the server starts and reports it on /api/health
-            self.last_error = f"version {vid} failed to load: {exc}"
+            self.last_error = f"version {vid} failed to load: {exc}; promote a working version (registry promote ID)"
+            self._failed_id = vid  # no retry storm; a newly promoted version is tried
             _log.error(self.last_error)
 
     def _background_load(self, vid: str) -> None:
