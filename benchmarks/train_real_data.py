@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from anime_role_detect.cli import user_errors_exit
 from anime_role_detect.data.transforms import build_eval_transform
 from anime_role_detect.evaluation import predict_loader
 from anime_role_detect.imageio import load_image
@@ -54,6 +55,7 @@ def prototype_accuracy(dm) -> float:
     return float(((fva @ protos.T).argmax(1) == yva).float().mean())
 
 
+@user_errors_exit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", required=True, help="conf/experiment/<name>.yaml, e.g. mixed5, newgame_full")
