@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,14 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+
+
+def _pil_open():
+    """PIL's own ``Image.open``: ultralytics replaces it process-wide with a wrapper that, on an unreadable
+    file, tries to pip-install a HEIF plugin and then fails with ImportError instead of PIL's error."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return original if original is not None and Image.open is not original else Image.open
 
 
 def sniff(data: bytes) -> tuple[MediaKind, str] | None:
@@ -87,7 +96,7 @@ def decode_image(data: bytes, name: str = "<upload>", limits: ImageLimits = DEFA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _pil_open()(io.BytesIO(data))
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise ImageError(

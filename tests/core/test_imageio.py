@@ -71,3 +71,16 @@ def test_exif_orientation_is_applied():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
     assert decode_image(buf.getvalue(), "rot.jpg").size == (20, 40)
+
+
+def test_corrupt_image_is_an_image_error_even_after_ultralytics_patched_pil(monkeypatch):
+    """ultralytics wraps PIL's Image.open process-wide (it tries to pip-install a HEIF plugin on
+    unknown files); our decoder must still report a corrupt upload as ImageError, offline."""
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("YOLO_AUTOINSTALL", "False")
+    import ultralytics.utils.patches  # noqa: F401 - applies the patch
+
+    assert Image.open is not ultralytics.utils.patches._image_open
+    bad = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
+    with pytest.raises(ImageError, match=r"broken\.png: .*corrupt"):
+        decode_image(bad, "broken.png")

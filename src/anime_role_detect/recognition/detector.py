@@ -191,11 +191,14 @@ def ultralytics_offline() -> None:
     ultralytics reads ``YOLO_OFFLINE`` once at import; if it was imported earlier, its cached flags are reset too.
     """
     os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "False"  # never pip-install at run time (it does so for HEIF, fonts...)
     os.environ.setdefault("YOLO_VERBOSE", "False")
     for module in ("ultralytics.utils", "ultralytics.utils.events", "ultralytics.utils.checks"):
         mod = sys.modules.get(module)
         if mod is not None and getattr(mod, "ONLINE", False):
             mod.ONLINE = False
+        if mod is not None and getattr(mod, "AUTOINSTALL", False):
+            mod.AUTOINSTALL = False
     events = sys.modules.get("ultralytics.utils.events")
     if events is not None and getattr(events, "events", None) is not None:
         events.events.enabled = False
