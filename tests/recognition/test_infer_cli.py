@@ -56,6 +56,12 @@ def test_infer_py_on_a_folder_writes_csv_and_reports_bad_files(version_dir, fold
     hits = [Path(r["filename"]).stem.split("_", 1)[1] == r["role"] for r in good]
     assert sum(hits) >= len(hits) / 2
     assert "1 of" in p.stderr  # the warning names how many files failed
+    # every CLI classification is in the feature log with its embeddings (log fusion reads it)
+    from anime_role_detect.fusion.featurelog import FeatureLog
+
+    logged = list(FeatureLog(tmp_path / "outputs" / "featurelog").read())
+    assert sorted(Path(r.data["filename"]).name for r in logged) == sorted(Path(r["filename"]).name for r in good)
+    assert all(r.embeddings is not None and len(r.embeddings) == len(r.data["detections"]) >= 1 for r in logged)
 
 
 def test_infer_py_bad_input_is_one_line_error(version_dir, folder, tmp_path):

@@ -27,7 +27,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -531,3 +531,20 @@ def feedback_for(data: dict, joined: Mapping[str, Mapping[int | None, Feedback]]
                 fb = Feedback(role=dets[idx].get("role", ""), confirmed=True, series=dets[idx].get("series", ""), time=fb.time)
             out[idx] = fb
     return out
+
+
+def attach_from_config(cfg: Mapping[str, Any] | None) -> Callable[[Any], Callable[[], None] | None]:
+    """Hook for entry points: log a Recognizer's answers to the feature log of ``cfg`` (``enabled``, ``dir``,
+    ``policy``); returns a function that attaches it and gives back the log's closer (None when disabled)."""
+    c = dict(cfg or {})
+
+    def hook(recognizer: Any) -> Callable[[], None] | None:
+        if not c.get("enabled", False):
+            return None
+        if not c.get("dir"):
+            raise ConfigError("feature_log.dir is empty; set a folder or feature_log.enabled=false")
+        log = FeatureLog(c["dir"], c.get("policy") or {})
+        log.attach(recognizer)
+        return log.close
+
+    return hook

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterator, Mapping, TextIO
 
 from ..errors import ConfigError, ImageError, UserError
 from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
@@ -82,8 +82,15 @@ def _decoded(files: list[Path]) -> Iterator[tuple[Path, Any, str | None, str]]:
             yield f, None, None, f"{f}: cannot read ({exc.strerror}); check permissions"
 
 
-def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
-    """Recognise ``cfg.image`` (file or folder) or ``cfg.video``; returns how many inputs failed."""
+RecognizerHook = Callable[[Recognizer], Callable[[], None] | None]
+
+
+def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognizer: RecognizerHook | None = None) -> int:
+    """Recognise ``cfg.image`` (file or folder) or ``cfg.video``; returns how many inputs failed.
+
+    `on_recognizer` lets the entry point attach higher layers (the fusion feature log) to the
+    Recognizer without this layer importing them; it may return a closer called at the end.
+    """
     c = dict(_plain(cfg) or {})
     if c.get("log"):
         setup_logging({**c["log"], "console_level": c["log"].get("console_level", "WARNING")})
@@ -93,8 +100,10 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
     out_cfg = dict(c.get("output") or {})
     out_path = out_cfg.get("path")
     fh: TextIO = open(out_path, "w", encoding="utf-8", newline="") if out_path else (stream or sys.stdout)
+    closer: Callable[[], None] | None = None
     try:
         rec = Recognizer.from_config(c)
+        closer = on_recognizer(rec) if on_recognizer is not None else None
         writer = AnswerWriter(fh, out_cfg.get("format", "jsonl"))
         if video:
             vp = Path(video)
@@ -117,6 +126,8 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
             raise ImageError(f"{ip}: the folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)))
     finally:
+        if closer is not None:
+            closer()
         if out_path:
             fh.close()
 
