@@ -136,6 +136,18 @@ def _instantiate_list(cfg: DictConfig | None, what: str) -> list[Any]:
     return out
 
 
+def _drop_logger_only_callbacks(callbacks: list[Any], has_logger: bool) -> list[Any]:
+    """Drop callbacks that need a logger (LR monitor) when ``logger=none``, instead of failing at fit."""
+    if has_logger:
+        return callbacks
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    kept = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if len(kept) != len(callbacks):
+        training_log.info("logger=none: learning-rate monitor disabled (it needs a logger)")
+    return kept
+
+
 # -- reporting ------------------------------------------------------------------------------
 def evaluate_checkpoint(model: Any, datamodule: Any, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Evaluate on the validation split and write metrics.json, the per-character table and the confusion PNG."""
@@ -219,6 +231,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     callbacks = _instantiate_list(cfg.get("callbacks"), "callbacks")
     loggers = _instantiate_list(cfg.get("logger"), "logger")
+    callbacks = _drop_logger_only_callbacks(callbacks, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):

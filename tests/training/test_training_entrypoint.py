@@ -34,6 +34,20 @@ def test_fast_dev_run_end_to_end(tmp_path, synthetic_root, tiny, train_py):
     assert len(split) == 1  # the split manifest lives under paths.data_dir, not in the user's folder
 
 
+def test_logger_none_trains_with_default_callbacks(tmp_path, synthetic_root, tiny, train_py):
+    # The default callbacks include an LR monitor, which Lightning refuses to run without a logger.
+    args = tiny(tmp_path, synthetic_root) + [
+        "logger=none",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+        "evaluate=false",
+    ]
+    proc = train_py(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and list(runs[0].rglob("*.ckpt")), runs
+
+
 def test_ddp_two_cpu_processes_one_checkpoint(tmp_path, synthetic_root, tiny, train_py):
     args = tiny(tmp_path, synthetic_root) + [
         "trainer=ddp",

@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
     result = fuse(plain)
     r = result.report
     print(json.dumps({"decision": r["decision"], "reason": r["reason"], "version_id": result.version_id,
-                      "added": {c: sum(d.values()) for c, d in r["added_per_character"].items()}, "metrics": r["metrics"]}))
+                      "added": {c: sum(d.values()) for c, d in r["added_per_character"].items()}, "metrics": r["metrics"],
+                      "finetune": {k: r["finetune"].get(k) for k in ("decision", "reason", "metrics") if k in r["finetune"]}}))
 
 
 if __name__ == "__main__":

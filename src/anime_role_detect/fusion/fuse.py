@@ -30,6 +30,7 @@ from ..recognition.gallery import INDEX_FILE, META_FILE, Gallery
 from ..recognition.schema import UNKNOWN
 from ..registry import Registry
 from .featurelog import FeatureLog, LogRecord
+from .finetune import EMBEDDER_FILE, MODEL_FILE, FinetuneOutcome, FinetunePolicy, finetune_classifier, write_example_crops
 
 _log = get_logger("system")
 VAL_EMBEDDINGS = "val_embeddings.npz"
@@ -476,6 +477,14 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         metrics["val_after"] = top1_accuracy(gallery, val_x, val_y)
         metrics["holdout_after"] = top1_accuracy(gallery, ho_x, ho_y)
         register, reason = decide(metrics, len(chosen), evaluation.tolerance, bool(cfg.get("force", False)))
+        finetune = run_finetune(cfg, registry, base_id, base_dir, chosen, holdout, log, output_dir)
+        new_model = finetune.ckpt_path if finetune is not None else None
+        if new_model is not None and not register:  # the classifier improved though the gallery did not: keep the live gallery
+            gallery, by_char, chosen = Gallery.load(base_dir), defaultdict(list), []
+            metrics["val_after"], metrics["holdout_after"] = metrics["val_before"], metrics["holdout_before"]
+            register, reason = True, f"gallery unchanged ({reason}); classifier fine-tuned ({finetune.report['reason']})"
+        elif new_model is not None:
+            reason += f"; classifier fine-tuned ({finetune.report['reason']})"
         report: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "base_version": base_id, "version_id": None,
             "decision": "registered" if register else "rejected", "reason": reason, "records": n_records,
@@ -483,10 +492,12 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
             "added_per_character": {c: dict(Counter(e.kind for e in exs)) for c, exs in by_char.items()},
             "new_characters": sorted(set(by_char) - known), "skipped": dict(skipped), "stale_staging_removed": stale,
             "unconfirmed_bar": bar_info, "selection": asdict(selection), "evaluation": asdict(evaluation),
+            "finetune": finetune.report if finetune is not None else {"enabled": False},
         }
         version_id = None
         if register:
-            version_id = _write_version(registry, base_id, base_dir, gallery, val_x, val_y, report, bool(cfg.get("promote", True)))
+            version_id = _write_version(registry, base_id, base_dir, gallery, val_x, val_y, report,
+                                        bool(cfg.get("promote", True)), new_model)
             report["version_id"] = version_id
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -496,13 +507,52 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         return FuseResult(version_id, report)
 
 
+def run_finetune(cfg: Mapping[str, Any], registry: Registry, base_id: str, base_dir: Path, chosen: Sequence[Example],
+                 holdout: Sequence[Example], log: FeatureLog, output_dir: Path | None) -> FinetuneOutcome | None:
+    """Classifier fine-tuning on the logged uploads when ``finetune.enabled`` (None when off)."""
+    policy = FinetunePolicy.from_mapping(cfg.get("finetune"))
+    if not policy.enabled:
+        return None
+    manifest_path = base_dir / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    work = (output_dir or registry.root / ".fusion-work") / "finetune"
+    out = finetune_classifier(base_dir, manifest, chosen, holdout, log, policy, work)
+    _log.info(f"fusion fine-tune: {out.report['decision']} ({out.report.get('reason')})")
+    return out
+
+
+def keep_gallery_embedder(gallery: Gallery, base_dir: Path, staging: Path) -> None:
+    """A gallery embedded by the live classifier keeps those weights as ``embedder.ckpt`` when model.ckpt is replaced."""
+    ecfg = dict(gallery.embedder_config)
+    if ecfg.get("kind") != "classifier":
+        return
+    current = Path(str(ecfg.get("ckpt_path") or MODEL_FILE))
+    if not current.is_absolute():
+        current = base_dir / current
+    if not current.is_file():
+        current = base_dir / MODEL_FILE  # what the recogniser falls back to
+    target = staging / EMBEDDER_FILE
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(current, target)
+    except OSError:
+        shutil.copy2(current, target)
+    gallery.embedder_config = {**ecfg, "ckpt_path": EMBEDDER_FILE}
+
+
 def _write_version(registry: Registry, base_id: str, base_dir: Path, gallery: Gallery, val_x: np.ndarray,
-                   val_y: Sequence[str], report: dict, promote: bool) -> str:
-    """Stage the new version (gallery + carried files + reports), then commit it atomically."""
+                   val_y: Sequence[str], report: dict, promote: bool, new_model: Path | None = None) -> str:
+    """Stage the new version (gallery + carried files + reports + a fine-tuned model), then commit it atomically."""
     vid = registry.new_version_id(prefix=STAGING_PREFIX)
     staging = registry.staging_dir(vid)
     skip = {INDEX_FILE, META_FILE, "manifest.json", "parent", "metrics.json", REPORT_JSON, REPORT_MD, VAL_EMBEDDINGS}
+    if new_model is not None:
+        skip.add(MODEL_FILE)
     copy_version_files(base_dir, staging, skip)
+    if new_model is not None:
+        keep_gallery_embedder(gallery, base_dir, staging)
+        shutil.copy2(new_model, staging / MODEL_FILE)
     gallery.save(staging)
     if len(val_y):
         with open(staging / VAL_EMBEDDINGS, "wb") as fh:  # carried forward so the next fusion can compare without images
@@ -511,12 +561,20 @@ def _write_version(registry: Registry, base_id: str, base_dir: Path, gallery: Ga
     m = report["metrics"]
     atomic_write_json(staging / "metrics.json", {**base_metrics, "gallery/val_top1": m["val_after"],
                                                  "gallery/holdout_top1": m["holdout_after"],
-                                                 "fusion/added": sum(sum(d.values()) for d in report["added_per_character"].values())})
+                                                 "fusion/added": sum(sum(d.values()) for d in report["added_per_character"].values()),
+                                                 **_finetune_metrics(report.get("finetune") or {}, new_model)})
     report["version_id"] = vid
     atomic_write_json(staging / REPORT_JSON, report)
     atomic_write_text(staging / REPORT_MD, render_markdown(report))
     return registry.commit(staging, parent=base_id, kind="fusion", promote=promote,
                            extra={"fusion": {"added": report["added_per_character"], "reason": report["reason"]}})
+
+
+def _finetune_metrics(ft: Mapping[str, Any], new_model: Path | None) -> dict[str, Any]:
+    """``finetune/*`` entries of the new version's metrics.json (only when its model.ckpt is the fine-tuned one)."""
+    if new_model is None:
+        return {}
+    return {f"finetune/{k}": v for k, v in (ft.get("metrics") or {}).items()}
 
 
 # -- export for classifier fine-tuning ------------------------------------------------------------------
@@ -527,14 +585,14 @@ def export_dataset(cfg: Mapping[str, Any]) -> dict:
     ``source=log:<record>#<det>`` and ``group=<image sha>`` so crops of one upload never straddle a
     split. Feed it to the workflow (``extra_datasets=[ROOT] extend_live=true``) to fine-tune.
     """
-    from PIL import Image
-
-    from ..data.layout import ImageRecord, write_metadata
+    from ..data.layout import write_metadata
 
     cfg = dict(cfg)
     out = Path(str(cfg.get("export_dir") or ""))
     if not cfg.get("export_dir"):
         raise ConfigError("fusion export: export_dir is not set; pass export_dir=<new dataset folder>")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"fusion export: {out} exists and is not empty; pass a new export_dir")
     selection = SelectionPolicy.from_mapping(cfg.get("selection"))
     registry = Registry(cfg["registry_dir"])
     gallery = Gallery.load(registry.path(str(cfg.get("base_version") or "latest")))
@@ -542,26 +600,15 @@ def export_dataset(cfg: Mapping[str, Any]) -> dict:
     records = {r.id: r for r in log.read()}
     examples, holdout, skipped, _ = collect_examples(records.values(), gallery.embedder_id, gallery.dim, selection, 0.0,
                                                   {c["name"] for c in gallery.characters()})
-    rows: list[ImageRecord] = []
-    no_image = 0
-    for ex in examples:
-        rid, det = ex.source[len("log:"):].rsplit("#", 1)
-        rec = records[rid]
-        path = log.image_path(rec)
-        if path is None:
-            no_image += 1
-            continue
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            box = rec.detections[int(det)].get("box") or [0, 0, im.width, im.height]
-            crop = im if rec.data.get("whole_image") else im.crop(tuple(int(round(v)) for v in box[:4]))
-        rel = f"{ex.character}/{rec.image_sha256[:16]}_{det}.png"
-        (out / ex.character).mkdir(parents=True, exist_ok=True)
-        crop.save(out / rel)
-        rows.append(ImageRecord(file_name=rel, character=ex.character, series=ex.series, source=ex.source,
-                                group=rec.image_sha256, tags=[t["tag"] for t in rec.detections[int(det)].get("tags", [])]))
+    staging = out.with_name(f".{out.name}.partial")  # written aside, renamed into place: never a half export
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    rows, no_image = write_example_crops(examples, records, log, staging)
     if rows:
-        write_metadata(out, rows)
+        write_metadata(staging, rows)
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
     summary = {"export_dir": str(out), "images": len(rows), "without_stored_image": no_image,
                "per_character": dict(Counter(r.character for r in rows)), "skipped": dict(skipped)}
     _log.info(f"fusion export: {len(rows)} images to {out} ({no_image} selected examples had no stored image)")

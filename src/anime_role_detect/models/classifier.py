@@ -22,6 +22,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
+from ..confutil import to_plain as _plain
 from ..errors import ConfigError, UserError, WeightsError
 from .backbones import backbone_data_config, create_backbone
 
@@ -37,16 +38,21 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adamw", "lr": 5e-5, "weight_decay"
 DEFAULT_SCHEDULER: dict[str, Any] = {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01}
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers -> plain Python, so hyper-parameters pickle safely into checkpoints."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
+def _copy_rows(head: nn.Linear, state: Mapping[str, torch.Tensor], prefix: str, old_names: Sequence[str], new_names: Sequence[str]) -> int:
+    """Copy the weight/bias rows of names present in both heads (by name, so a reordered or grown head still matches)."""
+    w, b = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
+    if w is None or b is None or w.shape[1] != head.weight.shape[1]:
+        return 0
+    index = {n: i for i, n in enumerate(old_names)}
+    n = 0
+    with torch.no_grad():
+        for j, name in enumerate(new_names):
+            i = index.get(name)
+            if i is not None and i < w.shape[0]:
+                head.weight[j].copy_(w[i])
+                head.bias[j].copy_(b[i])
+                n += 1
+    return n
 
 
 class CharacterClassifier(L.LightningModule):
@@ -68,6 +74,7 @@ class CharacterClassifier(L.LightningModule):
         dropout: float = 0.2,
         class_weights: Sequence[float] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         class_names = list(class_names)
@@ -114,6 +121,33 @@ class CharacterClassifier(L.LightningModule):
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self._build_metrics()
+        if init_from:
+            self.warm_start(init_from)
+
+    def warm_start(self, checkpoint_path: str | Path) -> dict[str, int]:
+        """Copy weights from an earlier checkpoint: the whole backbone, and the head rows of the characters/tags it knew.
+
+        The fine-tuning path of log fusion: characters added since keep a fresh row, the rest start where they were.
+        """
+        p = Path(checkpoint_path)
+        if not p.is_file():
+            raise WeightsError(f"model.init_from: checkpoint {p} not found; point it at a train.py checkpoint or drop it")
+        try:
+            ckpt = torch.load(str(p), map_location="cpu", weights_only=False)
+            state, hp = ckpt["state_dict"], ckpt["hyper_parameters"]
+        except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types for a bad file
+            raise WeightsError(f"model.init_from: {p} is not a CharacterClassifier checkpoint ({type(exc).__name__}); retrain or fix the path") from None
+        if hp.get("backbone", {}).get("name") != self.hparams["backbone"]["name"]:
+            raise ConfigError(
+                f"model.init_from: {p} has backbone {hp.get('backbone', {}).get('name')!r}, this model "
+                f"{self.hparams['backbone']['name']!r}; use the same model.backbone.name"
+            )
+        bb = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        self.backbone.load_state_dict(bb)
+        copied = {"characters": _copy_rows(self.char_head, state, "char_head", hp.get("class_names", []), self.class_names)}
+        if self.tag_head is not None:
+            copied["tags"] = _copy_rows(self.tag_head, state, "tag_head", hp.get("tag_names", []), self.tag_names)
+        return copied
 
     # -- model ------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:

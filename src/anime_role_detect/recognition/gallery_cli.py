@@ -20,12 +20,13 @@ import numpy as np
 from PIL import Image
 
 from ..cli import user_errors_exit
+from ..confutil import to_plain as _plain
 from ..errors import ConfigError, DatasetError, ImageError
 from ..imageio import IMAGE_SUFFIXES, load_image
 from ..log import get_logger
 from .gallery import Gallery
 from .openset import OpenSetCalibration, calibrate, leave_one_out_scores
-from .pipeline import MODEL_FILE, MODES, Recognizer, _plain
+from .pipeline import MODEL_FILE, MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"

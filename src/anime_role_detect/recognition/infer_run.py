@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TextIO
 
+from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError, UserError
 from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
 from ..log import get_logger, setup_logging
-from .pipeline import Recognizer, _plain
+from .pipeline import Recognizer
 from .schema import Answer
 
 CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from ..confutil import to_plain as _plain
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..imageio import DEFAULT_LIMITS, content_hash, decode_image
 from ..log import get_logger
@@ -31,18 +32,6 @@ MODES = ("clip", "model", "fusion")
 MODEL_FILE = "model.ckpt"
 FeatureSink = Callable[[Answer, np.ndarray], None]
 _log = get_logger("inference")
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf -> plain containers (other mappings pass through)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
 
 
 @dataclass
@@ -193,7 +182,10 @@ class Recognizer:
         def load() -> Any:
             if self._file(META_FILE) is not None and self.gallery.embedder_config:
                 cfg = dict(self.gallery.embedder_config)
-                if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not Path(str(cfg.get("ckpt_path", ""))).is_file():
+                own = Path(str(cfg.get("ckpt_path") or ""))  # relative paths name a file of the version
+                if self.version_dir is not None and cfg.get("ckpt_path") and not own.is_absolute():
+                    own = self.version_dir / own
+                if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
                 emb = build_embedder(cfg, base_dir=self.version_dir)
             else:

@@ -208,13 +208,9 @@ def _jsonable(obj: Any) -> Any:
     """Plain JSON types from dataclasses/OmegaConf/paths in a workflow result."""
     import dataclasses
 
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from ..confutil import to_plain
 
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    obj = to_plain(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):

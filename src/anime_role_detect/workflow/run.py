@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from ..confutil import compose_config
 from ..data.layout import ImageRecord, read_metadata, scan_dataset, stratified_group_split
 from ..errors import ConfigError, DatasetError, UserError
 from ..fsutil import atomic_write_json, atomic_write_text, read_json
@@ -329,9 +330,6 @@ def hydra_quote(value: Any) -> str:
 
 def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     tcfg = ctx.cfg.train
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
               "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
@@ -343,16 +341,7 @@ def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfi
         overrides += [f"log.dir={hydra_quote(log_dir)}", f"log.console_level={ctx.cfg.log.console_level}"]
     if resume_ckpt is not None:
         overrides.append(f"ckpt_path={hydra_quote(resume_ckpt)}")
-    name = str(tcfg.get("config_name", "train"))
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return compose(config_name=name, overrides=overrides)
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name=name, overrides=overrides)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for bad overrides
-        raise ConfigError(f"train config could not be composed ({type(exc).__name__}: {exc}); fix train.overrides") from None
+    return compose_config(str(tcfg.get("config_name", "train")), overrides, fix="fix train.overrides")
 
 
 def stage_train(ctx: RunContext) -> dict[str, Any]:

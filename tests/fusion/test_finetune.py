@@ -1,0 +1,125 @@
+"""Log fusion fine-tunes the live classifier on stored, corrected uploads of a new art style.
+
+Real training (`training.train`, tiny random-init backbone), real feature log with stored images,
+real registry and Recognizer. The live gallery is embedded by the classifier itself, so the new
+version must keep the old weights for its gallery (embedder.ckpt) while model mode gets the new ones.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anime_role_detect.confutil import compose_config
+from anime_role_detect.data.layout import scan_dataset
+from anime_role_detect.data.synthetic import generate_dataset, make_characters
+from anime_role_detect.fusion.featurelog import FeatureLog
+from anime_role_detect.fusion.finetune import FinetunePolicy
+from anime_role_detect.fusion.fuse import fuse
+from anime_role_detect.imageio import load_image
+from anime_role_detect.recognition.embedder import build_embedder
+from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.pipeline import Recognizer
+from anime_role_detect.registry import Registry
+from anime_role_detect.training import train
+
+pytestmark = pytest.mark.slow
+SIZE = 64
+
+
+def _train_tiny(root: Path, data: Path, epochs: int) -> Path:
+    cfg = compose_config("train", [
+        f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", "data=folder", f"data.root={data}", "~experiment",
+        f"data.image_size={SIZE}", "data.batch_size=16", "data.num_workers=0", "model=tiny", "trainer=cpu",
+        f"trainer.max_epochs={epochs}", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+        "log.console_level=WARNING", "evaluate=false", "seed=0",
+    ])
+    return Path(train(cfg).ckpt_path)
+
+
+def _model_top1(version: Path, root: Path) -> float:
+    rec = Recognizer.from_version(version, {"mode": "model", "rerank": False, "detector": None, "openset": {"enabled": False}})
+    rows = scan_dataset(root)
+    answers = rec.recognize_batch([(load_image(r.path(root)), r.file_name) for r in rows])
+    return float(np.mean([a.role == r.character for a, r in zip(answers, rows)]))
+
+
+def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path):
+    torch.set_num_threads(2)
+    specs = make_characters(4, seed=0, twin_fraction=0.0)
+    base = tmp_path / "base"
+    generate_dataset(base, images_per_character=20, size=SIZE, seed=1, domain="default", characters=specs)
+    stream = tmp_path / "stream"
+    generate_dataset(stream, images_per_character=16, size=SIZE, seed=2, domain="night", characters=specs)
+    night_test = tmp_path / "night_test"
+    generate_dataset(night_test, images_per_character=10, size=SIZE, seed=3, domain="night", characters=specs)
+    ckpt = _train_tiny(tmp_path / "t0", base, epochs=6)
+
+    # live version: classifier + a gallery embedded by that classifier, naming the data it was trained on
+    reg = Registry(tmp_path / "registry")
+    staging = reg.staging_dir()
+    shutil.copy2(ckpt, staging / "model.ckpt")
+    ecfg = {"kind": "classifier", "ckpt_path": "model.ckpt", "flip_tta": False}
+    emb = build_embedder(ecfg, base_dir=staging)
+    rows = scan_dataset(base)
+    Gallery.build([(r.character, r.series, load_image(r.path(base)), r.file_name) for r in rows], emb,
+                  embedder_config=ecfg).save(staging)
+    v0 = reg.commit(staging, kind="workflow", extra={"dataset": str(base)})
+
+    # the service with stored uploads: every night-style answer gets the user's verdict
+    log = FeatureLog(tmp_path / "fl", {"store_images": True})
+    live = log.attach(Recognizer.from_version(reg.path(), {"mode": "clip", "rerank": False, "detector": None}))
+    stream_rows = scan_dataset(stream)
+    random.Random(0).shuffle(stream_rows)
+    for r in stream_rows:
+        ans = live.recognize_bytes(r.path(stream).read_bytes(), r.file_name)
+        log.feedback(log.last_record_id, confirmed=True) if ans.role == r.character else log.feedback(log.last_record_id, correct_role=r.character)
+
+    before = _model_top1(reg.path(v0), night_test)
+    result = fuse({
+        "log_dir": str(tmp_path / "fl"), "registry_dir": str(reg.root), "output_dir": str(tmp_path / "out"),
+        "evaluation": {"holdout_fraction": 0.25},
+        "finetune": {"enabled": True, "epochs": 6, "lr_scale": 1.0, "min_images": 8,
+                     "overrides": ["data.num_workers=0", "threads=2", "log.console_level=WARNING"]},
+    })
+    ft = result.report["finetune"]
+    print("finetune report", ft, "night top-1 before", before)
+    assert ft["decision"] == "accepted", ft
+    assert ft["logged_images"] > 0 and ft["holdout_images"] > 0 and ft["metrics"]["holdout_after"] >= ft["metrics"]["holdout_before"]
+    assert result.version_id is not None and reg.latest_id() == result.version_id
+    new_dir = reg.path(result.version_id)
+    assert (new_dir / "model.ckpt").read_bytes() != (reg.path(v0) / "model.ckpt").read_bytes()
+    assert (new_dir / "embedder.ckpt").read_bytes() == (reg.path(v0) / "model.ckpt").read_bytes()
+
+    after = _model_top1(new_dir, night_test)
+    print("night top-1 after", after)
+    assert after >= before + 0.15, (before, after)
+    # the gallery still answers with the weights it was embedded with (no embedder mismatch)
+    clip = Recognizer.from_version(new_dir, {"mode": "clip", "rerank": False, "detector": None})
+    assert clip.embedder.model_id == Gallery.load(new_dir).embedder_id
+    assert clip.recognize(load_image(scan_dataset(night_test)[0].path(night_test)), "x.png").detections
+
+
+def test_finetune_skips_with_a_reason_when_uploads_were_not_stored(tmp_path):
+    from anime_role_detect.fusion.finetune import finetune_classifier
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "model.ckpt").write_bytes(b"not used")
+    out = finetune_classifier(tmp_path / "v", {"dataset": str(tmp_path)}, [], [], FeatureLog(tmp_path / "fl"),
+                              FinetunePolicy(enabled=True, min_images=1), tmp_path / "work")
+    assert out.ckpt_path is None and out.report["decision"] == "skipped"
+    assert "store_images" in out.report["reason"]
+    out = finetune_classifier(tmp_path / "v", {}, [], [], FeatureLog(tmp_path / "fl"), FinetunePolicy(enabled=True), tmp_path / "work")
+    assert "finetune.base_dataset" in out.report["reason"]
+
+
+def test_finetune_policy_rejects_unknown_keys():
+    from anime_role_detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        FinetunePolicy.from_mapping({"enabled": True, "epoch": 3})
