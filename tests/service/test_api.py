@@ -270,6 +270,16 @@ def test_pages_are_served_with_a_strict_policy_and_api_calls_are_traced(client, 
     assert f"{rid} GET /api/health 200" in logs
 
 
+def test_api_docs_are_served_without_a_cdn(client):
+    html = client.get("/docs")
+    assert html.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in html.text
+    assert "jsdelivr" not in html.text and "tiangolo" not in html.text  # nothing fetched from the internet
+    js = client.get("/docs-static/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/docs-static/redoc.standalone.js" in redoc.text
+
+
 def test_model_work_does_not_block_the_event_loop(server, service_data):
     """While batches of model work are in flight, health and version still answer at once."""
     import threading

@@ -138,3 +138,14 @@ def test_workflow_page_checks_the_json_before_sending(browser, server):
     assert "not valid JSON" in box.text
     assert browser.find_element(By.ID, "progress").get_attribute("class").split().count("hidden") == 1
 
+
+
+def test_api_docs_render_offline(browser, server):
+    """Swagger UI comes from the app itself (Chromium here has no network): every endpoint is listed."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/docs")
+    title = _wait(browser, lambda d: (d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title") or [False])[0], 60)
+    assert "anime_role_detect" in title.text
+    paths = {e.get_attribute("data-path") or e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/classify", "/api/classify/batch", "/api/feedback", "/api/health"} <= paths, paths

@@ -15,6 +15,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..log import get_logger
@@ -87,7 +88,9 @@ def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services
             if svc.feature_log is not None:
                 svc.feature_log.close()
 
-    app = FastAPI(
+    # FastAPIOffline = FastAPI whose /docs and /redoc load Swagger UI / ReDoc from the app, not a CDN
+    app = FastAPIOffline(
+        static_url="/docs-static",
         title="anime_role_detect",
         version=__version__,
         description=DESCRIPTION,
