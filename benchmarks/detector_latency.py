@@ -24,7 +24,6 @@ from typing import Callable
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -15,7 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate

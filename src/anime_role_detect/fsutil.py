@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,3 +67,13 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Hard-link `src` to `dst` (no extra disk space; for files never edited in place), copying when linking is not possible."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -6,7 +6,6 @@ registry; the "night" synthetic domain is a style the live gallery has never see
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ Uses the session's tiny classifier/gallery (`version_dir`) and the tiny YOLO mad
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from PIL import Image

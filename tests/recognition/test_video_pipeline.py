@@ -7,7 +7,6 @@ batches by the real pipeline, merged into appearances with the right time ranges
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 

@@ -23,7 +23,7 @@ from ..fsutil import atomic_write_json, read_json
 from ..imageio import load_image
 from ..log import training_log
 from .dedupe import assign_duplicate_groups
-from .layout import ImageRecord, Split, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
+from .layout import ImageRecord, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
 BALANCE_MODES = ("none", "class_weights", "sampler")

@@ -11,7 +11,6 @@ Writes the standard dataset folder: ``ROOT/<character>/<n>.png`` + ``metadata.js
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from dataclasses import asdict, dataclass, replace

@@ -10,7 +10,6 @@ merged validation split. The new ``model.ckpt`` goes into the fused version only
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from omegaconf import OmegaConf
 from ..confutil import compose_config
 from ..data.layout import ImageRecord, scan_dataset, write_metadata
 from ..errors import ConfigError, DatasetError
+from ..fsutil import link_or_copy
 from ..log import get_logger
 from .featurelog import FeatureLog, LogRecord
 
@@ -103,21 +103,13 @@ def records_by_id(log: FeatureLog, ids: set[str]) -> dict[str, LogRecord]:
     return {r.id: r for r in log.read(embeddings=False) if r.id in ids}
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def merge_datasets(base: Path, extra: Path, extra_rows: Sequence[ImageRecord], out: Path) -> list[ImageRecord]:
     """``out`` = the base dataset (hard links) + the logged crops, with one ``metadata.jsonl``."""
     base_rows = scan_dataset(base)
     for r in base_rows:
-        _link(r.path(base), out / r.file_name)
+        link_or_copy(r.path(base), out / r.file_name)
     for r in extra_rows:
-        _link(extra / r.file_name, out / r.file_name)
+        link_or_copy(extra / r.file_name, out / r.file_name)
     rows = [*base_rows, *extra_rows]
     write_metadata(out, rows)
     return rows

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, GalleryError, RegistryError
-from ..fsutil import atomic_write_json, atomic_write_text, read_json
+from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_json
 from ..log import get_logger
 from ..recognition.gallery import INDEX_FILE, META_FILE, Gallery
 from ..recognition.schema import UNKNOWN
@@ -377,10 +377,7 @@ def copy_version_files(src: Path, dst: Path, skip: set[str]) -> None:
         if p.is_dir():
             shutil.copytree(p, dst / p.name)
             continue
-        try:
-            os.link(p, dst / p.name)  # version files are immutable (replaced by rename, never edited)
-        except OSError:
-            shutil.copy2(p, dst / p.name)
+        link_or_copy(p, dst / p.name)  # version files are immutable (replaced by rename, never edited)
 
 
 def _fmt(x: float | None) -> str:
@@ -534,10 +531,7 @@ def keep_gallery_embedder(gallery: Gallery, base_dir: Path, staging: Path) -> No
     target = staging / EMBEDDER_FILE
     if target.exists():
         target.unlink()
-    try:
-        os.link(current, target)
-    except OSError:
-        shutil.copy2(current, target)
+    link_or_copy(current, target)
     gallery.embedder_config = {**ecfg, "ckpt_path": EMBEDDER_FILE}
 
 

@@ -7,7 +7,6 @@ single bad file is a one-line error (exit 2).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TextIO
 
 from ..confutil import to_plain as _plain
-from ..errors import ConfigError, ImageError, UserError
+from ..errors import ConfigError, ImageError
 from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
 from ..log import get_logger, setup_logging
 from .pipeline import Recognizer

@@ -23,7 +23,7 @@ from ..confutil import to_plain as _plain
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..imageio import DEFAULT_LIMITS, content_hash, decode_image
 from ..log import get_logger
-from .gallery import INDEX_FILE, META_FILE, Gallery
+from .gallery import META_FILE, Gallery
 from .openset import CALIBRATION_FILE, OpenSetCalibration
 from .rerank import PROFILE_FILE, Candidate, TagReranker
 from .schema import UNKNOWN, Answer, Detection, Rerank, TagScore, TopK, VideoAnswer

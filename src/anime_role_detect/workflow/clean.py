@@ -9,7 +9,6 @@ the detector finds. The dataset is written to a temporary folder and renamed int
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from PIL import Image
 from ..data.dedupe import assign_duplicate_groups, file_sha256, near_duplicate_clusters, perceptual_hash
 from ..data.layout import ImageRecord, write_metadata
 from ..errors import ConfigError, ImageError
+from ..fsutil import link_or_copy
 from ..imageio import ImageLimits, load_image
 from ..log import get_logger
 from .progress import Progress
@@ -98,15 +98,6 @@ def _crop_function(crop_cfg: Mapping[str, Any] | None) -> Callable[[Image.Image]
         return crop_box(img, best, margin)
 
     return crop
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link `src` to `dst` (no extra disk space), copying when linking is not possible."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def clean_dataset(

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..confutil import compose_config
 from ..data.layout import ImageRecord, read_metadata, scan_dataset, stratified_group_split
 from ..errors import ConfigError, DatasetError, UserError
-from ..fsutil import atomic_write_json, atomic_write_text, read_json
+from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_json
 from ..log import get_logger
 from ..registry import MANIFEST, Registry
-from .clean import CleanConfig, clean_dataset, link_or_copy
+from .clean import CleanConfig, clean_dataset
 from .collectors import CharacterQuery, build_collector, read_manifest
 from .collectors.base import fingerprint, safe_name
 from .progress import Progress
