@@ -48,3 +48,23 @@ def log_dir(tmp_path) -> Path:
     from anime_role_detect.log import setup_logging
 
     return setup_logging({"dir": str(tmp_path / "logs"), "console_level": "WARNING"})
+
+
+def train_tiny_classifier(root: Path, data: Path, epochs: int, size: int = 64) -> Path:
+    """A tiny random-init classifier trained on `data` by the real `training.train`; returns its checkpoint."""
+    from anime_role_detect.confutil import compose_config
+    from anime_role_detect.training import train
+
+    cfg = compose_config("train", [
+        f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", "data=folder", f"data.root={data}", "~experiment",
+        f"data.image_size={size}", "data.batch_size=16", "data.num_workers=0", "model=tiny", "trainer=cpu",
+        f"trainer.max_epochs={epochs}", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+        "log.console_level=WARNING", "evaluate=false", "seed=0",
+    ])
+    return Path(train(cfg).ckpt_path)
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """`train_tiny_classifier(root, data, epochs, size)` as a fixture."""
+    return train_tiny_classifier

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from anime_role_detect.confutil import compose_config
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import generate_dataset, make_characters
 from anime_role_detect.fusion.featurelog import FeatureLog
@@ -26,20 +25,9 @@ from anime_role_detect.recognition.embedder import build_embedder
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.pipeline import Recognizer
 from anime_role_detect.registry import Registry
-from anime_role_detect.training import train
 
 pytestmark = pytest.mark.slow
 SIZE = 64
-
-
-def _train_tiny(root: Path, data: Path, epochs: int) -> Path:
-    cfg = compose_config("train", [
-        f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", "data=folder", f"data.root={data}", "~experiment",
-        f"data.image_size={SIZE}", "data.batch_size=16", "data.num_workers=0", "model=tiny", "trainer=cpu",
-        f"trainer.max_epochs={epochs}", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
-        "log.console_level=WARNING", "evaluate=false", "seed=0",
-    ])
-    return Path(train(cfg).ckpt_path)
 
 
 def _model_top1(version: Path, root: Path) -> float:
@@ -49,7 +37,7 @@ def _model_top1(version: Path, root: Path) -> float:
     return float(np.mean([a.role == r.character for a, r in zip(answers, rows)]))
 
 
-def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path):
+def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path, train_tiny):
     torch.set_num_threads(2)
     specs = make_characters(4, seed=0, twin_fraction=0.0)
     base = tmp_path / "base"
@@ -58,7 +46,7 @@ def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path):
     generate_dataset(stream, images_per_character=16, size=SIZE, seed=2, domain="night", characters=specs)
     night_test = tmp_path / "night_test"
     generate_dataset(night_test, images_per_character=10, size=SIZE, seed=3, domain="night", characters=specs)
-    ckpt = _train_tiny(tmp_path / "t0", base, epochs=6)
+    ckpt = train_tiny(tmp_path / "t0", base, epochs=6, size=SIZE)
 
     # live version: classifier + a gallery embedded by that classifier, naming the data it was trained on
     reg = Registry(tmp_path / "registry")

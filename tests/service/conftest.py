@@ -156,16 +156,16 @@ def client(server) -> Iterator[httpx.Client]:
         yield c
 
 
-def mp4_bytes(frames: Sequence[Image.Image], fps: int = 4) -> bytes:
-    """Encode frames as an MPEG-4 video in memory (PyAV), for video uploads."""
+def mp4_bytes(frames: Sequence[Image.Image], fps: int = 4, container: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """Encode frames as a video in memory (PyAV), for video uploads: MPEG-4 in MP4, or VP8 in WebM (what browsers play)."""
     import av
 
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
-        stream.options = {"qscale": "2"}
+        stream.options = {"qscale": "2"} if codec == "mpeg4" else {"crf": "10", "b": "2M"}
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_image(img.convert("RGB"))):
                 out.mux(packet)

@@ -93,6 +93,37 @@ def test_upload_shows_name_box_topk_and_screenshot(browser, server, service_data
     assert shot.stat().st_size > 10_000
 
 
+def test_video_upload_shows_the_frame_with_boxes_and_appearances(browser, server, service_data, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from .conftest import mp4_bytes
+
+    a, b = service_data.names[0], service_data.names[3]
+    frames = [Image.open(p).convert("RGB").resize((192, 192)) for p in service_data.images(a)[:4]] * 2
+    frames += [Image.open(p).convert("RGB").resize((192, 192)) for p in service_data.images(b)[:4]]
+    clip = tmp_path / "clip.webm"  # VP8 in WebM: what Chromium plays
+    clip.write_bytes(mp4_bytes(frames, fps=4, container="webm", codec="libvpx"))
+    browser.get(server.url + "/")
+    _upload(browser, clip)
+    assert _wait(browser, _answered_or_error) == "answered", browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "result-role").text == a
+    rows = browser.find_elements(By.CSS_SELECTOR, "#appearances tbody tr")
+    assert {r.find_elements(By.TAG_NAME, "td")[0].text for r in rows} >= {a, b}
+    # the player stops on the main character's best frame and that frame is drawn with its boxes and names
+    _wait(browser, lambda d: d.execute_script("return document.getElementById('canvas').dataset.frameTime || false"), 60)
+    roles = browser.execute_script("return JSON.parse(document.getElementById('canvas').dataset.frameRoles)")
+    assert a in roles
+    info = _box_pixel(browser)
+    assert info["boxes"] and tuple(info["px"][:3]) == tuple(int(info["color"][i:i + 2], 16) for i in (1, 3, 5)), info
+    assert browser.find_element(By.ID, "video").is_displayed() and browser.find_element(By.ID, "canvas").is_displayed()
+    # seeking to the other character's appearance redraws that frame
+    link = next(r for r in rows if r.find_elements(By.TAG_NAME, "td")[0].text == b).find_element(By.TAG_NAME, "a")
+    link.click()
+    _wait(browser, lambda d: b in d.execute_script("return JSON.parse(document.getElementById('canvas').dataset.frameRoles || '[]')"), 30)
+    assert "Frame at" in browser.find_element(By.ID, "frame-caption").text
+    browser.save_screenshot(str(tmp_path / "video.png"))
+
+
 def test_non_image_gets_a_friendly_message(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 

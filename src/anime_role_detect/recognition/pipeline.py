@@ -219,8 +219,9 @@ class Recognizer:
 
         def load() -> Any:
             tcfg = dict(self.cfg.get("tagger") or {"kind": "auto"})
-            if tcfg.get("kind") == "auto":
-                tcfg = {"kind": "classifier"} if self.model_ckpt is not None else {"kind": "none"}
+            if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
+                has_head = self.model_ckpt is not None and bool(getattr(self.classifier, "tag_names", None))
+                tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
             if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
                 tcfg["ckpt_path"] = str(self.model_ckpt)
             return build_tagger(tcfg, base_dir=self.version_dir)

@@ -25,10 +25,13 @@
   }
 
   // Draw at the image's resolution (small images scaled up so names stay legible); CSS fits it to the screen.
+  // `img` is an <img> or a paused <video> (then the current frame is drawn and the video stays visible).
   function drawImage(img, answer) {
     const canvas = $("canvas");
-    const scale = Math.max(1, 480 / Math.max(img.naturalWidth, img.naturalHeight));
-    const w = Math.round(img.naturalWidth * scale), h = Math.round(img.naturalHeight * scale);
+    const isVideo = img instanceof HTMLVideoElement;
+    const iw = isVideo ? img.videoWidth : img.naturalWidth, ih = isVideo ? img.videoHeight : img.naturalHeight;
+    const scale = Math.max(1, 480 / Math.max(iw, ih));
+    const w = Math.round(iw * scale), h = Math.round(ih * scale);
     canvas.width = w; canvas.height = h;
     const ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = scale < 2;
@@ -59,7 +62,24 @@
     canvas.dataset.lineWidth = String(lw);
     canvas.dataset.colors = JSON.stringify(dets.map((_, i) => COLORS[i % COLORS.length]));
     canvas.classList.remove("hidden");
-    $("video").classList.add("hidden");
+    if (!isVideo) $("video").classList.add("hidden");
+  }
+
+  // Video answers carry one answer per sampled frame ("name@t=1.25s"): boxes of the nearest one.
+  function frameTime(f) {
+    const m = /@t=([0-9.]+)s$/.exec(f.filename || "");
+    return m ? parseFloat(m[1]) : NaN;
+  }
+
+  function drawVideoFrame(video, answer) {
+    const frames = (answer.frames || []).filter((f) => !Number.isNaN(frameTime(f)));
+    if (!frames.length || !video.videoWidth) return;
+    const near = frames.reduce((a, b) => (Math.abs(frameTime(b) - video.currentTime) < Math.abs(frameTime(a) - video.currentTime) ? b : a));
+    drawImage(video, near);
+    const canvas = $("canvas");
+    canvas.dataset.frameTime = String(frameTime(near));
+    canvas.dataset.frameRoles = JSON.stringify((near.detections || []).map(label));
+    $("frame-caption").textContent = `Frame at ${frameTime(near).toFixed(1)} s: ${(near.detections || []).map(label).join(", ") || "nobody"}`;
   }
 
   function renderDetections(answer) {
@@ -118,9 +138,16 @@
 
   function renderVideo(answer, url) {
     const video = $("video");
+    $("canvas").classList.add("hidden");
+    // the frame under the playhead is drawn with its boxes whenever the video stops on it
+    video.onseeked = () => drawVideoFrame(video, answer);
+    video.onpause = () => drawVideoFrame(video, answer);
+    video.onloadeddata = () => {
+      const main = (answer.appearances || []).find((a) => a.role === answer.role) || (answer.appearances || [])[0];
+      video.currentTime = main ? main.best_frame_s : 0;  // start on the main character's best frame
+    };
     video.src = url;
     video.classList.remove("hidden");
-    $("canvas").classList.add("hidden");
     const box = $("appearances");
     box.replaceChildren();
     const table = document.createElement("table");
@@ -161,6 +188,7 @@
       if (answer.appearances !== undefined) {
         renderVideo(answer, state.objectUrl);
       } else {
+        $("frame-caption").textContent = "";
         renderDetections(answer);
         const img = new Image();
         await new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error("the browser cannot show this picture")); img.src = state.objectUrl; });
