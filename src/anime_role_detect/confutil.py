@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -40,3 +40,14 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), fix: str = "
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra raises several types for bad overrides
         raise ConfigError(f"{config_name} config could not be composed ({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def dataclass_from_mapping(cls: type, cfg: Mapping[str, Any] | None, where: str) -> Any:
+    """``cls(**cfg)`` for a config section, with a one-line `ConfigError` naming unknown keys and the known ones."""
+    from .errors import ConfigError
+
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+    return cls(**cfg)

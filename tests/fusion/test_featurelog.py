@@ -132,7 +132,7 @@ def test_store_images_on_keeps_one_copy_per_content(tmp_path):
 
 
 def test_bad_policy_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown key"):
         FeatureLog(tmp_path, {"max_segmnt_bytes": 10})
     with pytest.raises(ConfigError, match="max_segment_bytes"):
         FeatureLog(tmp_path, {"max_segment_bytes": 10})

@@ -72,7 +72,6 @@ def test_kill_during_logging_loses_no_acknowledged_record(tmp_path):
 # -- kill during fusion ---------------------------------------------------------------------------------
 def _fusion_world(tmp_path: Path) -> tuple[Registry, str, Path]:
     """A live version with a 6000-row gallery and a feature log of 1500 records with feedback (fusion takes seconds)."""
-    rng = np.random.default_rng(0)
     dim, chars = 256, [f"char_{i:02d}" for i in range(30)]
     reg = Registry(tmp_path / "registry")
     staging = reg.staging_dir()

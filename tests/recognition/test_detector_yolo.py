@@ -116,10 +116,12 @@ def test_synthetic_dataset_labels_are_the_scene_boxes(tmp_path):
     n_boxes = sum(len(p.read_text().split("\n")) - 1 for p in labels)
     assert n_boxes == counts["synthetic_train_boxes"]
     for p in labels:
-        img = Image.open(tmp_path / "ds" / "images" / "train" / f"{p.stem}.jpg")
+        with Image.open(tmp_path / "ds" / "images" / "train" / f"{p.stem}.jpg") as img:  # every label has its image
+            width, height = img.size
         for line in p.read_text().splitlines():
             cls, cx, cy, w, h = line.split()
             assert cls == "0" and all(0.0 <= float(v) <= 1.0 for v in (cx, cy, w, h))
+            assert float(w) * width >= 4 and float(h) * height >= 4  # a figure, not a speck
     assert yolo_label_line(Box(10, 20, 30, 60), 100, 200) == "0 0.200000 0.200000 0.200000 0.200000"
     assert yolo_label_line((-10, 0, 50, 100), 100, 100) == "0 0.250000 0.500000 0.500000 1.000000"  # clipped
 

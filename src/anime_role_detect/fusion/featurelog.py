@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from ..confutil import dataclass_from_mapping
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_bytes
 from ..imageio import content_hash, sniff
@@ -60,11 +61,7 @@ class LogPolicy:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "LogPolicy":
         """Build from a config mapping; unknown keys are a `ConfigError`."""
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"feature log: unknown setting(s) {unknown}; use {sorted(cls.__dataclass_fields__)}")
-        pol = cls(**cfg)
+        pol = dataclass_from_mapping(cls, cfg, "feature log")
         if pol.max_segment_bytes < 4096 or pol.retention_days <= 0 or pol.fsync_interval_s < 0:
             raise ConfigError("feature log: max_segment_bytes must be >= 4096, retention_days > 0 and fsync_interval_s >= 0")
         return pol

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from ..confutil import compose_config
+from ..confutil import compose_config, dataclass_from_mapping
 from ..data.layout import ImageRecord, scan_dataset, write_metadata
 from ..errors import ConfigError, DatasetError
 from ..fsutil import link_or_copy
@@ -49,11 +49,7 @@ class FinetunePolicy:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "FinetunePolicy":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"finetune: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        pol = cls(**cfg)
+        pol = dataclass_from_mapping(cls, cfg, "finetune")
         pol.overrides = [str(o) for o in pol.overrides or []]
         if pol.epochs < 1 or pol.lr_scale <= 0:
             raise ConfigError(f"finetune: epochs ({pol.epochs}) must be >= 1 and lr_scale ({pol.lr_scale}) > 0")

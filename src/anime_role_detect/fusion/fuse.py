@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..confutil import dataclass_from_mapping
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_json
 from ..log import get_logger
@@ -59,7 +60,7 @@ class SelectionPolicy:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "SelectionPolicy":
-        return _dataclass_from(cls, cfg, "selection")
+        return dataclass_from_mapping(cls, cfg, "selection")
 
 
 @dataclass
@@ -75,18 +76,10 @@ class EvalPolicy:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "EvalPolicy":
-        pol = _dataclass_from(cls, cfg, "evaluation")
+        pol = dataclass_from_mapping(cls, cfg, "evaluation")
         if not 0.0 <= pol.holdout_fraction < 1.0:
             raise ConfigError(f"evaluation.holdout_fraction={pol.holdout_fraction}: must be in [0, 1)")
         return pol
-
-
-def _dataclass_from(cls: type, cfg: Mapping[str, Any] | None, where: str) -> Any:
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-    return cls(**cfg)
 
 
 @dataclass
