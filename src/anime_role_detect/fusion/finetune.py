@@ -112,8 +112,9 @@ def merge_datasets(base: Path, extra: Path, extra_rows: Sequence[ImageRecord], o
 
 
 # -- train and compare ----------------------------------------------------------------------------------
-def finetune_config(ckpt: Path, dataset: Path, work: Path, policy: FinetunePolicy) -> Any:
-    """``train.yaml`` bound to the merged dataset, with the checkpoint's own model settings and a warm start."""
+def finetune_config(ckpt: Path, dataset: Path, work: Path, policy: FinetunePolicy, log_cfg: Mapping[str, Any] | None = None) -> Any:
+    """``train.yaml`` bound to the merged dataset, with the checkpoint's own model settings and a warm start;
+    training logs go where the calling job logs (`log_cfg`)."""
     import torch
 
     hp = torch.load(str(ckpt), map_location="cpu", weights_only=False).get("hyper_parameters", {})
@@ -139,6 +140,8 @@ def finetune_config(ckpt: Path, dataset: Path, work: Path, policy: FinetunePolic
     cfg.paths.data_dir = str(work)
     cfg.callbacks.pop("early_stopping", None)
     cfg.evaluate = True
+    if log_cfg:
+        cfg.log = OmegaConf.create(dict(log_cfg))
     for item in policy.overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -171,7 +174,7 @@ def _images(root: Path, rows: Sequence[ImageRecord]) -> list[Any]:
 
 
 def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen: Sequence[Any], holdout: Sequence[Any],
-                        log: FeatureLog, policy: FinetunePolicy, work: Path) -> FinetuneOutcome:
+                        log: FeatureLog, policy: FinetunePolicy, work: Path, log_cfg: Mapping[str, Any] | None = None) -> FinetuneOutcome:
     """Fine-tune ``base_dir/model.ckpt`` on the chosen logged crops + its dataset; keep it when not worse."""
     from ..training import train
 
@@ -201,7 +204,7 @@ def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen
     except DatasetError as exc:
         report["reason"] = f"base dataset unusable: {exc}"
         return FinetuneOutcome(None, report)
-    cfg = finetune_config(ckpt, work / "dataset", work, policy)
+    cfg = finetune_config(ckpt, work / "dataset", work, policy, log_cfg)
     _log.info(f"fusion fine-tune: {len(rows)} logged crops + {base}, {policy.epochs} epochs from {ckpt}")
     result = train(cfg)
     new_ckpt = Path(result.ckpt_path)

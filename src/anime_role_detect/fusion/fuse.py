@@ -506,7 +506,7 @@ def run_finetune(cfg: Mapping[str, Any], registry: Registry, base_id: str, base_
     manifest_path = base_dir / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else {}
     work = (output_dir or registry.root / ".fusion-work") / "finetune"
-    out = finetune_classifier(base_dir, manifest, chosen, holdout, log, policy, work)
+    out = finetune_classifier(base_dir, manifest, chosen, holdout, log, policy, work, cfg.get("log"))
     _log.info(f"fusion fine-tune: {out.report['decision']} ({out.report.get('reason')})")
     return out
 
