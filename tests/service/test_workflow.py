@@ -141,6 +141,43 @@ def test_cancel_stops_a_running_workflow(fresh, service_data):
         assert r.status_code == 404 and r.json()["error"]
 
 
+def test_job_status_survives_a_server_crash(tmp_path, service_data):
+    """Jobs are saved under jobs_dir: after a SIGKILL and a restart, a cancelled job still reads cancelled and the
+    job that was running reads failed, with how to resume it."""
+    conf = write_site_config(tmp_path / "site_conf", service_data.gallery_root, tmp_path / "wf", TINY_TRAIN)
+    start = lambda: start_server(tmp_path / "srv", tmp_path / "registry", config_dir=conf, config_name="serve_site")  # noqa: E731
+    srv = start()
+    try:
+        with srv.client() as c:
+            first = c.post("/api/workflow", json={"characters": [{"name": n} for n in service_data.names[:2]], "params": {"epochs": 200}}).json()
+            second = c.post("/api/workflow", json={"characters": [{"name": n} for n in service_data.names[2:4]], "params": {"epochs": 200}}).json()
+            assert c.post(f"/api/workflow/{first['id']}/cancel").status_code == 200
+            deadline = time.monotonic() + 120
+            while c.get(f"/api/workflow/{second['id']}").json()["status"] != "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(3)  # some progress is saved (at most every 2 s)
+            assert c.get(f"/api/workflow/{first['id']}").json()["status"] == "cancelled"
+    finally:
+        srv.proc.kill()  # a crash: no shutdown handler runs
+        srv.proc.wait(10)
+        srv.stop()
+    saved = {p.stem for p in (tmp_path / "srv" / "outputs" / "workflow" / "jobs").glob("*.json")}
+    assert {first["id"], second["id"]} <= saved
+    srv = start()
+    try:
+        with srv.client() as c:
+            a = c.get(f"/api/workflow/{first['id']}").json()
+            b = c.get(f"/api/workflow/{second['id']}").json()
+            assert a["status"] == "cancelled" and [ch["name"] for ch in a["characters"]] == service_data.names[:2]
+            assert b["status"] == "failed" and "server stopped" in b["error"] and "resume" in b["error"], b
+            assert b["stages"], "the progress made before the crash is kept"
+            assert {j["id"] for j in c.get("/api/workflow").json()["jobs"]} >= {first["id"], second["id"]}
+            ends = [ev for ev in sse(c, f"/api/workflow/{second['id']}/events", timeout=30) if ev["event"] == "end"]
+            assert ends and ends[0]["data"]["status"] == "failed"
+    finally:
+        srv.stop()
+
+
 @pytest.mark.browser
 def test_workflow_page_runs_and_shows_live_progress_and_metrics(fresh, service_data, tmp_path):
     """The /workflow page in headless Chromium: start, stages and log lines arrive over SSE, metrics at the end."""

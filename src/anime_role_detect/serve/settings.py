@@ -81,6 +81,8 @@ class WorkflowSettings(_Section):
     overrides: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(1, ge=1)
     keep_finished: int = Field(50, ge=1)
+    #: folder where each job's latest status is saved, so job ids survive a server restart (null = memory only)
+    jobs_dir: str | None = None
 
 
 class ServeSettings(_Section):

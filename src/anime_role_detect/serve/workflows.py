@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, UserError
+from ..fsutil import atomic_write_text
 from ..log import get_logger
 from ..workflow.progress import CancelledError, Progress, ProgressEvent
 from .settings import WorkflowSettings
@@ -29,6 +30,7 @@ _compose_lock = threading.Lock()
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+SAVE_INTERVAL_S = 2.0  # progress saves to jobs_dir at most this often (status changes always)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'()\-]{0,79}$"
 
 
@@ -147,6 +149,8 @@ class Job:
     events: list[dict[str, Any]] = field(default_factory=list)
     listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    restored: WorkflowStatus | None = None  # a job read back from jobs_dir after a restart (stages and log frozen)
+    on_change: Callable[["Job", bool], None] | None = None  # persistence hook: (job, important)
 
     # -- events -----------------------------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any]) -> None:
@@ -175,12 +179,18 @@ class Job:
         if status in FINISHED:
             self.publish("end", {"status": status, "error": self.error,
                                  "result": self.result.model_dump(mode="json") if self.result else None})
+        if self.on_change is not None:
+            self.on_change(self, True)
 
     def on_progress(self, ev: ProgressEvent) -> None:
         self.publish("progress", ev.to_json())
+        if self.on_change is not None:
+            self.on_change(self, False)
 
     # -- views ------------------------------------------------------------------------------
     def snapshot(self) -> WorkflowStatus:
+        if self.restored is not None:
+            return self.restored
         stages = [StageStatus(stage=e.stage, done=e.done, total=e.total, percent=round(100 * e.fraction, 1), message=e.message)
                   for e in list(self.progress.stages.values())]
         log = [f"[{e.stage}] {e.done}/{e.total} {e.message}".rstrip() for e in self.progress.events if e.message][-50:]
@@ -239,6 +249,49 @@ class WorkflowManager:
         self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrent, thread_name_prefix="workflow")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
+        self.jobs_dir = Path(settings.jobs_dir).expanduser() if settings.jobs_dir else None
+        self._saved_at: dict[str, float] = {}
+        self._saved_stage: dict[str, str | None] = {}
+        if self.jobs_dir is not None:
+            self._restore()
+
+    # -- persistence (jobs_dir) -------------------------------------------------------------
+    def _save(self, job: Job, important: bool) -> None:
+        """Write the job's status file (write-then-rename): on status and stage changes, else at most every 2 s."""
+        if self.jobs_dir is None:
+            return
+        now = time.monotonic()
+        events = job.progress.events
+        stage = events[-1].stage if events else None
+        new_stage = stage != self._saved_stage.get(job.id)
+        if not (important or new_stage) and now - self._saved_at.get(job.id, 0.0) < SAVE_INTERVAL_S:
+            return
+        self._saved_at[job.id], self._saved_stage[job.id] = now, stage
+        try:
+            atomic_write_text(self.jobs_dir / f"{job.id}.json", job.snapshot().model_dump_json())
+        except OSError as exc:  # a full disk must not fail the run itself
+            _log.warning(f"workflow {job.id}: could not save its status to {self.jobs_dir} ({exc})")
+
+    def _restore(self) -> None:
+        """Read back the jobs of earlier server runs; one that was still running is reported as interrupted."""
+        files = sorted(self.jobs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if self.jobs_dir.is_dir() else []
+        for path in files[-self.settings.keep_finished:]:
+            try:
+                st = WorkflowStatus.model_validate_json(path.read_text())
+            except (OSError, ValueError) as exc:
+                _log.warning(f"skipping unreadable workflow status {path} ({exc})")
+                continue
+            if st.status not in FINISHED:
+                st = st.model_copy(update={"status": "failed", "finished": path.stat().st_mtime,
+                                           "error": "the server stopped while this job was running; submit the same "
+                                                    "characters again to resume it (collected files and finished stages are reused)"})
+            job = Job(id=st.id, request=WorkflowRequest(characters=st.characters), params=st.params, status=st.status,
+                      created=st.created, started=st.started, finished=st.finished, result=st.result, error=st.error,
+                      restored=st)
+            job.publish("status", {"status": st.status})
+            job.publish("end", {"status": st.status, "error": st.error,
+                                "result": st.result.model_dump(mode="json") if st.result else None})
+            self._jobs[job.id] = job
 
     @property
     def runner(self) -> WorkflowRunner:
@@ -275,7 +328,7 @@ class WorkflowManager:
         """Queue a job; runs as soon as a worker is free."""
         params = self.check_params(request.params)
         runner = self.runner  # fail now (400) rather than inside the thread when misconfigured
-        job = Job(id=uuid.uuid4().hex[:12], request=request, params=params)
+        job = Job(id=uuid.uuid4().hex[:12], request=request, params=params, on_change=self._save)
         job.progress.subscribe(job.on_progress)
         with self._lock:
             self._jobs[job.id] = job
@@ -284,7 +337,10 @@ class WorkflowManager:
                 if oldest is None:
                     break
                 del self._jobs[oldest]
+                if self.jobs_dir is not None:
+                    (self.jobs_dir / f"{oldest}.json").unlink(missing_ok=True)
         job.publish("status", {"status": "queued"})
+        self._save(job, True)
         self._pool.submit(self._run, job, runner)
         return job
 
