@@ -111,3 +111,17 @@ def test_finetune_policy_rejects_unknown_keys():
 
     with pytest.raises(ConfigError, match="unknown key"):
         FinetunePolicy.from_mapping({"enabled": True, "epoch": 3})
+
+
+def test_finetune_overrides_must_name_values_not_sections(tmp_path, train_tiny):
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.fusion.finetune import finetune_config
+
+    data = tmp_path / "data"
+    generate_dataset(data, n_characters=2, images_per_character=4, size=32, seed=0)
+    ckpt = train_tiny(tmp_path / "t", data, epochs=1, size=32)
+    cfg = finetune_config(ckpt, data, tmp_path / "work", FinetunePolicy(overrides=["trainer.accelerator=cpu", "threads=1"]))
+    assert cfg.trainer.accelerator == "cpu" and cfg.threads == 1 and cfg.model.init_from == str(ckpt)
+    assert cfg.model.backbone.name == "resnet10t" and cfg.data.image_size == 32  # the checkpoint's own model
+    with pytest.raises(ConfigError, match="config section"):
+        finetune_config(ckpt, data, tmp_path / "work", FinetunePolicy(overrides=["trainer=gpu"]))

@@ -146,6 +146,8 @@ def finetune_config(ckpt: Path, dataset: Path, work: Path, policy: FinetunePolic
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"finetune.overrides: {item!r} is not key=value")
+        if OmegaConf.is_dict(OmegaConf.select(cfg, key.strip(), default=None)):
+            raise ConfigError(f"finetune.overrides: {key.strip()!r} is a config section; set its fields, e.g. trainer.accelerator=gpu")
         OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={value}"]).v, merge=True, force_add=True)
     return cfg
 
