@@ -90,3 +90,25 @@ def test_gallery_cli_add_list_remove(version_dir, tmp_path, folder):
     assert p.returncode == 0 and "removed newbie: 3" in p.stdout
     p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)
     assert p.returncode == 2 and "not in the gallery" in p.stderr
+
+
+def test_infer_py_on_a_video_prints_appearances(version_dir, test_images, tmp_path):
+    from .test_video import write_video
+
+    by_name: dict[str, list] = {}
+    for im, name in test_images:
+        by_name.setdefault(name, []).append(im)
+    x, y = sorted(n for n, ims in by_name.items() if len(ims) >= 4)[:2]
+    frames = [im.convert("RGB").resize((96, 96)) for im in by_name[x][:4] * 2 + by_name[y][:4] * 2]
+    clip = write_video(tmp_path / "clip.mp4", frames, fps=4)  # 4 s: x for 0-2 s, y for 2-4 s
+    p = run([str(PROJECT_ROOT / "infer.py"), f"video={clip}", f"gallery={version_dir}", "mode=model", "sample_fps=2",
+             f"paths.root_dir={tmp_path}", "log.console_level=WARNING"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ans = json.loads(p.stdout.strip().splitlines()[-1])
+    assert ans["filename"] == str(clip) and ans["mode"] == "model" and ans["duration_s"] > 3.5
+    times = [float(f["filename"].rsplit("@t=", 1)[1].rstrip("s")) for f in ans["frames"]]
+    assert len(times) == 8 and times == sorted(times) and times[-1] < 4.0
+    right = sum(f["role"] == (x if t < 2.0 else y) for f, t in zip(ans["frames"], times))
+    assert right >= 6, [(t, f["role"]) for f, t in zip(ans["frames"], times)]
+    assert all(0.0 <= a["start_s"] <= a["end_s"] < 4.0 for a in ans["appearances"])
+    assert {x, y} <= {a["role"] for a in ans["appearances"]}

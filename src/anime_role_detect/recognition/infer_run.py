@@ -110,6 +110,7 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognize
             if not vp.is_file():
                 raise ImageError(f"{vp}: no such video file; check the path")
             ans = rec.recognize_video(vp, sample_fps=c.get("sample_fps"))
+            ans.filename = str(vp)  # the input as given, as for images
             fh.write(ans.model_dump_json(indent=2 if writer.fmt == "json" else None) + "\n")
             return 0
         ip = Path(image)
