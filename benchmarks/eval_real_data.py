@@ -72,20 +72,10 @@ VARIANTS = {
 
 
 def model_top1(ckpt: str, paths: list[Path], labels: list[str], val: np.ndarray) -> float:
-    import torch
-
+    from anime_role_detect.fusion.finetune import classifier_top1
     from anime_role_detect.imageio import load_image
-    from anime_role_detect.recognition.embedder import ClassifierEmbedder
 
-    e = ClassifierEmbedder(ckpt)
-    hits = []
-    with torch.inference_mode():
-        for i in range(0, len(val), 32):
-            idx = val[i : i + 32]
-            logits, _ = e.model(e.preprocess([load_image(paths[j]) for j in idx]))
-            pred = logits.argmax(1).tolist()
-            hits += [e.model.class_names[p] == labels[j] for p, j in zip(pred, idx)]
-    return float(np.mean(hits))
+    return float(classifier_top1(Path(ckpt), [load_image(paths[j]) for j in val], [labels[j] for j in val]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,25 +22,35 @@ def to_plain(obj: Any) -> Any:
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_config(config_name: str, overrides: Sequence[str] = (), fix: str = "fix the overrides") -> DictConfig:
-    """``conf/<config_name>.yaml`` with Hydra overrides, from inside or outside a running Hydra app.
+_compose_lock = threading.Lock()  # Hydra's global state is not thread-safe (the service composes from worker threads)
 
-    Used where one job builds another's config (the workflow and log fusion train through ``train.yaml``).
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), fix: str = "fix the overrides",
+                   config_dir: str | Path | None = None) -> DictConfig:
+    """``<config_dir>/<config_name>.yaml`` (default: the project's conf/) with Hydra overrides, from inside or
+    outside a running Hydra app; any failure is a one-line `ConfigError` ending in `fix`.
+
+    Used where one job builds another's config (the workflow and log fusion train through ``train.yaml``,
+    the service composes workflows, ``gallery_cli`` composes ``infer.yaml``).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from .errors import ConfigError, UserError
 
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return compose(config_name=config_name, overrides=list(overrides))
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for bad overrides
-        raise ConfigError(f"{config_name} config could not be composed ({type(exc).__name__}: {exc}); {fix}") from None
+    conf_dir = Path(config_dir) if config_dir else CONFIG_DIR
+    with _compose_lock:
+        try:
+            if GlobalHydra.instance().is_initialized():
+                return compose(config_name=config_name, overrides=list(overrides))
+            if not (conf_dir / f"{config_name}.yaml").is_file():
+                raise ConfigError(f"config {conf_dir / config_name}.yaml not found; {fix}")
+            with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+                return compose(config_name=config_name, overrides=list(overrides))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Hydra raises several types for bad overrides
+            raise ConfigError(f"{config_name} config could not be composed ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 def dataclass_from_mapping(cls: type, cfg: Mapping[str, Any] | None, where: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .confutil import CONFIG_DIR
 from .errors import ConfigError
 from .fsutil import atomic_write_text
 from .log import setup_logging, training_log
@@ -25,7 +26,6 @@ from .log import setup_logging, training_log
 # torch / Lightning are imported inside the functions that need them, so `train.py` can reject a
 # bad command line (see `check_group_overrides`) before paying for those imports.
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass

@@ -44,7 +44,7 @@ def workflow_config(root: Path, base_url: str | None, characters: list[dict], ex
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from anime_role_detect.workflow.run import CONFIG_DIR
+    from anime_role_detect.confutil import CONFIG_DIR
 
     booru = [
         "collector=danbooru", f"collector.base_url={base_url}", "collector.page_size=10", "collector.limit_per_character=40",

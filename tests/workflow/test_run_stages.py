@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from anime_role_detect.errors import UserError
 from anime_role_detect.workflow.progress import Progress
-from anime_role_detect.workflow.run import CONFIG_DIR, hydra_quote, parse_characters, resolve_run_dir, run_lock, run_workflow
+from anime_role_detect.confutil import CONFIG_DIR
+from anime_role_detect.workflow.run import hydra_quote, parse_characters, resolve_run_dir, run_lock, run_workflow
 
 
 def _chars(specs) -> list[dict]:

@@ -23,10 +23,10 @@ from ..data.layout import ImageRecord, scan_dataset, write_metadata
 from ..errors import ConfigError, DatasetError
 from ..fsutil import link_or_copy
 from ..log import get_logger
+from ..recognition.pipeline import MODEL_FILE
 from .featurelog import FeatureLog, LogRecord
 
 _log = get_logger("training")
-MODEL_FILE = "model.ckpt"
 EMBEDDER_FILE = "embedder.ckpt"  # the weights a classifier-embedded gallery was built with, kept beside a new model.ckpt
 
 
@@ -65,6 +65,12 @@ class FinetuneOutcome:
 
 
 # -- logged uploads -> dataset folder ------------------------------------------------------------------
+def _record_and_detection(source: str) -> tuple[str, int]:
+    """``log:<record id>#<detection>`` (an example's source) -> (record id, detection index)."""
+    rid, det = source[len("log:"):].rsplit("#", 1)
+    return rid, int(det)
+
+
 def write_example_crops(examples: Iterable[Any], records: Mapping[str, LogRecord], log: FeatureLog, out: Path) -> tuple[list[ImageRecord], int]:
     """Crop each example's detection out of its stored upload into ``out/<character>/<sha>_<det>.png``.
 
@@ -76,7 +82,7 @@ def write_example_crops(examples: Iterable[Any], records: Mapping[str, LogRecord
     rows: list[ImageRecord] = []
     no_image = 0
     for ex in examples:
-        rid, det = ex.source[len("log:"):].rsplit("#", 1)
+        rid, det = _record_and_detection(ex.source)
         rec = records.get(rid)
         path = log.image_path(rec) if rec is not None else None
         if path is None:
@@ -84,13 +90,13 @@ def write_example_crops(examples: Iterable[Any], records: Mapping[str, LogRecord
             continue
         with Image.open(path) as im:
             im = im.convert("RGB")
-            box = rec.detections[int(det)].get("box") or [0, 0, im.width, im.height]
+            box = rec.detections[det].get("box") or [0, 0, im.width, im.height]
             crop = im if rec.data.get("whole_image") else im.crop(tuple(int(round(v)) for v in box[:4]))
         rel = f"{ex.character}/{rec.image_sha256[:16]}_{det}.png"
         (out / ex.character).mkdir(parents=True, exist_ok=True)
         crop.save(out / rel)
         rows.append(ImageRecord(file_name=rel, character=ex.character, series=ex.series, source=ex.source,
-                                group=rec.image_sha256, tags=[t["tag"] for t in rec.detections[int(det)].get("tags", [])]))
+                                group=rec.image_sha256, tags=[t["tag"] for t in rec.detections[det].get("tags", [])]))
     return rows, no_image
 
 
@@ -191,7 +197,7 @@ def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen
                             "set finetune.base_dataset=<dataset folder>")
         return FinetuneOutcome(None, report)
     shutil.rmtree(work, ignore_errors=True)
-    ids = {ex.source[len("log:"):].rsplit("#", 1)[0] for ex in [*chosen, *holdout]}
+    ids = {_record_and_detection(ex.source)[0] for ex in [*chosen, *holdout]}
     records = records_by_id(log, ids)
     rows, no_image = write_example_crops(chosen, records, log, work / "logged")
     ho_rows, _ = write_example_crops(holdout, records, log, work / "holdout")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..cli import user_errors_exit
-from ..confutil import to_plain as _plain
+from ..confutil import CONFIG_DIR, to_plain as _plain
 from ..errors import ConfigError, DatasetError, ImageError
 from ..imageio import IMAGE_SUFFIXES, load_image
 from ..log import get_logger
@@ -29,23 +29,16 @@ from .openset import OpenSetCalibration, calibrate, leave_one_out_scores
 from .pipeline import MODEL_FILE, MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 _log = get_logger("system")
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "infer") -> dict[str, Any]:
     """``conf/<config_name>.yaml`` with Hydra overrides, as a plain dict (no Hydra run folder)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
-    except HydraException as exc:
-        raise ConfigError(f"bad override in {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
+    from ..confutil import compose_config as compose
+
+    cfg = compose(config_name, overrides, fix=f"check the overrides {' '.join(overrides)}", config_dir=CONFIG_DIR)
     with open_dict(cfg):
         cfg.pop("hydra", None)
         if "paths" in cfg:

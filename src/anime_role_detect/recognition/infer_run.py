@@ -109,8 +109,7 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognize
             vp = Path(video)
             if not vp.is_file():
                 raise ImageError(f"{vp}: no such video file; check the path")
-            ans = rec.recognize_video(vp, sample_fps=c.get("sample_fps"))
-            ans.filename = str(vp)  # the input as given, as for images
+            ans = rec.recognize_video(vp, sample_fps=c.get("sample_fps"), filename=str(vp))  # the input as given, as for images
             fh.write(ans.model_dump_json(indent=2 if writer.fmt == "json" else None) + "\n")
             return 0
         ip = Path(image)

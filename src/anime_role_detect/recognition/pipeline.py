@@ -457,13 +457,17 @@ class Recognizer:
         return ans.model_copy(update={"timings_ms": timings})
 
     def recognize_video(self, path: str | Path, sample_fps: float | None = None, mode: str | None = None, rerank: bool | None = None,
-                        on_batch: Callable[[int, float], None] | None = None) -> VideoAnswer:
-        """Frames sampled at `sample_fps`, recognised in batches, merged into per-character appearances."""
+                        on_batch: Callable[[int, float], None] | None = None, filename: str | None = None) -> VideoAnswer:
+        """Frames sampled at `sample_fps`, recognised in batches, merged into per-character appearances.
+
+        `filename` names the answer and its frames (``<filename>@t=..s``); default: the file's name.
+        """
         from .video import recognize_video
 
         vcfg = self.cfg.get("video_options") or {}
         return recognize_video(self, path, sample_fps=float(sample_fps or self.cfg.get("sample_fps") or 1.0), batch_size=self.batch_size,
-                               backend=vcfg.get("backend", "av"), max_frames=vcfg.get("max_frames"), on_batch=on_batch, mode=mode, rerank=rerank)
+                               backend=vcfg.get("backend", "av"), max_frames=vcfg.get("max_frames"), on_batch=on_batch, mode=mode, rerank=rerank,
+                               filename=filename)
 
     # -- enrollment ---------------------------------------------------------------------------
     def enroll(self, character: str, series: str, images: Sequence[Image.Image], sources: Sequence[str] | None = None) -> int:

@@ -26,7 +26,6 @@ from ..workflow.progress import CancelledError, Progress, ProgressEvent
 from .settings import WorkflowSettings
 
 _log = get_logger("system")
-_compose_lock = threading.Lock()
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -104,22 +103,17 @@ WorkflowRunner = Callable[[Any, Progress], Any]
 
 def default_config_dir() -> Path:
     """The project's `conf/` folder (next to `src/`)."""
-    return Path(__file__).resolve().parents[3] / "conf"
+    from ..confutil import CONFIG_DIR
+
+    return CONFIG_DIR
 
 
 def compose_config(settings: WorkflowSettings) -> Any:
     """Compose the workflow's Hydra config (inside a running Hydra app or standalone)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ..confutil import compose_config as compose
 
-    conf_dir = Path(settings.config_dir) if settings.config_dir else default_config_dir()
-    with _compose_lock:
-        if GlobalHydra.instance().is_initialized():
-            return compose(config_name=settings.config_name, overrides=list(settings.overrides))
-        if not (conf_dir / f"{settings.config_name}.yaml").is_file():
-            raise ConfigError(f"workflow config {conf_dir / settings.config_name}.yaml not found; set workflow.config_dir in serve.yaml")
-        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-            return compose(config_name=settings.config_name, overrides=list(settings.overrides))
+    return compose(settings.config_name, settings.overrides, fix="set workflow.config_dir / workflow.overrides in serve.yaml",
+                   config_dir=settings.config_dir or default_config_dir())
 
 
 def build_runner(settings: WorkflowSettings) -> WorkflowRunner:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, open_dict
 from ..cli import user_errors_exit
 from ..log import setup_logging
 from .progress import CancelledError, Progress, ProgressEvent
-from .run import CONFIG_DIR, WorkflowResult, hydra_quote, run_workflow
+from ..confutil import CONFIG_DIR
+from .run import WorkflowResult, hydra_quote, run_workflow
 
 
 def _hydra_value(obj: Any) -> str:

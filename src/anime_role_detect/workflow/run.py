@@ -36,7 +36,6 @@ from .progress import Progress
 
 _log = get_logger("system")
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 STAGE_DIR = "stages"
 #: Report files the training run writes and the version keeps.
 REPORT_FILES = ("metrics.json", "per_character.csv", "per_character.md", "confusion_matrix.png")

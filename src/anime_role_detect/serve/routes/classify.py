@@ -65,13 +65,9 @@ def recognize_video(loaded: Loaded, up: Upload, sample_fps: float) -> VideoAnswe
         with os.fdopen(fd, "wb") as fh:
             fh.write(up.data)
         with reading(loaded) as rec:
-            answer = rec.recognize_video(tmp, sample_fps=sample_fps)
+            return rec.recognize_video(tmp, sample_fps=sample_fps, filename=up.filename)
     finally:
         os.unlink(tmp)
-    answer.filename = up.filename
-    for frame in answer.frames:
-        frame.filename = up.filename + frame.filename[frame.filename.rfind("@"):] if "@" in frame.filename else up.filename
-    return answer
 
 
 @router.post(
