@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,8 +197,11 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 
 
 # -- main -----------------------------------------------------------------------------------
-def train(cfg: DictConfig) -> TrainResult:
-    """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report."""
+def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report.
+
+    `callbacks` are extra Lightning callbacks from the caller (the workflow's progress), beside the config's.
+    """
     import lightning as L
     import torch
 
@@ -229,7 +231,7 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     datamodule.set_normalization(model.mean, model.std)
 
-    callbacks = _instantiate_list(cfg.get("callbacks"), "callbacks")
+    callbacks = _instantiate_list(cfg.get("callbacks"), "callbacks") + list(callbacks)
     loggers = _instantiate_list(cfg.get("logger"), "logger")
     callbacks = _drop_logger_only_callbacks(callbacks, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -296,11 +298,6 @@ def optimized_metric(cfg: DictConfig, result: TrainResult) -> float | None:
     if value is None:
         raise ConfigError(f"optimized_metric={name!r} is not among the run's metrics: {', '.join(sorted(map(str, result.metrics)))}")
     return float(value)
-
-
-def main_argv_check() -> None:
-    """Validate config-group overrides on the command line before Hydra starts (one-line errors)."""
-    check_group_overrides(sys.argv[1:])
 
 
 __all__ = [

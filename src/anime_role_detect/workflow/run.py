@@ -295,10 +295,8 @@ def stage_split(ctx: RunContext) -> dict[str, Any]:
 class WorkflowProgressCallback(L.Callback):
     """Lightning callback feeding epoch progress into the run's `Progress` and honouring cancel."""
 
-    live: dict[str, Progress] = {}
-
-    def __init__(self, progress_id: str | int) -> None:
-        self.progress = self.live.get(str(progress_id))  # Hydra parses the numeric id as an int
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
 
     def _emit(self, trainer: L.Trainer, message: str = "") -> None:
         if self.progress is not None:
@@ -331,8 +329,7 @@ def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfi
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
     tcfg = ctx.cfg.train
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
-              "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
-              "progress_id": str(id(ctx.progress))}
+              "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed)}
     overrides = [str(o) for o in tcfg.get("overrides") or []]
     overrides += [str(b).format(**values) for b in tcfg.bind]
     log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
@@ -354,13 +351,10 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     if resume:
         _log.info(f"resuming training from {resume}")
     tcfg = compose_train_config(ctx, resume)
-    WorkflowProgressCallback.live[str(id(ctx.progress))] = ctx.progress
     try:
-        result = train(tcfg)
+        result = train(tcfg, callbacks=[WorkflowProgressCallback(ctx.progress)])
     except SystemExit as exc:  # Lightning turns Ctrl-C during fit into sys.exit(1): keep it an interrupt
         raise KeyboardInterrupt("training interrupted") from exc
-    finally:
-        WorkflowProgressCallback.live.pop(str(id(ctx.progress)), None)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str)) or v is None}
     return {"ckpt_path": str(result.ckpt_path), "output_dir": str(result.output_dir), "metrics": metrics,
             "resumed_from": str(resume) if resume else None}
