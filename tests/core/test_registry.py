@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from anime_role_detect.errors import RegistryError
-from anime_role_detect.registry import Registry, main
+from anime_role_detect.registry import Registry
+from anime_role_detect.registry.__main__ import main
 
 
 def _make(reg: Registry, payload: str, parent=None, promote=True) -> str:
@@ -64,3 +65,44 @@ def test_kill_during_version_write_keeps_latest(tmp_path):
     assert reg.latest_id() == v1
     assert (reg.path() / "gallery.json").read_text() == "one"
     assert [v.id for v in reg.list()] == [v1]
+
+
+def test_rollback_twice_goes_back_two_versions(tmp_path):
+    reg = Registry(tmp_path)
+    v1, v2, v3 = _make(reg, "one"), _make(reg, "two"), _make(reg, "three")
+    assert reg.rollback() == v2 and reg.latest_id() == v2
+    assert reg.rollback() == v1 and reg.latest_id() == v1
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        reg.rollback()
+    v4 = _make(reg, "four")  # a promotion after rollbacks starts a new branch: back from v4 is v1
+    assert reg.rollback() == v1
+    assert main(["--root", str(tmp_path), "promote", v3]) == 0
+    assert main(["--root", str(tmp_path), "rollback"]) == 0 and reg.latest_id() == v1
+    assert v4 in reg.history()
+
+
+def test_derive_carries_links_writes_changes_and_commits_once(tmp_path):
+    reg = Registry(tmp_path)
+    v1 = _make(reg, "one")
+    (reg.path(v1) / "model.ckpt").write_bytes(b"weights")
+    with reg.derive("latest", kind="edit", promote=True, skip={"metrics.json"}, extra={"why": "test"}) as d:
+        assert d.base_id == v1 and (d.dir / "model.ckpt").samefile(reg.path(v1) / "model.ckpt")
+        assert not (d.dir / "metrics.json").exists() and not (d.dir / "manifest.json").exists()
+        d.writable("gallery.json").write_text("two")  # in-place write must not touch the base
+        assert [v.id for v in reg.list()] == [v1]  # invisible until committed
+    assert d.id and reg.latest_id() == d.id
+    assert (reg.path(v1) / "gallery.json").read_text() == "one"
+    assert (reg.path() / "gallery.json").read_text() == "two"
+    assert (reg.path() / "parent").read_text().strip() == v1
+    assert reg.info(d.id).kind == "edit"
+
+
+def test_derive_failure_leaves_no_version(tmp_path):
+    reg = Registry(tmp_path)
+    v1 = _make(reg, "one")
+    with pytest.raises(RuntimeError):
+        with reg.derive(v1, kind="edit", promote=True) as d:
+            (d.dir / "gallery.json").unlink()
+            raise RuntimeError("writer failed")
+    assert [v.id for v in reg.list()] == [v1] and reg.latest_id() == v1
+    assert not list(reg.versions_dir.glob(".staging-*"))

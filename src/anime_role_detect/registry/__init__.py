@@ -5,31 +5,28 @@ crash never leaves a half-written version visible; ``latest`` is a small file re
 write-then-rename, so readers always see a complete, loadable version. Promotions are appended to
 ``history.jsonl`` so ``rollback`` can return to the previous live version.
 
-CLI: ``python -m anime_role_detect.registry [--root DIR] list|show [ID]|promote ID|rollback``.
+New versions are derived from a base with `Registry.derive` (stage, hard-link the carried files, let
+the caller write the changed ones, commit with one rename, optionally promote): the one way the
+workflow, log fusion and the service's gallery edits make versions.
+
+CLI (``registry/__main__.py``): ``python -m anime_role_detect.registry [--root DIR] list|show [ID]|promote ID|rollback``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
-import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator
 
-from .errors import RegistryError, UserError
-from .fsutil import atomic_write_text, fsync_dir, read_json
-
-#: Files a version folder may hold (see README "Version folder").
-VERSION_FILES = (
-    "model.ckpt", "gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json",
-    "metrics.json", "config.yaml", "parent",
-)
-MANIFEST = "manifest.json"
+from ..errors import RegistryError
+from ..fsutil import atomic_write_text, fsync_dir, link_or_copy, read_json
+from ..versionfiles import MANIFEST, METRICS, PARENT, SEALED
 
 
 @dataclass
@@ -47,6 +44,38 @@ class VersionInfo:
     def to_json(self) -> dict:
         return {"id": self.id, "path": str(self.path), "created": self.created, "parent": self.parent,
                 "kind": self.kind, "live": self.live, "metrics": self.metrics}
+
+
+@dataclass
+class Derivation:
+    """A version being derived: write the changed files into `dir`; the rest was carried from the base.
+
+    Carried files are hard links to the base's (versions are immutable): replace them by
+    write-then-rename (`fsutil.atomic_*`, `Gallery.save`) or call `writable(name)` before writing in place.
+    """
+
+    dir: Path
+    base_id: str | None
+    base_dir: Path | None
+    kind: str
+    promote: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the manifest
+    id: str | None = None  # set when committed
+
+    def writable(self, name: str) -> Path:
+        """Path of `name` in the new version, unlinked from the base so it can be written in place."""
+        path = self.dir / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        return path
+
+    def drop(self, name: str) -> None:
+        """Do not carry `name` into the new version."""
+        path = self.dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 class Registry:
@@ -80,7 +109,7 @@ class Registry:
         if not staging.name.startswith(".staging-"):
             raise RegistryError(f"{staging} is not a staging folder of this registry")
         vid = staging.name[len(".staging-"):]
-        atomic_write_text(staging / "parent", (parent or "none") + "\n")
+        atomic_write_text(staging / PARENT, (parent or "none") + "\n")
         manifest = {"id": vid, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "parent": parent, "kind": kind, "files": sorted(p.name for p in staging.iterdir()), **(extra or {})}
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -90,6 +119,27 @@ class Registry:
         if promote:
             self.promote(vid)
         return vid
+
+    @contextlib.contextmanager
+    def derive(self, base: str | None, kind: str, *, promote: bool = False, skip: Iterable[str] = (),
+               extra: dict[str, Any] | None = None, prefix: str = "v") -> Iterator[Derivation]:
+        """Stage a new version from `base` (an id, 'latest', or None for an empty one) and commit it on exit.
+
+        Every file of the base except `skip` and what the registry seals itself is hard-linked in; the
+        caller writes the changed files into ``d.dir``. Leaving the block normally commits with one
+        rename (and promotes when ``d.promote``); an exception removes the staging folder.
+        """
+        base_dir = self.path(base) if base else None
+        d = Derivation(dir=self.staging_dir(self.new_version_id(prefix)), base_id=base_dir.name if base_dir else None,
+                       base_dir=base_dir, kind=kind, promote=promote, extra=dict(extra or {}))
+        try:
+            if base_dir is not None:
+                carry_files(base_dir, d.dir, skip=set(skip) | SEALED)
+            yield d
+        except BaseException:
+            shutil.rmtree(d.dir, ignore_errors=True)
+            raise
+        d.id = self.commit(d.dir, parent=d.base_id, kind=kind, promote=d.promote, extra=d.extra)
 
     def import_folder(self, folder: str | os.PathLike[str], parent: str | None = None, kind: str = "import", promote: bool = True) -> str:
         """Copy a finished folder in as a new version."""
@@ -129,7 +179,7 @@ class Registry:
     def info(self, vid: str) -> VersionInfo:
         path = self.versions_dir / vid
         man = read_json(path / MANIFEST)
-        metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+        metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
         return VersionInfo(id=vid, path=path, created=man.get("created", ""), parent=man.get("parent"),
                            kind=man.get("kind", ""), live=vid == self.latest_id(), metrics=metrics)
 
@@ -141,73 +191,64 @@ class Registry:
         return [self.info(v) for v in ids]
 
     # -- switching --------------------------------------------------------------------------
-    def promote(self, vid: str) -> None:
+    def promote(self, vid: str, action: str = "promote") -> None:
         """Make `vid` live: replace ``latest`` atomically and record it in the history."""
         self.path(vid)  # must exist and be complete
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.latest_file, vid + "\n")
+        event = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "live": vid, "action": action}
         with open(self.history_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "live": vid}) + "\n")
+            fh.write(json.dumps(event) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def history(self) -> list[str]:
-        """Promoted ids, oldest first."""
+    def _events(self) -> list[dict]:
         if not self.history_file.is_file():
             return []
         out = []
         for line in self.history_file.read_text(encoding="utf-8").splitlines():
             try:
-                out.append(json.loads(line)["live"])
-            except (ValueError, KeyError):
+                event = json.loads(line)
+                out.append({"live": str(event["live"]), "action": event.get("action", "promote")})
+            except (ValueError, KeyError, TypeError):
                 continue  # a torn last line after a crash is ignored
         return out
 
+    def history(self) -> list[str]:
+        """Every id made live (promotions and rollbacks), oldest first."""
+        return [e["live"] for e in self._events()]
+
+    def live_stack(self) -> list[str]:
+        """The promotions still in force, oldest first: history replayed with each rollback undoing one promotion."""
+        stack: list[str] = []
+        for event in self._events():
+            if event["action"] == "rollback" and event["live"] in stack:
+                while stack and stack[-1] != event["live"]:
+                    stack.pop()
+            else:
+                stack.append(event["live"])
+        return stack
+
     def rollback(self) -> str:
-        """Make the previously live version live again; returns its id."""
+        """Make the version live before the current one; called again, it keeps walking back. Returns its id."""
+        stack = self.live_stack()
         current = self.latest_id()
-        for vid in reversed(self.history()):
+        while stack and stack[-1] == current:
+            stack.pop()
+        for vid in reversed(stack):
             if vid != current and (self.versions_dir / vid / MANIFEST).is_file():
-                self.promote(vid)
+                self.promote(vid, action="rollback")
                 return vid
         raise RegistryError("nothing to roll back to: no earlier live version in the history")
 
 
-def _print_table(rows: Iterable[VersionInfo]) -> None:
-    for v in rows:
-        acc = v.metrics.get("val/acc", v.metrics.get("top1", ""))
-        print(f"{'*' if v.live else ' '} {v.id}  {v.kind:<9} parent={v.parent or '-':<28} {('acc=' + format(acc, '.3f')) if isinstance(acc, float) else ''}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Registry command line."""
-    ap = argparse.ArgumentParser(prog="python -m anime_role_detect.registry", description="List, show, promote and roll back versions.")
-    ap.add_argument("--root", default=os.environ.get("ARD_REGISTRY", "outputs/registry"), help="registry folder (env ARD_REGISTRY)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list versions (* = live)")
-    sh = sub.add_parser("show", help="print one version's manifest and metrics")
-    sh.add_argument("id", nargs="?", default="latest")
-    pr = sub.add_parser("promote", help="make a version live")
-    pr.add_argument("id")
-    sub.add_parser("rollback", help="make the previous live version live again")
-    args = ap.parse_args(argv)
-    reg = Registry(args.root)
-    try:
-        if args.cmd == "list":
-            _print_table(reg.list())
-        elif args.cmd == "show":
-            path = reg.path(args.id)
-            print(json.dumps(reg.info(path.name).to_json(), indent=2))
-        elif args.cmd == "promote":
-            reg.promote(args.id)
-            print(f"live: {args.id}")
-        elif args.cmd == "rollback":
-            print(f"live: {reg.rollback()}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def carry_files(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Hard-link (or copy) every entry of version folder `src` into `dst` except `skip` and hidden ones."""
+    skip = set(skip)
+    for p in Path(src).iterdir():
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, copy_function=link_or_copy)
+        else:
+            link_or_copy(p, dst / p.name)

@@ -1,0 +1,24 @@
+"""The names of the files in a registry version folder (README "Version folder"): the one place they are spelled.
+
+A base-layer contract module: recognition, training, the registry, the workflow and fusion import it;
+it imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+MODEL = "model.ckpt"  # the classifier checkpoint (Lightning)
+EMBEDDER = "embedder.ckpt"  # the weights a classifier-embedded gallery was built with, when model.ckpt moved on
+GALLERY_INDEX = "gallery.faiss"
+GALLERY_META = "gallery.json"  # embedder id, dimension, rows -> character/series/source, index hash
+TAG_PROFILES = "tag_profiles.json"
+CALIBRATION = "calibration.json"  # open-set thresholds
+METRICS = "metrics.json"
+CONFIG = "config.yaml"  # the resolved config that made the version
+PARENT = "parent"  # the id the version was derived from, or "none"
+MANIFEST = "manifest.json"  # written last by the registry: a version without it is incomplete
+VAL_EMBEDDINGS = "val_embeddings.npz"  # held-out embeddings + labels a version is judged on
+FUSION_REPORT_JSON = "fusion_report.json"
+FUSION_REPORT_MD = "fusion_report.md"
+
+#: Files the registry writes itself when it seals a version; never carried from a parent.
+SEALED = frozenset({MANIFEST, PARENT})
