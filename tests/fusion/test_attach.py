@@ -89,3 +89,22 @@ def test_export_stored_uploads_as_dataset_via_cli(tmp_path, version_dir):
     meta = read_metadata(out)
     assert {r.group: r.character for r in meta.values()} == uploads  # grouped by upload, labelled by the verdicts
     assert len(scan_dataset(out)) == 4
+
+
+def test_cached_answer_is_still_written_to_the_feature_log(tmp_path, version_dir):
+    """The log is a declared sink, so the content-hash cache stays on: a repeated upload is answered from
+    the cache and still gets its own record (with embeddings and the stored upload) for fusion and feedback."""
+    log = FeatureLog(tmp_path / "fl", {"store_images": True})
+    rec = log.attach(Recognizer.from_version(version_dir, {"mode": "clip", "rerank": False}))
+    data = _png(2)
+    first = rec.recognize_bytes(data, "one.png")
+    hits = rec.cache.hits
+    second = rec.recognize_bytes(data, "two.png")
+    assert rec.cache.hits == hits + 1 and second.role == first.role
+    records = list(FeatureLog(tmp_path / "fl").read())
+    assert [r.data["filename"] for r in records] == ["one.png", "two.png"]
+    assert records[1].id == log.last_record_id != records[0].id
+    np.testing.assert_array_equal(records[1].embeddings, records[0].embeddings)
+    assert records[1].embedder == rec.embedder.model_id
+    assert FeatureLog(tmp_path / "fl").image_path(records[1]).read_bytes() == data
+    log.feedback(records[1].id, confirmed=True)  # feedback on the cached answer's record works

@@ -155,12 +155,17 @@ def test_cache_returns_the_same_answer_and_feature_sink_gets_embeddings(version_
     assert rec.cache.hits == hits + 1 and second.filename == "b.png"
     assert second.role == first.role and second.similarity == first.similarity
     seen = []
-    rec.feature_sink = lambda ans, emb: seen.append((ans, emb))
+    rec.add_sink(lambda ans, emb, data: seen.append((ans, emb, data)))
     rec.recognize_batch([(img, "c.png"), (test_images[9][0], "d.png")], mode="model")
     assert len(seen) == 2
-    ans, emb = seen[0]
+    ans, emb, data = seen[0]
+    assert data is None  # decoded images come without bytes
     assert emb.shape == (len(ans.detections), rec.embedder.dim) and emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    hits = rec.cache.hits
+    rec.recognize_batch([(img, "e.png")], mode="model")  # served from the cache, still handed to the sink
+    assert rec.cache.hits == hits + 1 and len(seen) == 3
+    assert seen[2][0].filename == "e.png" and np.array_equal(seen[2][1], emb)
 
 
 def test_recognize_bytes_hashes_content_and_reports_decode_time(recognizer, test_images):

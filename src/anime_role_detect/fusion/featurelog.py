@@ -279,45 +279,12 @@ class FeatureLog:
             atomic_write_bytes(target, data)
         return rel
 
-    def sink(self, answer: Answer, embeddings: np.ndarray) -> None:
-        """``feature_sink`` callback for the Recognizer (log failures must never fail a request)."""
-        try:
-            self.append(answer, embeddings)
-        except OSError as exc:  # disk full etc.: the answer still goes out; the error is logged
-            from ..log import system_log
-
-            system_log.error(f"feature log {self.dir}: could not append ({exc})")
-
     def attach(self, recognizer: Any) -> Any:
-        """Make this log the Recognizer's ``feature_sink``, tagging records with *its* embedder id; returns it.
+        """Log `recognizer`'s answers from now on (adds a `FeatureLogSink` through its declared hook); returns it.
 
-        Call again for each new Recognizer (e.g. after a hot reload): the embedder id travels with it.
-        With ``store_images`` on, uploads given to ``recognize_bytes`` are stored with their record.
+        Call again for each new Recognizer (e.g. after a hot reload): records carry *its* embedder id.
         """
-
-        def sink(answer: Answer, embeddings: np.ndarray) -> None:
-            pending = getattr(self._local, "upload", None)
-            data = pending[1] if pending and pending[0] == answer.image_sha256 else None
-            try:
-                self.append(answer, embeddings, image_bytes=data, embedder_id=recognizer.embedder.model_id)
-            except OSError as exc:
-                from ..log import system_log
-
-                system_log.error(f"feature log {self.dir}: could not append ({exc})")
-
-        recognizer.feature_sink = sink
-        if self.policy.store_images and not getattr(recognizer, "_feature_log_wraps_bytes", False):
-            upload = recognizer.recognize_bytes  # the sink gets no bytes: keep the upload at hand for this thread
-
-            def recognize_bytes(data: bytes, *args: Any, **kwargs: Any) -> Answer:
-                self._local.upload = (content_hash(data), data)
-                try:
-                    return upload(data, *args, **kwargs)
-                finally:
-                    self._local.upload = None
-
-            recognizer.recognize_bytes = recognize_bytes
-            recognizer._feature_log_wraps_bytes = True
+        recognizer.add_sink(FeatureLogSink(self))
         return recognizer
 
     def feedback(self, key: str, correct_role: str | None = None, confirmed: bool = False,
@@ -530,18 +497,51 @@ def feedback_for(data: dict, joined: Mapping[str, Mapping[int | None, Feedback]]
     return out
 
 
-def attach_from_config(cfg: Mapping[str, Any] | None) -> Callable[[Any], Callable[[], None] | None]:
-    """Hook for entry points: log a Recognizer's answers to the feature log of ``cfg`` (``enabled``, ``dir``,
-    ``policy``); returns a function that attaches it and gives back the log's closer (None when disabled)."""
+class FeatureLogSink:
+    """The Recognizer's answer sink that appends to a `FeatureLog` (`recognition.sinks.AnswerSink`).
+
+    Bound to one recognizer, whose embedder id it records; uploads are stored when the policy says
+    ``store_images``. A write that fails (disk full) is logged and never fails the answer.
+    """
+
+    def __init__(self, log: FeatureLog) -> None:
+        self.log = log
+        self._embedder_id: Callable[[], str] | None = None
+
+    def bind(self, recognizer: Any) -> None:
+        self._embedder_id = lambda: str(recognizer.embedder.model_id)
+
+    def __call__(self, answer: Answer, embeddings: np.ndarray, image_bytes: bytes | None = None) -> None:
+        embedder_id = self._embedder_id() if self._embedder_id is not None else None
+        try:
+            self.log.append(answer, embeddings, image_bytes=image_bytes, embedder_id=embedder_id)
+        except OSError as exc:
+            from ..log import system_log
+
+            system_log.error(f"feature log {self.log.dir}: could not append ({exc})")
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def sink_from_config(cfg: Mapping[str, Any] | None) -> FeatureLogSink | None:
+    """The feature-log sink an entry point adds to its recognizer (``enabled``, ``dir``, ``policy``), or None when disabled."""
     c = dict(cfg or {})
+    if not c.get("enabled", False):
+        return None
+    if not c.get("dir"):
+        raise ConfigError("feature_log.dir is empty; set a folder or feature_log.enabled=false")
+    return FeatureLogSink(FeatureLog(c["dir"], c.get("policy") or {}))
+
+
+def attach_from_config(cfg: Mapping[str, Any] | None) -> Callable[[Any], Callable[[], None] | None]:
+    """Hook for entry points: add the feature-log sink of ``cfg`` to a Recognizer; returns the log's closer (None when disabled)."""
 
     def hook(recognizer: Any) -> Callable[[], None] | None:
-        if not c.get("enabled", False):
+        sink = sink_from_config(cfg)
+        if sink is None:
             return None
-        if not c.get("dir"):
-            raise ConfigError("feature_log.dir is empty; set a folder or feature_log.enabled=false")
-        log = FeatureLog(c["dir"], c.get("policy") or {})
-        log.attach(recognizer)
-        return log.close
+        recognizer.add_sink(sink)
+        return sink.close
 
     return hook

@@ -19,18 +19,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..confutil import to_plain as _plain
 from ..errors import ConfigError, GalleryError, RegistryError
-from ..imageio import DEFAULT_LIMITS, content_hash, decode_image
+from ..imageio import DEFAULT_LIMITS, ImageLimits, content_hash, decode_image
 from ..log import get_logger
-from .gallery import META_FILE, Gallery
-from .openset import CALIBRATION_FILE, OpenSetCalibration
-from .rerank import PROFILE_FILE, Candidate, TagReranker
+from ..versionfiles import CALIBRATION, GALLERY_META, MODEL, TAG_PROFILES
+from .config import MODES, RecognizerConfig
+from .gallery import Gallery
+from .openset import OpenSetCalibration
+from .rerank import Candidate, TagReranker
 from .schema import UNKNOWN, Answer, Detection, Rerank, TagScore, TopK, VideoAnswer
+from .sinks import AnswerSink
 
-MODES = ("clip", "model", "fusion")
-MODEL_FILE = "model.ckpt"
-FeatureSink = Callable[[Answer, np.ndarray], None]
 _log = get_logger("inference")
 
 
@@ -55,16 +54,24 @@ class _Scored:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """A cached answer and its per-detection embeddings (sinks get both on a hit too)."""
+
+    answer: Answer
+    embeddings: np.ndarray | None
+
+
 class LRUCache:
     """Thread-safe least-recently-used cache of answers keyed by content hash + settings."""
 
     def __init__(self, size: int) -> None:
         self.size = max(0, int(size))
-        self._data: OrderedDict[tuple, Answer] = OrderedDict()
+        self._data: OrderedDict[tuple, _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple) -> Answer | None:
+    def get(self, key: tuple) -> _Cached | None:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
@@ -73,7 +80,7 @@ class LRUCache:
             self.misses += 1
             return None
 
-    def put(self, key: tuple, value: Answer) -> None:
+    def put(self, key: tuple, value: _Cached) -> None:
         if self.size == 0:
             return
         with self._lock:
@@ -87,65 +94,91 @@ class LRUCache:
             self._data.clear()
 
 
-class Recognizer:
-    """Names the characters in images, folders of images and videos, from a version folder or explicit files."""
+ConfigLike = RecognizerConfig | Mapping[str, Any] | None
 
-    def __init__(self, cfg: Mapping[str, Any], version_dir: str | Path | None = None, version: str = "") -> None:
-        self.cfg: dict[str, Any] = dict(_plain(cfg) or {})
+
+def as_config(cfg: ConfigLike) -> RecognizerConfig:
+    """A `RecognizerConfig` from one, from a mapping (unknown keys: one-line error) or from None (defaults)."""
+    return cfg if isinstance(cfg, RecognizerConfig) else RecognizerConfig.from_mapping(cfg)
+
+
+class Recognizer:
+    """Names the characters in images, folders of images and videos, from a version folder or explicit files.
+
+    `sinks` receive every answer with its per-detection embeddings and, when known, the uploaded bytes
+    (`recognition.sinks.AnswerSink`; the fusion feature log is one), cached answers included.
+    """
+
+    def __init__(self, cfg: ConfigLike = None, version_dir: str | Path | None = None, version: str = "",
+                 sinks: Sequence[AnswerSink] = ()) -> None:
+        self.config = as_config(cfg)
+        c = self.config
         self.version_dir = Path(version_dir) if version_dir else None
         self.version = version or (self.version_dir.name if self.version_dir else "")
-        self.mode = str(self.cfg.get("mode") or "clip")
-        self._check_mode(self.mode)
-        self.rerank_default = bool(self.cfg.get("rerank", True))
-        self.topk = int(self.cfg.get("topk", 5))
-        self.n_candidates = max(self.topk, int(self.cfg.get("rerank_candidates", 10)))
-        self.crop_margin = float(self.cfg.get("crop_margin", 0.1))
-        self.batch_size = int(self.cfg.get("batch_size", 16))
-        self.fusion_weight = float((self.cfg.get("fusion") or {}).get("gallery_weight", 0.5))
-        self.openset_enabled = bool((self.cfg.get("openset") or {}).get("enabled", True))
-        self.cache = LRUCache(int(self.cfg.get("cache_size", 2048)))
-        self.feature_sink: FeatureSink | None = None
+        self.mode = c.mode
+        self.rerank_default = c.rerank
+        self.topk = c.topk
+        self.n_candidates = max(c.topk, c.rerank_candidates)
+        self.crop_margin = c.crop_margin
+        self.batch_size = c.batch_size
+        self.fusion_weight = c.fusion.gallery_weight
+        self.openset_enabled = c.openset.enabled
+        self.cache = LRUCache(c.cache_size)
+        self.sinks: list[AnswerSink] = []
         self._lock = threading.RLock()
         self._generation = 0
         self._loaded: dict[str, Any] = {}
-        threads = self.cfg.get("threads")
-        if threads:
+        for sink in sinks:
+            self.add_sink(sink)
+        if c.threads:
             import torch
 
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(int(c.threads))
+
+    def add_sink(self, sink: AnswerSink) -> AnswerSink:
+        """Send every answer (with embeddings and bytes) to `sink` from now on; a sink with ``bind`` is told whose answers they are."""
+        bind = getattr(sink, "bind", None)
+        if callable(bind):
+            bind(self)
+        self.sinks.append(sink)
+        return sink
+
+    @property
+    def embedder_id(self) -> str:
+        """Id of the embedder whose vectors the sinks receive (loads the embedder)."""
+        return str(self.embedder.model_id)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_version(cls, version_dir: str | Path, cfg: Mapping[str, Any] | None = None) -> "Recognizer":
+    def from_version(cls, version_dir: str | Path, cfg: ConfigLike = None, sinks: Sequence[AnswerSink] = ()) -> "Recognizer":
         """Recognizer over a version folder (``model.ckpt``, ``gallery.*``, ``tag_profiles.json``, ``calibration.json``)."""
         d = Path(version_dir)
         if not d.is_dir():
             raise RegistryError(f"version folder {d} does not exist; see `python -m anime_role_detect.registry list`")
-        if not (d / META_FILE).is_file() and not (d / MODEL_FILE).is_file():
-            raise RegistryError(f"{d} has neither a gallery ({META_FILE}) nor a model ({MODEL_FILE}); build one with gallery_cli build or train.py")
-        return cls(cfg or {}, version_dir=d)
+        if not (d / GALLERY_META).is_file() and not (d / MODEL).is_file():
+            raise RegistryError(f"{d} has neither a gallery ({GALLERY_META}) nor a model ({MODEL}); build one with gallery_cli build or train.py")
+        return cls(cfg, version_dir=d, sinks=sinks)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Recognizer":
+    def from_config(cls, cfg: ConfigLike, sinks: Sequence[AnswerSink] = ()) -> "Recognizer":
         """Resolve ``gallery=`` (explicit folder) or ``version=`` (registry id / latest), else a bare ``model_ckpt``."""
-        c = dict(_plain(cfg) or {})
-        if c.get("gallery"):
-            return cls.from_version(c["gallery"], c)
-        version = c.get("version")
-        if version:
+        c = as_config(cfg)
+        if c.gallery:
+            return cls.from_version(c.gallery, c, sinks=sinks)
+        if c.version:
             from ..registry import Registry
 
-            reg = Registry(c.get("registry_dir") or "outputs/registry")
+            reg = Registry(c.registry_dir or "outputs/registry")
             try:
-                path = reg.path(str(version))
+                path = reg.path(str(c.version))
             except RegistryError:
-                if not c.get("model_ckpt"):
+                if not c.model_ckpt:
                     raise
             else:
-                return cls(c, version_dir=path, version=path.name)
-        if c.get("model_ckpt"):
-            c.setdefault("mode", "model")
-            return cls(c)
+                return cls(c, version_dir=path, version=path.name, sinks=sinks)
+        if c.model_ckpt:
+            explicit_mode = isinstance(cfg, RecognizerConfig) or "mode" in dict(cfg or {})
+            return cls(c if explicit_mode else c.replace(mode="model"), sinks=sinks)
         raise ConfigError("nothing to recognise with: set gallery=FOLDER, version=latest|ID (registry), or model_ckpt=PATH")
 
     # -- lazy parts ---------------------------------------------------------------------------
@@ -163,13 +196,13 @@ class Recognizer:
 
     @property
     def model_ckpt(self) -> Path | None:
-        explicit = self.cfg.get("model_ckpt")
-        return Path(explicit) if explicit else self._file(MODEL_FILE)
+        explicit = self.config.model_ckpt
+        return Path(explicit) if explicit else self._file(MODEL)
 
     @property
     def gallery(self) -> Gallery:
         def load() -> Gallery:
-            if self._file(META_FILE) is None:
+            if self._file(GALLERY_META) is None:
                 raise GalleryError(f"no gallery in {self.version_dir or 'the configuration'}; build one with gallery_cli build, or use mode=model")
             return Gallery.load(self.version_dir)
 
@@ -180,7 +213,7 @@ class Recognizer:
         from .embedder import build_embedder
 
         def load() -> Any:
-            if self._file(META_FILE) is not None and self.gallery.embedder_config:
+            if self._file(GALLERY_META) is not None and self.gallery.embedder_config:
                 cfg = dict(self.gallery.embedder_config)
                 own = Path(str(cfg.get("ckpt_path") or ""))  # relative paths name a file of the version
                 if self.version_dir is not None and cfg.get("ckpt_path") and not own.is_absolute():
@@ -189,8 +222,8 @@ class Recognizer:
                     cfg["ckpt_path"] = str(self.model_ckpt)
                 emb = build_embedder(cfg, base_dir=self.version_dir)
             else:
-                emb = build_embedder(self.cfg.get("embedder") or {"kind": "timm"})
-            if self._file(META_FILE) is not None:
+                emb = build_embedder(self.config.embedder or {"kind": "timm"})
+            if self._file(GALLERY_META) is not None:
                 self.gallery.check_embedder(emb.model_id, emb.dim, f"gallery {self.version_dir}")
             return emb
 
@@ -218,7 +251,7 @@ class Recognizer:
         from .tagger import build_tagger
 
         def load() -> Any:
-            tcfg = dict(self.cfg.get("tagger") or {"kind": "auto"})
+            tcfg = dict(self.config.tagger or {"kind": "auto"})
             if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
                 has_head = self.model_ckpt is not None and bool(getattr(self.classifier, "tag_names", None))
                 tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
@@ -231,7 +264,7 @@ class Recognizer:
     @property
     def reranker(self) -> TagReranker | None:
         def load() -> TagReranker | None:
-            p = self._file(PROFILE_FILE)
+            p = self._file(TAG_PROFILES)
             if p is None:
                 return None
             rr = TagReranker.load(p)
@@ -244,16 +277,22 @@ class Recognizer:
     @property
     def calibration(self) -> OpenSetCalibration | None:
         def load() -> OpenSetCalibration | None:
-            p = self._file(CALIBRATION_FILE)
+            p = self._file(CALIBRATION)
             return OpenSetCalibration.load(p) if p is not None else None
 
         return self._part("calibration", load)
 
     @property
+    def limits(self) -> ImageLimits:
+        """Size limits for untrusted bytes (the config's, else the library defaults)."""
+        lim = self.config.limits
+        return ImageLimits(**{k: int(v) for k, v in dict(lim).items()}) if lim else DEFAULT_LIMITS
+
+    @property
     def detector(self) -> Any:
         def load() -> Any:
-            dcfg = self.cfg.get("detector")
-            if not dcfg or (isinstance(dcfg, Mapping) and dcfg.get("name", "none") == "none"):
+            dcfg = self.config.detector
+            if not dcfg or (isinstance(dcfg, Mapping) and dcfg.get("kind", dcfg.get("name", "none")) == "none"):
                 return None
             from .detector import build_detector
 
@@ -388,30 +427,48 @@ class Recognizer:
 
     # -- public API ---------------------------------------------------------------------------
     def recognize_batch(self, items: Sequence[tuple[Image.Image, str]], mode: str | None = None, rerank: bool | None = None,
-                        hashes: Sequence[str] | None = None) -> list[Answer]:
-        """Answers for ``(image, filename)`` pairs; uncached images go through every model as one batch."""
+                        hashes: Sequence[str] | None = None, data: Sequence[bytes | None] | None = None) -> list[Answer]:
+        """Answers for ``(image, filename)`` pairs; uncached images go through every model as one batch.
+
+        `data` (the encoded uploads, when the caller has them) is handed to the sinks with each answer.
+        """
         mode = mode or self.mode
         self._check_mode(mode)
         rerank = self.rerank_default if rerank is None else bool(rerank)
         hashes = list(hashes) if hashes is not None else [_pixel_hash(img) for img, _ in items]
         keys = [(h, mode, rerank, self.topk, self.version, self._generation) for h in hashes]
-        answers: list[Answer | None] = []
-        for (img, name), key in zip(items, keys):
-            hit = self.cache.get(key) if self.feature_sink is None else None
-            answers.append(hit.model_copy(update={"filename": name}) if hit is not None else None)
-        todo = [i for i, a in enumerate(answers) if a is None]
+        found: list[_Cached | None] = []
+        for (_, name), key in zip(items, keys):
+            hit = self.cache.get(key)
+            if hit is not None and hit.embeddings is None and self.sinks:
+                hit = None  # cached before a sink was added (model mode skips embeddings): the sinks need them
+            found.append(_Cached(hit.answer.model_copy(update={"filename": name}), hit.embeddings) if hit is not None else None)
+        todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             fresh = self._recognize_uncached([items[i][0] for i in todo], [items[i][1] for i in todo], [hashes[i] for i in todo], mode, rerank)
-            for i, a in zip(todo, fresh):
-                answers[i] = a
-                self.cache.put(keys[i], a)
-        return [a for a in answers if a is not None]
+            for i, f in zip(todo, fresh):
+                found[i] = f
+                self.cache.put(keys[i], f)
+        results = [f for f in found if f is not None]
+        if self.sinks:
+            for i, f in enumerate(results):
+                self._to_sinks(f, data[i] if data is not None else None)
+        return [f.answer for f in results]
 
-    def _recognize_uncached(self, images: list[Image.Image], names: list[str], hashes: list[str], mode: str, rerank: bool) -> list[Answer]:
+    def _to_sinks(self, result: _Cached, image_bytes: bytes | None) -> None:
+        """Hand one answer to every sink; a failing sink is logged and never fails the answer."""
+        emb = result.embeddings if result.embeddings is not None else np.zeros((0, 0), np.float32)
+        for sink in self.sinks:
+            try:
+                sink(result.answer, emb, image_bytes)
+            except Exception as exc:  # noqa: BLE001 - a log that cannot write must not lose the user's answer
+                _log.error(f"answer sink {type(sink).__name__} failed: {exc}")
+
+    def _recognize_uncached(self, images: list[Image.Image], names: list[str], hashes: list[str], mode: str, rerank: bool) -> list[_Cached]:
         t_all = time.perf_counter()
         crops, t_detect = self._crops(images)
         use_tags = (rerank and self.reranker is not None) or mode == "fusion"
-        scored = self._score([c.image for c in crops], mode, use_tags and self.tagger is not None, self.feature_sink is not None)
+        scored = self._score([c.image for c in crops], mode, use_tags and self.tagger is not None, bool(self.sinks))
         t0 = time.perf_counter()
         dets = [self._detection(c, scored.candidates[j], None if scored.tag_probs is None else scored.tag_probs[j], mode, rerank)
                 for j, c in enumerate(crops)]
@@ -419,7 +476,7 @@ class Recognizer:
         n = max(1, len(images))
         stage = {"detect": t_detect, **scored.timings, "rerank": t_rerank}
         total = (time.perf_counter() - t_all) * 1e3
-        answers = []
+        out = []
         for i, (img, name, h) in enumerate(zip(images, names, hashes)):
             mine = [d for c, d in zip(crops, dets) if c.image_index == i]
             best = max((d for d in mine if not d.unknown), key=lambda d: d.similarity, default=None)
@@ -434,12 +491,10 @@ class Recognizer:
                 whole_image=any(c.whole_image for c in crops if c.image_index == i), detections=mine,
                 timings_ms=timings, image_sha256=h, version=self.version, width=img.width, height=img.height,
             )
-            answers.append(ans)
-            if self.feature_sink is not None and scored.embeddings is not None:
-                rows = np.array([j for j, c in enumerate(crops) if c.image_index == i])
-                self.feature_sink(ans, scored.embeddings[rows])
+            rows = [j for j, c in enumerate(crops) if c.image_index == i]
+            out.append(_Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))
         _log.info(f"recognized {len(images)} image(s) mode={mode} rerank={rerank} in {total:.1f} ms")
-        return answers
+        return out
 
     def recognize(self, image: Image.Image, filename: str = "", mode: str | None = None, rerank: bool | None = None) -> Answer:
         """Answer for one decoded image."""
@@ -448,9 +503,9 @@ class Recognizer:
     def recognize_bytes(self, data: bytes, filename: str = "<upload>", mode: str | None = None, rerank: bool | None = None) -> Answer:
         """Decode untrusted bytes safely (`imageio.decode_image`), then recognise; cache key = content hash of the bytes."""
         t0 = time.perf_counter()
-        img = decode_image(data, filename, self.cfg.get("limits") and _limits(self.cfg["limits"]) or DEFAULT_LIMITS)
+        img = decode_image(data, filename, self.limits)
         t_decode = (time.perf_counter() - t0) * 1e3
-        ans = self.recognize_batch([(img, filename)], mode=mode, rerank=rerank, hashes=[content_hash(data)])[0]
+        ans = self.recognize_batch([(img, filename)], mode=mode, rerank=rerank, hashes=[content_hash(data)], data=[data])[0]
         timings = dict(ans.timings_ms)
         timings["decode"] = round(t_decode, 2)
         timings["total"] = round(timings.get("total", 0.0) + t_decode, 2)
@@ -464,9 +519,9 @@ class Recognizer:
         """
         from .video import recognize_video
 
-        vcfg = self.cfg.get("video_options") or {}
-        return recognize_video(self, path, sample_fps=float(sample_fps or self.cfg.get("sample_fps") or 1.0), batch_size=self.batch_size,
-                               backend=vcfg.get("backend", "av"), max_frames=vcfg.get("max_frames"), on_batch=on_batch, mode=mode, rerank=rerank,
+        vopt = self.config.video_options
+        return recognize_video(self, path, sample_fps=float(sample_fps or self.config.sample_fps), batch_size=self.batch_size,
+                               backend=vopt.backend, max_frames=vopt.max_frames, on_batch=on_batch, mode=mode, rerank=rerank,
                                filename=filename)
 
     # -- enrollment ---------------------------------------------------------------------------
@@ -489,9 +544,29 @@ class Recognizer:
             self.cache.clear()
         return n
 
+    def describe(self) -> dict[str, Any]:
+        """What this recognizer serves, from the parts already loaded and the version's small files (for /api/version)."""
+        has_gallery = self._file(GALLERY_META) is not None
+        loaded = self._loaded
+        gallery = loaded.get("gallery") or (self.gallery if has_gallery else None)
+        tagger = loaded.get("tagger")
+        calib = self.calibration
+        modes = [m for m in MODES if (m != "model" or self.model_ckpt is not None) and (m == "model" or has_gallery)
+                 and (m != "fusion" or self.model_ckpt is not None)]
+        return {
+            "version": self.version or None, "version_dir": str(self.version_dir) if self.version_dir else None,
+            "mode": self.mode, "modes": modes, "rerank": self.rerank_default,
+            "embedder": gallery.embedder_id if gallery is not None else None,
+            "gallery_rows": len(gallery) if gallery is not None else 0,
+            "characters": len(self.characters()), "classifier": self.model_ckpt is not None,
+            "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
+            "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()}} if calib else None,
+            "device": self.config.device, "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
+        }
+
     def characters(self) -> list[dict]:
         """Known characters: gallery characters ``{name, series, prototypes}``, else the classifier's classes."""
-        if self._file(META_FILE) is not None:
+        if self._file(GALLERY_META) is not None:
             return self.gallery.characters()
         if self.model_ckpt is not None:
             m = self.classifier
@@ -511,9 +586,3 @@ def _pixel_hash(img: Image.Image) -> str:
     h = hashlib.sha256(f"{img.mode}:{img.size}".encode())
     h.update(img.tobytes())
     return h.hexdigest()
-
-
-def _limits(cfg: Mapping[str, Any]) -> Any:
-    from ..imageio import ImageLimits
-
-    return ImageLimits(**{k: int(v) for k, v in dict(cfg).items()})

@@ -53,7 +53,7 @@ def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader 
         feature_log = FeatureLog(settings.feature_log.dir, settings.feature_log.policy)
 
     def on_load(rec: Any) -> None:
-        if feature_log is not None and hasattr(rec, "feature_sink"):
+        if feature_log is not None and hasattr(rec, "add_sink"):
             feature_log.attach(rec)  # answers + embeddings (tagged with this recognizer's embedder) feed log fusion
 
     # the recognizer's own safe decode uses the server's limits unless the config sets its own

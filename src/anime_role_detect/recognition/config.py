@@ -1,0 +1,111 @@
+"""`RecognizerConfig`: the typed settings of a `Recognizer`, with their defaults in one place.
+
+Built from keyword arguments in library code, or from a mapping (``conf/infer.yaml``, the service's
+``recognizer:`` section) with `from_mapping`, which rejects unknown keys with a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..confutil import to_plain
+from ..errors import ConfigError
+
+MODES = ("clip", "model", "fusion")
+
+#: Keys of ``conf/infer.yaml`` that belong to the entry point (input, output, logging), not to the recognizer.
+ENTRY_POINT_KEYS = frozenset({"image", "video", "output", "feature_log", "gallery_build", "paths", "log", "task_name", "hydra"})
+
+
+@dataclass
+class OpenSetOptions:
+    """Answer ``unknown`` below the version's calibrated threshold (calibration.json)."""
+
+    enabled: bool = True
+
+
+@dataclass
+class FusionOptions:
+    """fusion score = ``gallery_weight`` * gallery cosine + (1 - ``gallery_weight``) * classifier probability."""
+
+    gallery_weight: float = 0.5
+
+
+@dataclass
+class VideoOptions:
+    """How videos are decoded: ``backend`` (av | cv2) and an optional cap on sampled frames."""
+
+    backend: str = "av"
+    max_frames: int | None = None
+
+
+@dataclass
+class RecognizerConfig:
+    """Settings of a `Recognizer`; every field has the default the CLI and the service use."""
+
+    mode: str = "clip"  # clip (embedding + gallery) | model (classifier) | fusion (both + tagger)
+    rerank: bool = True  # tag-assisted reranking (needs tag_profiles.json and a tagger)
+    topk: int = 5
+    rerank_candidates: int = 10  # candidates the reranker may reorder
+    batch_size: int = 16
+    cache_size: int = 2048  # answers cached by content hash (LRU); 0 turns the cache off
+    crop_margin: float = 0.1  # widen detector boxes by this fraction before cropping
+    sample_fps: float = 1.0  # video frames sampled per second
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where the embedder, classifier and tagger run
+    openset: OpenSetOptions = field(default_factory=OpenSetOptions)
+    fusion: FusionOptions = field(default_factory=FusionOptions)
+    video_options: VideoOptions = field(default_factory=VideoOptions)
+    embedder: dict[str, Any] | None = None  # conf/embedder/*: used when there is no gallery naming its own
+    tagger: dict[str, Any] | None = None  # conf/tagger/*; None = auto (the classifier's tag head when it has one)
+    detector: dict[str, Any] | None = None  # conf/detector/*; None = whole images
+    limits: dict[str, int] | None = None  # imageio.ImageLimits for untrusted bytes (max_pixels, max_bytes, ...)
+    # where the models come from (`Recognizer.from_config`): a folder, a registry version, or a bare checkpoint
+    gallery: str | None = None
+    version: str | None = None
+    registry_dir: str = "outputs/registry"
+    model_ckpt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: choose clip (gallery), model (classifier) or fusion")
+        if self.topk < 1 or self.batch_size < 1 or self.cache_size < 0 or self.sample_fps <= 0:
+            raise ConfigError("topk and batch_size must be >= 1, cache_size >= 0 and sample_fps > 0")
+        if not 0.0 <= self.fusion.gallery_weight <= 1.0:
+            raise ConfigError(f"fusion.gallery_weight={self.fusion.gallery_weight}: must be between 0 and 1")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None, where: str = "recognizer config") -> "RecognizerConfig":
+        """From ``conf/infer.yaml``-style keys (entry-point keys are ignored); unknown keys are a one-line `ConfigError`."""
+        plain = {k: v for k, v in dict(to_plain(cfg) or {}).items() if k not in ENTRY_POINT_KEYS}
+        return _build(cls, plain, where)
+
+    def replace(self, **changes: Any) -> "RecognizerConfig":
+        """A copy with `changes` (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls(**values)`` with nested option dataclasses built from their mappings; unknown keys named."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        nested = _NESTED.get(name)
+        if nested is not None and cls is RecognizerConfig:
+            value = value if isinstance(value, nested) else _build(nested, dict(value or {}), f"{where}: {name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+_NESTED: dict[str, type] = {"openset": OpenSetOptions, "fusion": FusionOptions, "video_options": VideoOptions}
