@@ -6,8 +6,10 @@ A reader never sees a half-written file, and a process killed mid-write leaves t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,3 +79,18 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (config subsets, queries): what a resumable step was run with."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def safe_name(name: str) -> str:
+    """A folder-safe version of a name (keeps unicode, drops path separators and control chars)."""
+    from .errors import ConfigError
+
+    out = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", name.strip()).strip(" .")
+    if not out:
+        raise ConfigError(f"character name {name!r} is empty after removing path characters; give a real name")
+    return out

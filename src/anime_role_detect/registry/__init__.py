@@ -122,15 +122,18 @@ class Registry:
 
     @contextlib.contextmanager
     def derive(self, base: str | None, kind: str, *, promote: bool = False, skip: Iterable[str] = (),
-               extra: dict[str, Any] | None = None, prefix: str = "v") -> Iterator[Derivation]:
+               extra: dict[str, Any] | None = None, prefix: str = "v", version_id: str | None = None,
+               parent: str | None = None) -> Iterator[Derivation]:
         """Stage a new version from `base` (an id, 'latest', or None for an empty one) and commit it on exit.
 
         Every file of the base except `skip` and what the registry seals itself is hard-linked in; the
         caller writes the changed files into ``d.dir``. Leaving the block normally commits with one
-        rename (and promotes when ``d.promote``); an exception removes the staging folder.
+        rename (and promotes when ``d.promote``); an exception removes the staging folder. `version_id`
+        fixes the new id (a resumable writer retries under the same one); `parent` records a parent
+        for a version built from scratch (default: the base).
         """
         base_dir = self.path(base) if base else None
-        d = Derivation(dir=self.staging_dir(self.new_version_id(prefix)), base_id=base_dir.name if base_dir else None,
+        d = Derivation(dir=self.staging_dir(version_id or self.new_version_id(prefix)), base_id=base_dir.name if base_dir else parent,
                        base_dir=base_dir, kind=kind, promote=promote, extra=dict(extra or {}))
         try:
             if base_dir is not None:

@@ -8,7 +8,6 @@ so a killed run never leaves a half image and a rerun never downloads an image t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 import requests
 
 from ...errors import ConfigError
-from ...fsutil import atomic_write_bytes
+from ...fsutil import atomic_write_bytes, fingerprint, safe_name
 from ...imageio import sniff
 from ...log import get_logger
 from ..progress import Progress
@@ -31,14 +30,6 @@ _log = get_logger("system")
 STATE_DIR = ".state"
 #: File extensions worth downloading (videos, zips and flash are skipped).
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp"})
-
-
-def safe_name(name: str) -> str:
-    """A folder-safe version of a character name (keeps unicode, drops path separators and control chars)."""
-    out = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", name.strip()).strip(" .")
-    if not out:
-        raise ConfigError(f"character name {name!r} is empty after removing path characters; give a real name")
-    return out
 
 
 def booru_tag(name: str, series: str = "") -> str:
@@ -290,11 +281,6 @@ class Post:
 
 class MalformedPage(Exception):
     """A listing page that is not the JSON the API documents."""
-
-
-def fingerprint(obj: Any) -> str:
-    """Short stable hash of a JSON-able object (config subsets, queries)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class BooruCollector:

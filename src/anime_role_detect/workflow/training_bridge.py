@@ -1,0 +1,88 @@
+"""The workflow's bridge into training: ``conf/train.yaml`` composed with the run's bindings, progress and cancel fed back."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from ..confutil import compose_config
+from ..log import get_logger
+from .context import RunContext
+from .progress import Progress
+
+_log = get_logger("system")
+
+
+# Training: the real training framework, composed from conf/train.yaml with the workflow's overrides.
+
+
+class WorkflowProgressCallback(L.Callback):
+    """Lightning callback feeding epoch progress into the run's `Progress` and honouring cancel."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def _emit(self, trainer: L.Trainer, message: str = "") -> None:
+        if self.progress is not None:
+            total = int(trainer.max_epochs or 1)
+            self.progress.emit("train", min(trainer.current_epoch, total), total, message)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._emit(trainer, f"resumed at epoch {trainer.current_epoch}" if trainer.current_epoch else "")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.progress is not None:
+            self.progress.check_cancelled()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc = trainer.callback_metrics.get("val/acc")
+        msg = f"epoch {trainer.current_epoch + 1}: val/acc={float(acc):.3f}" if acc is not None else ""
+        if self.progress is not None:
+            total = int(trainer.max_epochs or 1)
+            self.progress.emit("train", min(trainer.current_epoch + 1, total), total, msg)
+
+
+def hydra_quote(value: Any) -> str:
+    """A Hydra override value that stays one string whatever it holds (spaces, commas, brackets in paths)."""
+    return "'" + str(value).replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
+    """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
+    tcfg = ctx.cfg.train
+    values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
+              "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed)}
+    overrides = [str(o) for o in tcfg.get("overrides") or []]
+    overrides += [str(b).format(**values) for b in tcfg.bind]
+    log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
+    if log_dir:  # training logs where the workflow logs, at the same console level
+        overrides += [f"log.dir={hydra_quote(log_dir)}", f"log.console_level={ctx.cfg.log.console_level}"]
+    if resume_ckpt is not None:
+        overrides.append(f"ckpt_path={hydra_quote(resume_ckpt)}")
+    return compose_config(str(tcfg.get("config_name", "train")), overrides, fix="fix train.overrides")
+
+
+def stage_train(ctx: RunContext) -> dict[str, Any]:
+    """Train the classifier in-process; an interrupted attempt resumes from its ``last.ckpt``."""
+    from ..training import train
+
+    if ctx.restarted and ctx.train_dir.exists():
+        shutil.rmtree(ctx.train_dir)  # partial training under another config: start over
+    last = ctx.train_dir / "checkpoints" / "last.ckpt"
+    resume = last if last.is_file() else None
+    if resume:
+        _log.info(f"resuming training from {resume}")
+    tcfg = compose_train_config(ctx, resume)
+    try:
+        result = train(tcfg, callbacks=[WorkflowProgressCallback(ctx.progress)])
+    except SystemExit as exc:  # Lightning turns Ctrl-C during fit into sys.exit(1): keep it an interrupt
+        raise KeyboardInterrupt("training interrupted") from exc
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    return {"ckpt_path": str(result.ckpt_path), "output_dir": str(result.output_dir), "metrics": metrics,
+            "resumed_from": str(resume) if resume else None}
