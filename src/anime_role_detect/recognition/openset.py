@@ -9,6 +9,7 @@ known images (near-twins), in which case the achieved FAR is recorded instead. S
 
 from __future__ import annotations
 
+import datetime as _dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,8 +18,7 @@ import numpy as np
 
 from ..errors import GalleryError
 from ..fsutil import atomic_write_json, read_json
-
-CALIBRATION_FILE = "calibration.json"
+from ..versionfiles import CALIBRATION as CALIBRATION_FILE
 
 
 @dataclass
@@ -38,6 +38,14 @@ class OpenSetCalibration:
 
     target_far: float = 0.05
     modes: dict[str, ModeThreshold] = field(default_factory=dict)
+    stale: dict[str, str] | None = None  # {since, reason}: the gallery changed after the thresholds were measured
+
+    def mark_stale(self, reason: str) -> None:
+        """Record that the gallery changed since calibration (kept from the first change until a rebuild recalibrates)."""
+        if self.stale is None:
+            self.stale = {"since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "reason": reason}
+        else:
+            self.stale = {**self.stale, "reason": f"{self.stale['reason']}; {reason}"[-500:]}
 
     def threshold(self, mode: str) -> float | None:
         m = self.modes.get(mode)
@@ -52,7 +60,10 @@ class OpenSetCalibration:
         p = Path(path)
         if p.is_dir() or not p.suffix:
             p = p / CALIBRATION_FILE
-        atomic_write_json(p, {"target_far": self.target_far, "modes": {k: asdict(v) for k, v in self.modes.items()}})
+        obj = {"target_far": self.target_far, "modes": {k: asdict(v) for k, v in self.modes.items()}}
+        if self.stale:
+            obj["stale"] = self.stale
+        atomic_write_json(p, obj)
         return p
 
     @classmethod
@@ -62,7 +73,7 @@ class OpenSetCalibration:
             p = p / CALIBRATION_FILE
         try:
             obj = read_json(p)
-            return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()})
+            return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"))
         except FileNotFoundError:
             raise GalleryError(f"open-set calibration {p} not found; rebuild with gallery_cli build --val-fraction 0.2 or set openset.enabled=false") from None
         except (ValueError, KeyError, TypeError) as exc:

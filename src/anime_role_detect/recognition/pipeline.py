@@ -560,7 +560,8 @@ class Recognizer:
             "gallery_rows": len(gallery) if gallery is not None else 0,
             "characters": len(self.characters()), "classifier": self.model_ckpt is not None,
             "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
-            "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()}} if calib else None,
+            "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
+                            "stale": calib.stale} if calib else None,
             "device": self.config.device, "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
         }
 

@@ -8,8 +8,6 @@ exclusively because they change the gallery the searches read.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -18,18 +16,18 @@ from typing import Any, Callable, Iterator
 
 from ..errors import RegistryError
 from ..log import get_logger
+from ..recognition.pipeline import Recognizer
 from ..registry import Registry
+from ..versionfiles import CALIBRATION, GALLERY_INDEX, GALLERY_META
 
 _log = get_logger("system")
 
 #: (version_dir, recognizer config) -> Recognizer; the default uses `Recognizer.from_version`.
-RecognizerLoader = Callable[[Path, dict[str, Any]], Any]
+RecognizerLoader = Callable[[Path, dict[str, Any]], Recognizer]
 
 
-def load_from_version(version_dir: Path, cfg: dict[str, Any]) -> Any:
+def load_from_version(version_dir: Path, cfg: dict[str, Any]) -> Recognizer:
     """Build the pipeline's `Recognizer` for one registry version folder."""
-    from ..recognition.pipeline import Recognizer
-
     rec = Recognizer.from_version(version_dir, cfg)
     rec.warmup()  # load every model now, not on the first request
     return rec
@@ -78,7 +76,7 @@ class ReadWriteLock:
 class Loaded:
     """One loaded recognizer and the version it came from."""
 
-    recognizer: Any
+    recognizer: Recognizer
     version_id: str
     loaded_at: float
     load_s: float
@@ -173,40 +171,30 @@ class LiveRecognizer:
         t = self._loading
         return t is not None and t.is_alive()
 
-    def persist_edit(self, loaded: Loaded, kind: str = "gallery-edit") -> str | None:
-        """Save an enrol/remove as a new registry version (unchanged files hard-linked) and keep serving it.
+    def persist_edit(self, loaded: Loaded, kind: str = "gallery-edit", what: str = "") -> str | None:
+        """Save an enrol/remove as a new registry version derived from the served one, and keep serving it.
 
-        Following `latest`, the new version is promoted; a pinned server re-pins to it. Call under the write lock.
+        Unchanged files are carried as hard links; the open-set calibration is marked stale (measured before
+        the gallery changed). Following `latest`, the new version is promoted; a pinned server re-pins to it.
+        Call under the write lock.
         """
         rec = loaded.recognizer
-        src = getattr(rec, "version_dir", None)
-        if src is None or not hasattr(rec, "save_gallery"):
+        if getattr(rec, "version_dir", None) is None:
             return None
-        staging = self.registry.staging_dir()
-        try:
-            for p in Path(src).iterdir():
-                if p.name in ("manifest.json", "parent") or p.name.startswith("."):
-                    continue
-                if p.is_dir():
-                    shutil.copytree(p, staging / p.name)
-                    continue
-                try:
-                    os.link(p, staging / p.name)  # versions are immutable; new files are written by rename
-                except OSError:
-                    shutil.copy2(p, staging / p.name)
-            rec.save_gallery(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         with self._swap_lock:
             promote = self.version == "latest"
-            vid = self.registry.commit(staging, parent=loaded.version_id, kind=kind, promote=promote)
+            with self.registry.derive(loaded.version_id, kind=kind, promote=promote, skip={GALLERY_INDEX, GALLERY_META}) as d:
+                rec.save_gallery(d.dir)
+                if getattr(rec, "calibration", None) is not None:
+                    rec.calibration.mark_stale(f"{kind} {what}".strip())
+                    rec.calibration.save(d.writable(CALIBRATION))
+            vid = str(d.id)
             rec.version_dir = self.registry.path(vid)
             rec.version = vid
             loaded.version_id = vid
             if not promote:
                 self.version = vid
-        _log.info(f"gallery edit saved as version {vid} (parent {rec.version_dir.name})")
+        _log.info(f"gallery edit saved as version {vid} (parent {d.base_id})")
         return vid
 
     def wait_idle(self, timeout: float = 60.0) -> None:

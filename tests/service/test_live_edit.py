@@ -1,0 +1,49 @@
+"""Gallery edits on the live recognizer become derived registry versions; the base stays intact and the
+open-set calibration is marked stale (it was measured before the gallery changed)."""
+
+from __future__ import annotations
+
+import random
+
+from anime_role_detect.data.synthetic import make_characters, render_character
+from anime_role_detect.recognition.embedder import build_embedder
+from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.openset import ModeThreshold, OpenSetCalibration
+from anime_role_detect.registry import Registry
+from anime_role_detect.serve.live import LiveRecognizer
+
+EMBEDDER = {"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64}
+
+
+def _version(tmp_path):
+    rng = random.Random(0)
+    specs = make_characters(4, seed=0, twin_fraction=0.0)
+    emb = build_embedder(EMBEDDER)
+    items = [(s.name, s.series, render_character(s, rng, 64)[0], f"{s.name}/{k}") for s in specs[:3] for k in range(3)]
+    folder = tmp_path / "built"
+    Gallery.build(items, emb, embedder_config=EMBEDDER).save(folder)
+    OpenSetCalibration(0.05, {"clip": ModeThreshold(0.5, 0.05, 0.95, 10, 10)}).save(folder)
+    reg = Registry(tmp_path / "registry")
+    base = reg.import_folder(folder)
+    return reg, base, specs[3], rng
+
+
+def test_enrol_persists_a_derived_version_with_stale_calibration(tmp_path):
+    reg, base, newcomer, rng = _version(tmp_path)
+    base_meta = (reg.path(base) / "gallery.json").read_text()
+    live = LiveRecognizer(reg.root, cfg={"mode": "clip", "rerank": False})
+    live.load_now()
+    loaded = live.current()
+    assert loaded is not None and loaded.recognizer.describe()["calibration"]["stale"] is None
+    shots = [render_character(newcomer, rng, 64)[0] for _ in range(3)]
+    assert loaded.recognizer.enroll(newcomer.name, newcomer.series, shots) > 0
+    vid = live.persist_edit(loaded, kind="enroll", what=newcomer.name)
+    assert vid and reg.latest_id() == vid and loaded.version_id == vid
+    assert (reg.path(vid) / "parent").read_text().strip() == base and reg.info(vid).kind == "enroll"
+    assert (reg.path(base) / "gallery.json").read_text() == base_meta  # the base version is untouched
+    new = OpenSetCalibration.load(reg.path(vid))
+    assert new.stale and new.stale["reason"] == f"enroll {newcomer.name}" and new.modes["clip"].threshold == 0.5
+    assert OpenSetCalibration.load(reg.path(base)).stale is None
+    assert loaded.recognizer.describe()["calibration"]["stale"]["since"] == new.stale["since"]
+    assert any(c["name"] == newcomer.name for c in Gallery.load(reg.path(vid)).characters())
+    assert reg.rollback() == base and reg.latest_id() == base
