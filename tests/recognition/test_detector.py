@@ -22,6 +22,7 @@ from anime_role_detect.recognition.detector import (
     available_detectors,
     build_detector,
     crop_box,
+    detector_kind,
 )
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "detector"
@@ -51,36 +52,45 @@ def test_registry_builds_every_configured_detector_from_its_yaml():
     for yaml_file in sorted(CONF_DIR.glob("*.yaml")):
         cfg = OmegaConf.load(yaml_file)
         det = build_detector(cfg)  # yolo.yaml ships with weights: null (no detector trained yet)
-        assert isinstance(det, Detector) and det.name == cfg.name == yaml_file.stem
+        assert isinstance(det, Detector) and det.name == cfg.kind == yaml_file.stem and "name" not in cfg
     assert {p.stem for p in CONF_DIR.glob("*.yaml")} == {"yolo", "animeface", "none"}
 
 
 def test_no_detector_finds_nothing_so_the_whole_image_is_used():
     imgs = [Image.new("RGB", (64, 64)), Image.new("RGB", (32, 48))]
-    for cfg in (None, "none", {"name": "none"}, {"name": "yolo", "weights": None}):
+    for cfg in (None, "none", {"kind": "none"}, {"kind": "yolo", "weights": None}, {}):
         det = build_detector(cfg)
         assert det.detect(imgs) == [[], []]
     assert isinstance(build_detector(None), NoDetector)
 
 
+def test_the_legacy_name_key_still_builds_a_detector_for_one_release():
+    assert isinstance(build_detector({"name": "animeface", "min_likelihood": 0.4}), AnimeFaceDetector)
+    assert isinstance(build_detector(OmegaConf.create({"name": "none"})), NoDetector)
+    assert detector_kind({"name": "yolo"}) == detector_kind({"kind": "yolo"}) == "yolo"
+    assert detector_kind(None) == detector_kind({}) == "none"
+
+
 def test_bad_detector_configs_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="detector.name='retinaface' is unknown; choose from animeface, none, yolo"):
-        build_detector({"name": "retinaface"})
+    with pytest.raises(ConfigError, match="detector.kind='retinaface' is unknown; choose from animeface, none, yolo"):
+        build_detector({"kind": "retinaface"})
+    with pytest.raises(ConfigError, match="disagree"):
+        build_detector({"kind": "yolo", "name": "animeface"})
     with pytest.raises(ConfigError, match="bad option") as err:
-        build_detector({"name": "yolo", "weights": None, "confidence": 0.3})
+        build_detector({"kind": "yolo", "weights": None, "confidence": 0.3})
     assert "conf/detector/yolo.yaml" in str(err.value)
     with pytest.raises(ConfigError, match="thresholds"):
-        build_detector({"name": "yolo", "weights": None, "conf": 1.5})
+        build_detector({"kind": "yolo", "weights": None, "conf": 1.5})
     with pytest.raises(ConfigError, match="min_likelihood"):
-        build_detector({"name": "animeface", "min_likelihood": 2})
+        build_detector({"kind": "animeface", "min_likelihood": 2})
 
 
 def test_missing_yolo_weights_name_the_file_and_how_to_make_weights(tmp_path):
     missing = tmp_path / "nowhere" / "detector.pt"
     with pytest.raises(WeightsError) as err:
-        build_detector({"name": "yolo", "weights": str(missing)})
+        build_detector({"kind": "yolo", "weights": str(missing)})
     msg = str(err.value)
-    assert str(missing) in msg and "detector_training" in msg and "\n" not in msg
+    assert str(missing) in msg and "anime_role_detect.cli.detector" in msg and "\n" not in msg
 
 
 def test_corrupt_yolo_weights_are_a_weights_error(tmp_path):
@@ -100,7 +110,7 @@ def _sample(folder: Path, every: int, limit: int) -> list[Path]:
 
 @pytest.mark.realdata
 def test_animeface_finds_faces_on_real_face_crops(shared_data):
-    det = build_detector({"name": "animeface"})
+    det = build_detector({"kind": "animeface"})
     paths = _sample(shared_data / "newgame_faces", 15, 19)
     found = det.detect([Image.open(p).convert("RGB") for p in paths])
     hits = [boxes for boxes in found if boxes]
@@ -137,4 +147,4 @@ def test_animeface_boxes_map_back_to_full_size_illustrations(shared_data):
 
 
 def test_animeface_finds_nothing_on_a_blank_image():
-    assert build_detector({"name": "animeface"}).detect([Image.new("RGB", (200, 200), (255, 255, 255))]) == [[]]
+    assert build_detector({"kind": "animeface"}).detect([Image.new("RGB", (200, 200), (255, 255, 255))]) == [[]]
