@@ -136,5 +136,4 @@ def get_logger(channel: str = "system"):
 
 
 system_log = get_logger("system")
-inference_log = get_logger("inference")
 training_log = get_logger("training")

@@ -64,7 +64,7 @@ class RecognizerConfig:
     limits: dict[str, int] | None = None  # imageio.ImageLimits for untrusted bytes (max_pixels, max_bytes, ...)
     # where the models come from (`Recognizer.from_config`): a folder, a registry version, or a bare checkpoint
     gallery: str | None = None
-    version: str | None = None
+    version: str | None = "latest"  # a registry id or latest (gallery= wins when set)
     registry_dir: str = "outputs/registry"
     model_ckpt: str | None = None
 
