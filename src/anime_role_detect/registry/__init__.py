@@ -40,10 +40,11 @@ class VersionInfo:
     kind: str
     live: bool
     metrics: dict
+    gate: dict | None = None  # how the version was judged against the live one when it was made (workflow, fusion)
 
     def to_json(self) -> dict:
         return {"id": self.id, "path": str(self.path), "created": self.created, "parent": self.parent,
-                "kind": self.kind, "live": self.live, "metrics": self.metrics}
+                "kind": self.kind, "live": self.live, "metrics": self.metrics, "gate": self.gate}
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Registry:
         man = read_json(path / MANIFEST)
         metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
         return VersionInfo(id=vid, path=path, created=man.get("created", ""), parent=man.get("parent"),
-                           kind=man.get("kind", ""), live=vid == self.latest_id(), metrics=metrics)
+                           kind=man.get("kind", ""), live=vid == self.latest_id(), metrics=metrics, gate=man.get("gate"))
 
     def list(self) -> list[VersionInfo]:
         """All complete versions, oldest first."""
