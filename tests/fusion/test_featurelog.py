@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anime_role_detect.fusion.featurelog import FeatureLog, FeedbackError, LogPolicy
 from anime_role_detect.errors import ConfigError
+from anime_role_detect.fusion.featurelog import FeatureLog, FeedbackError, LogPolicy
 
 from .helpers import make_answer, unit_rows
 
@@ -163,8 +163,14 @@ def test_reader_consumes_while_writer_appends(tmp_path):
     assert seen_counts == sorted(seen_counts)  # append-only: never fewer records than before
 
 
-def test_sink_matches_recognizer_callback_signature(tmp_path):
-    log = FeatureLog(tmp_path, embedder_id="e")
-    log.sink(make_answer(sha="d" * 64), unit_rows(3, 1, 16))
+def test_sink_matches_recognizer_sink_signature(tmp_path):
+    """`FeatureLogSink` is an `AnswerSink`: (answer, embeddings, image_bytes) appends one record; unbound, the log's embedder id."""
+    from anime_role_detect.fusion.featurelog import FeatureLogSink
+    from anime_role_detect.recognition.sinks import AnswerSink
+
+    sink = FeatureLogSink(FeatureLog(tmp_path, embedder_id="e"))
+    assert isinstance(sink, AnswerSink)
+    sink(make_answer(sha="d" * 64), unit_rows(3, 1, 16), None)
+    sink.close()
     (rec,) = FeatureLog(tmp_path).read()
-    assert rec.image_sha256 == "d" * 64 and rec.embeddings.shape == (1, 16)
+    assert rec.image_sha256 == "d" * 64 and rec.embeddings.shape == (1, 16) and rec.embedder == "e"

@@ -9,11 +9,12 @@ import pytest
 
 from anime_role_detect.errors import ConfigError, RegistryError
 from anime_role_detect.fusion.featurelog import FeatureLog
-from anime_role_detect.fusion.fuse import VAL_EMBEDDINGS, fuse
+from anime_role_detect.fusion.fuse import fuse
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.schema import Answer, Detection, TopK
 from anime_role_detect.registry import Registry
 from anime_role_detect.registry.__main__ import main as registry_main
+from anime_role_detect.versionfiles import VAL_EMBEDDINGS
 
 EMB = "test-embedder:v1"
 DIM = 48

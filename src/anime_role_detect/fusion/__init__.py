@@ -1,5 +1,10 @@
-"""Log fusion: every classification is logged with its features; `fuse` builds a better version from the logs."""
+"""Log fusion: every classification is logged with its features (`featurelog`); `fuse` builds a better version from the logs.
 
-from .featurelog import FeatureLog, Feedback, FeedbackError, LogPolicy, LogRecord
+Modules: `featurelog/` (the log), `selection`, `evaluation`, `report`, `finetune` and `fuse` (the run).
+May import the base layer, `data`, `recognition`, `training` (fine-tuning) and `registry`; only entry
+points and the service import fusion.
+"""
 
-__all__ = ["FeatureLog", "Feedback", "FeedbackError", "LogPolicy", "LogRecord"]
+from .featurelog import FeatureLog, FeatureLogSink, Feedback, FeedbackError, LogPolicy, LogRecord
+
+__all__ = ["FeatureLog", "FeatureLogSink", "Feedback", "FeedbackError", "LogPolicy", "LogRecord"]

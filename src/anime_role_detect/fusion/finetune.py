@@ -23,11 +23,10 @@ from ..data.layout import ImageRecord, scan_dataset, write_metadata
 from ..errors import ConfigError, DatasetError
 from ..fsutil import link_or_copy
 from ..log import get_logger
-from ..recognition.pipeline import MODEL_FILE
+from ..versionfiles import MODEL
 from .featurelog import FeatureLog, LogRecord
 
 _log = get_logger("training")
-EMBEDDER_FILE = "embedder.ckpt"  # the weights a classifier-embedded gallery was built with, kept beside a new model.ckpt
 
 
 @dataclass
@@ -187,9 +186,9 @@ def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen
     from ..training import train
 
     report: dict[str, Any] = {"enabled": True, "decision": "skipped"}
-    ckpt = base_dir / MODEL_FILE
+    ckpt = base_dir / MODEL
     if not ckpt.is_file():
-        report["reason"] = f"live version has no {MODEL_FILE}"
+        report["reason"] = f"live version has no {MODEL}"
         return FinetuneOutcome(None, report)
     base = policy.base_dataset or base_manifest.get("dataset")
     if not base or not Path(str(base)).is_dir():
