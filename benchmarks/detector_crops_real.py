@@ -1,7 +1,8 @@
 """Does cropping the detected face help recognition on real pictures? Gallery top-1 with and without the detector.
 
-On the real labelled sets (``../shared/data``), leak-free 80/20 splits (near-duplicates grouped), frozen
-ImageNet Lite0 embeddings, one mean prototype per character in the real `Gallery` (Faiss):
+On the real labelled sets (``$ARD_DATA_DIR``, default ``../shared/data``), leak-free 80/20 splits
+(near-duplicates grouped), frozen ImageNet Lite0 embeddings, one mean prototype per character in the
+real `Gallery` (Faiss):
 
 - baseline (same run, same splits): the whole image, as with ``detector=none``;
 - face crop: the animeface detector's most likely face, widened by ``--margin`` (the pipeline's
@@ -14,30 +15,12 @@ ImageNet Lite0 embeddings, one mean prototype per character in the real `Gallery
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(os.environ.get("ARD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def top1(vecs: np.ndarray, labels: list[str], train: np.ndarray, val: np.ndarray) -> float:
-    from anime_role_detect.recognition.gallery import Gallery
-
-    g = Gallery("eval", vecs.shape[1], prototypes={"method": "mean"}, aggregate="max")
-    for c in sorted(set(labels)):
-        g.add(c, "", vecs[[i for i in train if labels[i] == c]])
-    res = g.search(vecs[val], k=1)
-    return float(np.mean([bool(r) and r[0][0] == labels[i] for r, i in zip(res, val)]))
+from _common import LITE0, gallery_top1, quiet, real_set, seeded_splits, unit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,31 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    torch.set_num_threads(args.threads)
-    from anime_role_detect.data.dedupe import assign_duplicate_groups
-    from anime_role_detect.data.layout import scan_dataset, stratified_group_split
+    quiet(args.threads)
     from anime_role_detect.imageio import load_image
     from anime_role_detect.recognition.detector import AnimeFaceDetector, crop_box
     from anime_role_detect.recognition.embedder import build_embedder
 
-    embedder = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "flip_tta": False, "batch_size": 32})
+    embedder = build_embedder(LITE0)
     detector = AnimeFaceDetector()
     print(f"| set | images | faces found | whole image (baseline) | face crop (margin {args.margin}) | ratio | whole + face | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.sets:
-        root = DATA / name
-        if not root.is_dir():
-            print(f"skip {name}: {root} not found", file=sys.stderr)
+        s = real_set(name)
+        if s is None:
             continue
-        recs = scan_dataset(root)
-        assign_duplicate_groups(recs, root)
-        labels = [r.character for r in recs]
-        pos = {r.file_name: i for i, r in enumerate(recs)}
+        root, recs, labels = s.root, s.records, s.labels
         whole, face, found = [], [], 0
         t_det = t_emb = 0.0
         for i in range(0, len(recs), 32):
@@ -90,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"whole": unit(np.concatenate(whole)), "face": unit(np.concatenate(face))}
         variants["both"] = unit(variants["whole"] + variants["face"])
         scores: dict[str, list[float]] = {k: [] for k in variants}
-        for seed in args.seeds:
-            sp = stratified_group_split(recs, 0.2, seed)
-            train = np.array([pos[f] for f in sp.train])
-            val = np.array([pos[f] for f in sp.val])
+        for train, val in seeded_splits(s, args.seeds):
             for k, v in variants.items():
-                scores[k].append(top1(v, labels, train, val))
+                scores[k].append(gallery_top1(v, labels, train, val))
         m = {k: statistics.mean(v) for k, v in scores.items()}
         print(
             f"| {name} | {len(recs)} | {found / len(recs):.0%} | {m['whole']:.1%} | {m['face']:.1%} | {m['face'] / m['whole']:.2f}x "

@@ -6,7 +6,7 @@
 - Video frame sampling (`iter_video_frames`, PyAV and OpenCV backends) against decoding every frame
   with PyAV (baseline), on a generated 10 s video.
 
-``python benchmarks/detector_latency.py [--weights DIR/detector.pt] [--real ../shared/data/newgame_full]``
+``python benchmarks/detector_latency.py [--weights DIR/detector.pt] [--real DIR]``
 (without --weights a tiny detector is trained first into outputs/bench_tiny_yolo, about a minute).
 """
 
@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+import torch
+from _common import data_dir, quiet  # sets the offline defaults (YOLO_OFFLINE) before the project's imports
+from PIL import Image
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from anime_role_detect.data.synthetic import make_characters, render_character, render_scene  # noqa: E402
-from anime_role_detect.recognition.detector import AnimeFaceDetector, YoloDetector  # noqa: E402
-from anime_role_detect.recognition.video import iter_video_frames  # noqa: E402
+from anime_role_detect.data.synthetic import make_characters, render_character, render_scene
+from anime_role_detect.recognition.detector import AnimeFaceDetector, YoloDetector
+from anime_role_detect.recognition.video import iter_video_frames
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -109,14 +108,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--imgsz", type=int, default=160)
-    ap.add_argument("--real", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "newgame_full")
+    ap.add_argument("--real", type=Path, default=data_dir() / "newgame_full")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     weights = args.weights
     if weights is None:
-        from anime_role_detect.recognition.detector_training import make_tiny_detector
+        from anime_role_detect.training.detector import make_tiny_detector
 
         weights = make_tiny_detector(Path("outputs") / "bench_tiny_yolo")
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; python {sys.version.split()[0]}")

@@ -1,4 +1,4 @@
-"""Top-1 of gallery recognition on the real labelled sets in ../shared/data, leak-free 80/20 splits.
+"""Top-1 of gallery recognition on the real labelled sets (``$ARD_DATA_DIR``, default ../shared/data), leak-free 80/20 splits.
 
 For each set: near-duplicates grouped (`data.dedupe`), `stratified_group_split` per seed, gallery built
 from the train side with the real `Gallery` (Faiss) and queried with the val side. Every image is
@@ -17,49 +17,14 @@ pass its split manifest with ``--split SET=data/splits/<set>-...json``).
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(os.environ.get("ARD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def embed_all(embedder, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Plain and mirrored embeddings of every image (flip_tta off, so both are raw)."""
-    from PIL import Image
-
-    from anime_role_detect.imageio import load_image
-
-    plain, flipped = [], []
-    bs = 32
-    for i in range(0, len(paths), bs):
-        ims = [load_image(p) for p in paths[i : i + bs]]
-        plain.append(embedder.embed(ims))
-        flipped.append(embedder.embed([im.transpose(Image.FLIP_LEFT_RIGHT) for im in ims]))
-        print(f"\r  embedded {min(i + bs, len(paths))}/{len(paths)}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    return np.concatenate(plain), np.concatenate(flipped)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def gallery_top1(vecs: np.ndarray, labels: list[str], train: np.ndarray, val: np.ndarray, prototypes: dict, aggregate: str) -> float:
-    from anime_role_detect.recognition.gallery import Gallery
-
-    g = Gallery("eval", vecs.shape[1], prototypes=prototypes, aggregate=aggregate)
-    for c in sorted(set(labels)):
-        rows = [i for i in train if labels[i] == c]
-        g.add(c, "", vecs[rows])
-    res = g.search(vecs[val], k=1)
-    return float(np.mean([bool(r) and r[0][0] == labels[i] for r, i in zip(res, val)]))
-
+from _common import LITE0, embed_all, gallery_top1, quiet, real_set, seeded_splits, unit
 
 VARIANTS = {
     # name: (use flip, prototypes, aggregate)
@@ -86,41 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", nargs="*", default=[], help="SET=PATH: a fine-tuned classifier for that set")
     ap.add_argument("--split", nargs="*", default=[], help="SET=PATH: use this split manifest (train.py's data/splits/*.json) instead of --seeds")
     args = ap.parse_args(argv)
-    import torch
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    torch.set_num_threads(args.threads)
-    from anime_role_detect.data.dedupe import assign_duplicate_groups
-    from anime_role_detect.data.layout import scan_dataset, stratified_group_split
+    quiet(args.threads)
     from anime_role_detect.recognition.embedder import ClassifierEmbedder, build_embedder
 
     ckpts = dict(c.split("=", 1) for c in args.ckpt)
     manifests = dict(c.split("=", 1) for c in args.split)
-    lite0 = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "flip_tta": False, "batch_size": 32})
+    lite0 = build_embedder(LITE0)
     rows: list[tuple[str, str, str]] = []
     for name in args.sets:
-        root = DATA / name
-        if not root.is_dir():
-            print(f"skip {name}: {root} not found", file=sys.stderr)
+        s = real_set(name)
+        if s is None:
             continue
-        recs = scan_dataset(root)
-        rep = assign_duplicate_groups(recs, root)
-        paths = [r.path(root) for r in recs]
-        labels = [r.character for r in recs]
-        pos = {r.file_name: i for i, r in enumerate(recs)}
-        print(f"{name}: {len(recs)} images, {len(set(labels))} characters, {rep.near_duplicate_groups} near-duplicate groups", file=sys.stderr)
-        splits = []
+        paths = [r.path(s.root) for r in s.records]
+        labels = s.labels
+        print(f"{name}: {len(s.records)} images, {len(set(labels))} characters, {s.near_duplicate_groups} near-duplicate groups", file=sys.stderr)
         if name in manifests:  # the exact split a checkpoint was trained on: its val images are unseen by it
-            import json
-
             m = json.loads(Path(manifests[name]).read_text())
-            splits.append((np.array([pos[f] for f in m["train"] if f in pos]), np.array([pos[f] for f in m["val"] if f in pos])))
+            splits = [(np.array([s.pos[f] for f in m["train"] if f in s.pos]), np.array([s.pos[f] for f in m["val"] if f in s.pos]))]
             print(f"  split from {manifests[name]}: {len(splits[0][0])} train / {len(splits[0][1])} val", file=sys.stderr)
-        for seed in ([] if name in manifests else args.seeds):
-            sp = stratified_group_split(recs, 0.2, seed)
-            splits.append((np.array([pos[f] for f in sp.train]), np.array([pos[f] for f in sp.val])))
+        else:
+            splits = seeded_splits(s, args.seeds)
         embedders = {"ImageNet Lite0 (frozen)": lite0}
         if name in ckpts:
             embedders["fine-tuned classifier"] = ClassifierEmbedder(ckpts[name])

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from anime_role_detect.fusion.featurelog import FeatureLog, LogPolicy  # noqa: E402
-from anime_role_detect.fusion.fuse import fuse  # noqa: E402
-from anime_role_detect.recognition.gallery import Gallery  # noqa: E402
-from anime_role_detect.recognition.schema import Answer, Detection, TopK  # noqa: E402
-from anime_role_detect.registry import Registry  # noqa: E402
+from anime_role_detect.fusion.featurelog import FeatureLog, LogPolicy
+from anime_role_detect.fusion.fuse import fuse
+from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.schema import Answer, Detection, TopK
+from anime_role_detect.registry import Registry
 
 
 def _answer(i: int, n_chars: int) -> Answer:
@@ -81,12 +78,11 @@ def main() -> None:
         print(f"FeatureLog.read (CRC + join)           {read_t * 1e6:9.1f} us/record  ({read_t / read_base:5.1f}x baseline)")
 
         reg = Registry(tmp / "registry")
-        staging = reg.staging_dir()
         g = Gallery("bench", args.dim)
         for c in range(20):
             g.add(f"char_{c:02d}", "s", _unit(rng, 300, args.dim))
-        g.save(staging)
-        reg.commit(staging)
+        with reg.derive(None, "workflow", promote=True) as d:
+            g.save(d.dir)
         t0 = time.perf_counter()
         res = fuse({"log_dir": str(tmp / "log_off"), "registry_dir": str(reg.root),
                     "selection": {"min_confidence": 0.5}, "force": True})

@@ -7,30 +7,30 @@ answers with the folder label. `fuse()` builds the new version (validation = the
 Printed: top-1 on the other half of `newgame_full` and on the held-out faces, live vs fused, and
 the same for "add every answer unchecked" (the seed's approach) as the baseline.
 
-``python benchmarks/fusion_real_data.py [--data ../shared/data] [--feedback 0.5] [--image-size 160] [--min-confidence 0.6] [--no-auto]``
+``python benchmarks/fusion_real_data.py [--data DIR] [--feedback 0.5] [--image-size 160] [--min-confidence 0.6] [--no-auto]``
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import data_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from anime_role_detect.data.layout import scan_dataset  # noqa: E402
-from anime_role_detect.fusion.featurelog import FeatureLog  # noqa: E402
-from anime_role_detect.fusion.fuse import VAL_EMBEDDINGS, fuse  # noqa: E402
-from anime_role_detect.imageio import load_image  # noqa: E402
-from anime_role_detect.recognition.embedder import build_embedder  # noqa: E402
-from anime_role_detect.recognition.gallery import Gallery  # noqa: E402
-from anime_role_detect.recognition.pipeline import Recognizer  # noqa: E402
-from anime_role_detect.registry import Registry  # noqa: E402
+from anime_role_detect.data.layout import scan_dataset
+from anime_role_detect.fusion.evaluation import save_val_embeddings, top1_accuracy
+from anime_role_detect.fusion.featurelog import FeatureLog
+from anime_role_detect.fusion.fuse import fuse
+from anime_role_detect.imageio import load_image
+from anime_role_detect.recognition.embedder import build_embedder
+from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.pipeline import Recognizer
+from anime_role_detect.registry import Registry
+from anime_role_detect.versionfiles import VAL_EMBEDDINGS
 
 
 def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -49,13 +49,9 @@ def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
     return a, b
 
 
-def _top1(g: Gallery, x: np.ndarray, y: list[str]) -> float:
-    return float(np.mean([h[0][0] == t for h, t in zip(g.search(x, k=1), y)]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", default=str(data_dir()), help="folder of the real sets (default: $ARD_DATA_DIR or ../shared/data)")
     ap.add_argument("--feedback", type=float, default=0.5, help="share of streamed answers a user confirms or corrects")
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--min-confidence", type=float, default=0.85, help="selection.min_confidence (floor for unconfirmed answers)")
@@ -79,11 +75,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         reg = Registry(tmp / "registry")
-        staging = reg.staging_dir()
         items = [(r.character, "New Game!", (lambda p=r.path(faces): load_image(p)), r.file_name) for r in face_gal]
-        Gallery.build(items, embedder, embedder_config=ecfg).save(staging)
-        np.savez(staging / VAL_EMBEDDINGS, embeddings=val_x, labels=np.asarray(val_y), embedder=np.asarray(embedder.model_id))
-        v0 = reg.commit(staging)
+        with reg.derive(None, "workflow", promote=True) as d:
+            Gallery.build(items, embedder, embedder_config=ecfg).save(d.dir)
+            save_val_embeddings(d.dir / VAL_EMBEDDINGS, val_x, val_y, embedder.model_id)
+        v0 = d.id
         log = FeatureLog(tmp / "featurelog")
         rec = log.attach(Recognizer.from_version(reg.path(), {"mode": "clip", "rerank": False, "openset": {"enabled": False}}))
         rng = random.Random(1)
@@ -114,7 +110,7 @@ def main() -> None:
               f"{sum(sum(d.values()) for d in res.report['added_per_character'].values())}; skipped {res.report['skipped']}")
         print(f"{'top-1':<32}{'full (new domain)':>18}{'faces (original)':>18}")
         for name, g in (("live (faces gallery)", live), ("fused (this fusion)", fused), ("every answer added unchecked", naive)):
-            print(f"{name:<32}{_top1(g, test_x, test_y):>18.3f}{_top1(g, val_x, val_y):>18.3f}")
+            print(f"{name:<32}{top1_accuracy(g, test_x, test_y):>18.3f}{top1_accuracy(g, val_x, val_y):>18.3f}")
 
 
 if __name__ == "__main__":

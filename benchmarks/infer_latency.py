@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import quiet
 
 
 def make_classifier_ckpt(path: Path, class_names: list[str], tags: list[str], series: dict[str, str]) -> Path:
@@ -46,15 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
 
+    quiet(args.threads)
     import torch
-    from loguru import logger
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    torch.set_num_threads(args.threads)
+    from anime_role_detect.confutil import compose_plain
     from anime_role_detect.data.layout import scan_dataset, series_of, tag_vocabulary
     from anime_role_detect.data.synthetic import generate_dataset
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder, compose_config
+    from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.recognition.pipeline import Recognizer
 
     tmp = Path(tempfile.mkdtemp(prefix="ard-bench-"))
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = scan_dataset(data)
     names = sorted({r.character for r in recs})
     ckpt = make_classifier_ckpt(tmp / "model.ckpt", names, tag_vocabulary(recs, 2), series_of(recs))
-    cfg = compose_config(["embedder=open_clip", "embedder.pretrained=null", f"embedder.batch_size={args.batch}"])
+    cfg = compose_plain("infer", ["embedder=open_clip", "embedder.pretrained=null", f"embedder.batch_size={args.batch}"])
     t0 = time.perf_counter()
     build_recognition_folder(data, tmp / "v", cfg, model_ckpt=ckpt, val_fraction=0.25, dedupe=False)
     print(f"setup: gallery + calibration built in {time.perf_counter() - t0:.1f} s ({tmp / 'v'})")

@@ -32,7 +32,6 @@ from urllib.parse import urlparse
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -102,17 +101,17 @@ def synthetic_images(n: int, size: int, seed: int) -> list[bytes]:
 
 def build_registry(folder: Path, size: int) -> Path:
     """A small registry version from synthetic characters (same builder as the tests)."""
+    from anime_role_detect.confutil import compose_plain
     from anime_role_detect.data.synthetic import generate_dataset
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder, compose_config
+    from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.registry import Registry
 
     data = folder / "data"
     generate_dataset(data, n_characters=8, images_per_character=12, size=size, seed=0, twin_fraction=0.0)
-    cfg = compose_config(["embedder=lite0", f"embedder.image_size={size}", "embedder.flip_tta=false", "tagger=none"])
+    cfg = compose_plain("infer", ["embedder=lite0", f"embedder.image_size={size}", "embedder.flip_tta=false", "tagger=none"])
     reg = Registry(folder / "registry")
-    staging = reg.staging_dir()
-    build_recognition_folder(data, staging, cfg, val_fraction=0.2, seed=0)
-    reg.commit(staging, kind="benchmark")
+    with reg.derive(None, "benchmark", promote=True) as d:
+        build_recognition_folder(data, d.dir, cfg, val_fraction=0.2, seed=0)
     return reg.root
 
 

@@ -1,7 +1,7 @@
 """Top-1 of the real `Recognizer` in every mode (clip, model, fusion) x rerank on/off, on the real sets.
 
 For each set and fine-tuned checkpoint: the checkpoint's own split manifest (train.py writes it under
-data/splits/), a recognition folder built by `gallery_cli.build_recognition_folder` from the train
+data/splits/), a recognition folder built by `recognition.build.build_recognition_folder` from the train
 side only (gallery, calibration, model.ckpt, tag profiles when the data has tags), then the val side
 through `Recognizer.recognize_batch` exactly as `infer.py` runs it (no detector, open set off so
 every answer is a name). Baseline in the same run, same split: the data README's recipe (frozen
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_real_data import DATA, embed_all, gallery_top1  # noqa: E402 - sibling benchmark's helpers
+from _common import LITE0, data_dir, embed_all, gallery_top1, quiet, set_root
 
 MODES = (("clip", False), ("clip", True), ("model", False), ("model", True), ("fusion", False), ("fusion", True))
 
@@ -42,11 +38,11 @@ def run_set(name: str, ckpt: str, split_path: str, work: Path, embedder: str) ->
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.data.layout import scan_dataset
     from anime_role_detect.imageio import load_image
+    from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.recognition.embedder import build_embedder
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder
     from anime_role_detect.recognition.pipeline import Recognizer
 
-    root = DATA / name
+    root = data_dir() / name
     split = json.loads(Path(split_path).read_text())
     recs = {r.file_name: r for r in scan_dataset(root)}
     train = [f for f in split["train"] if f in recs]
@@ -55,12 +51,12 @@ def run_set(name: str, ckpt: str, split_path: str, work: Path, embedder: str) ->
     rows: list[tuple[str, str, str]] = []
 
     # baseline: the data README's recipe on the same split
-    lite0 = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "flip_tta": False})
+    lite0 = build_embedder(LITE0)
     files = train + [r.file_name for r in val]
     plain, _ = embed_all(lite0, [root / f for f in files])
     labels = [recs[f].character for f in files]
     tr, va = np.arange(len(train)), np.arange(len(train), len(files))
-    base = gallery_top1(plain, labels, tr, va, {"method": "mean"}, "max")
+    base = gallery_top1(plain, labels, tr, va)
     rows.append((name, "baseline: frozen Lite0, one mean prototype (data README recipe)", f"{100 * base:.1f}"))
 
     train_root = link_subset(root, train, work / name / "train")
@@ -92,19 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedder", default="lite0", help="conf/embedder/ group for the gallery (lite0 | classifier | ...)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.run:
             name, spec = item.split("=", 1)
             ckpt, split = spec.rsplit(":", 1)
-            if not (DATA / name).is_dir():
-                print(f"skip {name}: {DATA / name} not found", file=sys.stderr)
+            if set_root(name) is None:
                 continue
             rows += run_set(name, ckpt, split, Path(tmp), args.embedder)
     print("\n| set | mode | top-1 % (checkpoint's val split) |")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import data_dir
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -62,8 +63,10 @@ def main() -> None:
     ap.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override (repeatable)")
     args = ap.parse_args()
     out = Path("outputs") / "bench_real" / f"{args.experiment}_{time.strftime('%Y%m%d_%H%M%S')}"
+    real = data_dir() / args.experiment  # a real-data experiment is named after its set: read it from $ARD_DATA_DIR
+    data_root = [f"data.root={real}"] if real.is_dir() else []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={args.experiment}", f"paths.output_dir={out}", *args.override])
+        cfg = compose("train", overrides=[f"experiment={args.experiment}", f"paths.output_dir={out}", *data_root, *args.override])
     t0 = time.perf_counter()
     if args.ckpt:
         model = CharacterClassifier.load_from_checkpoint(args.ckpt, map_location="cpu")

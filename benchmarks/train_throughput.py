@@ -15,6 +15,7 @@ import time
 
 import lightning as L
 import torch
+from _common import quiet
 from torch.utils.data import DataLoader, TensorDataset
 
 from anime_role_detect.models.classifier import CharacterClassifier
@@ -95,8 +96,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet(args.threads)
     loader = make_loader(args.batches, args.batch, args.size, 8, 24)
     plain, light = [], []
     for r in range(args.rounds):  # alternate so both see the same machine load

@@ -1,8 +1,8 @@
 """Cleaning throughput: `workflow.clean.clean_dataset` vs. only decoding the same files (the floor).
 
-``python benchmarks/workflow_clean.py [DATASET_DIR]`` (default ../shared/data/mixed5, one sub-folder per
-character). Prints images/s of both and the ratio: what content hashing, pHash, duplicate grouping and
-writing the dataset cost on top of reading every image once.
+``python benchmarks/workflow_clean.py [DATASET_DIR]`` (default ``$ARD_DATA_DIR/mixed5``, i.e.
+../shared/data/mixed5, one sub-folder per character). Prints images/s of both and the ratio: what
+content hashing, pHash, duplicate grouping and writing the dataset cost on top of reading every image once.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import data_dir
+
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.imageio import load_image
 from anime_role_detect.workflow.clean import CleanConfig, clean_dataset
 
 
 def main(argv: list[str]) -> None:
-    root = Path(argv[0]) if argv else Path(__file__).resolve().parents[2] / "shared" / "data" / "mixed5"
+    root = Path(argv[0]) if argv else data_dir() / "mixed5"
     records = scan_dataset(root)
     for r in records[:8]:  # warm the page cache so both passes read from memory
         (root / r.file_name).read_bytes()
