@@ -63,3 +63,69 @@ def test_weight_and_config_errors_name_the_fix(tmp_path):
         build_embedder({"kind": "sift"})
     with pytest.raises(ConfigError, match="bad option"):
         build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "colour": "blue"})
+
+
+# --------------------------------------------------------------------------------------------- shared model cache
+
+
+@pytest.fixture()
+def small_model_cache():
+    """A shared-model cache bounded at 3 for one test (the default is restored after)."""
+    from anime_role_detect.recognition.embedder import (
+        DEFAULT_SHARED_MODELS,
+        clear_shared_models,
+        set_shared_model_limit,
+    )
+
+    clear_shared_models()
+    set_shared_model_limit(3)
+    yield 3
+    set_shared_model_limit(DEFAULT_SHARED_MODELS)
+    clear_shared_models()
+
+
+def test_shared_model_cache_stays_bounded_and_reuses_what_it_still_holds(tmp_path, small_model_cache):
+    import torch
+
+    from anime_role_detect.recognition.embedder import shared_model_keys
+
+    paths = []
+    for i in range(6):  # six distinct weights files of one architecture: six cache entries if unbounded
+        torch.manual_seed(i)
+        net = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 32}).model
+        paths.append(tmp_path / f"w{i}.pt")
+        torch.save(net.state_dict(), paths[-1])
+    built = [build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "weights_path": str(p), "image_size": 32})
+             for p in paths]
+    keys = shared_model_keys()
+    assert len(keys) == small_model_cache and [k[3] for k in keys] == [str(p) for p in paths[-3:]]  # least recently used went first
+    again = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "weights_path": str(paths[-2]), "image_size": 32})
+    assert again.model is built[-2].model and shared_model_keys()[-1][3] == str(paths[-2])  # reused, now most recent
+    reloaded = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "weights_path": str(paths[0]), "image_size": 32})
+    assert reloaded.model is not built[0].model and reloaded.model_id == built[0].model_id  # evicted: loaded anew, same weights
+    assert len(shared_model_keys()) == small_model_cache
+
+
+@pytest.mark.slow
+def test_hot_reloading_many_classifier_versions_keeps_few_loaded(tmp_path, trained_ckpt, small_model_cache):
+    import shutil
+
+    from anime_role_detect.recognition.embedder import (
+        ClassifierEmbedder,
+        load_classifier,
+        shared_model_keys,
+    )
+
+    versions = []
+    for i in range(5):  # five registry versions, each with its own model.ckpt
+        (tmp_path / f"v{i}").mkdir()
+        versions.append(shutil.copy(trained_ckpt, tmp_path / f"v{i}" / "model.ckpt"))
+    loaded = [load_classifier(p, device="cpu") for p in versions]
+    assert len(shared_model_keys()) == small_model_cache and all(k[0] == "classifier" for k in shared_model_keys())
+    assert load_classifier(versions[-1], device="cpu") is loaded[-1]
+    emb = ClassifierEmbedder(str(versions[-1]), device="cpu", batch_size=3)
+    assert emb.model is loaded[-1]  # the embedder, model mode and tag head share one network
+    imgs = [Image.new("RGB", (40, 60), (i * 40, 80, 160)) for i in range(4)]
+    probs, tags = emb.heads(imgs)
+    assert probs.shape == (4, len(emb.model.class_names)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert tags is not None and tags.shape == (4, len(emb.model.tag_names)) and ((tags >= 0) & (tags <= 1)).all()

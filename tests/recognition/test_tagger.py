@@ -104,3 +104,15 @@ def test_relative_paths_resolve_against_the_version_folder(tmp_path):
     wd14_csv(tmp_path)
     t = build_tagger({"kind": "onnx", "model_path": "model.onnx", "tags_path": "selected_tags.csv"}, base_dir=tmp_path)
     assert np.all(np.isfinite(t.predict([RED])))
+
+
+def test_a_local_model_finds_its_tag_list_next_to_it(tmp_path):
+    model = export(tmp_path, nhwc=True, scale=255.0)
+    wd14_csv(tmp_path)  # selected_tags.csv beside model.onnx, as a WD download unpacks
+    t = build_tagger({"kind": "onnx", "model_path": model, "repo_id": "SmilingWolf/wd-vit-tagger-v3"})  # local wins over the repo
+    assert t.tag_names[-1] == "general" and t.predict([RED]).shape == (1, 4)
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    (dd / "tags.txt").write_text("a\nb\nc\nd\n")
+    t = build_tagger({"kind": "onnx", "model_path": export(dd, nhwc=True, scale=1.0), "tags_file": "tags.txt", "channel_order": "rgb"})
+    assert t.tag_names == ["a", "b", "c", "d"]

@@ -1,14 +1,19 @@
 """Image embedders: open_clip, any timm backbone, or the fine-tuned classifier; L2-normalised float32, batched.
 
-`build_embedder(cfg)` picks one from `EMBEDDER_REGISTRY` by ``cfg.kind``. Every weight source is a
-config value (hub tag or local path). Loaded networks are shared per process (`shared_model`), so
-the gallery, the classifier mode and the tag head never load the same checkpoint twice.
+`build_embedder(cfg, device=...)` picks one from `EMBEDDER_REGISTRY` by ``cfg.kind``. Every weight
+source is a config value: a local path, an open_clip pretrained tag, or a Hugging Face hub name
+(``hf-hub:org/name``, fetched through `hub.py` into the hub cache and found again offline).
+Networks run on the resolved ``device`` (`device.py`: auto|cpu|cuda|mps). Loaded networks are shared
+per process in a small LRU cache (`shared_model`), so the gallery, the classifier mode and the tag
+head never load the same checkpoint twice, and hot reloads of new versions do not grow memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -18,6 +23,8 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from .device import resolve_device
+from .hub import hub_cache_dir, hub_files, split_revision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,17 +40,48 @@ class Embedder(Protocol):
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
-# -- one model per process ------------------------------------------------------------------------
-_MODELS: dict[tuple, Any] = {}
+# -- one model per process (bounded LRU) ----------------------------------------------------------
+#: Most networks kept loaded at once; ``ARD_SHARED_MODELS`` or `set_shared_model_limit` change it.
+DEFAULT_SHARED_MODELS = 4
+_MODELS: OrderedDict[tuple, Any] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
+_LIMIT = [max(1, int(os.environ.get("ARD_SHARED_MODELS") or DEFAULT_SHARED_MODELS))]
+
+
+def set_shared_model_limit(max_models: int) -> None:
+    """Keep at most `max_models` networks cached (least recently used ones are forgotten first)."""
+    if int(max_models) < 1:
+        raise ConfigError(f"shared model cache size {max_models} must be >= 1")
+    with _MODELS_LOCK:
+        _LIMIT[0] = int(max_models)
+        _evict()
+
+
+def _evict() -> None:
+    while len(_MODELS) > _LIMIT[0]:
+        _MODELS.popitem(last=False)
 
 
 def shared_model(key: tuple, loader: Callable[[], Any]) -> Any:
-    """Return the process-wide instance for `key`, loading it on first use (thread-safe)."""
+    """The process-wide instance for `key`, loading it on first use (thread-safe, LRU-bounded).
+
+    An evicted network stays alive while a recognizer still holds it; the cache only stops keeping
+    it, so reloading new versions again and again does not grow memory without bound.
+    """
     with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = loader()
-        return _MODELS[key]
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+        model = loader()
+        _MODELS[key] = model
+        _evict()
+        return model
+
+
+def shared_model_keys() -> list[tuple]:
+    """Keys of the cached networks, least recently used first (tests, diagnostics)."""
+    with _MODELS_LOCK:
+        return list(_MODELS)
 
 
 def clear_shared_models() -> None:
@@ -116,17 +154,19 @@ class TorchEmbedder:
     dim: int = 0
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 32,
-                 flip_tta: bool = False, resize: str = "letterbox", num_threads: int | None = None) -> None:
+                 flip_tta: bool = False, resize: str = "letterbox", num_threads: int | None = None,
+                 device: str | None = "auto") -> None:
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size = max(1, int(batch_size))
         self.flip_tta = bool(flip_tta)
         self.resize = resize
+        self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(int(num_threads))
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images -> the network's input batch."""
+        """Images -> the network's input batch (on the CPU; `embed` moves it to the device)."""
         return to_batch(images, self.image_size, self.mean, self.std, self.resize)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -139,7 +179,7 @@ class TorchEmbedder:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = self.preprocess(images[i : i + self.batch_size])
+            x = self.preprocess(images[i : i + self.batch_size]).to(self.device)
             if self.flip_tta:
                 f = self.forward_features(torch.cat([x, torch.flip(x, dims=[3])]))
                 f = nn.functional.normalize(f.float(), dim=1)
@@ -150,79 +190,180 @@ class TorchEmbedder:
         return l2_normalise(np.concatenate(out))
 
 
+def _on(device: str, loader: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """`loader` whose network ends up in eval mode on `device`."""
+    return lambda: loader().to(device).eval()
+
+
+# -- timm -----------------------------------------------------------------------------------------
+#: The files of a timm hub repo (``push_to_hub`` / ``save_for_hf`` layout): config + weights.
+TIMM_HUB_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"))
+_SOURCES = ("hf-hub:", "local-dir:")
+
+
+def _timm_from_folder(folder: Path, label: str) -> nn.Module:
+    """A timm model (pooled features) from a folder holding ``config.json`` + weights, as timm's ``local-dir:`` reads it."""
+    import timm
+
+    try:
+        return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+    except Exception as exc:  # noqa: BLE001 - timm raises many types for a bad config or state_dict
+        raise WeightsError(f"timm model {label} could not be built from {folder} ({type(exc).__name__}: {str(exc)[:160]}); "
+                           "is it a timm hub repo (config.json with 'architecture' + model.safetensors)?") from None
+
+
+def _load_timm_source(model_name: str, revision: str | None) -> nn.Module:
+    """``hf-hub:org/name[@rev]`` (through the hub cache) or ``local-dir:/folder``: the weights come with the name."""
+    if model_name.startswith("local-dir:"):
+        folder = Path(model_name[len("local-dir:"):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise WeightsError(f"embedder.model_name={model_name!r}: {folder}/config.json not found; give a folder saved by timm (config.json + weights)")
+        return _timm_from_folder(folder, model_name)
+    repo, rev = split_revision(model_name[len("hf-hub:"):], revision)
+    config, _ = hub_files(repo, TIMM_HUB_FILES, rev, what="timm model",
+                          local_hint="set embedder.model_name=local-dir:/folder (config.json + weights)")
+    return _timm_from_folder(config.parent, model_name)
+
+
 class TimmEmbedder(TorchEmbedder):
-    """Pooled features of a timm backbone (e.g. the offline ImageNet EfficientNet-Lite0) via `create_backbone`."""
+    """Pooled features of a timm backbone: a registry name (e.g. the offline ImageNet EfficientNet-Lite0), ``hf-hub:org/name`` or ``local-dir:``."""
 
     def __init__(self, model_name: str = "efficientnet_lite0_offline", pretrained: bool = True, weights_path: str | None = None,
-                 image_size: int | None = None, **kw: Any) -> None:
+                 image_size: int | None = None, revision: str | None = None, device: str | None = "auto", **kw: Any) -> None:
         from ..models.backbones import backbone_data_config, create_backbone
 
-        self.model = shared_model(("timm", model_name, bool(pretrained), weights_path),
-                                  lambda: create_backbone(model_name, pretrained=pretrained, weights_path=weights_path).eval())
+        device = resolve_device(device)
+        named = model_name.startswith(_SOURCES)
+        if named and weights_path:
+            raise ConfigError(f"embedder.model_name={model_name!r} brings its own weights; drop embedder.weights_path or use a timm registry name")
+        if named:
+            loader = lambda: _load_timm_source(model_name, revision)
+        else:
+            loader = lambda: create_backbone(model_name, pretrained=pretrained, weights_path=weights_path)
+        key = ("timm", model_name, revision if named else bool(pretrained), weights_path, device)
+        self.model = shared_model(key, _on(device, loader))
         dc = backbone_data_config(self.model)
-        super().__init__(image_size or dc["input_size"][-1], dc.get("mean", IMAGENET_MEAN), dc.get("std", IMAGENET_STD), **kw)
+        super().__init__(image_size or dc["input_size"][-1], dc.get("mean", IMAGENET_MEAN), dc.get("std", IMAGENET_STD),
+                         device=device, **kw)
         self.dim = int(self.model.num_features)
-        source = Path(weights_path).name if weights_path else ("pretrained" if pretrained else "random")
+        if named:
+            source = "hub" if model_name.startswith("hf-hub:") else "local"
+        else:
+            source = Path(weights_path).name if weights_path else ("pretrained" if pretrained else "random")
         self.model_id = f"timm:{model_name}:{source}:{weights_fingerprint(self.model)}"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
-def _load_open_clip(model_name: str, pretrained: str | None) -> nn.Module:
+# -- open_clip ------------------------------------------------------------------------------------
+#: The files of an open_clip hub repo (``push_to_hf_hub`` layout): config + weights, safetensors first.
+OPEN_CLIP_HUB_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+_OPEN_CLIP_LOCAL_HINT = "set embedder.pretrained to a local checkpoint file, or use embedder=lite0"
+
+
+def _open_clip_tag_files(hf_hub: str) -> tuple[str, list[str]]:
+    """open_clip's ``hf_hub`` entry (``org/name/`` or ``org/name/file.bin``) -> repo and weight files, safetensors first (as open_clip does)."""
+    repo, filename = os.path.split(hf_hub)
+    names = [filename] if filename else list(OPEN_CLIP_HUB_FILES[1])
+    if filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    return repo, names
+
+
+def _create_open_clip(model_name: str, **kw: Any) -> nn.Module:
     import open_clip
 
-    if pretrained and (("/" in pretrained) or pretrained.endswith((".pt", ".bin", ".safetensors"))) and not Path(pretrained).is_file():
-        raise WeightsError(f"open_clip checkpoint {pretrained} not found; fix embedder.pretrained (a tag like 'laion2b_s34b_b79k' or a local file)")
-    if model_name not in open_clip.list_models():
-        raise ConfigError(f"embedder.model_name={model_name!r}: unknown open_clip model; pick one of open_clip.list_models()")
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, require_pretrained=bool(pretrained))
-    except Exception as exc:  # noqa: BLE001 - hub failures come in many types
-        raise WeightsError(
-            f"open_clip {model_name} weights {pretrained!r} could not be loaded ({type(exc).__name__}: {exc}); "
-            "give a local checkpoint path in embedder.pretrained, or use embedder=lite0"
-        ) from None
-    return model.visual.eval()
+        return open_clip.create_model(model_name, **kw)
+    except Exception as exc:  # noqa: BLE001 - open_clip raises many types for bad files
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise WeightsError(f"open_clip {model_name} could not be loaded ({type(exc).__name__}: {first}); {_OPEN_CLIP_LOCAL_HINT}") from None
+
+
+def _load_open_clip(model_name: str, pretrained: str | None, revision: str | None = None) -> tuple[nn.Module, str]:
+    """The image tower and a source id: ``hf-hub:org/name``, ``local-dir:/folder``, or a built-in name + tag / local file / none."""
+    import open_clip
+
+    if model_name.startswith("hf-hub:"):
+        repo, rev = split_revision(model_name[len("hf-hub:"):], revision)
+        config, weights = hub_files(repo, OPEN_CLIP_HUB_FILES, rev, what="open_clip model",
+                                    local_hint="set embedder.model_name=local-dir:/folder (open_clip_config.json + weights)")
+        model = _create_open_clip(f"local-dir:{config.parent}", require_pretrained=True)
+        return model.visual, file_fingerprint(weights)
+    if model_name.startswith("local-dir:"):
+        folder = Path(model_name[len("local-dir:"):]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise WeightsError(f"embedder.model_name={model_name!r}: {folder}/open_clip_config.json not found; give a folder saved by open_clip")
+        model = _create_open_clip(f"local-dir:{folder}", require_pretrained=True)
+        return model.visual, f"local:{weights_fingerprint(model.visual)}"
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"embedder.model_name={model_name!r}: unknown open_clip model; pick one of open_clip.list_models() or hf-hub:org/name")
+    if not pretrained:
+        return _create_open_clip(model_name).visual, ""
+    if Path(pretrained).is_file():
+        return _create_open_clip(model_name, pretrained=pretrained, require_pretrained=True).visual, f"{Path(pretrained).name}:{file_fingerprint(pretrained)}"
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag:
+        if ("/" in pretrained) or pretrained.endswith((".pt", ".bin", ".safetensors")):
+            raise WeightsError(f"open_clip checkpoint {pretrained} not found; fix embedder.pretrained (a tag like 'laion2b_s34b_b79k' or a local file)")
+        raise ConfigError(f"embedder.pretrained={pretrained!r} is not an open_clip tag of {model_name}; "
+                          f"choose one of {open_clip.list_pretrained_tags_by_model(model_name)} or give a local file")
+    preprocess = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if tag.get(k)}
+    if tag.get("hf_hub"):  # fetched through our hub cache logic (offline-safe, one-line errors)
+        repo, names = _open_clip_tag_files(tag["hf_hub"])
+        weights = hub_files(repo, [names], revision, what=f"open_clip {model_name} {pretrained}", local_hint=_OPEN_CLIP_LOCAL_HINT)[0]
+        model = _create_open_clip(model_name, pretrained=str(weights), require_pretrained=True, force_preprocess_cfg=preprocess)
+    else:  # a tag with only a URL: open_clip's own download into the hub cache folder
+        model = _create_open_clip(model_name, pretrained=pretrained, require_pretrained=True, cache_dir=str(hub_cache_dir()))
+    return model.visual, pretrained
 
 
 class OpenClipEmbedder(TorchEmbedder):
-    """open_clip image tower; ``pretrained`` is a hub tag (needs network once) or a local checkpoint path."""
+    """open_clip image tower: a built-in name + ``pretrained`` tag (hub, cached) or local file, ``hf-hub:org/name`` or ``local-dir:``."""
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", **kw: Any) -> None:
-        self.model = shared_model(("open_clip", model_name, pretrained), lambda: _load_open_clip(model_name, pretrained))
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", revision: str | None = None,
+                 device: str | None = "auto", **kw: Any) -> None:
+        device = resolve_device(device)
+        if model_name.startswith(_SOURCES):
+            pretrained = None  # the name brings its own weights
+        self.model, source = shared_model(("open_clip", model_name, pretrained, revision, device),
+                                          lambda: _on_pair(device, _load_open_clip(model_name, pretrained, revision)))
         pcfg = getattr(self.model, "preprocess_cfg", {}) or {}
         size = self.model.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         kw.setdefault("resize", "center_crop")
         super().__init__(kw.pop("image_size", None) or size, pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-                         pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)), **kw)
+                         pcfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device, **kw)
         self.dim = int(self.model.output_dim)
-        if pretrained and Path(pretrained).is_file():
-            source = f"{Path(pretrained).name}:{file_fingerprint(pretrained)}"
-        else:
-            source = pretrained or f"random:{weights_fingerprint(self.model)}"
-        self.model_id = f"open_clip:{model_name}:{source}"
+        self.model_id = f"open_clip:{model_name}:{source or 'random:' + weights_fingerprint(self.model)}"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
-def load_classifier(ckpt_path: str | Path) -> nn.Module:
-    """The fine-tuned `CharacterClassifier` from a Lightning checkpoint, once per process, in eval mode."""
+def _on_pair(device: str, loaded: tuple[nn.Module, str]) -> tuple[nn.Module, str]:
+    return loaded[0].to(device).eval(), loaded[1]
+
+
+# -- the fine-tuned classifier --------------------------------------------------------------------
+def load_classifier(ckpt_path: str | Path, device: str | None = "auto") -> nn.Module:
+    """The fine-tuned `CharacterClassifier` from a Lightning checkpoint on `device`, once per process, in eval mode."""
     p = Path(ckpt_path)
     if not p.is_file():
         raise WeightsError(f"classifier checkpoint {p} not found; train one (python train.py) or fix the path / version")
+    device = resolve_device(device)
 
     def _load() -> nn.Module:
         from ..models.classifier import CharacterClassifier
 
         try:
-            return CharacterClassifier.load_from_checkpoint(str(p), map_location="cpu").eval()
+            model = CharacterClassifier.load_from_checkpoint(str(p), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - torch/lightning raise many types for a bad file
             raise WeightsError(f"classifier checkpoint {p} could not be loaded ({type(exc).__name__}: {exc}); is it a train.py checkpoint?") from None
+        return model.to(device).eval()
 
-    return shared_model(("classifier", str(p.resolve()), p.stat().st_mtime_ns), _load)
+    return shared_model(("classifier", str(p.resolve()), p.stat().st_mtime_ns, device), _load)
 
 
 def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor] | None:
@@ -237,13 +378,14 @@ def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Ten
 class ClassifierEmbedder(TorchEmbedder):
     """Pooled backbone features of the fine-tuned classifier: the best gallery embedder for a trained series."""
 
-    def __init__(self, ckpt_path: str, **kw: Any) -> None:
+    def __init__(self, ckpt_path: str, device: str | None = "auto", **kw: Any) -> None:
         self.ckpt_path = str(ckpt_path)
-        self.model = load_classifier(ckpt_path)
+        device = resolve_device(device)
+        self.model = load_classifier(ckpt_path, device=device)
         kw.pop("image_size", None)
-        super().__init__(int(self.model.image_size), tuple(self.model.mean), tuple(self.model.std), **kw)
+        super().__init__(int(self.model.image_size), tuple(self.model.mean), tuple(self.model.std), device=device, **kw)
         with torch.inference_mode():
-            self.dim = int(self.model.embed(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1])
+            self.dim = int(self.model.embed(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)).shape[1])
         self.model_id = f"classifier:{file_fingerprint(ckpt_path)}"
         self._transform = _classifier_transform(self.model)
 
@@ -256,6 +398,18 @@ class ClassifierEmbedder(TorchEmbedder):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.embed(x)
 
+    @torch.inference_mode()
+    def heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Character softmax ``[N, C]`` and tag sigmoid ``[N, T]`` (None without a tag head), batched on the device, as CPU numpy."""
+        probs, tags = [], []
+        for i in range(0, len(images), self.batch_size):
+            logits, tag_logits = self.model(self.preprocess(images[i : i + self.batch_size]).to(self.device))
+            probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+            if tag_logits is not None and tag_logits.numel():
+                tags.append(torch.sigmoid(tag_logits.float()).cpu().numpy())
+        n_classes = len(getattr(self.model, "class_names", []) or [])
+        return (np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32)), (np.concatenate(tags) if tags else None)
+
 
 EMBEDDER_REGISTRY: dict[str, type[TorchEmbedder]] = {
     "open_clip": OpenClipEmbedder,
@@ -264,12 +418,16 @@ EMBEDDER_REGISTRY: dict[str, type[TorchEmbedder]] = {
 }
 
 
-def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None) -> TorchEmbedder:
-    """Embedder from config ``{kind: open_clip|timm|classifier, ...}``; relative ``ckpt_path`` resolves against `base_dir`."""
+def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, device: str | None = None) -> TorchEmbedder:
+    """Embedder from config ``{kind: open_clip|timm|classifier, ...}`` on `device` (auto|cpu|cuda|mps; a ``device`` key in `cfg` wins).
+
+    A relative ``ckpt_path`` resolves against `base_dir` (a version folder).
+    """
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
     if kind not in EMBEDDER_REGISTRY:
         raise ConfigError(f"embedder.kind={kind!r}: choose one of {sorted(EMBEDDER_REGISTRY)}")
+    cfg["device"] = cfg.get("device") or device or "auto"
     if kind == "classifier":
         ckpt = cfg.get("ckpt_path")
         if not ckpt:

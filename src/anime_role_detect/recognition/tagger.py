@@ -3,6 +3,10 @@
 A tagger gives per-tag probabilities (`predict`, used by the reranker) and thresholded tags (`tag`,
 shown in answers). ONNX exports differ in layout (NHWC/NCHW), channel order (WD14: BGR 0-255,
 DeepDanbooru: RGB 0-1) and input size; layout and size are read from the model, the rest is config.
+An ONNX tagger comes from local files (``model_path`` + ``tags_path``) or, when no local model is
+given, from a Hugging Face hub repo (``repo_id``, e.g. ``SmilingWolf/wd-vit-tagger-v3``) through the
+hub cache (`hub.py`); it runs on ONNX Runtime's CUDA provider when the device resolves to CUDA and
+the installed onnxruntime has it, on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, WeightsError
+from .device import ort_providers
+from .hub import hub_files
 from .schema import TagScore
 
 #: WD14 ``selected_tags.csv`` categories.
@@ -60,25 +66,45 @@ def read_tag_list(path: str | Path) -> tuple[list[str], np.ndarray]:
     return names, np.zeros(len(names), dtype=int)
 
 
-class OnnxTagger:
-    """A WD14/DeepDanbooru-style ONNX tagger run with onnxruntime on CPU."""
+def resolve_tagger_files(model_path: str | None, tags_path: str | None, repo_id: str | None, revision: str | None,
+                         model_file: str, tags_file: str) -> tuple[Path, Path]:
+    """Model and tag-list paths: a local ``model_path`` wins (tags next to it unless ``tags_path``), else the hub repo's files."""
+    if model_path:
+        mp = Path(model_path).expanduser()
+        return mp, Path(tags_path).expanduser() if tags_path else mp.with_name(tags_file)
+    if not repo_id:
+        raise ConfigError("tagger=onnx needs tagger.model_path (a local ONNX export) or tagger.repo_id (a Hugging Face hub repo)")
+    hint = "set tagger.model_path and tagger.tags_path to local files"
+    if tags_path:
+        return hub_files(repo_id, [model_file], revision, what="tagger", local_hint=hint)[0], Path(tags_path).expanduser()
+    mp, tp = hub_files(repo_id, [model_file, tags_file], revision, what="tagger", local_hint=hint)
+    return mp, tp
 
-    def __init__(self, model_path: str, tags_path: str, general_threshold: float = 0.35, character_threshold: float = 0.85,
+
+class OnnxTagger:
+    """A WD14/DeepDanbooru-style ONNX tagger run with onnxruntime (CUDA provider when available for the device, else CPU)."""
+
+    def __init__(self, model_path: str | None = None, tags_path: str | None = None, repo_id: str | None = None,
+                 revision: str | None = None, model_file: str = "model.onnx", tags_file: str = "selected_tags.csv",
+                 general_threshold: float = 0.35, character_threshold: float = 0.85,
                  channel_order: str = "bgr", pixel_scale: float = 255.0, input_size: int | None = None,
-                 apply_sigmoid: bool = False, batch_size: int = 8, num_threads: int = 0, pad_color: int = 255) -> None:
+                 apply_sigmoid: bool = False, batch_size: int = 8, num_threads: int = 0, pad_color: int = 255,
+                 device: str | None = "auto") -> None:
         import onnxruntime as ort
 
-        mp = Path(model_path)
+        mp, tags_file_path = resolve_tagger_files(model_path, tags_path, repo_id, revision, model_file, tags_file)
         if not mp.is_file():
-            raise WeightsError(f"tagger model {mp} not found; download a WD14/DeepDanbooru ONNX export and set tagger.model_path, or use tagger=classifier")
-        self.tag_names, self.categories = read_tag_list(tags_path)
+            raise WeightsError(f"tagger model {mp} not found; download a WD14/DeepDanbooru ONNX export and set tagger.model_path "
+                               "(or tagger.repo_id for a hub repo), or use tagger=classifier")
+        self.tag_names, self.categories = read_tag_list(tags_file_path)
         so = ort.SessionOptions()
         if num_threads:
             so.intra_op_num_threads = int(num_threads)
         try:
-            self.session = ort.InferenceSession(str(mp), sess_options=so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(mp), sess_options=so, providers=ort_providers(device))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise WeightsError(f"tagger model {mp} could not be loaded ({type(exc).__name__}: {str(exc)[:160]}); is it an ONNX file?") from None
+        self.providers = list(self.session.get_providers())
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)
@@ -100,7 +126,7 @@ class OnnxTagger:
         self.pad_color = int(pad_color)
         out_dim = self.session.get_outputs()[0].shape[-1]
         if isinstance(out_dim, int) and out_dim != len(self.tag_names):
-            raise WeightsError(f"tagger model {mp} predicts {out_dim} tags but {tags_path} lists {len(self.tag_names)}; use the tag list shipped with the model")
+            raise WeightsError(f"tagger model {mp} predicts {out_dim} tags but {tags_file_path} lists {len(self.tag_names)}; use the tag list shipped with the model")
         self.thresholds = np.where(self.categories == CHARACTER, character_threshold, general_threshold).astype(np.float32)
         self.thresholds[self.categories == RATING] = np.inf  # ratings are not content tags
         from .embedder import file_fingerprint
@@ -137,10 +163,10 @@ class OnnxTagger:
 class ClassifierTagger:
     """The fine-tuned classifier's multi-label tag head: needs no files beyond the checkpoint."""
 
-    def __init__(self, ckpt_path: str, threshold: float = 0.5, batch_size: int = 32) -> None:
+    def __init__(self, ckpt_path: str, threshold: float = 0.5, batch_size: int = 32, device: str | None = "auto") -> None:
         from .embedder import ClassifierEmbedder
 
-        self.embedder = ClassifierEmbedder(ckpt_path, batch_size=batch_size)
+        self.embedder = ClassifierEmbedder(ckpt_path, batch_size=batch_size, device=device)
         self.model = self.embedder.model
         self.tag_names = list(self.model.tag_names)
         if not self.tag_names:
@@ -149,16 +175,10 @@ class ClassifierTagger:
         self.model_id = f"classifier-tags:{self.embedder.model_id}"
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
-        import torch
-
         if not images:
             return np.zeros((0, len(self.tag_names)), np.float32)
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.embedder.batch_size):
-                _, tag_logits = self.model(self.embedder.preprocess(images[i : i + self.embedder.batch_size]))
-                outs.append(torch.sigmoid(tag_logits.float()).numpy())
-        return np.concatenate(outs)
+        tags = self.embedder.heads(images)[1]
+        return tags if tags is not None else np.zeros((len(images), len(self.tag_names)), np.float32)
 
     def tag(self, images: Sequence[Image.Image]) -> list[list[TagScore]]:
         return thresholded(self.predict(images), self.tag_names, self.thresholds)
@@ -170,8 +190,11 @@ TAGGER_REGISTRY: dict[str, Callable[..., Tagger]] = {
 }
 
 
-def build_tagger(cfg: Mapping[str, Any] | None, base_dir: str | Path | None = None) -> Tagger | None:
-    """Tagger from ``{kind: onnx|classifier|none, ...}``; relative paths resolve against `base_dir` (a version folder)."""
+def build_tagger(cfg: Mapping[str, Any] | None, base_dir: str | Path | None = None, device: str | None = None) -> Tagger | None:
+    """Tagger from ``{kind: onnx|classifier|none, ...}`` on `device` (auto|cpu|cuda|mps; a ``device`` key in `cfg` wins).
+
+    Relative paths resolve against `base_dir` (a version folder).
+    """
     if not cfg:
         return None
     cfg = dict(cfg)
@@ -185,6 +208,7 @@ def build_tagger(cfg: Mapping[str, Any] | None, base_dir: str | Path | None = No
             cfg[key] = str(Path(base_dir) / cfg[key])
     if kind == "classifier" and not cfg.get("ckpt_path"):
         raise ConfigError("tagger=classifier needs a classifier checkpoint (a version with model.ckpt, or model_ckpt=PATH)")
+    cfg["device"] = cfg.get("device") or device or "auto"
     try:
         return TAGGER_REGISTRY[kind](**cfg)
     except TypeError as exc:
