@@ -103,6 +103,10 @@ def test_shifted_domain_with_feedback_improves_and_keeps_validation(world):
     for f in ("fusion_report.json", "fusion_report.md", "calibration.json", VAL_EMBEDDINGS, "metrics.json"):
         assert (vdir / f).is_file(), f
     assert json.loads((world["tmp"] / "out" / "fusion_report.json").read_text())["version_id"] == res.version_id
+    assert json.loads((vdir / "fusion_report.json").read_text())["version_id"] == res.version_id and res.version_id.startswith("f")
+    v0_dir = reg.path(world["v0"])  # derived: unchanged files are hard links to the parent's, changed ones new
+    assert (vdir / "calibration.json").stat().st_ino == (v0_dir / "calibration.json").stat().st_ino
+    assert (vdir / "gallery.faiss").stat().st_ino != (v0_dir / "gallery.faiss").stat().st_ino
     assert "| char_00 |" in (vdir / "fusion_report.md").read_text()
     # fusing the same logs again adds nothing new (exact duplicates of gallery rows) -> nothing registered
     again = fuse(_cfg(world))
