@@ -32,6 +32,28 @@ def test_health_and_version_report_the_live_registry_version(client, registry_ro
     assert version["load_s"] > 0
 
 
+def test_version_reports_the_recognizer_facts(client, registry_root):
+    """`/api/version` carries `Recognizer.describe()` of the live version: a gallery-only version serves clip only."""
+    import json
+    from pathlib import Path
+
+    info = client.get("/api/version").json()
+    facts = info["recognizer"]
+    assert facts is not None, "no recognizer facts on /api/version"
+    vdir = Path(facts["version_dir"])
+    assert facts["version"] == info["version"] == vdir.name and vdir.parent.resolve() == (registry_root / "versions").resolve()
+    assert facts["mode"] == "clip" and facts["modes"] == ["clip"] and facts["classifier"] is False
+    assert facts["rerank"] is True  # conf/serve.yaml's default
+    assert facts["embedder"] == json.loads((vdir / "gallery.json").read_text())["embedder"]["id"]
+    chars = client.get("/api/characters").json()
+    assert facts["characters"] == chars["count"] > 0
+    assert facts["gallery_rows"] == sum(c["prototypes"] for c in chars["characters"]) > 0
+    assert facts["calibration"] and 0 < facts["calibration"]["target_far"] < 1 and "clip" in facts["calibration"]["thresholds"]
+    from anime_role_detect.recognition.device import resolve_device
+
+    assert resolve_device(facts["device"]) == "cpu"  # the setting (auto) or the device it resolved to; no GPU here
+
+
 def test_classify_answers_the_seed_contract_for_a_gallery_image(client, service_data):
     name = service_data.names[2]
     path = service_data.images(name)[0]
@@ -225,6 +247,50 @@ def test_video_upload_answers_appearances(client, service_data):
     first_b = min(x["start_s"] for x in ans["appearances"] if x["role"] == b)
     assert first_a < first_b
     assert len(ans["frames"]) >= 10 and all(f["filename"].startswith("clip.bin@") for f in ans["frames"])
+
+
+def _count_in_inference_log(server, needle: str) -> int:
+    return sum(p.read_text(errors="replace").count(needle) for p in (server.workdir / "logs").glob("inference*.log"))
+
+
+def _wait_for_more(server, needle: str, before: int, timeout: float = 15) -> int:
+    deadline = time.monotonic() + timeout
+    while (now := _count_in_inference_log(server, needle)) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def test_video_upload_honours_the_seed_flags_mode_and_rerank(client, server, service_data):
+    """A video is recognised with the same flags as an image: the seed flags pick the mode (this version has no
+    classifier, so model/fusion are refused as for images), an explicit mode wins, and rerank reaches the frames."""
+    from .conftest import mp4_bytes
+
+    a = service_data.names[0]
+    data = mp4_bytes([Image.open(p) for p in service_data.images(a)[:4]], fps=4)
+    for flags in ({"use_model": "true"}, {"use_deepdanbooru": "true"}, {"mode": "fusion"}):
+        r = client.post("/api/classify", files={"file": ("clip.mp4", data)}, data={"sample_fps": "4", **flags})
+        assert r.status_code == 400 and "classifier" in r.json()["error"], (flags, r.text)
+    before = _count_in_inference_log(server, "rerank=False")  # the server's default is rerank on
+    r = client.post("/api/classify", files={"file": ("clip.mp4", data)},
+                    data={"sample_fps": "4", "use_model": "true", "mode": "clip", "rerank": "false"})
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    assert ans["mode"] == "clip" and ans["role"] == a and {f["mode"] for f in ans["frames"]} == {"clip"}
+    assert _wait_for_more(server, "rerank=False", before) > before, "rerank=false did not reach the video's frames"
+
+
+def test_batch_takes_the_same_flags_as_classify(client, server, service_data):
+    names = service_data.names[:2]
+    files = [("files", (f"{n}.png", service_data.images(n)[4].read_bytes(), "image/png")) for n in names]
+    for flags in ({"use_model": "true"}, {"use_deepdanbooru": "true"}):
+        r = client.post("/api/classify/batch", files=files, data=flags)
+        assert r.status_code == 400 and "classifier" in r.json()["error"], (flags, r.text)
+    before = _count_in_inference_log(server, "rerank=False")
+    r = client.post("/api/classify/batch", files=files, data={"use_deepdanbooru": "true", "mode": "clip", "rerank": "false"})
+    assert r.status_code == 200, r.text
+    answers = [x["answer"] for x in r.json()["results"]]
+    assert [x["role"] for x in answers] == names and {x["mode"] for x in answers} == {"clip"}
+    assert _wait_for_more(server, "rerank=False", before) > before
 
 
 def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(client, registry_root, service_data):

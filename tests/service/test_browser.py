@@ -157,18 +157,78 @@ def test_phone_sized_layout_fits_the_screen(tmp_path, server, service_data):
         drv.quit()
 
 
+def fill_character_rows(drv, characters: list[dict]) -> None:
+    """Type characters into the /workflow page's rows (name, series, optional tag), adding rows as needed."""
+    from selenium.webdriver.common.by import By
+
+    for i, c in enumerate(characters):
+        rows = drv.find_elements(By.CSS_SELECTOR, "#char-rows .char-row")
+        if i >= len(rows):
+            drv.find_element(By.ID, "add-row").click()
+            rows = drv.find_elements(By.CSS_SELECTOR, "#char-rows .char-row")
+        for cls, key in ((".c-name", "name"), (".c-series", "series"), (".c-tag", "tag")):
+            box = rows[i].find_element(By.CSS_SELECTOR, cls)
+            box.clear()
+            if c.get(key):
+                box.send_keys(c[key])
+
+
+def _row_values(drv) -> list[list[str]]:
+    return drv.execute_script("""return [...document.querySelectorAll('#char-rows .char-row')].map(
+        (r) => ['.c-name', '.c-series', '.c-tag'].map((s) => r.querySelector(s).value));""")
+
+
+def _shown_error(drv):
+    from selenium.webdriver.common.by import By
+
+    return _wait(drv, lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False, 10)
+
+
 def test_workflow_page_checks_the_json_before_sending(browser, server):
     from selenium.webdriver.common.by import By
 
     browser.get(server.url + "/workflow")
+    browser.find_element(By.ID, "json-toggle").click()
     area = browser.find_element(By.ID, "characters")
     area.clear()
     area.send_keys('[{"name": "aoba"')  # broken JSON
     browser.find_element(By.ID, "start").click()
-    box = _wait(browser, lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else False, 10)
-    assert "not valid JSON" in box.text
+    assert "not valid JSON" in _shown_error(browser).text
     assert browser.find_element(By.ID, "progress").get_attribute("class").split().count("hidden") == 1
 
+
+def test_workflow_page_takes_characters_as_rows_kept_in_sync_with_json(browser, server, tmp_path):
+    """Rows (name, series, optional booru tag) with add/remove, and the same list as JSON behind a toggle."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/workflow")
+    assert not browser.find_element(By.ID, "characters").is_displayed()  # rows first, the JSON box on request
+    fill_character_rows(browser, [{"name": "Hoshino", "series": "Blue Archive"},
+                                  {"name": "suzukaze_aoba", "series": "New Game!", "tag": "suzukaze_aoba"},
+                                  {"name": "to be removed"}])
+    tag_box = browser.find_elements(By.CSS_SELECTOR, "#char-rows .char-row .c-tag")[0]
+    assert tag_box.get_attribute("placeholder") == "hoshino_(blue_archive)"  # the tag the collectors would derive
+    browser.find_elements(By.CSS_SELECTOR, "#char-rows .char-row .remove-row")[2].click()
+    browser.save_screenshot(str(tmp_path / "workflow-rows.png"))
+
+    browser.find_element(By.ID, "json-toggle").click()
+    area = browser.find_element(By.ID, "characters")
+    assert area.is_displayed() and not browser.find_element(By.ID, "char-rows").is_displayed()
+    assert json.loads(area.get_attribute("value")) == [
+        {"name": "Hoshino", "series": "Blue Archive"}, {"name": "suzukaze_aoba", "series": "New Game!", "tag": "suzukaze_aoba"}]
+    area.clear()
+    area.send_keys('[{"name": "takimoto_hifumi", "series": "New Game!"}, "hoshino"]')
+    browser.find_element(By.ID, "json-toggle").click()
+    assert browser.find_element(By.CSS_SELECTOR, "#char-rows .c-name").is_displayed()
+    assert _row_values(browser) == [["takimoto_hifumi", "New Game!", ""], ["hoshino", "", ""]]
+
+    # a row with a series but no name is caught before anything is sent
+    fill_character_rows(browser, [{"name": "takimoto_hifumi", "series": "New Game!"}, {"series": "orphan series"}])
+    browser.find_element(By.ID, "start").click()
+    assert "row 2 needs a name" in _shown_error(browser).text
+    assert "hidden" in browser.find_element(By.ID, "progress").get_attribute("class").split()
 
 
 def test_api_docs_render_offline(browser, server):

@@ -73,6 +73,23 @@ def test_decompression_bomb_is_refused_before_decoding(sc):
     assert r.status_code == 413 and "decompression-bomb" in r.json()["error"]
 
 
+@pytest.mark.parametrize("bomb", ["over-server-limit", "over-pil-limit"])
+def test_too_many_pixels_is_413_on_every_upload_path(sc, bomb):
+    """One decode path, one 413: a single upload, a batch item and an enrolment refuse the same picture alike,
+    including one so large that PIL itself refuses to open it (that was a 422 'corrupt' before)."""
+    from .test_options import png_header_only
+
+    data = png_bytes(Image.new("RGB", (2000, 2000), (255, 255, 255))) if bomb == "over-server-limit" else png_header_only(20000, 20000)
+    want = {"filename": "bomb.png", "limit_pixels": 1000000}
+    r = sc.post("/api/classify", files={"file": ("bomb.png", data)})
+    assert r.status_code == 413 and "decompression-bomb" in r.json()["error"] and r.json()["detail"] == want, r.text
+    r = sc.post("/api/classify/batch", files=[("files", ("bomb.png", data))])
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == 413, r.text
+    assert "decompression-bomb" in r.json()["results"][0]["error"]
+    r = sc.post("/api/characters", headers=_auth(), data={"name": "bomb_girl"}, files=[("files", ("bomb.png", data))])
+    assert r.status_code == 413 and r.json()["detail"] == want, r.text
+
+
 def test_request_body_over_the_total_limit_is_413_json(sc):
     r = sc.post("/api/classify", files={"file": ("huge.bin", b"\xff\xd8\xff" + b"\x00" * (3 * 2**20))})
     assert r.status_code == 413

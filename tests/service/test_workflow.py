@@ -180,19 +180,23 @@ def test_job_status_survives_a_server_crash(tmp_path, service_data):
 
 @pytest.mark.browser
 def test_workflow_page_runs_and_shows_live_progress_and_metrics(fresh, service_data, tmp_path):
-    """The /workflow page in headless Chromium: start, stages and log lines arrive over SSE, metrics at the end."""
+    """The /workflow page in headless Chromium: characters typed as rows, start, the job carries those characters,
+    stages and log lines arrive over SSE, metrics at the end."""
     from selenium.webdriver.common.by import By
 
-    from .test_browser import _driver, _wait
+    from .test_browser import _driver, _wait, fill_character_rows
 
+    a, b = service_data.names[:2]
+    wanted = [{"name": a, "series": "synthetic", "tag": ""}, {"name": b, "series": "synthetic", "tag": f"{b}_(synthetic_tag)"}]
     drv = _driver(tmp_path, 1200, 900)
     try:
         drv.get(fresh.url + "/workflow")
-        area = drv.find_element(By.ID, "characters")
-        area.clear()
-        area.send_keys(json.dumps([{"name": n, "series": "synthetic"} for n in service_data.names[:3]]))
+        fill_character_rows(drv, wanted)
         drv.find_element(By.ID, "p-epochs").send_keys("2")
         drv.find_element(By.ID, "start").click()
+        job_id = _wait(drv, lambda d: d.execute_script("return document.body.dataset.job || false"), 30)
+        with fresh.client() as c:
+            assert c.get(f"/api/workflow/{job_id}").json()["characters"] == wanted
         final = _wait(drv, lambda d: d.execute_script("return document.body.dataset.status") in ("succeeded", "failed", "cancelled")
                       and d.execute_script("return document.body.dataset.status"), 240)
         assert final == "succeeded", drv.find_element(By.ID, "log").text[-2000:]

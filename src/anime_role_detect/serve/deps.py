@@ -45,11 +45,8 @@ class Services:
 
 
 def get_services(request: Request) -> Services:
+    """The app's `Services` (settings are `services.settings`)."""
     return request.app.state.services
-
-
-def get_settings(services: Annotated[Services, Depends(get_services)]) -> ServeSettings:
-    return services.settings
 
 
 def get_live(services: Annotated[Services, Depends(get_services)]) -> Loaded:

@@ -31,6 +31,15 @@ class ErrorBody(BaseModel):
     detail: Any = Field(default=None, description="More context: the offending field, limit or value (may be null).")
 
 
+class ImageTooLarge(ImageError):
+    """An upload has more pixels than the server decodes (decompression-bomb guard): answered 413."""
+
+    def __init__(self, filename: str, limit_pixels: int, size: tuple[int, int] | None = None) -> None:
+        what = f"{size[0]}x{size[1]} pixels is" if size else "the image is"
+        super().__init__(f"{filename}: {what} over the {limit_pixels:,}-pixel limit (decompression-bomb guard); downscale the image")
+        self.detail = {"filename": filename, "limit_pixels": limit_pixels}
+
+
 class ApiError(Exception):
     """An error with an HTTP status, a one-line message and optional detail."""
 
@@ -44,6 +53,7 @@ class ApiError(Exception):
 
 #: UserError subclass -> HTTP status (most specific first; the first isinstance match wins).
 USER_ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (ImageTooLarge, 413),  # the one place a pixel-limit refusal becomes 413 (single requests and batch items alike)
     (LookupError, 404),  # e.g. fusion's FeedbackError: the record/character named does not exist
     (ImageError, 422),
     (DatasetError, 422),
@@ -87,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserError)
     async def _user_error(_: Request, exc: UserError) -> JSONResponse:
-        return error_response(status_for_user_error(exc), str(exc))
+        return error_response(status_for_user_error(exc), str(exc), getattr(exc, "detail", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,6 +31,7 @@ JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "c
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 SAVE_INTERVAL_S = 2.0  # progress saves to jobs_dir at most this often (status changes always)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'()\-]{0,79}$"
+TAG_PATTERN = r"^[^\s\x00-\x1f]*$"  # one booru tag: no spaces (they would add more search terms), no control characters
 
 
 class CharacterIn(BaseModel):
@@ -39,6 +40,8 @@ class CharacterIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN, description="Character name, e.g. 'suzukaze_aoba' (letters, digits, space, _ . ' ( ) -).")
     series: str = Field(default="", max_length=80, pattern=r"^[^\x00-\x1f]*$", description="Series (work) the character is from.")
+    tag: str = Field(default="", max_length=120, pattern=TAG_PATTERN,
+                     description="Booru tag to collect by, e.g. 'suzukaze_aoba'; empty = derived from name + series ('name_(series)').")
 
 
 class WorkflowParams(BaseModel):

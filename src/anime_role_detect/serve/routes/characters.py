@@ -11,10 +11,9 @@ from pydantic import BaseModel, Field
 from ..deps import LiveDep, Services, ServicesDep, require_token, reading, run_model, writing
 from ..errors import ApiError
 from ..live import Loaded
-from ..uploads import check_count, read_upload
+from ..uploads import check_count, decode_upload, read_upload
 from ..workflows import NAME_PATTERN
 from . import ERROR_RESPONSES
-from .classify import decode_upload
 
 router = APIRouter(prefix="/api/characters", tags=["gallery"])
 

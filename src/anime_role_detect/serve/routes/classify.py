@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
-import warnings
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -18,7 +17,7 @@ from ..deps import LiveDep, ServicesDep, reading, run_model
 from ..errors import ApiError, status_for_user_error
 from ..live import Loaded
 from ..settings import Limits
-from ..uploads import Upload, check_count, client_filename, read_upload
+from ..uploads import Upload, check_count, check_pixels, client_filename, decode_upload, read_upload
 from . import ERROR_RESPONSES
 
 router = APIRouter(prefix="/api", tags=["recognition"])
@@ -26,46 +25,50 @@ router = APIRouter(prefix="/api", tags=["recognition"])
 _VIDEO_SUFFIX = {"mp4": ".mp4", "matroska": ".mkv", "avi": ".avi", "mpeg": ".mpg"}
 
 
-def resolve_mode(mode: Mode | None, use_model: bool, use_deepdanbooru: bool) -> Mode | None:
-    """Seed flags -> mode: an explicit `mode` wins, then use_deepdanbooru (fusion), then use_model (model)."""
-    if mode is not None:
-        return mode
-    if use_deepdanbooru:
-        return "fusion"
-    if use_model:
-        return "model"
-    return None
+@dataclass(frozen=True)
+class Options:
+    """How a request wants to be recognised; None means the server's default (`recognizer.mode` / `.rerank`)."""
+
+    mode: Mode | None
+    rerank: bool | None
 
 
-def check_pixels(data: bytes, name: str, limits: Limits) -> None:
-    """Decompression-bomb guard from the header alone, before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-    except Exception:  # noqa: BLE001 - the real decoder reports corrupt data with its own message
-        return
-    if w * h > limits.max_pixels:
-        raise ApiError(413, f"{name}: {w}x{h} pixels is over the {limits.max_pixels:,}-pixel limit "
-                            "(decompression-bomb guard); downscale the image", {"filename": name, "limit_pixels": limits.max_pixels})
+def recognition_options(
+    use_model: Annotated[bool, Form(description="Seed flag: answer with the trained classifier (mode=model).")] = False,
+    use_deepdanbooru: Annotated[bool, Form(description="Seed flag: gallery + classifier + tagger (mode=fusion); wins over use_model.")] = False,
+    mode: Annotated[Mode | None, Form(description="clip (gallery), model (classifier) or fusion; wins over the seed flags (omitted = the server's default).")] = None,
+    rerank: Annotated[bool | None, Form(description="Tag-assisted reranking on/off (omitted = the server's default).")] = None,
+) -> Options:
+    """The form fields every recognition path shares (image, video, batch) -> (mode, rerank).
+
+    An explicit `mode` wins, then `use_deepdanbooru` (fusion), then `use_model` (model); `rerank` is taken as given.
+    """
+    if mode is None and use_deepdanbooru:
+        mode = "fusion"
+    elif mode is None and use_model:
+        mode = "model"
+    return Options(mode=mode, rerank=rerank)
 
 
-def recognize_image(loaded: Loaded, up: Upload, mode: Mode | None, rerank: bool | None, limits: Limits) -> Answer:
-    """Blocking: one image through the live recognizer."""
-    check_pixels(up.data, up.filename, limits)
+OptionsDep = Annotated[Options, Depends(recognition_options)]
+
+
+def recognize_image(loaded: Loaded, up: Upload, opts: Options, limits: Limits) -> Answer:
+    """Blocking: one image through the live recognizer, which decodes the bytes with the server's limits (and keeps
+    them for the feature log); the pixel guard runs first."""
+    check_pixels(up, limits)
     with reading(loaded) as rec:
-        return rec.recognize_bytes(up.data, up.filename, mode=mode, rerank=rerank)
+        return rec.recognize_bytes(up.data, up.filename, mode=opts.mode, rerank=opts.rerank)
 
 
-def recognize_video(loaded: Loaded, up: Upload, sample_fps: float) -> VideoAnswer:
+def recognize_video(loaded: Loaded, up: Upload, sample_fps: float, opts: Options) -> VideoAnswer:
     """Blocking: spool the video to a private temp file (decoders want a path), recognise, delete it."""
     fd, tmp = tempfile.mkstemp(prefix="ard-upload-", suffix=_VIDEO_SUFFIX.get(up.fmt, ".bin"))
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(up.data)
         with reading(loaded) as rec:
-            return rec.recognize_video(tmp, sample_fps=sample_fps, filename=up.filename)
+            return rec.recognize_video(tmp, sample_fps=sample_fps, mode=opts.mode, rerank=opts.rerank, filename=up.filename)
     finally:
         os.unlink(tmp)
 
@@ -80,21 +83,17 @@ async def classify(
     services: ServicesDep,
     loaded: LiveDep,
     file: Annotated[UploadFile, File(description="The image or video; its type is detected from the content, not the name.")],
-    use_model: Annotated[bool, Form(description="Seed flag: answer with the trained classifier (mode=model).")] = False,
-    use_deepdanbooru: Annotated[bool, Form(description="Seed flag: gallery + classifier + tagger (mode=fusion).")] = False,
-    mode: Annotated[Mode | None, Form(description="clip (gallery), model (classifier) or fusion; overrides the seed flags.")] = None,
-    rerank: Annotated[bool | None, Form(description="Tag-assisted reranking on/off (omitted = the server's default).")] = None,
+    opts: OptionsDep,
     sample_fps: Annotated[float | None, Form(gt=0, le=30, description="Videos: frames sampled per second.")] = None,
 ) -> Answer | VideoAnswer:
     """Answers the seed's ``{filename, role, similarity, boxes}`` plus detections with top-k, tags and
     timings; for a video, the characters' appearance spans and per-frame answers."""
     limits = services.settings.limits
     up = await read_upload(file, limits)
-    chosen = resolve_mode(mode, use_model, use_deepdanbooru)
     if up.kind == "video":
         fps = sample_fps or services.settings.video_sample_fps
-        return await run_model(services, recognize_video, loaded, up, fps)
-    return await run_model(services, recognize_image, loaded, up, chosen, rerank, limits)
+        return await run_model(services, recognize_video, loaded, up, fps, opts)
+    return await run_model(services, recognize_image, loaded, up, opts, limits)
 
 
 class BatchItem(BaseModel):
@@ -114,18 +113,10 @@ class BatchAnswer(BaseModel):
     failed: int = Field(description="Files refused.")
 
 
-def recognize_many(loaded: Loaded, items: list[tuple[Image.Image, str]], mode: Mode | None, rerank: bool | None) -> list[Answer]:
+def recognize_many(loaded: Loaded, items: list[tuple[Image.Image, str]], opts: Options) -> list[Answer]:
     """Blocking: the batch through `recognize_batch` (one forward pass per stage where possible)."""
     with reading(loaded) as rec:
-        return rec.recognize_batch(items, mode=mode, rerank=rerank)
-
-
-def decode_upload(up: Upload, limits: Limits) -> Image.Image:
-    """Blocking: safe decode of one image upload under the server's limits."""
-    from ...imageio import ImageLimits, decode_image
-
-    check_pixels(up.data, up.filename, limits)
-    return decode_image(up.data, up.filename, ImageLimits(max_pixels=limits.max_pixels, max_bytes=limits.max_upload_bytes))
+        return rec.recognize_batch(items, mode=opts.mode, rerank=opts.rerank)
 
 
 @router.post(
@@ -138,10 +129,10 @@ async def classify_batch(
     services: ServicesDep,
     loaded: LiveDep,
     files: Annotated[list[UploadFile], File(description="Images (videos go to /api/classify one at a time).")],
-    mode: Annotated[Mode | None, Form(description="clip, model or fusion (omitted = the server's default).")] = None,
-    rerank: Annotated[bool | None, Form(description="Tag-assisted reranking on/off.")] = None,
+    opts: OptionsDep,
 ) -> BatchAnswer:
-    """Each file is checked on its own: a corrupt or oversized file gets its own error item."""
+    """Each file is checked on its own: a corrupt or oversized file gets its own error item. The mode and rerank
+    fields (and the seed flags) mean what they mean on /api/classify and apply to every file."""
     limits = services.settings.limits
     check_count(files, limits, "images")
     slots: list[BatchItem | tuple[Image.Image, str]] = []
@@ -154,7 +145,7 @@ async def classify_batch(
         except UserError as exc:
             slots.append(BatchItem(filename=client_filename(f.filename, i), status=status_for_user_error(exc), error=str(exc)))
     good = [s for s in slots if not isinstance(s, BatchItem)]
-    answers = iter(await run_model(services, recognize_many, loaded, good, mode, rerank) if good else [])
+    answers = iter(await run_model(services, recognize_many, loaded, good, opts) if good else [])
     results = [s if isinstance(s, BatchItem) else BatchItem(filename=s[1], status=200, answer=next(answers)) for s in slots]
     ok = sum(r.status == 200 for r in results)
     return BatchAnswer(results=results, ok=ok, failed=len(results) - ok)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import anyio
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..deps import ServicesDep
+from ...log import get_logger
+from ...recognition.schema import Mode
+from ..deps import ServicesDep, reading
+from ..live import Loaded
 
 router = APIRouter(prefix="/api", tags=["system"])
+_log = get_logger("system")
 
 
 class Health(BaseModel):
@@ -22,6 +28,24 @@ class Health(BaseModel):
     error: str | None = Field(default=None, description="Why no recognizer is loaded, or why the last reload failed.")
 
 
+class RecognizerFacts(BaseModel):
+    """What the live recognizer serves (`Recognizer.describe()`); keys it adds later pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    version: str | None = Field(default=None, description="Registry version the recognizer was loaded from.")
+    version_dir: str | None = Field(default=None, description="Its version folder on the server.")
+    mode: Mode | None = Field(default=None, description="Mode used when a request names none.")
+    modes: list[Mode] = Field(default_factory=list, description="Modes this version can serve (model and fusion need a classifier).")
+    rerank: bool | None = Field(default=None, description="Whether tag reranking is on when a request does not say.")
+    embedder: str | None = Field(default=None, description="Embedder id of the gallery (null without a gallery).")
+    gallery_rows: int = Field(default=0, description="Vectors in the gallery.")
+    characters: int = Field(default=0, description="Characters it can name.")
+    classifier: bool = Field(default=False, description="True when the version has a trained classifier (model.ckpt).")
+    tagger: str | None = Field(default=None, description="Tagger in use (model id or kind); null when none is loaded.")
+    calibration: dict[str, Any] | None = Field(default=None, description="Open-set calibration: target false-accept rate and threshold per mode.")
+    device: str | None = Field(default=None, description="Device the models run on (cpu, cuda, mps).")
+
+
 class VersionInfo(BaseModel):
     """The live gallery/model version and the registry it follows."""
 
@@ -32,7 +56,7 @@ class VersionInfo(BaseModel):
     reloads: int = Field(description="Hot reloads since start.")
     loaded_at: float | None = Field(default=None, description="Unix time the serving version was loaded.")
     load_s: float | None = Field(default=None, description="Seconds the load took.")
-    recognizer: dict = Field(default_factory=dict, description="Model facts reported by the recognizer (embedder, modes...).")
+    recognizer: RecognizerFacts | None = Field(default=None, description="What the live recognizer serves; null while none is loaded.")
     last_error: str | None = Field(default=None, description="Last load/reload failure, if any.")
 
 
@@ -44,14 +68,14 @@ async def health(services: ServicesDep) -> Health:
                   uptime_s=round(time.time() - services.started_at, 3), error=live.last_error)
 
 
-def _describe(rec: object) -> dict:
-    info = getattr(rec, "describe", None)
-    if callable(info):
+def _facts(loaded: Loaded) -> RecognizerFacts | None:
+    """Blocking: the recognizer's own account of itself (read under the lease, as a gallery edit may be running)."""
+    with reading(loaded) as rec:
         try:
-            return dict(info())
-        except Exception:  # noqa: BLE001 - facts are optional
-            return {}
-    return {"version": str(getattr(rec, "version", ""))}
+            return RecognizerFacts.model_validate(rec.describe())
+        except Exception as exc:  # noqa: BLE001 - the version endpoint must answer even when the facts cannot be read
+            _log.opt(exception=exc).error(f"version {loaded.version_id}: describe() failed: {exc!r}")
+            return None
 
 
 @router.get("/version", response_model=VersionInfo, summary="Which gallery/model version is live")
@@ -64,7 +88,8 @@ async def version(services: ServicesDep) -> VersionInfo:
     except OSError:
         latest = None
     busy = live.reloading
+    facts = await anyio.to_thread.run_sync(_facts, loaded) if loaded else None
     return VersionInfo(version=live.version_id, follows=live.version, registry_latest=latest, reload_pending=busy,
                        reloads=live.reloads, loaded_at=loaded.loaded_at if loaded else None,
                        load_s=round(loaded.load_s, 3) if loaded else None,
-                       recognizer=_describe(loaded.recognizer) if loaded else {}, last_error=live.last_error)
+                       recognizer=facts, last_error=live.last_error)

@@ -1,4 +1,4 @@
-// Workflow page: characters JSON + parameters -> POST /api/workflow, live progress over SSE, cancel, metrics.
+// Workflow page: characters (rows or JSON) + parameters -> POST /api/workflow, live progress over SSE, cancel, metrics.
 "use strict";
 
 (() => {
@@ -6,16 +6,122 @@
   const PARAMS = { epochs: "int", images_per_character: "int", image_size: "int", batch_size: "int", learning_rate: "float", model: "str" };
   const state = { job: null, source: null, stages: new Map() };
 
-  function readCharacters() {
-    let value;
-    try { value = JSON.parse($("characters").value); } catch (e) {
-      throw new Error(`The characters box is not valid JSON (${e.message}). Example: [{"name": "suzukaze_aoba", "series": "New Game!"}]`);
-    }
-    if (!Array.isArray(value) || !value.length) throw new Error("Give a non-empty JSON list of characters.");
-    value.forEach((c, i) => {
-      if (!c || typeof c.name !== "string" || !c.name.trim()) throw new Error(`Character ${i + 1} needs a "name".`);
+  // -- characters: rows (name, series, optional booru tag) or the same list as JSON, kept in sync --------------
+  const EXAMPLE = '[{"name": "suzukaze_aoba", "series": "New Game!"}]';
+
+  // Danbooru-style tag from name + series, as the collectors derive it: "Hoshino", "Blue Archive" -> hoshino_(blue_archive).
+  function derivedTag(name, series) {
+    const norm = (s) => s.trim().toLowerCase().replace(/\s+/g, "_");
+    return series.trim() ? `${norm(name)}_(${norm(series)})` : norm(name);
+  }
+
+  function cell(cls, label, value, placeholder) {
+    const input = document.createElement("input");
+    input.type = "text";
+    input.className = cls;
+    input.value = value || "";
+    input.placeholder = placeholder;
+    input.setAttribute("aria-label", label);
+    input.autocomplete = "off";
+    input.spellcheck = false;
+    return input;
+  }
+
+  function refreshTagHint(row) {
+    const name = row.querySelector(".c-name").value, series = row.querySelector(".c-series").value;
+    row.querySelector(".c-tag").placeholder = name.trim() ? derivedTag(name, series) : "derived from name + series";
+  }
+
+  function addRow(c = {}, focus = false) {
+    const row = document.createElement("div");
+    row.className = "char-row";
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "secondary remove-row";
+    remove.textContent = "✕";
+    remove.title = "Remove this character";
+    remove.setAttribute("aria-label", "Remove this character");
+    remove.addEventListener("click", () => {
+      row.remove();
+      if (!$("char-rows").children.length) addRow();
+      rowsChanged();
     });
-    return value.map((c) => ({ name: c.name.trim(), series: (c.series || "").trim() }));
+    row.append(cell("c-name", "Character name", c.name, "e.g. suzukaze_aoba"), cell("c-series", "Series", c.series, "e.g. New Game!"),
+               cell("c-tag", "Booru tag (optional)", c.tag, ""), remove);
+    row.addEventListener("input", () => { refreshTagHint(row); rowsChanged(); });
+    refreshTagHint(row);
+    $("char-rows").append(row);
+    if (focus) row.querySelector(".c-name").focus();
+    return row;
+  }
+
+  // The rows as character objects; fully empty rows are skipped, a row with a series or tag but no name is an error.
+  function rowsValue(strict) {
+    const out = [];
+    [...$("char-rows").children].forEach((row, i) => {
+      const [name, series, tag] = [".c-name", ".c-series", ".c-tag"].map((s) => row.querySelector(s).value.trim());
+      if (!name && !series && !tag) return;
+      if (!name && strict) throw new Error(`Character row ${i + 1} needs a name.`);
+      const c = { name, series };
+      if (tag) c.tag = tag;
+      out.push(c);
+    });
+    return out;
+  }
+
+  function setRows(list) {
+    $("char-rows").replaceChildren();
+    list.forEach((c) => addRow(c));
+    if (!list.length) addRow();
+  }
+
+  function rowsChanged() {
+    const list = rowsValue(false);
+    $("characters").value = list.length ? `[\n${list.map((c) => `  ${JSON.stringify(c)}`).join(",\n")}\n]` : "";  // one character a line
+  }
+
+  // The JSON box as character objects (bare strings are names), with the messages a person can act on.
+  function parseJson(text) {
+    let value;
+    try { value = JSON.parse(text); } catch (e) {
+      throw new Error(`The characters box is not valid JSON (${e.message}). Example: ${EXAMPLE}`);
+    }
+    if (!Array.isArray(value)) throw new Error(`Give a JSON list of characters. Example: ${EXAMPLE}`);
+    return value.map((c, i) => {
+      if (typeof c === "string") c = { name: c };
+      if (!c || typeof c !== "object" || typeof c.name !== "string" || !c.name.trim()) throw new Error(`Character ${i + 1} needs a "name".`);
+      const out = { name: c.name.trim(), series: String(c.series || "").trim() };
+      if (c.tag && String(c.tag).trim()) out.tag = String(c.tag).trim();
+      return out;
+    });
+  }
+
+  const jsonMode = () => $("json-toggle").getAttribute("aria-pressed") === "true";
+
+  function showJson(on) {
+    $("json-toggle").setAttribute("aria-pressed", String(on));
+    $("json-toggle").textContent = on ? "Edit as rows" : "Edit as JSON";
+    $("char-json-view").classList.toggle("hidden", !on);
+    $("char-rows-view").classList.toggle("hidden", on);
+  }
+
+  function toggleJson() {
+    $("error").classList.add("hidden");
+    if (!jsonMode()) { rowsChanged(); showJson(true); $("characters").focus(); return; }
+    const text = $("characters").value.trim();
+    try { setRows(text ? parseJson(text) : []); } catch (err) { ARD.showError($("error"), err); return; }  // stay on the JSON
+    showJson(false);
+  }
+
+  // Typing valid JSON updates the rows at once, so both views always hold the same list.
+  function jsonChanged() {
+    try { setRows(parseJson($("characters").value)); } catch { /* checked when starting or switching back */ }
+  }
+
+  function readCharacters() {
+    const list = jsonMode() ? parseJson($("characters").value) : rowsValue(true);
+    if (!list.length) throw new Error("Add at least one character: a name, and its series so the right pictures are found.");
+    return list;
   }
 
   function readParams() {
@@ -142,6 +248,10 @@
     ARD.restoreToken();
     ARD.showVersion();
     resumeRunning();
+    setRows([{}, {}]);
+    $("add-row").addEventListener("click", () => addRow({}, true));
+    $("json-toggle").addEventListener("click", toggleJson);
+    $("characters").addEventListener("input", jsonChanged);
     $("start").addEventListener("click", start);
     $("cancel").addEventListener("click", cancel);
   });
