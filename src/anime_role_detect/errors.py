@@ -24,6 +24,15 @@ class ImageError(UserError, ValueError):
     """An image or video cannot be decoded, or breaks a size limit."""
 
 
+class ImageTooLarge(ImageError):
+    """An image has more pixels than allowed (decompression-bomb guard); the service answers 413."""
+
+    def __init__(self, filename: str, limit_pixels: int, size: tuple[int, int] | None = None) -> None:
+        what = f"{size[0]}x{size[1]} pixels is" if size else "the image is"
+        super().__init__(f"{filename}: {what} over the {limit_pixels:,}-pixel limit (decompression-bomb guard); downscale the image")
+        self.detail = {"filename": filename, "limit_pixels": limit_pixels}
+
+
 class WeightsError(UserError, FileNotFoundError):
     """Model weights are missing or do not fit the model."""
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 
 MediaKind = Literal["image", "video"]
 
@@ -99,15 +99,12 @@ def decode_image(data: bytes, name: str = "<upload>", limits: ImageLimits = DEFA
             img = _pil_open()(io.BytesIO(data))
             w, h = img.size
             if w * h > limits.max_pixels:
-                raise ImageError(
-                    f"{name}: {w}x{h} pixels is over the {limits.max_pixels:,}-pixel limit "
-                    "(decompression-bomb guard); downscale the image"
-                )
+                raise ImageTooLarge(name, limits.max_pixels, (w, h))
             img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: too many pixels (decompression-bomb guard: {exc}); downscale the image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(name, limits.max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: the image data is corrupt or truncated ({exc}); re-export or re-download it") from None
     try:

@@ -24,6 +24,7 @@ from ..imageio import DEFAULT_LIMITS, ImageLimits, content_hash, decode_image
 from ..log import get_logger
 from ..versionfiles import CALIBRATION, GALLERY_META, MODEL, TAG_PROFILES
 from .config import MODES, RecognizerConfig
+from .device import resolve_device
 from .gallery import Gallery
 from .openset import OpenSetCalibration
 from .rerank import Candidate, TagReranker
@@ -562,7 +563,7 @@ class Recognizer:
             "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
                             "stale": calib.stale} if calib else None,
-            "device": self.config.device, "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
+            "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
         }
 
     def characters(self) -> list[dict]:

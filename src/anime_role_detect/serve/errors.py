@@ -15,6 +15,7 @@ from ..errors import (
     DatasetError,
     GalleryError,
     ImageError,
+    ImageTooLarge,
     RegistryError,
     UserError,
     WeightsError,
@@ -29,15 +30,6 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="What went wrong, in one line a person can act on.")
     detail: Any = Field(default=None, description="More context: the offending field, limit or value (may be null).")
-
-
-class ImageTooLarge(ImageError):
-    """An upload has more pixels than the server decodes (decompression-bomb guard): answered 413."""
-
-    def __init__(self, filename: str, limit_pixels: int, size: tuple[int, int] | None = None) -> None:
-        what = f"{size[0]}x{size[1]} pixels is" if size else "the image is"
-        super().__init__(f"{filename}: {what} over the {limit_pixels:,}-pixel limit (decompression-bomb guard); downscale the image")
-        self.detail = {"filename": filename, "limit_pixels": limit_pixels}
 
 
 class ApiError(Exception):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import re
-import warnings
 from dataclasses import dataclass
 
 from fastapi import UploadFile
 from PIL import Image
 
 from ..imageio import ImageLimits, MediaKind, decode_image, sniff
-from .errors import ApiError, ImageTooLarge
+from .errors import ApiError
 from .settings import Limits
 
 _CHUNK = 1024 * 1024
@@ -80,25 +78,6 @@ def check_count(files: list[UploadFile], limits: Limits, what: str = "files") ->
                        {"limit_files": limits.max_files})
 
 
-def check_pixels(up: Upload, limits: Limits) -> None:
-    """Decompression-bomb guard from the header alone (no pixel decoded): `ImageTooLarge` when over the limit.
-
-    PIL refuses far larger images at open time on its own; that refusal is the same `ImageTooLarge`.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(up.data)) as img:
-                w, h = img.size
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(up.filename, limits.max_pixels) from None
-    except Exception:  # noqa: BLE001 - unreadable headers are reported by the decoder with its own message
-        return
-    if w * h > limits.max_pixels:
-        raise ImageTooLarge(up.filename, limits.max_pixels, (w, h))
-
-
 def decode_upload(up: Upload, limits: Limits) -> Image.Image:
-    """Blocking: the service's one image decode, `imageio.decode_image` under the server's limits after the pixel guard."""
-    check_pixels(up, limits)
+    """Blocking: the service's image decode, `imageio.decode_image` under the server's limits (`ImageTooLarge` -> 413)."""
     return decode_image(up.data, up.filename, ImageLimits(max_pixels=limits.max_pixels, max_bytes=limits.max_upload_bytes))

@@ -17,7 +17,7 @@ from ..deps import LiveDep, ServicesDep, reading, run_model
 from ..errors import ApiError, status_for_user_error
 from ..live import Loaded
 from ..settings import Limits
-from ..uploads import Upload, check_count, check_pixels, client_filename, decode_upload, read_upload
+from ..uploads import Upload, check_count, client_filename, decode_upload, read_upload
 from . import ERROR_RESPONSES
 
 router = APIRouter(prefix="/api", tags=["recognition"])
@@ -54,9 +54,8 @@ OptionsDep = Annotated[Options, Depends(recognition_options)]
 
 
 def recognize_image(loaded: Loaded, up: Upload, opts: Options, limits: Limits) -> Answer:
-    """Blocking: one image through the live recognizer, which decodes the bytes with the server's limits (and keeps
-    them for the feature log); the pixel guard runs first."""
-    check_pixels(up, limits)
+    """Blocking: one image through the live recognizer, which decodes the bytes with the server's limits
+    (`imageio.decode_image`; too many pixels is `ImageTooLarge`, 413) and hands them to its sinks (the feature log)."""
     with reading(loaded) as rec:
         return rec.recognize_bytes(up.data, up.filename, mode=opts.mode, rerank=opts.rerank)
 
