@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ARD_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("ARD_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -28,7 +28,7 @@ def project_root() -> Path:
 def shared_data() -> Path:
     """``../shared/data`` (real labelled images); tests that need it are skipped when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set ARD_SHARED_DATA to its folder)")
+        pytest.skip(f"real data not found at {SHARED_DATA} (set ARD_DATA_DIR to its folder)")
     return SHARED_DATA
 
 
