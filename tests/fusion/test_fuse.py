@@ -237,3 +237,46 @@ def test_feedback_raises_the_bar_for_unconfirmed_answers_on_a_new_style(world):
     wrong_on, n_on, bar = wrong_unconfirmed_added(True)
     assert bar["verdicts"] == 24 and bar["feedback_bar"] is not None
     assert wrong_off >= 10 and wrong_on <= wrong_off // 3, (wrong_off, n_off, wrong_on, n_on, bar)
+
+
+def test_nothing_to_compare_on_is_refused_unless_forced(world):
+    """Unconfirmed answers on a version without an evaluation set and no held-back feedback: no check is
+    possible, so fusion refuses in one line (how to give it a set) instead of registering unmeasured examples."""
+    from anime_role_detect.recognition.evalset import EvalSet
+
+    reg = world["reg"]
+    with reg.derive(world["v0"], kind="workflow", promote=True, skip={VAL_EMBEDDINGS}) as d:
+        pass  # the same version without its evaluation set
+    live = Gallery.load(reg.path())
+    log, sample = world["log"], world["sample"]
+    for c in range(4):
+        for k, emb in enumerate(sample(c, 5)):
+            log.append(_classify(live, emb, f"{c:02d}{k:062d}"), emb[None])
+    with pytest.raises(ConfigError) as err:
+        fuse(_cfg(world, evaluation={"holdout_fraction": 0.0}, selection={"min_confidence": 0.0, "min_margin": 0.0}))
+    assert "nothing to compare" in str(err.value) and "evaluation.val_dir" in str(err.value) and "\n" not in str(err.value)
+    assert reg.latest_id() == d.id
+    forced = fuse(_cfg(world, evaluation={"holdout_fraction": 0.0}, selection={"min_confidence": 0.0, "min_margin": 0.0},
+                       force=True))
+    assert forced.version_id is not None and "forced (nothing to compare on)" in forced.report["reason"]
+    assert EvalSet.load(reg.path(forced.version_id)) is None
+
+
+def test_fused_version_inherits_and_extends_the_evaluation_set(world):
+    """The candidate is judged on the live version's evaluation set plus held-back feedback, the reason names
+    the figures, and the new version carries both as its own evaluation set."""
+    from anime_role_detect.recognition.evalset import EvalSet
+
+    live = Gallery.load(world["reg"].path())
+    log, sample = world["log"], world["sample"]
+    for c in range(4):
+        for k, emb in enumerate(sample(c, 12, "night")):
+            log.feedback(log.append(_classify(live, emb, f"{c:02d}{k:062d}"), emb[None]), correct_role=CHARS[c])
+    res = fuse(_cfg(world, evaluation={"holdout_fraction": 0.3}))
+    assert res.version_id is not None, res.report["reason"]
+    assert "val top-1" in res.report["reason"] and "holdout top-1" in res.report["reason"]
+    before = EvalSet.load(world["reg"].path(world["v0"]))
+    after = EvalSet.load(world["reg"].path(res.version_id))
+    n_held = res.report["metrics"]["holdout_n"]
+    assert n_held > 0 and len(after) == len(before) + n_held and after.sources.count("feedback") == n_held
+    assert after.labels[: len(before)] == before.labels

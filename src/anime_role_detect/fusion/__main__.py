@@ -1,4 +1,4 @@
-"""``python -m anime_role_detect.fusion log_dir=... registry_dir=...``: fuse the feature log into a new version (conf/fusion.yaml).
+"""``python -m anime_role_detect.fusion log_dir=... registry_dir=...`` / ``ard-fusion``: fuse the feature log into a new version (conf/fusion.yaml).
 
 With ``export_dir=DIR`` it instead writes the selected logged uploads (when stored) as a dataset folder for fine-tuning.
 """
@@ -6,20 +6,14 @@ With ``export_dir=DIR`` it instead writes the selected logged uploads (when stor
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli import user_errors_exit
+from ..cli import hydra_main
 from ..log import setup_logging
 
-CONF_DIR = str(Path(os.environ.get("ARD_CONF_DIR", Path(__file__).resolve().parents[3] / "conf")))
 
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fusion")
-@user_errors_exit
+@hydra_main("fusion")
 def main(cfg: DictConfig) -> None:
     """Run one fusion and print its report as one JSON line (exit 0 also when the new version was rejected)."""
     from .fuse import export_dataset, fuse

@@ -1,8 +1,8 @@
 """Judging a fused gallery against the live one: top-1 on validation embeddings and held-back feedback, regression pruning.
 
-The validation set is `evaluation.val_dir` embedded with the gallery's own embedder, else the
-``val_embeddings.npz`` stored with the live version (carried forward so the next fusion can compare
-without images). An added example that steals a validation image the live version answered right is
+The validation set is `evaluation.val_dir` embedded with the gallery's own embedder, else the live
+version's evaluation set (`recognition.evalset.EvalSet`, ``val_embeddings.npz``: carried forward and
+extended with held-back feedback, so the next fusion can compare without images). An added example that steals a validation image the live version answered right is
 dropped (`prune_regressions`), so the original domain does not regress.
 """
 
@@ -19,6 +19,7 @@ from ..confutil import dataclass_from_mapping
 from ..errors import ConfigError, GalleryError
 from ..fsutil import read_json
 from ..log import get_logger
+from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
 from ..versionfiles import VAL_EMBEDDINGS
 from .selection import Example
@@ -111,25 +112,23 @@ def top1_accuracy(gallery: Gallery, embeddings: np.ndarray, labels: Sequence[str
 
 
 # -- validation set -------------------------------------------------------------------------------------
-# -- validation set -------------------------------------------------------------------------------------
-def load_val_embeddings(version_dir: Path, gallery: Gallery, policy: EvalPolicy) -> tuple[np.ndarray, list[str], str]:
-    """Validation embeddings + labels: from ``evaluation.val_dir`` (embedded now), else stored with the version."""
+def load_eval_set(version_dir: Path, gallery: Gallery, policy: EvalPolicy) -> tuple[EvalSet, str]:
+    """The pictures to judge on: ``evaluation.val_dir`` (embedded now), else the live version's evaluation set."""
     if policy.val_dir:
-        return (*embed_val_dir(Path(policy.val_dir), gallery, policy.batch_size), str(policy.val_dir))
-    stored = version_dir / VAL_EMBEDDINGS
-    if stored.is_file():
-        with np.load(stored, allow_pickle=False) as z:
-            if str(z["embedder"]) != gallery.embedder_id:
-                _log.warning(f"{stored} was made with another embedder; not used for evaluation")
-                return np.zeros((0, gallery.dim), np.float32), [], ""
-            return z["embeddings"].astype(np.float32), [str(x) for x in z["labels"]], f"{version_dir.name}/{VAL_EMBEDDINGS}"
-    return np.zeros((0, gallery.dim), np.float32), [], ""
+        return embed_val_dir(Path(policy.val_dir), gallery, policy.batch_size), str(policy.val_dir)
+    stored = EvalSet.load(version_dir)
+    if stored is None or not len(stored):
+        return EvalSet.empty(gallery.embedder_id), ""
+    if stored.embedder_id != gallery.embedder_id:
+        _log.warning(f"{version_dir / VAL_EMBEDDINGS} was made with another embedder; not used for evaluation")
+        return EvalSet.empty(gallery.embedder_id), ""
+    return stored, f"{version_dir.name}/{VAL_EMBEDDINGS}"
 
 
-def embed_val_dir(root: Path, gallery: Gallery, batch_size: int) -> tuple[np.ndarray, list[str]]:
+def embed_val_dir(root: Path, gallery: Gallery, batch_size: int) -> EvalSet:
     """Embed a dataset folder's validation images (its ``split.json`` val part, else every image) with the gallery's embedder."""
     from ..data.layout import SPLIT_FILE, scan_dataset
-    from ..imageio import load_image
+    from ..imageio import content_hash, load_image
     from ..recognition.embedder import build_embedder
 
     records = scan_dataset(root)
@@ -144,10 +143,14 @@ def embed_val_dir(root: Path, gallery: Gallery, batch_size: int) -> tuple[np.nda
     gallery.check_embedder(embedder.model_id, embedder.dim, "the live gallery")
     vecs = [embedder.embed([load_image(r.path(root)) for r in records[i : i + batch_size]])
             for i in range(0, len(records), batch_size)]
-    return np.concatenate(vecs).astype(np.float32), [r.character for r in records]
+    paths = [r.path(root) for r in records]
+    return EvalSet(np.concatenate(vecs).astype(np.float32), [r.character for r in records], embedder.model_id,
+                   sha256=[content_hash(p.read_bytes()) for p in paths], paths=[str(p.resolve()) for p in paths])
 
 
-def save_val_embeddings(path: Path, embeddings: np.ndarray, labels: Sequence[str], embedder_id: str) -> None:
-    """Store validation embeddings + labels with a version (what `load_val_embeddings` reads back)."""
-    with open(path, "wb") as fh:
-        np.savez(fh, embeddings=embeddings, labels=np.asarray(labels), embedder=np.asarray(embedder_id))
+def holdout_eval_set(holdout: Sequence[Example], embedder_id: str) -> EvalSet:
+    """Held-back feedback as evaluation pictures (their log record stands in for the picture)."""
+    if not holdout:
+        return EvalSet.empty(embedder_id)
+    return EvalSet(np.stack([e.embedding for e in holdout]), [e.character for e in holdout], embedder_id,
+                   sha256=[e.source for e in holdout], sources=["feedback"] * len(holdout))

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ConfigError, RegistryError
 from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_json
 from ..log import get_logger
+from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
 from ..registry import Derivation, Registry
 from ..versionfiles import (
@@ -37,9 +38,21 @@ from ..versionfiles import (
     MODEL,
     VAL_EMBEDDINGS,
 )
-from .evaluation import EvalPolicy, load_val_embeddings, prune_regressions, save_val_embeddings, top1_accuracy, top1_hits
+from .evaluation import (
+    EvalPolicy,
+    holdout_eval_set,
+    load_eval_set,
+    prune_regressions,
+    top1_accuracy,
+    top1_hits,
+)
 from .featurelog import FeatureLog, LogRecord
-from .finetune import FinetuneOutcome, FinetunePolicy, finetune_classifier, write_example_crops
+from .finetune import (
+    FinetuneOutcome,
+    FinetunePolicy,
+    finetune_classifier,
+    write_example_crops,
+)
 from .report import decide, render_markdown
 from .selection import Example, SelectionPolicy, collect_examples, select_examples
 
@@ -93,9 +106,15 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         chosen, dropped = select_examples(candidates, gallery, selection)
         skipped.update(dropped)
 
-        val_x, val_y, val_source = load_val_embeddings(base_dir, gallery, evaluation)
-        ho_x = np.stack([e.embedding for e in holdout]) if holdout else np.zeros((0, gallery.dim), np.float32)
-        ho_y = [e.character for e in holdout]
+        evalset, val_source = load_eval_set(base_dir, gallery, evaluation)
+        val_x, val_y = evalset.embeddings if len(evalset) else np.zeros((0, gallery.dim), np.float32), evalset.labels
+        held = holdout_eval_set(holdout, gallery.embedder_id)
+        ho_x = held.embeddings if len(held) else np.zeros((0, gallery.dim), np.float32)
+        ho_y = held.labels
+        if not val_y and not ho_y and not cfg.get("force", False) and chosen:
+            raise ConfigError("fusion: nothing to compare the new version with: the live version carries no evaluation set "
+                              "and no feedback was held back; pass evaluation.val_dir=<dataset folder with split.json>, "
+                              "give feedback on some answers, or force=true")
         metrics: dict[str, Any] = {"val_n": len(val_y), "val_source": val_source, "holdout_n": len(ho_y),
                                    "val_before": top1_accuracy(gallery, val_x, val_y),
                                    "holdout_before": top1_accuracy(gallery, ho_x, ho_y)}
@@ -128,7 +147,7 @@ def fuse(cfg: Mapping[str, Any]) -> FuseResult:
         }
         version_id = None
         if register:
-            version_id = write_version(registry, base_id, gallery, val_x, val_y, report, bool(cfg.get("promote", True)), new_model)
+            version_id = write_version(registry, base_id, gallery, evalset.extend(held), report, bool(cfg.get("promote", True)), new_model)
         if output_dir is not None:
             write_report(output_dir, report)
         _log.info(f"fusion: {report['decision']} ({reason}); added {len(chosen)} examples; version {version_id or '-'}")
@@ -149,9 +168,10 @@ def run_finetune(cfg: Mapping[str, Any], registry: Registry, base_dir: Path, cho
 
 
 # -- the new version ------------------------------------------------------------------------------------
-def write_version(registry: Registry, base_id: str, gallery: Gallery, val_x: np.ndarray, val_y: Sequence[str],
+def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: EvalSet,
                   report: dict, promote: bool, new_model: Path | None = None) -> str:
-    """Derive the new version from the base: new gallery, validation embeddings, metrics, reports (+ a fine-tuned model).
+    """Derive the new version from the base: new gallery, evaluation set (the base's + held-back feedback), metrics,
+    reports (+ a fine-tuned model).
 
     Everything else (tag profiles, calibration, config, the model unless replaced) is carried as hard links.
     """
@@ -165,8 +185,8 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, val_x: np.
             keep_gallery_embedder(gallery, d)
             shutil.copy2(new_model, d.dir / MODEL)
         gallery.save(d.dir)
-        if len(val_y):  # carried forward so the next fusion can compare without images
-            save_val_embeddings(d.dir / VAL_EMBEDDINGS, val_x, val_y, gallery.embedder_id)
+        if len(evalset):  # inherited and extended, so the next fusion and `registry compare` can judge without images
+            evalset.save(d.dir)
         assert d.base_dir is not None
         atomic_write_json(d.dir / METRICS, version_metrics(d.base_dir, report, new_model))
         write_report(d.dir, report)

@@ -31,15 +31,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def decide(metrics: Mapping[str, Any], n_added: int, tolerance: float, force: bool) -> tuple[bool, str]:
-    """Register only when something was added and neither validation nor held-back feedback got worse."""
+    """Register only when something was added and neither validation nor held-back feedback got worse; the reason
+    names the figures that decided."""
     if n_added == 0:
         return False, "no new examples passed the selection"
+    judged = [n for n in ("val", "holdout") if metrics[f"{n}_before"] is not None]
+    figures = ", ".join(f"{n} top-1 {metrics[f'{n}_before']:.3f} -> {metrics[f'{n}_after']:.3f} ({metrics[f'{n}_n']} pictures)"
+                        for n in judged)
+    worse = [n for n in judged if metrics[f"{n}_after"] < metrics[f"{n}_before"] - tolerance]
     if force:
-        return True, "forced"
-    worse = [name for name in ("val", "holdout")
-             if metrics[f"{name}_before"] is not None and metrics[f"{name}_after"] < metrics[f"{name}_before"] - tolerance]
+        return True, "forced" + (f" ({figures})" if figures else " (nothing to compare on)")
+    if not judged:
+        return False, "nothing to compare on (no evaluation set, no held-back feedback); pass force=true to register anyway"
     if worse:
-        return False, "new version is worse on " + " and ".join(worse)
-    if metrics["val_before"] is None and metrics["holdout_before"] is None:
-        return True, "no validation set or held-back feedback to compare on (added examples are trusted by policy)"
-    return True, "not worse on " + " and ".join(n for n in ("val", "holdout") if metrics[f"{n}_before"] is not None)
+        return False, f"new version is worse on {' and '.join(worse)} beyond the tolerance {tolerance}: {figures}"
+    return True, f"not worse (tolerance {tolerance}): {figures}"
