@@ -204,3 +204,66 @@ def compare_versions(dir_a: str | Path, dir_b: str | Path, recognizer_cfg: Any =
         calib = OpenSetCalibration.load(d) if (d / CALIBRATION).is_file() else None
         report[key + "_scores"] = {"clip": score_gallery(Gallery.load(d), base, calib.threshold("clip") if calib else None)}
     return report
+
+
+@dataclass
+class Verdict:
+    """Whether a candidate version may replace the live one, and the figures that decided it."""
+
+    promote: bool
+    reason: str
+    mode: str | None = None
+    characters: list[str] = field(default_factory=list)
+    pictures: int = 0
+    candidate: dict[str, Any] | None = None
+    live: dict[str, Any] | None = None
+    margin: float = 0.0
+    live_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def known_characters(version_dir: str | Path) -> set[str]:
+    """Characters a version folder can name: its gallery's, else its classifier's classes."""
+    from .pipeline import Recognizer
+
+    return {c["name"] for c in Recognizer.from_version(version_dir).characters()}
+
+
+def judge(candidate_dir: str | Path, live_dir: str | Path | None, margin: float = 0.0, mode: str | None = None,
+          recognizer_cfg: Any = None, candidate_set: EvalSet | None = None) -> Verdict:
+    """Compare a candidate with the live version on the pictures of the characters both know (both versions'
+    evaluation sets), end to end in `mode` (default: the recognizer's default mode, else one both support).
+
+    Promote when the candidate's top-1 is not below the live one's by more than `margin`. With a live
+    version but no picture to compare on, the verdict is *not* to promote, saying why.
+    """
+    from .config import RecognizerConfig
+    from .pipeline import Recognizer
+
+    if live_dir is None:
+        return Verdict(True, "no live version yet")
+    cand, live = Path(candidate_dir), Path(live_dir)
+    shared = sorted(known_characters(cand) & known_characters(live))
+    if not shared:
+        return Verdict(True, "no character in common with the live version: nothing it could get worse at", live_id=live.name)
+    sets = [EvalSet.load(live), candidate_set if candidate_set is not None else EvalSet.load(cand)]
+    items = [it for it in pictures(*sets) if it[1] in set(shared)]
+    if not items:
+        return Verdict(False, f"nothing to compare on: neither version has pictures of {', '.join(shared[:5])} in its evaluation set; "
+                              "make it live with promote=always (or `registry promote ID`)", characters=shared, live_id=live.name)
+    common = [m for m in supported_modes(cand) if m in supported_modes(live)]
+    wanted = mode or RecognizerConfig().mode
+    use = wanted if wanted in common else (common[0] if common else None)
+    if use is None:
+        return Verdict(False, "the two versions share no recognition mode to compare in", characters=shared, live_id=live.name)
+    cfg = {"cache_size": 0, **dict(recognizer_cfg or {})}
+    c_scores = score_recognizer(Recognizer.from_version(cand, cfg), items, [use])[use]
+    l_scores = score_recognizer(Recognizer.from_version(live, cfg), items, [use])[use]
+    ok = c_scores["top1"] >= l_scores["top1"] - margin
+    reason = (f"{use} top-1 on {len(items)} pictures of {len(shared)} shared characters: candidate {100 * c_scores['top1']:.1f}% "
+              f"vs live {100 * l_scores['top1']:.1f}% ({'not worse' if ok else 'worse'} than the live version by the margin {margin})")
+    return Verdict(ok, reason, use, shared, len(items), c_scores, l_scores, margin, live.name)
