@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 
 from anime_role_detect.cli import user_errors_exit
 from anime_role_detect.data.transforms import build_eval_transform
-from anime_role_detect.evaluation import predict_loader
+from anime_role_detect.training.evaluation import predict_loader
 from anime_role_detect.imageio import load_image
 from anime_role_detect.models.backbones import backbone_data_config, create_backbone
 from anime_role_detect.models.classifier import CharacterClassifier

@@ -1,10 +1,17 @@
-"""OmegaConf helpers shared by the layers that accept either configs or plain mappings."""
+"""Config plumbing shared by every layer and entry point: the one config directory (`CONFIG_DIR`, with a
+site's ``ARD_CONF_DIR`` layered over it), composing a job's config in or outside a Hydra app, plain containers.
+
+A base-layer module: it imports nothing of the project but `errors`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.resources
+import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -19,7 +26,77 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: The package the configs ship in: the repo's top-level conf/ mapped to ``anime_role_detect.conf`` (pyproject.toml).
+CONF_PACKAGE = "anime_role_detect.conf"
+#: Environment variable naming a site's config folder, searched before the shipped one (its files win, new ones add).
+SITE_CONF_ENV = "ARD_CONF_DIR"
+
+
+def _shipped_config_dir() -> Path:
+    """The installed ``anime_role_detect.conf`` (a wheel, or an editable install mapping it to the checkout's conf/);
+    a source tree used without installing falls back to its own conf/."""
+    try:
+        files = importlib.resources.files(CONF_PACKAGE)
+    except ModuleNotFoundError:
+        files = None
+    if isinstance(files, Path) and (files / "train.yaml").is_file():
+        return files.resolve()
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+#: The one config directory every entry point composes from (``ARD_CONF_DIR`` is layered over it).
+CONFIG_DIR: Path = _shipped_config_dir()
+
+
+def site_config_dir() -> Path | None:
+    """``$ARD_CONF_DIR`` resolved, or None when unset; a `ConfigError` when it names no folder."""
+    from .errors import ConfigError
+
+    raw = os.environ.get(SITE_CONF_ENV, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{SITE_CONF_ENV}={raw} is not a folder; point it at a folder of configs laid out like conf/ or unset it")
+    return path
+
+
+def config_dirs(extra: str | Path | None = None) -> list[Path]:
+    """The config search order: `extra` (a job's own folder), ``$ARD_CONF_DIR``, then the shipped `CONFIG_DIR`.
+
+    `extra` naming the shipped folder itself adds nothing (the site's folder still comes before it).
+    """
+    first = Path(extra).expanduser().resolve() if extra else None
+    out: list[Path] = []
+    for d in (None if first == CONFIG_DIR else first, site_config_dir(), CONFIG_DIR):
+        if d is not None and d not in out:
+            out.append(d)
+    return out
+
+
+@contextlib.contextmanager
+def hydra_search_path(dirs: Sequence[Path]) -> Iterator[None]:
+    """Initialise Hydra (outside an app) on `dirs` in order: the first is the primary folder, the others follow it.
+
+    The same search path an entry point gets from `cli.hydra_main` (primary ``config_path`` + Hydra's
+    ``--config-dir``, which Hydra places after the primary folder): earlier folders win, later ones fill in.
+    Hydra's public `initialize_config_dir` takes one folder, so this mirrors it with the same internals.
+    """
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    version.setbase("1.3")
+    csp = create_config_search_path(str(dirs[0]))
+    for d in dirs[1:]:
+        csp.prepend(provider="command-line", path=f"file://{d}", anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="compose", config_search_path=csp)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
 
 
 _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe (the service composes from worker threads)
@@ -27,30 +104,45 @@ _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe (the
 
 def compose_config(config_name: str, overrides: Sequence[str] = (), fix: str = "fix the overrides",
                    config_dir: str | Path | None = None) -> DictConfig:
-    """``<config_dir>/<config_name>.yaml`` (default: the project's conf/) with Hydra overrides, from inside or
-    outside a running Hydra app; any failure is a one-line `ConfigError` ending in `fix`.
+    """``<config_name>.yaml`` with Hydra overrides, from inside or outside a running Hydra app; any failure is a
+    one-line `ConfigError` ending in `fix`.
 
-    Used where one job builds another's config (the workflow and log fusion train through ``train.yaml``,
-    the service composes workflows, ``gallery_cli`` composes ``infer.yaml``).
+    Searched in `config_dirs(config_dir)` order (a job's own folder, ``$ARD_CONF_DIR``, the shipped conf/), through
+    Hydra's search path, so a partial folder overrides or adds single files. Inside a running app the app's own
+    search path is used. Where one job builds another's config (the workflow and log fusion train through
+    ``train.yaml``, the service composes workflows, ``ard-gallery build`` composes ``infer.yaml``).
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     from .errors import ConfigError, UserError
 
-    conf_dir = Path(config_dir) if config_dir else CONFIG_DIR
     with _compose_lock:
         try:
             if GlobalHydra.instance().is_initialized():
                 return compose(config_name=config_name, overrides=list(overrides))
-            if not (conf_dir / f"{config_name}.yaml").is_file():
-                raise ConfigError(f"config {conf_dir / config_name}.yaml not found; {fix}")
-            with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+            dirs = config_dirs(config_dir)
+            if not any((d / f"{config_name}.yaml").is_file() for d in dirs):
+                raise ConfigError(f"config {config_name}.yaml not found in {', '.join(map(str, dirs))}; {fix}")
+            with hydra_search_path(dirs):
                 return compose(config_name=config_name, overrides=list(overrides))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - Hydra raises several types for bad overrides
             raise ConfigError(f"{config_name} config could not be composed ({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def compose_plain(config_name: str, overrides: Sequence[str] = (), fix: str | None = None) -> dict[str, Any]:
+    """`compose_config` as a resolved plain dict without the run-only parts (``hydra``, ``paths.output_dir``):
+    a job's settings for library calls made outside a Hydra run (``ard-gallery build``, tests, benchmarks)."""
+    from omegaconf import open_dict
+
+    cfg = compose_config(config_name, overrides, fix=fix or f"check the overrides {' '.join(overrides)}")
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+        if "paths" in cfg and "output_dir" in cfg.paths:
+            del cfg.paths["output_dir"]  # ${hydra:runtime.output_dir}: only resolvable inside a Hydra run
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def dataclass_from_mapping(cls: type, cfg: Mapping[str, Any] | None, where: str) -> Any:

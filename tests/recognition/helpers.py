@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from anime_role_detect.confutil import CONFIG_DIR
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
 TRAIN_CHARS = 8
 
 def compose(config_name: str, overrides: list[str]):
@@ -21,9 +22,9 @@ def compose(config_name: str, overrides: list[str]):
 
 def infer_cfg(overrides: list[str] | None = None) -> dict:
     """`conf/infer.yaml` composed with overrides, as a plain dict."""
-    from anime_role_detect.recognition.gallery_cli import compose_config
+    from anime_role_detect.confutil import compose_plain
 
-    return compose_config(overrides or [])
+    return compose_plain("infer", overrides or [])
 
 
 def train_onnx_tagger(data_root: Path, out_dir: Path, epochs: int = 12, seed: int = 0) -> tuple[Path, Path]:

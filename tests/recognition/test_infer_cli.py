@@ -1,4 +1,4 @@
-"""The real entry points as subprocesses: `infer.py` on a file and a folder, and `gallery_cli` add/list/remove."""
+"""The real entry points as subprocesses: `infer.py` on a file and a folder, and ``ard-gallery`` add/list/remove."""
 
 from __future__ import annotations
 
@@ -74,14 +74,14 @@ def test_infer_py_bad_input_is_one_line_error(version_dir, folder, tmp_path):
     assert p.returncode == 2 and "no live version" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_gallery_cli_add_list_remove(version_dir, tmp_path, folder):
+def test_gallery_command_add_list_remove(version_dir, tmp_path, folder):
     g = tmp_path / "g"
     shutil.copytree(version_dir, g)
     shots = tmp_path / "shots"
     shots.mkdir()
     for f in sorted(folder.glob("*.png"))[:3]:
         shutil.copy(f, shots / f.name)
-    cli = ["-m", "anime_role_detect.recognition.gallery_cli"]
+    cli = ["-m", "anime_role_detect.cli.gallery"]
     p = run(cli + ["add", "--gallery", str(g), "--character", "newbie", "--series", "s9", str(shots)], cwd=tmp_path)
     assert p.returncode == 0 and "enrolled newbie" in p.stdout, p.stderr[-1500:]
     p = run(cli + ["list", "--gallery", str(g)], cwd=tmp_path)

@@ -10,14 +10,16 @@ from typing import Sequence
 
 import pytest
 
+from anime_role_detect.confutil import CONFIG_DIR
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
 def tiny_overrides(root: Path, data_root: Path, epochs: int = 1) -> list[str]:
-    """Small, fast settings: random-init resnet10t at 64 px on CPU, CSV logger, no progress bar."""
+    """Small, fast settings: random-init resnet10t at 64 px on CPU, CSV logger, no progress bar, not registered."""
     return [
         f"paths.root_dir={root}",
+        "register=false",
         f"data.root={data_root}",
         "data.synthetic=null",
         "data.image_size=64",

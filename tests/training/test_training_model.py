@@ -10,7 +10,7 @@ import torch
 
 from anime_role_detect.data.transforms import build_eval_transform
 from anime_role_detect.errors import WeightsError
-from anime_role_detect.evaluation import write_report
+from anime_role_detect.training.evaluation import write_report
 from anime_role_detect.models.classifier import CharacterClassifier
 
 pytestmark = pytest.mark.slow

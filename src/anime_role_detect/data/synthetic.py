@@ -5,14 +5,13 @@ single attribute (the "sameface" problem tags exist to solve); pose, scale, back
 colour noise vary per image, so a model cannot score 100% after one batch. ``domain`` changes the
 drawing style (background, line weight, tint) to simulate a new art style for fusion tests.
 
-Writes the standard dataset folder: ``ROOT/<character>/<n>.png`` + ``metadata.jsonl`` with tags.
-``python -m anime_role_detect.data.synthetic ROOT [n_characters] [images_per_character]``
+Writes the standard dataset folder: ``ROOT/<character>/<n>.png`` + ``metadata.jsonl`` with tags
+(command line: ``ard-synthetic ROOT [n_characters] [images_per_character]``, `cli.synthetic`).
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -283,17 +282,23 @@ def ensure_dataset(root: str | Path, **kwargs) -> Path:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m anime_role_detect.data.synthetic ROOT [n_characters] [images_per_character]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print(__doc__)
-        raise SystemExit(2)
-    n = int(args[1]) if len(args) > 1 else 8
-    k = int(args[2]) if len(args) > 2 else 30
-    recs = generate_dataset(args[0], n, k)
-    print(f"wrote {len(recs)} images of {n} characters to {args[0]}")
+def write_samples(root: str | Path, out_dir: str | Path, per_character: int = 3, size: int = 128, seed: int = 1) -> list[Path]:
+    """Fresh renders of a generated dataset's characters (never its training images): ``out_dir/<character>_<n>.png``.
 
+    Pictures to try a model trained on `root` with (the demo writes them next to its live version); earlier
+    samples in `out_dir` are replaced.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    rng = random.Random(seed * 104729 + 3)  # a different stream than generate_dataset's
+    paths: list[Path] = []
+    for spec in load_characters(root):
+        for k in range(1, per_character + 1):
+            img, _ = render_character(spec, rng, size)
+            path = out / f"{spec.name}_{k}.png"
+            img.save(path)
+            paths.append(path)
+    return paths
 
-if __name__ == "__main__":
-    main()

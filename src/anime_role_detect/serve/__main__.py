@@ -1,16 +1,11 @@
-"""`python -m anime_role_detect.serve [key=value ...]` / `ard-serve`: compose conf/serve.yaml and run uvicorn."""
+"""``python -m anime_role_detect.serve [key=value ...]`` / ``ard-serve``: compose conf/serve.yaml and run uvicorn."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import hydra
 from omegaconf import DictConfig
 
-from ..cli import user_errors_exit
+from ..cli import hydra_main
 from ..log import setup_logging
-
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 
 
 def serve(cfg: DictConfig) -> None:
@@ -27,9 +22,9 @@ def serve(cfg: DictConfig) -> None:
                 timeout_keep_alive=5, timeout_graceful_shutdown=10)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
-@user_errors_exit
+@hydra_main("serve")
 def main(cfg: DictConfig) -> None:
+    """Serve conf/serve.yaml (+ ``key=value`` overrides) until interrupted."""
     serve(cfg)
 
 

@@ -1,4 +1,4 @@
-"""``python -m anime_role_detect.workflow characters='[{"name":"Hoshino","series":"Blue Archive"}]'``.
+"""``python -m anime_role_detect.workflow characters='[{"name":"Hoshino","series":"Blue Archive"}]'`` (or ``ard-workflow``).
 
 Thin Hydra entry point (conf/workflow.yaml): progress bars per stage, a summary table at the end;
 rerun the same command after an interruption to resume.
@@ -9,13 +9,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, open_dict
 
-from ..cli import user_errors_exit
+from ..cli import hydra_main
 from ..log import setup_logging
 from .progress import CancelledError, Progress, ProgressEvent
-from ..confutil import CONFIG_DIR
 from .run import WorkflowResult, hydra_quote, run_workflow
 
 
@@ -104,9 +102,9 @@ def print_summary(result: WorkflowResult) -> None:
           + (f" | resumed: {', '.join(result.resumed_stages)}" if result.resumed_stages else ""))
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="workflow", version_base="1.3")
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
+@hydra_main("workflow")
+def app(cfg: DictConfig) -> None:
+    """Run (or resume) the workflow with progress bars; print the summary table."""
     if sys.stderr.isatty() and cfg.get("log"):  # the bars show progress; INFO lines would tear them (still in logs/)
         with open_dict(cfg):
             cfg.log.console_level = "WARNING"
@@ -122,6 +120,11 @@ def main(cfg: DictConfig) -> None:
     print_summary(result)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m anime_role_detect.workflow`` / ``ard-workflow``: JSON values accepted, then the Hydra app."""
     sys.argv[1:] = json_overrides_to_hydra(sys.argv[1:])
+    app()
+
+
+if __name__ == "__main__":
     main()

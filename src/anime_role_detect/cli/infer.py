@@ -1,4 +1,5 @@
-"""What ``infer.py`` does: resolve the input (image, folder, video), recognise in batches, write JSON lines / CSV / JSON.
+"""``python infer.py image=PATH`` / ``ard-infer``: resolve the input (image, folder, video), recognise in batches,
+write JSON lines / CSV / JSON; every answer also goes to the fusion feature log (``feature_log.enabled``).
 
 In a folder, an unreadable file becomes an ``{"filename", "error"}`` line and the run goes on; a
 single bad file is a one-line error (exit 2).
@@ -11,14 +12,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Iterator, Mapping, TextIO
+
+from omegaconf import DictConfig
 
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError
+from ..fusion.featurelog import sink_from_config
 from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
 from ..log import get_logger, setup_logging
-from .pipeline import Recognizer
-from .schema import Answer
+from ..recognition.pipeline import Recognizer
+from ..recognition.schema import Answer
+from . import hydra_main
 
 CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms")
 _log = get_logger("inference")
@@ -82,14 +87,10 @@ def _decoded(files: list[Path]) -> Iterator[tuple[Path, Any, str | None, str]]:
             yield f, None, None, f"{f}: cannot read ({exc.strerror}); check permissions"
 
 
-RecognizerHook = Callable[[Recognizer], Callable[[], None] | None]
-
-
-def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognizer: RecognizerHook | None = None) -> int:
+def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
     """Recognise ``cfg.image`` (file or folder) or ``cfg.video``; returns how many inputs failed.
 
-    `on_recognizer` lets the entry point attach higher layers (the fusion feature log) to the
-    Recognizer without this layer importing them; it may return a closer called at the end.
+    With ``feature_log.enabled`` every answer is also appended to the feature log (a recognizer sink).
     """
     c = dict(_plain(cfg) or {})
     if c.get("log"):
@@ -100,10 +101,12 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognize
     out_cfg = dict(c.get("output") or {})
     out_path = out_cfg.get("path")
     fh: TextIO = open(out_path, "w", encoding="utf-8", newline="") if out_path else (stream or sys.stdout)
-    closer: Callable[[], None] | None = None
+    sink = None
     try:
         rec = Recognizer.from_config(c)
-        closer = on_recognizer(rec) if on_recognizer is not None else None
+        sink = sink_from_config(c.get("feature_log"))
+        if sink is not None:
+            rec.add_sink(sink)
         writer = AnswerWriter(fh, out_cfg.get("format", "jsonl"))
         if video:
             vp = Path(video)
@@ -126,8 +129,8 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None, on_recognize
             raise ImageError(f"{ip}: the folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)))
     finally:
-        if closer is not None:
-            closer()
+        if sink is not None:
+            sink.close()
         if out_path:
             fh.close()
 
@@ -164,3 +167,13 @@ def _run_folder(rec: Recognizer, files: list[Path], writer: AnswerWriter, batch_
     if failed:
         print(f"warning: {failed} of {len(files)} file(s) could not be read (see 'error' lines)", file=sys.stderr)
     return failed
+
+
+@hydra_main("infer")
+def main(cfg: DictConfig) -> None:
+    """Recognise `image=` or `video=` and write the answers (conf/infer.yaml)."""
+    run_infer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .fsutil import atomic_path, atomic_write_json, atomic_write_text
+from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .confutil import CONFIG_DIR
-from .errors import ConfigError
-from .fsutil import atomic_write_text
-from .log import setup_logging, training_log
+from ..confutil import CONFIG_DIR, config_dirs as default_config_dirs
+from ..errors import ConfigError
+from ..fsutil import atomic_write_text
+from ..log import setup_logging, training_log
 
 # torch / Lightning are imported inside the functions that need them, so `train.py` can reject a
 # bad command line (see `check_group_overrides`) before paying for those imports.
@@ -29,11 +29,14 @@ from .log import setup_logging, training_log
 
 @dataclass
 class TrainResult:
-    """What a run leaves: the best checkpoint, the run folder and its final metrics."""
+    """What a run leaves: the best checkpoint, the run folder, its final metrics and the data it was split from."""
 
     ckpt_path: str
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    data_root: str = ""  # the dataset folder
+    split_path: str = ""  # its train/val split manifest (a gallery built for this model reuses it)
+    is_global_zero: bool = True  # False on the other DDP ranks (they publish nothing)
 
 
 # -- W&B ------------------------------------------------------------------------------------
@@ -88,21 +91,32 @@ def build_wandb_logger(offline: bool | None = None, **kwargs: Any):
 
 
 # -- config helpers -------------------------------------------------------------------------
-def check_group_overrides(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
-    """Fail fast with one line for ``group=value`` overrides naming a config file that does not exist."""
+def check_group_overrides(argv: Sequence[str], config_dirs: Sequence[Path] | None = None) -> None:
+    """Fail fast with one line for ``group=value`` overrides naming a config file that does not exist, or null.
+
+    Groups and options are looked up in `config_dirs` (default: ``$ARD_CONF_DIR`` then the shipped conf/).
+    Hydra cannot set a group to null (``experiment=null`` is a raw traceback there): the fix is ``~group``.
+    """
+    dirs = list(config_dirs) if config_dirs is not None else default_config_dirs()
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if key.startswith("hydra") or "." in key or not (config_dir / key).is_dir():
+        if key.startswith("~"):
+            continue  # ~group=option deletes; Hydra checks the option itself
+        key = key.lstrip("+")
+        groups = [d / key for d in dirs if (d / key).is_dir()]
+        if key.startswith("hydra") or "." in key or not groups:
             continue
+        options = sorted({p.stem for g in groups for p in g.glob("*.yaml")})
         for choice in value.split(","):
             choice = choice.strip()
-            if choice in ("", "null") or choice.startswith(("choice(", "range(", "glob(")):
+            if choice in ("", "null"):
+                raise ConfigError(f"{key}={choice or repr('')} cannot unset a config group; drop it with ~{key} "
+                                  f"(e.g. python train.py '~{key}') or choose one of: {', '.join(options)}")
+            if choice.startswith(("choice(", "range(", "glob(")):
                 continue
-            if not (config_dir / key / f"{choice}.yaml").is_file():
-                options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+            if choice not in options:
                 raise ConfigError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
 
 
@@ -254,7 +268,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     metrics: dict[str, Any] = dict(fit_metrics)
     if trainer.is_global_zero and cfg.get("evaluate", True):
-        from .models.classifier import CharacterClassifier
+        from ..models.classifier import CharacterClassifier
 
         best = CharacterClassifier.load_from_checkpoint(ckpt_path, map_location="cpu")
         extra = {
@@ -286,7 +300,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
                 wandb.finish(quiet=True)
             except Exception:  # noqa: BLE001
                 pass
-    return TrainResult(ckpt_path=ckpt_path, output_dir=str(out_dir), metrics=metrics)
+    return TrainResult(ckpt_path=ckpt_path, output_dir=str(out_dir), metrics=metrics, data_root=str(datamodule.root),
+                       split_path=str(datamodule.split_path or ""), is_global_zero=bool(trainer.is_global_zero))
 
 
 def optimized_metric(cfg: DictConfig, result: TrainResult) -> float | None:
@@ -307,4 +322,5 @@ __all__ = [
     "check_group_overrides",
     "build_wandb_logger",
     "evaluate_checkpoint",
+    "CONFIG_DIR",
 ]

@@ -1,0 +1,188 @@
+"""Build a recognition folder (the version-folder contract) from a labelled dataset folder.
+
+`build_recognition_folder` writes ``gallery.faiss`` + ``gallery.json``, ``tag_profiles.json`` (when the
+metadata has tags) and ``calibration.json`` (open-set thresholds and rerank weights tuned on a held-out
+split), plus a copy of ``model.ckpt`` when given. Used by the workflow's gallery stage, by
+``train.py register=true`` (`workflow.publish`) and by ``ard-gallery build`` (`cli.gallery`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..confutil import to_plain as _plain
+from ..errors import ConfigError, ImageError
+from ..imageio import load_image
+from ..log import get_logger
+from ..versionfiles import MODEL
+from .gallery import Gallery
+from .openset import OpenSetCalibration, calibrate, leave_one_out_scores
+from .pipeline import MODES, Recognizer
+from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
+
+_log = get_logger("system")
+
+
+def _safe_loader(path: Path) -> Callable[[], Image.Image | None]:
+    def load() -> Image.Image | None:
+        try:
+            return load_image(path)
+        except ImageError as exc:
+            _log.warning(f"skipped unreadable image: {exc}")
+            return None
+
+    return load
+
+
+@dataclass
+class BuildReport:
+    """What `build_recognition_folder` made and how well it did on the held-out images."""
+
+    out_dir: str
+    characters: int
+    train_images: int
+    val_images: int
+    rows: int
+    embedder_id: str
+    top1: dict[str, float] = field(default_factory=dict)  # "<mode>" and "<mode>+rerank" on val
+    thresholds: dict[str, float] = field(default_factory=dict)
+    rerank_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _score_matrix(cands: list[list[tuple[str, str, float]]], names: list[str]) -> np.ndarray:
+    col = {n: i for i, n in enumerate(names)}
+    m = np.full((len(cands), len(names)), -1.0)
+    for r, row in enumerate(cands):
+        for c, _, s in row:
+            if c in col:
+                m[r, col[c]] = s
+    return m
+
+
+@dataclass
+class SplitEvaluation:
+    """What `evaluate_split` measured: top-1 per mode (and with reranking), thresholds, rerank weights."""
+
+    top1: dict[str, float]
+    calibration: OpenSetCalibration
+    weights: dict[str, float]
+    embeddings: np.ndarray | None = None  # the images' gallery embeddings (clip mode), reused to enrol them
+
+
+def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
+                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.9,
+                   tag_truth: Sequence[Sequence[str]] | None = None) -> SplitEvaluation:
+    """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights.
+
+    With `tag_truth` (the images' metadata tags) the reranker first learns the tagger's noise per tag.
+    """
+    top1: dict[str, float] = {}
+    calib = OpenSetCalibration(target_far=target_far)
+    weights: dict[str, float] = {}
+    embeddings: np.ndarray | None = None
+    names = sorted(set(labels) | {c["name"] for c in rec.characters()})
+    rec.n_candidates = max(rec.n_candidates, len(names))
+    for mode in modes:
+        need_tags = rec.reranker is not None and rec.tagger is not None
+        scored = rec._score(images, mode, need_tags, False)
+        if mode == "clip":
+            embeddings = scored.embeddings
+        top1[mode] = float(np.mean([bool(c) and c[0][0] == y for c, y in zip(scored.candidates, labels)]))
+        known = [i for i, y in enumerate(labels) if y in names]
+        if len(set(labels)) >= 2:
+            m = _score_matrix(scored.candidates, names)
+            y_idx = [names.index(labels[i]) for i in known]
+            g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
+            calib.modes[mode] = calibrate(g, imp, target_far, min_tar)
+        if need_tags and scored.tag_probs is not None:
+            aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
+            if tag_truth is not None and rec.reranker.noise is None:
+                truth = np.array([[t in set(tags) for t in rec.reranker.tags] for tags in tag_truth])
+                usable = rec.reranker.fit_tagger_noise(aligned, truth, tagger_id=getattr(rec.tagger, "model_id", ""))
+                _log.info(f"tagger noise model: {usable} of {len(rec.reranker.tags)} profile tags usable")
+            if tune:
+                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, default=DEFAULT_WEIGHTS.get(mode, 0.03))
+            w = weights.get(mode, rec.reranker.weight_for(mode))
+            hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] == y for c, a, y in zip(scored.candidates, aligned, labels) if c]
+            top1[f"{mode}+rerank"] = float(np.mean(hits))
+    return SplitEvaluation(top1, calib, weights, embeddings)
+
+
+def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], model_ckpt: str | Path | None = None,
+                             val_fraction: float = 0.2, seed: int = 42, target_far: float = 0.05, dedupe: bool = True,
+                             include_val: bool = True, progress: Callable[[int, int], None] | None = None,
+                             split: tuple[Sequence[str], Sequence[str]] | None = None) -> BuildReport:
+    """Dataset folder -> gallery + tag profiles + calibration (+ model.ckpt copy) in `out_dir`, tuned on a leak-free split.
+
+    `split` = (train file names, val file names) reuses a split made elsewhere (a training run's manifest)
+    instead of computing one from `val_fraction` and `seed`; files in neither list are left out.
+    """
+    from ..data.layout import scan_dataset, stratified_group_split
+    from .embedder import build_embedder
+
+    cfg = dict(_plain(cfg) or {})
+    root, out = Path(data_root), Path(out_dir).resolve()  # absolute: the version folder's relative file names resolve once
+    records = scan_dataset(root)
+    if split is not None:
+        train_set, val_set = set(split[0]), set(split[1])
+        train = [r for r in records if r.file_name in train_set]
+        val = [r for r in records if r.file_name in val_set]
+    elif val_fraction > 0:
+        if dedupe:
+            from ..data.dedupe import assign_duplicate_groups
+
+            assign_duplicate_groups(records, root)
+        made = stratified_group_split(records, val_fraction, seed)
+        val_set = set(made.val)
+        train = [r for r in records if r.file_name not in val_set]
+        val = [r for r in records if r.file_name in val_set]
+    else:
+        train, val = list(records), []
+    out.mkdir(parents=True, exist_ok=True)
+    if model_ckpt:
+        if Path(model_ckpt).resolve() != (out / MODEL).resolve():
+            shutil.copy2(model_ckpt, out / MODEL)
+    ecfg = dict(cfg.get("embedder") or {"kind": "timm"})
+    if ecfg.get("kind") == "classifier":
+        if not (out / MODEL).is_file() and not ecfg.get("ckpt_path"):
+            raise ConfigError("embedder=classifier needs --model-ckpt (or embedder.ckpt_path)")
+        ecfg["ckpt_path"] = MODEL if (out / MODEL).is_file() else str(Path(ecfg["ckpt_path"]).resolve())
+    embedder = build_embedder(ecfg, base_dir=out)
+    gcfg = dict(cfg.get("gallery_build") or {})
+    items = [(r.character, r.series, _safe_loader(r.path(root)), r.file_name) for r in train]
+    gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
+                            aggregate=gcfg.get("aggregate", "max"), embedder_config=ecfg, progress=progress)
+    gallery.save(out)
+    has_tags = any(r.tags for r in train)
+    if has_tags:
+        TagReranker.fit(train, min_tag_count=int(gcfg.get("min_tag_count", 2))).save(out)
+    report = BuildReport(str(out), len(gallery.characters()), len(train), len(val), len(gallery), embedder.model_id)
+    if val:
+        loaded = [(img, r) for r in val if (img := _safe_loader(r.path(root))()) is not None]
+        vimgs, vlabels = [img for img, _ in loaded], [r.character for _, r in loaded]
+        rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
+        rec = Recognizer.from_version(out, rcfg)
+        modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
+        ev = evaluate_split(rec, vimgs, vlabels, modes, target_far, tag_truth=[r.tags for _, r in loaded])
+        top1, calib, weights = ev.top1, ev.calibration, ev.weights
+        calib.save(out)
+        report.top1, report.rerank_weights = top1, weights
+        report.thresholds = {m: t.threshold for m, t in calib.modes.items()}
+        if rec.reranker is not None and (weights or rec.reranker.noise is not None):
+            rec.reranker.mode_weights.update(weights)
+            rec.reranker.save(out)
+        if include_val:  # thresholds are set; the final gallery also learns from the held-out images
+            vemb = ev.embeddings if ev.embeddings is not None else embedder.embed(vimgs)  # same embedder, same images
+            for character in sorted(set(vlabels)):
+                idx = [i for i, y in enumerate(vlabels) if y == character]
+                recs = [loaded[i][1] for i in idx]
+                gallery.add(character, recs[0].series, vemb[idx], [r.file_name for r in recs], embedder_id=embedder.model_id)
+            gallery.save(out)
+            report.rows = len(gallery)
+    return report
