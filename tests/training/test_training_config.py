@@ -69,8 +69,49 @@ def test_loggers_and_callbacks_instantiate(compose_cfg, tmp_path, monkeypatch):
 
 def test_group_override_check():
     check_group_overrides(["trainer=cpu", "model=tiny", "data.root=/x", "-m", "model.optimizer.lr=1e-3,1e-4"])
-    check_group_overrides(["trainer=cpu,ddp", "hparams_search=optuna", "experiment=null"])
+    check_group_overrides(["trainer=cpu,ddp", "hparams_search=optuna", "~experiment"])
+    with pytest.raises(ConfigError, match=r"experiment=null cannot unset a config group; drop it with ~experiment .*demo, mixed5"):
+        check_group_overrides(["experiment=null"])
     with pytest.raises(ConfigError, match=r"unknown trainer 'tpu'; choose one of: cpu, ddp, default, gpu, mps"):
         check_group_overrides(["trainer=tpu"])
     with pytest.raises(ConfigError, match="unknown model 'vit_huge'"):
         check_group_overrides(["model=vit_huge"])
+
+
+def _site(tmp_path: Path) -> Path:
+    """A site's config folder: one shipped file changed (trainer/cpu.yaml) and one option added (experiment/site)."""
+    site = tmp_path / "site"
+    (site / "trainer").mkdir(parents=True)
+    (site / "experiment").mkdir()
+    (site / "trainer" / "cpu.yaml").write_text((CONFIG_DIR / "trainer" / "cpu.yaml").read_text() + "max_epochs: 7\n")
+    (site / "experiment" / "site.yaml").write_text("# @package _global_\ntags: [site]\n")
+    return site
+
+
+def test_ard_conf_dir_layers_a_site_folder_over_the_shipped_configs(tmp_path, monkeypatch):
+    from anime_role_detect.confutil import compose_config
+
+    assert compose_config("train", ["trainer=cpu", "~experiment"]).trainer.max_epochs != 7
+    monkeypatch.setenv("ARD_CONF_DIR", str(_site(tmp_path)))
+    cfg = compose_config("train", ["trainer=cpu", "experiment=site"])
+    assert cfg.trainer.max_epochs == 7 and list(cfg.tags) == ["site"]  # the site's file wins, its new option is found
+    assert cfg.trainer.accelerator == "cpu" and cfg.model.backbone.name  # everything else still comes from the package
+    check_group_overrides(["experiment=site"])  # the command-line check sees the site's options too
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'; choose one of: demo, mixed5, newgame_full, site"):
+        check_group_overrides(["experiment=nope"])
+
+
+def test_ard_conf_dir_reaches_the_entry_points(tmp_path, project_root):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ARD_CONF_DIR": str(_site(tmp_path))}
+    proc = subprocess.run([sys.executable, str(project_root / "train.py"), "--cfg", "job", "trainer=cpu", "experiment=site"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max_epochs: 7" in proc.stdout and "- site" in proc.stdout
+    env["ARD_CONF_DIR"] = str(tmp_path / "missing")
+    proc = subprocess.run([sys.executable, str(project_root / "train.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ARD_CONF_DIR=") and "Traceback" not in proc.stderr
+

@@ -125,3 +125,10 @@ def test_unknown_trainer_one_line(tmp_path, train_py):
     line = _one_line_error(proc, "unknown trainer 'xyz'")
     for option in ("cpu", "gpu", "mps", "ddp", "default"):
         assert option in line
+
+
+def test_null_config_group_one_line(tmp_path, train_py):
+    # Hydra itself answers `experiment=null` with a ValueError traceback ("Config group override must be a string").
+    proc = train_py(["experiment=null"], cwd=tmp_path)
+    line = _one_line_error(proc, "experiment=null", "~experiment", "demo", "mixed5")
+    assert "Config group override" not in line
