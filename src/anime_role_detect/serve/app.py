@@ -1,7 +1,9 @@
 """`create_app(cfg)`: the FastAPI application — REST API under /api, web pages at / and /workflow.
 
 Models load once at start-up (lifespan) and run in worker threads, never on the event loop; a
-newer registry version is swapped in while in-flight requests finish on the old one.
+newer registry version is swapped in while in-flight requests finish on the old one. Concurrent
+single-image classify requests share recognizer calls through the micro-batcher (serve/batching.py),
+started and stopped with the app.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..log import get_logger
+from .batching import MicroBatcher
 from .deps import Services
 from .errors import AccessLogMiddleware, BodyLimitMiddleware, install_error_handlers
 from .live import LiveRecognizer, RecognizerLoader, load_from_version
@@ -65,7 +68,10 @@ def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader 
     if settings.workflow.enabled:
         workflows = WorkflowManager(settings.workflow, str(settings.registry_path.resolve()), runner=workflow_runner,
                                     config_factory=workflow_config_factory)
-    return Services(settings=settings, live=live, workflows=workflows, feature_log=feature_log)
+    svc = Services(settings=settings, live=live, workflows=workflows, feature_log=feature_log)
+    if settings.batching.enabled:  # one batch per model thread at a time; batches run in those threads
+        svc.batcher = MicroBatcher(settings.batching, svc.to_thread, slots=settings.limits.inference_threads)
+    return svc
 
 
 def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services: Services | None = None,
@@ -79,10 +85,15 @@ def create_app(cfg: Mapping[str, Any] | ServeSettings | None = None, *, services
         svc.started_at = time.time()
         if not svc.live.ready:
             await anyio.to_thread.run_sync(svc.live.load_now)
+        if svc.batcher is not None:
+            svc.batcher.start()
         _log.info(f"service ready on version {svc.live.version_id or '(none)'}")
         try:
             yield
         finally:
+            if svc.batcher is not None:
+                await svc.batcher.aclose()
+                _log.info(f"micro-batching: {svc.batcher.stats.as_dict()}")
             if svc.workflows is not None:
                 svc.workflows.shutdown()
             if svc.feature_log is not None:

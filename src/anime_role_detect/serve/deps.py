@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..log import get_logger
+from .batching import MicroBatcher
 from .errors import ApiError
 from .live import LiveRecognizer, Loaded
 from .settings import ServeSettings
@@ -34,6 +35,9 @@ class Services:
     workflows: WorkflowManager | None
     feature_log: Any | None = None
     limiter: anyio.CapacityLimiter | None = None
+    #: gathers concurrent single-image classify requests into one recognizer call; None = batching off
+    batcher: MicroBatcher | None = None
+    decode_limiter: anyio.CapacityLimiter | None = None
     started_at: float = 0.0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "answers": 0, "errors": 0})
 
@@ -42,6 +46,17 @@ class Services:
         if self.limiter is None:
             self.limiter = anyio.CapacityLimiter(self.settings.limits.inference_threads)
         return self.limiter
+
+    def decode_capacity(self) -> anyio.CapacityLimiter:
+        """Threads decoding uploads for the batcher: apart from the model threads, so images are ready to join
+        the next batch while a batch runs; as many as one batch holds (bounds decoded pixels in memory)."""
+        if self.decode_limiter is None:
+            self.decode_limiter = anyio.CapacityLimiter(max(self.settings.limits.inference_threads, self.settings.batching.max_batch))
+        return self.decode_limiter
+
+    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking model work in the model worker threads (no timeout of its own; see `run_model`)."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.capacity(), abandon_on_cancel=True)
 
 
 def get_services(request: Request) -> Services:
@@ -87,16 +102,23 @@ def require_token(
         raise ApiError(403, "the bearer token is wrong; use the token from the server's auth.token", None)
 
 
-async def run_model(services: Services, fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking model work in the worker threads, bounded by the request timeout (503 after it)."""
+@contextlib.contextmanager
+def request_deadline(services: Services) -> Iterator[None]:
+    """Bound everything awaited inside by the request timeout: past it the work is dropped and the answer is 503."""
     timeout = services.settings.limits.request_timeout_s
     try:
         with anyio.fail_after(timeout):
-            return await anyio.to_thread.run_sync(fn, *args, limiter=services.capacity(), abandon_on_cancel=True)
+            yield
     except TimeoutError:
         _log.warning(f"model work over the {timeout:.0f}s request timeout")
         raise ApiError(503, f"the request took longer than {timeout:.0f}s and was stopped; retry with a smaller file",
                        {"timeout_s": timeout}, headers={"Retry-After": "5"}) from None
+
+
+async def run_model(services: Services, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking model work in the worker threads, bounded by the request timeout (503 after it)."""
+    with request_deadline(services):
+        return await services.to_thread(fn, *args)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,18 @@ class Limits(_Section):
         return max(self.max_video_bytes, self.max_upload_bytes * self.max_files) + 1024 * 1024
 
 
+class BatchingSettings(_Section):
+    """Micro-batching of concurrent single-image `/api/classify` requests (one recognizer call for many)."""
+
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join its batch; 0 = off.")
+    max_batch: int = Field(16, ge=1, le=256, description="Most images in one recognizer batch.")
+
+    @property
+    def enabled(self) -> bool:
+        """Off when there is nothing to wait for (0 ms) or nothing to gather (batches of one)."""
+        return self.max_wait_ms > 0 and self.max_batch > 1
+
+
 class Auth(_Section):
     """Bearer token for the mutating endpoints (enrol, delete, feedback, workflow); null = open."""
 
@@ -99,6 +111,7 @@ class ServeSettings(_Section):
     recognizer: dict[str, Any] = Field(default_factory=dict)
     video_sample_fps: float = Field(1.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
     auth: Auth = Field(default_factory=Auth)
     cors: Cors = Field(default_factory=Cors)
     feature_log: FeatureLogSettings = Field(default_factory=FeatureLogSettings)

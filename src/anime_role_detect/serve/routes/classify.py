@@ -1,19 +1,25 @@
-"""`POST /api/classify` (one image or video, seed-compatible form) and `POST /api/classify/batch`."""
+"""`POST /api/classify` (one image or video, seed-compatible form) and `POST /api/classify/batch`.
+
+Single images go through the micro-batcher (serve/batching.py) when `batching` is on, else one recognizer
+call each; videos and explicit batches always run on their own."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from ...errors import UserError
+from ...imageio import content_hash
 from ...recognition.schema import Answer, Mode, VideoAnswer
-from ..deps import LiveDep, ServicesDep, reading, run_model
+from ..deps import LiveDep, Services, ServicesDep, reading, request_deadline, run_model
 from ..errors import ApiError, status_for_user_error
 from ..live import Loaded
 from ..settings import Limits
@@ -60,6 +66,32 @@ def recognize_image(loaded: Loaded, up: Upload, opts: Options, limits: Limits) -
         return rec.recognize_bytes(up.data, up.filename, mode=opts.mode, rerank=opts.rerank)
 
 
+def decode_and_hash(up: Upload, limits: Limits) -> tuple[Image.Image, str, float]:
+    """Blocking: the upload decoded under the server's limits, its content hash (the answer-cache key, as
+    `recognize_bytes` uses) and the decode time in ms."""
+    t0 = time.perf_counter()
+    image = decode_upload(up, limits)
+    return image, content_hash(up.data), (time.perf_counter() - t0) * 1e3
+
+
+async def recognize_batched(services: Services, loaded: Loaded, up: Upload, opts: Options) -> Answer:
+    """One image through the micro-batcher: decoded on its own first (a bad image is answered alone and never
+    joins a batch), then recognised with whatever other requests arrive within `batching.max_wait_ms`.
+    Decode, wait and batch together are bounded by the request timeout (503), as the unbatched path is."""
+    batcher = services.batcher
+    assert batcher is not None
+    limits = services.settings.limits
+    with request_deadline(services):
+        with batcher.incoming():
+            image, sha, decode_ms = await anyio.to_thread.run_sync(decode_and_hash, up, limits,
+                                                                   limiter=services.decode_capacity(), abandon_on_cancel=True)
+        ans = await batcher.recognize(loaded, image, up.filename, sha, up.data, mode=opts.mode, rerank=opts.rerank)
+    timings = dict(ans.timings_ms)  # as recognize_bytes reports it: decode time, and in the total
+    timings["decode"] = round(decode_ms, 2)
+    timings["total"] = round(timings.get("total", 0.0) + decode_ms, 2)
+    return ans.model_copy(update={"timings_ms": timings})
+
+
 def recognize_video(loaded: Loaded, up: Upload, sample_fps: float, opts: Options) -> VideoAnswer:
     """Blocking: spool the video to a private temp file (decoders want a path), recognise, delete it."""
     fd, tmp = tempfile.mkstemp(prefix="ard-upload-", suffix=_VIDEO_SUFFIX.get(up.fmt, ".bin"))
@@ -92,6 +124,8 @@ async def classify(
     if up.kind == "video":
         fps = sample_fps or services.settings.video_sample_fps
         return await run_model(services, recognize_video, loaded, up, fps, opts)
+    if services.batcher is not None:
+        return await recognize_batched(services, loaded, up, opts)
     return await run_model(services, recognize_image, loaded, up, opts, limits)
 
 
