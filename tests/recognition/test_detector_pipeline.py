@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def detecting_recognizer(version_dir, onnx_tagger, tmp_path_factory) -> Recognizer:
     weights = make_tiny_detector(tmp_path_factory.getbasetemp() / "tiny_yolo")
-    cfg = {**infer_cfg(onnx_tagger), "openset": {"enabled": False}, "detector": {"name": "yolo", "weights": str(weights)}}
+    cfg = {**infer_cfg(onnx_tagger), "openset": {"enabled": False}, "detector": {"kind": "yolo", "weights": str(weights)}}
     return Recognizer.from_version(version_dir, cfg)
 
 

@@ -220,3 +220,37 @@ def test_missing_model_file_is_a_clear_error(version_dir, tmp_path):
     rec = Recognizer.from_version(folder, infer_cfg())
     with pytest.raises(WeightsError, match=r"model\.ckpt not found"):
         rec.recognize(Image.new("RGB", (64, 64)), "x.png", mode="clip")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_one_backbone_pass_per_view_serves_embedding_logits_and_tags(version_dir, test_images, flip):
+    """With the version's classifier as gallery embedder, fusion mode runs the backbone once per batch
+    (twice the images with flip TTA: image + mirror in one call), and gets the same answers as separate passes."""
+    import json
+
+    import torch
+
+    folder = version_dir.parent / f"shared-pass-{flip}"
+    if not folder.exists():
+        shutil.copytree(version_dir, folder)
+        meta = json.loads((folder / "gallery.json").read_text())
+        meta["embedder"]["config"]["flip_tta"] = flip
+        (folder / "gallery.json").write_text(json.dumps(meta))
+    rec = Recognizer.from_version(folder, {**infer_cfg(), "rerank": False, "cache_size": 0, "tagger": {"kind": "classifier"}})
+    assert rec._shares_classifier()
+    images = [img for img, _ in test_images[:6]]
+    rec.recognize_batch([(images[0], "warm.png")], mode="fusion")  # loads every part (their one-off probes)
+    calls: list[int] = []
+    hook = rec.embedder.model.backbone.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))
+    try:
+        answers = rec.recognize_batch([(im, f"{i}.png") for i, im in enumerate(images)], mode="fusion")
+    finally:
+        hook.remove()
+    assert calls == [len(images) * (2 if flip else 1)]
+    assert "forward" in answers[0].timings_ms and "classify" not in answers[0].timings_ms
+    emb, probs, _ = rec.embedder.embed_with_heads(images)
+    sep_probs, _ = rec._classify(images)
+    np.testing.assert_allclose(probs, sep_probs, atol=1e-5)
+    np.testing.assert_allclose(emb, rec.embedder.embed(images), atol=1e-5)
+    with torch.inference_mode():
+        assert rec.classifier is rec.embedder.model  # one network in memory for gallery and heads

@@ -154,12 +154,16 @@ class CharacterClassifier(L.LightningModule):
         """Pooled backbone features [N, D] (not normalised): the gallery/embedding view of the model."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(character logits [N, C], tag logits [N, T]; T may be 0)."""
-        feats = self.embed(x)
+    def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(character logits [N, C], tag logits [N, T]; T may be 0) from pooled features: lets one backbone pass serve
+        the gallery embedding and the heads at inference."""
         char_logits = self.char_head(self.dropout(feats))
         tag_logits = self.tag_head(feats) if self.tag_head is not None else feats.new_zeros((feats.shape[0], 0))
         return char_logits, tag_logits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(character logits [N, C], tag logits [N, T]; T may be 0)."""
+        return self.heads(self.embed(x))
 
     # -- metrics ----------------------------------------------------------------------------
     def _build_metrics(self) -> None:

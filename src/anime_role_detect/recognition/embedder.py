@@ -401,14 +401,32 @@ class ClassifierEmbedder(TorchEmbedder):
     @torch.inference_mode()
     def heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """Character softmax ``[N, C]`` and tag sigmoid ``[N, T]`` (None without a tag head), batched on the device, as CPU numpy."""
-        probs, tags = [], []
+        _, probs, tags = self._passes(images, embed=False)
+        return probs, tags
+
+    @torch.inference_mode()
+    def embed_with_heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One backbone pass per view for everything: unit embeddings (flip-averaged with ``flip_tta``), character
+        softmax and tag sigmoid (heads on the unflipped view, as `heads` computes them)."""
+        return self._passes(images, embed=True)
+
+    def _passes(self, images: Sequence[Image.Image], embed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        embs, probs, tags = [], [], []
         for i in range(0, len(images), self.batch_size):
-            logits, tag_logits = self.model(self.preprocess(images[i : i + self.batch_size]).to(self.device))
+            x = self.preprocess(images[i : i + self.batch_size]).to(self.device)
+            n = len(x)
+            flip = embed and self.flip_tta
+            feats = self.model.embed(torch.cat([x, torch.flip(x, dims=[3])]) if flip else x).float()
+            logits, tag_logits = self.model.heads(feats[:n])
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
             if tag_logits is not None and tag_logits.numel():
                 tags.append(torch.sigmoid(tag_logits.float()).cpu().numpy())
+            if embed:
+                f = nn.functional.normalize(feats[:n], dim=1) + nn.functional.normalize(feats[n:], dim=1) if flip else feats
+                embs.append(f.cpu().numpy())
         n_classes = len(getattr(self.model, "class_names", []) or [])
-        return (np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32)), (np.concatenate(tags) if tags else None)
+        emb = l2_normalise(np.concatenate(embs)) if embs else np.zeros((0, self.dim), np.float32)
+        return emb, (np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32)), (np.concatenate(tags) if tags else None)
 
 
 EMBEDDER_REGISTRY: dict[str, type[TorchEmbedder]] = {

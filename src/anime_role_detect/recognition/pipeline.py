@@ -221,9 +221,9 @@ class Recognizer:
                     own = self.version_dir / own
                 if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
-                emb = build_embedder(cfg, base_dir=self.version_dir)
+                emb = build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:
-                emb = build_embedder(self.config.embedder or {"kind": "timm"})
+                emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
             if self._file(GALLERY_META) is not None:
                 self.gallery.check_embedder(emb.model_id, emb.dim, f"gallery {self.version_dir}")
             return emb
@@ -237,7 +237,7 @@ class Recognizer:
         def load() -> Any:
             if self.model_ckpt is None:
                 raise ConfigError("mode=model/fusion needs a classifier: a version with model.ckpt, or model_ckpt=PATH (train one with train.py)")
-            return load_classifier(self.model_ckpt)
+            return load_classifier(self.model_ckpt, device=self.config.device)
 
         return self._part("classifier", load)
 
@@ -245,7 +245,8 @@ class Recognizer:
     def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
         from .embedder import ClassifierEmbedder
 
-        return self._part("classifier_input", lambda: ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size))
+        return self._part("classifier_input", lambda: ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size,
+                                                                         device=self.config.device))
 
     @property
     def tagger(self) -> Any:
@@ -258,7 +259,7 @@ class Recognizer:
                 tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
             if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
                 tcfg["ckpt_path"] = str(self.model_ckpt)
-            return build_tagger(tcfg, base_dir=self.version_dir)
+            return build_tagger(tcfg, base_dir=self.version_dir, device=self.config.device)
 
         return self._part("tagger", load)
 
@@ -334,18 +335,17 @@ class Recognizer:
         return crops, (time.perf_counter() - t0) * 1e3
 
     def _classify(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Classifier softmax ``[N, C]`` and tag probabilities ``[N, T]`` (None without a tag head), in batches."""
-        import torch
+        """Classifier softmax ``[N, C]`` and tag probabilities ``[N, T]`` (None without a tag head), in batches on the device."""
+        return self.classifier_transform.heads(list(crops))
 
-        model, prep = self.classifier, self.classifier_transform
-        probs, tags = [], []
-        with torch.inference_mode():
-            for i in range(0, len(crops), self.batch_size):
-                logits, tag_logits = model(prep.preprocess(crops[i : i + self.batch_size]))
-                probs.append(torch.softmax(logits.float(), 1).numpy())
-                if tag_logits is not None and tag_logits.numel():
-                    tags.append(torch.sigmoid(tag_logits.float()).numpy())
-        return np.concatenate(probs), (np.concatenate(tags) if tags else None)
+    def _shares_classifier(self) -> bool:
+        """True when the gallery embedder *is* the version's classifier: one backbone pass then serves every head."""
+        from .embedder import ClassifierEmbedder
+
+        if self._file(GALLERY_META) is None or self.model_ckpt is None:
+            return False
+        emb = self.embedder
+        return isinstance(emb, ClassifierEmbedder) and Path(emb.ckpt_path).resolve() == self.model_ckpt.resolve()
 
     def _model_candidates(self, probs: np.ndarray) -> list[list[Candidate]]:
         names, series = self.classifier.class_names, self.classifier.series
@@ -358,22 +358,29 @@ class Recognizer:
     def _score(self, crops: Sequence[Image.Image], mode: str, need_tags: bool, need_embeddings: bool) -> _Scored:
         """Candidate lists per crop for `mode`, plus tag probabilities when reranking and embeddings for the sink."""
         tm: dict[str, float] = {}
-        emb = gal = probs = tag_probs = None
-        if mode in ("clip", "fusion") or need_embeddings:
-            t0 = time.perf_counter()
-            emb = self.embedder.embed(list(crops))
-            tm["embed"] = (time.perf_counter() - t0) * 1e3
+        emb = gal = probs = head_tags = tag_probs = None
+        head_is_tagger = need_tags and type(self.tagger).__name__ == "ClassifierTagger"
+        want_emb = mode in ("clip", "fusion") or need_embeddings
+        want_heads = mode in ("model", "fusion") or head_is_tagger
+        t0 = time.perf_counter()
+        if want_emb and want_heads and self._shares_classifier():  # one backbone pass per view for every head
+            emb, probs, head_tags = self.embedder.embed_with_heads(list(crops))
+            tm["forward"] = (time.perf_counter() - t0) * 1e3
+        else:
+            if want_emb:
+                emb = self.embedder.embed(list(crops))
+                tm["embed"] = (time.perf_counter() - t0) * 1e3
+            if want_heads:
+                t0 = time.perf_counter()
+                probs, head_tags = self._classify(crops)
+                tm["classify"] = (time.perf_counter() - t0) * 1e3
+        if head_is_tagger and head_tags is not None:
+            tag_probs = head_tags  # the tag head already ran in the classifier pass
         if mode in ("clip", "fusion"):
             t0 = time.perf_counter()
             n_chars = len(self.gallery.characters())
             gal = self.gallery.search(emb, k=max(self.n_candidates, n_chars if mode == "fusion" else 0))
             tm["search"] = (time.perf_counter() - t0) * 1e3
-        if mode in ("model", "fusion"):
-            t0 = time.perf_counter()
-            probs, head_tags = self._classify(crops)
-            tm["classify"] = (time.perf_counter() - t0) * 1e3
-            if need_tags and type(self.tagger).__name__ == "ClassifierTagger" and head_tags is not None:
-                tag_probs = head_tags  # the tag head already ran inside the classifier forward pass
         if mode == "clip":
             cands = gal
         elif mode == "model":
