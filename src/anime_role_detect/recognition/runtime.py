@@ -1,0 +1,489 @@
+"""ONNX Runtime: export a version's networks to ONNX, and run them with the interface of the torch classes.
+
+Export (`export_version`, CLI ``python -m anime_role_detect.export``): the version's classifier becomes ONE
+graph ``classifier.onnx`` with outputs ``logits``, ``tag_logits`` (when it has a tag head) and
+``embedding`` (pooled features), so one forward per view serves every mode; a gallery embedder that is
+not that classifier (timm, open_clip, an older classifier in ``embedder.ckpt``) becomes ``embedder.onnx``
+(output ``embedding``). Batch axis dynamic; optional dynamic int8 copies (``*.int8.onnx``). The files go
+into a version derived with `Registry.derive` together with ``onnx.json`` (what each file is, the
+preprocessing, the source checkpoint fingerprint, the torch model id), and the manifest gets an ``onnx``
+entry; the derived version is promoted when the base was live.
+
+Run (`select_runtime`, the `Recognizer`'s ``runtime: auto|torch|onnx|onnx-int8`` setting): `OnnxEmbedder`,
+`OnnxClassifier` and `OnnxClassifierTagger` offer ``embed``/``heads``/``embed_with_heads``/``predict``,
+``dim`` and ``model_id`` like the torch classes, with the same preprocessing and flip TTA, and report
+THE SAME ``model_id`` as the torch embedder of the same weights, so a gallery built with torch is
+searched with ONNX embeddings and vice versa. A network whose source changed since the export (a
+fine-tuned ``model.ckpt``, a rebuilt gallery) is not used: the recognizer falls back to torch for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, WeightsError
+from ..fsutil import atomic_write_json, read_json
+from ..log import get_logger
+from ..versionfiles import GALLERY_META, MODEL
+from .config import RUNTIMES
+from .embedder import file_fingerprint, l2_normalise, shared_model, to_batch
+
+_log = get_logger("system")
+
+ONNX_META = "onnx.json"  # the exported networks of a version folder (carried into derived versions)
+CLASSIFIER_ONNX = "classifier.onnx"
+EMBEDDER_ONNX = "embedder.onnx"
+INT8_SUFFIX = ".int8.onnx"
+#: Every file an export writes (what a re-export does not carry from its base).
+ONNX_FILES = frozenset({ONNX_META, CLASSIFIER_ONNX, EMBEDDER_ONNX, "classifier" + INT8_SUFFIX, "embedder" + INT8_SUFFIX})
+DEFAULT_OPSET = 17
+INPUT = "images"
+LOGITS, TAG_LOGITS, EMBEDDING = "logits", "tag_logits", "embedding"
+
+
+def onnx_file_name(name: str, int8: bool) -> str:
+    """``classifier.onnx`` / ``classifier.int8.onnx`` from ``classifier.onnx``."""
+    return name[: -len(".onnx")] + INT8_SUFFIX if int8 else name
+
+
+# == export ========================================================================================
+@dataclass
+class ExportResult:
+    """What an export made: the new version, its base, whether it is live, the files and the ``onnx`` manifest entry."""
+
+    version_id: str
+    base_id: str
+    live: bool
+    version_dir: Path
+    files: list[str]
+    manifest_entry: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # per network: agreement with torch (fp32, int8)
+
+
+def _torch_graph(forward: Callable[[Any], Any], module: Any) -> Any:
+    """An eval-mode ``nn.Module`` whose forward is `forward` and whose parameters are `module`'s (what the exporter traces)."""
+    from torch import nn
+
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = module
+
+        def forward(self, images: Any) -> Any:
+            return forward(images)
+
+    return Graph().eval()
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the exporter's deprecation warnings and onnxruntime.quantization's stdlib log chatter."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _export_graph(graph: Any, path: Path, size: int, outputs: Sequence[str], opset: int) -> None:
+    """Trace `graph` on a ``[2, 3, size, size]`` batch into `path` (TorchScript exporter; batch axis dynamic)."""
+    import torch
+
+    dummy = torch.zeros(2, 3, size, size)
+    axes = {name: {0: "batch"} for name in (INPUT, *outputs)}
+    with _quiet_export(), torch.no_grad():
+        torch.onnx.export(graph, (dummy,), str(path), input_names=[INPUT], output_names=list(outputs), dynamic_axes=axes,
+                          opset_version=int(opset), dynamo=False, do_constant_folding=True)
+
+
+def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id: str) -> dict[str, Any]:
+    """Export a `CharacterClassifier` as one graph (logits, tag logits, embedding) and describe it."""
+    has_tags = bool(model.tag_names)
+    outputs = [LOGITS, TAG_LOGITS, EMBEDDING] if has_tags else [LOGITS, EMBEDDING]
+
+    def forward(x: Any) -> Any:
+        feats = model.embed(x)
+        logits, tags = model.heads(feats)
+        return (logits, tags, feats) if has_tags else (logits, feats)
+
+    _export_graph(_torch_graph(forward, model), path, int(model.image_size), outputs, opset)
+    return {"file": path.name, "kind": "classifier", "outputs": outputs, "model_id": model_id, "dim": int(model.embed_dim),
+            "source": MODEL, "source_fingerprint": file_fingerprint(source),
+            "preprocess": {"transform": "classifier", "image_size": int(model.image_size), "mean": list(model.mean), "std": list(model.std)},
+            "class_names": list(model.class_names), "series": dict(model.series), "tag_names": list(model.tag_names)}
+
+
+def _embedder_entry(emb: Any, path: Path, opset: int, config: Mapping[str, Any], version_dir: Path) -> dict[str, Any]:
+    """Export a torch gallery embedder's feature network (output: embedding) and describe it."""
+    from .embedder import ClassifierEmbedder
+
+    _export_graph(_torch_graph(emb.forward_features, emb.model), path, int(emb.image_size), [EMBEDDING], opset)
+    pre: dict[str, Any] = {"transform": "resize", "image_size": int(emb.image_size), "mean": list(emb.mean), "std": list(emb.std),
+                           "resize": emb.resize}
+    source: Path | None = None
+    if isinstance(emb, ClassifierEmbedder):
+        pre = {"transform": "classifier", "image_size": int(emb.image_size), "mean": list(emb.mean), "std": list(emb.std)}
+        source = Path(emb.ckpt_path).resolve()
+    shown = None if source is None else str(source.relative_to(version_dir.resolve()) if source.is_relative_to(version_dir.resolve()) else source)
+    return {"file": path.name, "kind": str(config.get("kind", "")), "outputs": [EMBEDDING], "model_id": str(emb.model_id),
+            "dim": int(emb.dim), "source": shown, "source_fingerprint": file_fingerprint(source) if source is not None else None,
+            "preprocess": pre, "config": {k: v for k, v in dict(config).items() if k not in ("device", "batch_size", "num_threads")}}
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation (weights int8, activations quantised at run time) of `src` into `dst`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_export():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _check(entry: Mapping[str, Any], torch_forward: Callable[[Any], dict[str, Any]], path: Path, seed: int = 0) -> dict[str, float]:
+    """Agreement of the ONNX file with torch on a random batch: max |logit diff| and min embedding cosine."""
+    import onnxruntime as ort
+    import torch
+
+    size = int(entry["preprocess"]["image_size"])
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        ref = {k: v.float().numpy() for k, v in torch_forward(x).items()}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {INPUT: x.numpy()})))
+    out = {"embedding_min_cosine": float(np.min(np.sum(l2_normalise(ref[EMBEDDING]) * l2_normalise(got[EMBEDDING]), axis=1)))}
+    if LOGITS in ref and LOGITS in got:
+        out["logits_max_abs_diff"] = float(np.max(np.abs(ref[LOGITS] - got[LOGITS])))
+    return out
+
+
+def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """Write the ONNX files of version folder `src` into `out` (may be the same folder) and return the ``onnx.json`` content.
+
+    The classifier (``model.ckpt``) becomes ``classifier.onnx``; the gallery embedder, when it is not that
+    classifier, ``embedder.onnx``. Each is checked against torch on a random batch (recorded under ``check``).
+    """
+    import onnxruntime
+    import torch
+
+    from .config import RecognizerConfig
+    from .pipeline import Recognizer
+
+    src, out = Path(src), Path(out)
+    rec = Recognizer.from_version(src, RecognizerConfig(runtime="torch", device="cpu", cache_size=0, version=None))
+    networks: dict[str, dict[str, Any]] = {}
+    checks: dict[str, Callable[[Any], dict[str, Any]]] = {}
+    if rec.model_ckpt is not None:
+        from .embedder import ClassifierEmbedder
+
+        model = rec.classifier
+        model_id = ClassifierEmbedder(str(rec.model_ckpt), device="cpu").model_id
+        networks["classifier"] = _classifier_entry(model, out / CLASSIFIER_ONNX, opset, rec.model_ckpt, model_id)
+
+        def classifier_forward(x: Any) -> dict[str, Any]:
+            feats = model.embed(x)
+            return {LOGITS: model.heads(feats)[0], EMBEDDING: feats}
+
+        checks["classifier"] = classifier_forward
+    gallery = rec.gallery if (src / GALLERY_META).is_file() else None
+    if gallery is not None and gallery.embedder_id != networks.get("classifier", {}).get("model_id"):
+        emb = rec.embedder  # also checks that the gallery was built by this embedder
+        networks["embedder"] = _embedder_entry(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
+        checks["embedder"] = lambda x: {EMBEDDING: emb.forward_features(x)}
+    if not networks:
+        raise ConfigError(f"{src} has neither a classifier ({MODEL}) nor a gallery to export")
+    for name, entry in networks.items():
+        fp32 = out / entry["file"]
+        entry["check"] = _check(entry, checks[name], fp32)
+        if int8:
+            entry["int8_file"] = onnx_file_name(entry["file"], True)
+            quantize_int8(fp32, out / entry["int8_file"])
+            entry["check_int8"] = _check(entry, checks[name], out / entry["int8_file"])
+        _log.info(f"exported {name} -> {fp32.name}: {entry['check']}")
+    return {"format": 1, "opset": int(opset), "int8": bool(int8), "networks": networks,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def manifest_entry(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's ``onnx`` entry: files, opset, int8, and each network's source checkpoint fingerprint and model id."""
+    nets = meta["networks"]
+    files = sorted({n["file"] for n in nets.values()} | {n["int8_file"] for n in nets.values() if n.get("int8_file")} | {ONNX_META})
+    return {"files": files, "opset": meta["opset"], "int8": meta["int8"],
+            "networks": {k: {"file": n["file"], "int8_file": n.get("int8_file"), "source": n.get("source"),
+                             "source_fingerprint": n.get("source_fingerprint"), "model_id": n["model_id"]} for k, n in nets.items()}}
+
+
+def export_version(registry_dir: str | Path, version: str = "latest", int8: bool = False, opset: int = DEFAULT_OPSET,
+                   promote: bool | None = None) -> ExportResult:
+    """Export `version`'s networks into a version derived from it; promoted when the base was live (or as `promote` says)."""
+    from ..registry import Registry
+
+    reg = Registry(registry_dir)
+    base = reg.path(version)
+    live = reg.latest_id() == base.name if promote is None else bool(promote)
+    with reg.derive(base.name, kind="onnx", promote=live, skip=ONNX_FILES) as d:
+        meta = export_folder(base, d.dir, int8=int8, opset=opset)
+        atomic_write_json(d.dir / ONNX_META, meta)
+        d.extra["onnx"] = manifest_entry(meta)
+    assert d.id is not None
+    checks = {k: {c: n[c] for c in ("check", "check_int8") if c in n} for k, n in meta["networks"].items()}
+    return ExportResult(d.id, base.name, live, reg.versions_dir / d.id, d.extra["onnx"]["files"], d.extra["onnx"], checks)
+
+
+# == run ===========================================================================================
+def _session(path: Path, device: str | None, threads: int | None) -> Any:
+    """An onnxruntime session for `path` on `device`'s providers, shared per process (`embedder.shared_model`)."""
+    import onnxruntime as ort
+
+    from .device import ort_providers
+
+    providers = ort_providers(device)
+
+    def load() -> Any:
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise WeightsError(f"ONNX file {path} could not be loaded ({type(exc).__name__}: {str(exc)[:160]}); "
+                               "re-run python -m anime_role_detect.export or use runtime=torch") from None
+
+    return shared_model(("onnx", str(path.resolve()), path.stat().st_mtime_ns, repr(providers), int(threads or 0)), load)
+
+
+def _classifier_preprocess(spec: Mapping[str, Any]) -> Callable[[Sequence[Image.Image]], np.ndarray]:
+    """The classifier's own eval transform (`data.transforms.build_eval_transform`), as the torch classes use it."""
+    import torch
+
+    from ..data.transforms import build_eval_transform
+
+    tf = build_eval_transform(int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]))
+    return lambda images: torch.stack([tf(im.convert("RGB")) for im in images]).numpy()
+
+
+def _resize_preprocess(spec: Mapping[str, Any]) -> Callable[[Sequence[Image.Image]], np.ndarray]:
+    """`embedder.to_batch` (letterbox / center_crop / squash), as `TorchEmbedder.preprocess`."""
+    size, mean, std, mode = int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), str(spec.get("resize", "letterbox"))
+    return lambda images: to_batch(images, size, mean, std, mode).numpy()
+
+
+PREPROCESSORS: dict[str, Callable[[Mapping[str, Any]], Callable[[Sequence[Image.Image]], np.ndarray]]] = {
+    "classifier": _classifier_preprocess,
+    "resize": _resize_preprocess,
+}
+
+
+class OnnxEmbedder:
+    """Unit-length float32 embeddings from an exported network; same ``model_id``, preprocessing and flip TTA as torch."""
+
+    def __init__(self, session: Any, entry: Mapping[str, Any], batch_size: int = 32, flip_tta: bool = False,
+                 runtime: str = "onnx") -> None:
+        self.session = session
+        self.entry = dict(entry)
+        self.model_id = str(entry["model_id"])
+        self.dim = int(entry["dim"])
+        self.batch_size = max(1, int(batch_size))
+        self.flip_tta = bool(flip_tta)
+        self.runtime = runtime
+        self.image_size = int(entry["preprocess"]["image_size"])
+        self.providers = list(session.get_providers())
+        self._outputs = [o.name for o in session.get_outputs()]
+        transform = entry["preprocess"].get("transform")
+        if transform not in PREPROCESSORS:
+            raise ConfigError(f"onnx.json: unknown preprocessing {transform!r}; re-run python -m anime_role_detect.export")
+        self.preprocess = PREPROCESSORS[transform](entry["preprocess"])
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(None, {INPUT: np.ascontiguousarray(x, dtype=np.float32)})))
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit-length float32 embeddings, one row per image; with ``flip_tta`` the mean of image and mirror (as torch)."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = self.preprocess(list(images[i : i + self.batch_size]))
+            out.append(self._views(x, self.flip_tta)[EMBEDDING][1])
+        return l2_normalise(np.concatenate(out))
+
+    def _views(self, x: np.ndarray, flip: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Outputs for a batch (image and mirror in one run with `flip`): per output, (unflipped rows, embedding to keep)."""
+        n = len(x)
+        y = self._run(np.concatenate([x, x[..., ::-1]]) if flip else x)
+        emb = y[EMBEDDING].astype(np.float32)
+        kept = l2_normalise(emb[:n]) + l2_normalise(emb[n:]) if flip else emb
+        return {k: (v[:n], kept if k == EMBEDDING else v[:n]) for k, v in y.items()}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+class OnnxClassifier(OnnxEmbedder):
+    """The exported classifier graph: embedding, character softmax and tag sigmoid from one run per view (as `ClassifierEmbedder`)."""
+
+    def __init__(self, session: Any, entry: Mapping[str, Any], ckpt_path: str | None, **kw: Any) -> None:
+        super().__init__(session, entry, **kw)
+        self.ckpt_path = ckpt_path  # the checkpoint these weights still match (None: it changed since the export)
+        self.class_names: list[str] = list(entry.get("class_names") or [])
+        self.series: dict[str, str] = dict(entry.get("series") or {})
+        self.tag_names: list[str] = list(entry.get("tag_names") or [])
+
+    def heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Character softmax ``[N, C]`` and tag sigmoid ``[N, T]`` (None without a tag head)."""
+        _, probs, tags = self._passes(images, embed=False)
+        return probs, tags
+
+    def embed_with_heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One run per view for everything: unit embeddings (flip-averaged with ``flip_tta``), softmax and tag sigmoid (unflipped view)."""
+        return self._passes(images, embed=True)
+
+    def _passes(self, images: Sequence[Image.Image], embed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        embs, probs, tags = [], [], []
+        for i in range(0, len(images), self.batch_size):
+            y = self._views(self.preprocess(list(images[i : i + self.batch_size])), embed and self.flip_tta)
+            probs.append(_softmax(y[LOGITS][0].astype(np.float32)))
+            if TAG_LOGITS in y and y[TAG_LOGITS][0].shape[1]:
+                tags.append(_sigmoid(y[TAG_LOGITS][0].astype(np.float32)))
+            if embed:
+                embs.append(y[EMBEDDING][1])
+        emb = l2_normalise(np.concatenate(embs)) if embs else np.zeros((0, self.dim), np.float32)
+        return (emb, np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32),
+                np.concatenate(tags) if tags else None)
+
+
+class OnnxClassifierTagger:
+    """The exported classifier's tag head as a tagger (same ``model_id`` and thresholds as `tagger.ClassifierTagger`)."""
+
+    def __init__(self, classifier: OnnxClassifier, threshold: float = 0.5) -> None:
+        self.classifier = classifier
+        self.tag_names = list(classifier.tag_names)
+        self.thresholds = np.full(len(self.tag_names), float(threshold), np.float32)
+        self.model_id = f"classifier-tags:{classifier.model_id}"
+        self.runtime = classifier.runtime
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, len(self.tag_names)), np.float32)
+        tags = self.classifier.heads(images)[1]
+        return tags if tags is not None else np.zeros((len(images), len(self.tag_names)), np.float32)
+
+    def tag(self, images: Sequence[Image.Image]) -> list:
+        from .tagger import thresholded
+
+        return thresholded(self.predict(images), self.tag_names, self.thresholds)
+
+
+class OnnxVersion:
+    """A version folder's exported networks (``onnx.json``), opened as sessions on demand for one runtime (fp32 or int8)."""
+
+    def __init__(self, version_dir: Path, meta: Mapping[str, Any], int8: bool = False, device: str | None = "auto",
+                 threads: int | None = None) -> None:
+        self.version_dir = Path(version_dir)
+        self.meta = dict(meta)
+        self.networks: dict[str, dict[str, Any]] = dict(meta.get("networks") or {})
+        self.int8 = bool(int8)
+        self.runtime = "onnx-int8" if int8 else "onnx"
+        self.device, self.threads = device, threads
+
+    @classmethod
+    def load(cls, version_dir: str | Path, **kw: Any) -> "OnnxVersion | None":
+        """The folder's ONNX networks, or None when it has no ``onnx.json``."""
+        p = Path(version_dir) / ONNX_META
+        if not p.is_file():
+            return None
+        try:
+            meta = read_json(p)
+        except ValueError:
+            raise ConfigError(f"{p} is not valid JSON; re-run python -m anime_role_detect.export or use runtime=torch") from None
+        return cls(Path(version_dir), meta, **kw)
+
+    def _file(self, entry: Mapping[str, Any]) -> Path | None:
+        name = entry.get("int8_file") if self.int8 else entry.get("file")
+        p = self.version_dir / name if name else None
+        return p if p is not None and p.is_file() else None
+
+    def _current(self, entry: Mapping[str, Any], ckpt: Path | None) -> bool:
+        """True when `ckpt` is still the file the entry was exported from (same content fingerprint)."""
+        fp = entry.get("source_fingerprint")
+        return bool(fp) and ckpt is not None and ckpt.is_file() and file_fingerprint(ckpt) == fp
+
+    def _classifier_entry(self, model_ckpt: Path | None) -> dict[str, Any] | None:
+        entry = self.networks.get("classifier")
+        if entry is None or self._file(entry) is None or not self._current(entry, model_ckpt):
+            return None
+        return entry
+
+    def _open(self, entry: Mapping[str, Any]) -> Any:
+        path = self._file(entry)
+        assert path is not None
+        return _session(path, self.device, self.threads)
+
+    def embedder(self, cfg: Mapping[str, Any], model_id: str, model_ckpt: Path | None = None) -> OnnxEmbedder | None:
+        """The exported network whose torch ``model_id`` is `model_id` (the gallery's), with `cfg`'s batch size and flip TTA; else None."""
+        opts = {"batch_size": int(cfg.get("batch_size") or 32), "flip_tta": bool(cfg.get("flip_tta", False)), "runtime": self.runtime}
+        for name, entry in self.networks.items():
+            if entry.get("model_id") != model_id or self._file(entry) is None:
+                continue
+            if name == "classifier":
+                ckpt = str(model_ckpt) if self._current(entry, model_ckpt) else None
+                return OnnxClassifier(self._open(entry), entry, ckpt, **opts)
+            return OnnxEmbedder(self._open(entry), entry, **opts)
+        return None
+
+    def classifier(self, model_ckpt: Path | None, batch_size: int = 32) -> OnnxClassifier | None:
+        """The exported classifier when `model_ckpt` is still the checkpoint it came from; else None."""
+        entry = self._classifier_entry(model_ckpt)
+        if entry is None:
+            return None
+        return OnnxClassifier(self._open(entry), entry, str(model_ckpt), batch_size=batch_size, runtime=self.runtime)
+
+    def tag_names(self, model_ckpt: Path | None) -> list[str] | None:
+        """The exported classifier's tag vocabulary (None when it is not usable for `model_ckpt`)."""
+        entry = self._classifier_entry(model_ckpt)
+        return None if entry is None else list(entry.get("tag_names") or [])
+
+    def tagger(self, cfg: Mapping[str, Any], model_ckpt: Path | None) -> OnnxClassifierTagger | None:
+        """The classifier's tag head from the export (``tagger.kind=classifier``), or None (torch then builds it)."""
+        clf = self.classifier(model_ckpt, batch_size=int(cfg.get("batch_size") or 32))
+        if clf is None or not clf.tag_names:
+            return None
+        return OnnxClassifierTagger(clf, threshold=float(cfg.get("threshold", 0.5)))
+
+
+def select_runtime(runtime: str, version_dir: str | Path | None, device: str | None = "auto",
+                   threads: int | None = None) -> OnnxVersion | None:
+    """The ONNX networks `runtime` asks for (None: torch). ``onnx``/``onnx-int8`` without exported files is a one-line `ConfigError`."""
+    name = str(runtime or "auto").strip().lower()
+    if name not in RUNTIMES:
+        raise ConfigError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if name == "torch":
+        return None
+    found = OnnxVersion.load(version_dir, int8=name == "onnx-int8", device=device, threads=threads) if version_dir else None
+    where = Path(version_dir).name if version_dir else "the configuration (no version folder)"
+    hint = f"run `python -m anime_role_detect.export --version {where}{' --int8' if name == 'onnx-int8' else ''}`, or use runtime=torch"
+    if found is None:
+        if name == "auto":
+            return None
+        raise ConfigError(f"runtime={name} but {where} has no ONNX files ({ONNX_META}); {hint}")
+    if name == "onnx-int8" and not found.meta.get("int8"):
+        raise ConfigError(f"runtime=onnx-int8 but {where} was exported without int8 files; {hint}")
+    return found

@@ -1,0 +1,216 @@
+"""ONNX Runtime: export of a version into a derived one, parity with torch, runtime selection and its errors.
+
+The parity figures (top-1 agreement per mode, embedding cosine) are measured on >= 200 fresh synthetic renders of
+the trained characters, through the real `Recognizer` with runtime=torch and runtime=onnx over the same version.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .helpers import infer_cfg
+
+#: fp32 ONNX vs torch: share of images with the same top-1, and the least cosine between embeddings of one image.
+TOP1_AGREEMENT = 0.995
+COSINE_TOLERANCE = 0.9999
+#: int8 is lossy: its agreement is printed; this floor only catches a broken quantised file.
+INT8_FLOOR = 0.6
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, version_dir):
+    """`version_dir` imported into a fresh registry as the live version, then exported (fp32 + int8): (registry, result)."""
+    from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.registry import Registry
+
+    reg = Registry(tmp_path_factory.mktemp("onnx_registry") / "registry")
+    reg.import_folder(version_dir, promote=True)
+    return reg, export_version(reg.root, "latest", int8=True)
+
+
+@pytest.fixture(scope="module")
+def parity_images(rec_data):
+    """>= 200 fresh renders (seed unseen by training) of the 8 trained characters, with their names."""
+    from anime_role_detect.data.synthetic import load_characters, render_character
+
+    rng = random.Random(4321)
+    return [(render_character(spec, rng, 96)[0], spec.name) for spec in load_characters(rec_data) for _ in range(26)]
+
+
+def _recognizer(folder: Path, runtime: str, **extra):
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    return Recognizer.from_version(folder, {**infer_cfg(), "runtime": runtime, "cache_size": 0, "batch_size": 32, **extra})
+
+
+def _top1(rec, images, mode: str) -> list[str]:
+    answers = rec.recognize_batch([(im, f"{i}.png") for i, (im, _) in enumerate(images)], mode=mode)
+    return [a.detections[0].topk[0].role for a in answers]
+
+
+def test_export_writes_a_derived_live_version_with_a_manifest_entry(exported, version_dir):
+    from anime_role_detect.fsutil import read_json
+    from anime_role_detect.recognition.embedder import file_fingerprint
+
+    reg, res = exported
+    assert res.live and reg.latest_id() == res.version_id and res.base_id != res.version_id
+    new, base = res.version_dir, reg.path(res.base_id)
+    assert os.stat(new / "model.ckpt").st_ino == os.stat(base / "model.ckpt").st_ino  # carried as a hard link
+    assert not (base / "classifier.onnx").exists()  # the base is left as it was
+    entry = read_json(new / "manifest.json")["onnx"]
+    assert entry["int8"] is True and entry["opset"] >= 13
+    assert set(entry["files"]) == {"classifier.onnx", "classifier.int8.onnx", "onnx.json"}  # gallery embedder = the classifier
+    assert all((new / f).is_file() for f in entry["files"])
+    clf = entry["networks"]["classifier"]
+    assert clf["source"] == "model.ckpt" and clf["source_fingerprint"] == file_fingerprint(new / "model.ckpt")
+    meta = read_json(new / "onnx.json")["networks"]["classifier"]
+    assert meta["outputs"] == ["logits", "tag_logits", "embedding"]  # one graph for every head
+    assert meta["check"]["embedding_min_cosine"] >= COSINE_TOLERANCE
+    assert reg.info(res.version_id).parent == res.base_id and reg.info(res.version_id).kind == "onnx"
+
+
+def test_onnx_gives_the_same_answers_as_torch_in_every_mode(exported, parity_images):
+    new = exported[1].version_dir
+    torch_rec, onnx_rec = _recognizer(new, "torch"), _recognizer(new, "onnx")
+    assert type(onnx_rec.embedder).__name__ == "OnnxClassifier" and type(torch_rec.embedder).__name__ == "ClassifierEmbedder"
+    assert onnx_rec.embedder.model_id == torch_rec.embedder.model_id and onnx_rec.embedder.dim == torch_rec.embedder.dim
+    assert onnx_rec._shares_classifier()  # one run per view for embedding, logits and tags, as with torch
+    assert type(onnx_rec.tagger).__name__ == "OnnxClassifierTagger" and onnx_rec.tagger.model_id == torch_rec.tagger.model_id
+    assert len(parity_images) >= 200
+    for mode in ("model", "clip", "fusion"):
+        a, b = _top1(torch_rec, parity_images, mode), _top1(onnx_rec, parity_images, mode)
+        agree = float(np.mean([x == y for x, y in zip(a, b)]))
+        print(f"\n{mode}: onnx vs torch top-1 agreement {agree:.4f} on {len(a)} images")
+        assert agree >= TOP1_AGREEMENT, mode
+    images = [im for im, _ in parity_images]
+    cos = np.sum(torch_rec.embedder.embed(images) * onnx_rec.embedder.embed(images), axis=1)
+    print(f"embedding cosine onnx vs torch: min {cos.min():.6f}")
+    assert cos.min() >= COSINE_TOLERANCE
+    p_torch, t_torch = torch_rec._classify(images)
+    p_onnx, t_onnx = onnx_rec._classify(images)
+    assert np.abs(p_torch - p_onnx).max() < 1e-3 and np.abs(t_torch - t_onnx).max() < 1e-3
+
+
+def test_flip_tta_and_batching_match_torch(exported, parity_images):
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+    from anime_role_detect.recognition.runtime import OnnxVersion
+
+    new = exported[1].version_dir
+    images = [im for im, _ in parity_images[:40]]
+    onnx_emb = OnnxVersion.load(new).embedder({"flip_tta": True, "batch_size": 7}, _recognizer(new, "torch").embedder.model_id)
+    torch_emb = ClassifierEmbedder(str(new / "model.ckpt"), flip_tta=True, batch_size=16, device="cpu")
+    cos = np.sum(onnx_emb.embed(images) * torch_emb.embed(images), axis=1)
+    assert cos.min() >= COSINE_TOLERANCE
+    e1, p1, t1 = onnx_emb.embed_with_heads(images)
+    e2, p2, t2 = torch_emb.embed_with_heads(images)
+    assert np.sum(e1 * e2, axis=1).min() >= COSINE_TOLERANCE and np.abs(p1 - p2).max() < 1e-3 and np.abs(t1 - t2).max() < 1e-3
+    assert onnx_emb.embed([]).shape == (0, onnx_emb.dim)
+
+
+def test_int8_agreement_is_stated(exported, parity_images):
+    new = exported[1].version_dir
+    torch_rec, int8_rec = _recognizer(new, "torch"), _recognizer(new, "onnx-int8")
+    assert int8_rec.embedder.runtime == "onnx-int8" and int8_rec.embedder.model_id == torch_rec.embedder.model_id
+    labels = [name for _, name in parity_images]
+    for mode in ("model", "clip", "fusion"):
+        a, b = _top1(torch_rec, parity_images, mode), _top1(int8_rec, parity_images, mode)
+        agree = float(np.mean([x == y for x, y in zip(a, b)]))
+        acc_t, acc_q = (float(np.mean([x == y for x, y in zip(r, labels)])) for r in (a, b))
+        print(f"\n{mode}: int8 vs torch top-1 agreement {agree:.4f}; top-1 torch {acc_t:.4f} int8 {acc_q:.4f}")
+        assert agree >= INT8_FLOOR, mode
+
+
+def test_runtime_auto_picks_onnx_only_when_exported(exported, version_dir):
+    new = exported[1].version_dir
+    assert type(_recognizer(new, "auto").embedder).__name__ == "OnnxClassifier"
+    assert type(_recognizer(new, "auto").classifier_transform).__name__ == "OnnxClassifier"
+    assert type(_recognizer(version_dir, "auto").embedder).__name__ == "ClassifierEmbedder"  # not exported: torch
+    assert _recognizer(version_dir, "auto").onnx is None
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
+def test_runtime_onnx_without_files_is_a_one_line_error(version_dir, runtime):
+    from PIL import Image
+
+    from anime_role_detect.errors import ConfigError
+
+    rec = _recognizer(version_dir, runtime)
+    with pytest.raises(ConfigError) as err:
+        rec.recognize(Image.new("RGB", (96, 96), (200, 120, 80)))
+    msg = str(err.value)
+    assert "\n" not in msg and f"runtime={runtime}" in msg and "python -m anime_role_detect.export" in msg and "runtime=torch" in msg
+
+
+def test_int8_runtime_on_an_fp32_export_and_a_bad_runtime_are_errors(tmp_path, exported):
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.fsutil import atomic_write_json, read_json
+    from anime_role_detect.recognition.config import RecognizerConfig
+    from anime_role_detect.recognition.runtime import select_runtime
+
+    folder = tmp_path / "v"
+    shutil.copytree(exported[1].version_dir, folder)
+    meta = read_json(folder / "onnx.json")
+    atomic_write_json(folder / "onnx.json", {**meta, "int8": False})
+    with pytest.raises(ConfigError, match="exported without int8.*--int8"):
+        select_runtime("onnx-int8", folder)
+    with pytest.raises(ConfigError, match="runtime='tensorrt'"):
+        RecognizerConfig(runtime="tensorrt")
+
+
+def test_a_changed_checkpoint_falls_back_to_torch(tmp_path, exported):
+    from anime_role_detect.recognition.runtime import OnnxVersion
+
+    folder = tmp_path / "v"
+    shutil.copytree(exported[1].version_dir, folder)
+    onnx = OnnxVersion.load(folder)
+    assert onnx.classifier(folder / "model.ckpt") is not None
+    with open(folder / "model.ckpt", "ab") as fh:  # a fine-tune in place: other bytes, same name
+        fh.write(b"\0" * 16)
+    assert onnx.classifier(folder / "model.ckpt") is None and onnx.tag_names(folder / "model.ckpt") is None
+    emb = onnx.embedder({}, exported[1].manifest_entry["networks"]["classifier"]["model_id"], folder / "model.ckpt")
+    assert emb is not None and emb.ckpt_path is None  # still the gallery's embedder, no longer the classifier
+
+
+def test_a_timm_gallery_embedder_is_exported_as_its_own_file(tmp_path, rec_data, test_images):
+    from anime_role_detect.recognition.build import build_recognition_folder
+    from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.registry import Registry
+
+    folder = tmp_path / "gallery"
+    cfg = infer_cfg(["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=true"])
+    build_recognition_folder(rec_data, folder, cfg, val_fraction=0.25, seed=0, dedupe=False)
+    reg = Registry(tmp_path / "registry")
+    reg.import_folder(folder, promote=False)
+    res = export_version(reg.root, reg.list()[0].id)
+    assert not res.live and reg.latest_id() is None  # the base was not live: neither is the export
+    assert set(res.files) == {"embedder.onnx", "onnx.json"}
+    torch_rec, onnx_rec = _recognizer(res.version_dir, "torch"), _recognizer(res.version_dir, "onnx")
+    assert type(onnx_rec.embedder).__name__ == "OnnxEmbedder" and onnx_rec.embedder.model_id == torch_rec.embedder.model_id
+    images = test_images[:40]
+    cos = np.sum(torch_rec.embedder.embed([im for im, _ in images]) * onnx_rec.embedder.embed([im for im, _ in images]), axis=1)
+    assert cos.min() >= COSINE_TOLERANCE
+    assert _top1(torch_rec, images, "clip") == _top1(onnx_rec, images, "clip")
+
+
+def test_export_cli(tmp_path, version_dir, capsys):
+    import json
+
+    from anime_role_detect.cli.export import main
+    from anime_role_detect.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.import_folder(version_dir, promote=True)
+    assert main([f"registry={reg.root}", "version=latest", "int8=false"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["live"] and reg.latest_id() == out["version"] and "classifier.int8.onnx" not in out["files"]
+    assert out["checks"]["classifier"]["check"]["embedding_min_cosine"] >= COSINE_TOLERANCE
+    with pytest.raises(SystemExit) as ex:
+        main(["--registry", str(tmp_path / "empty")])
+    err = capsys.readouterr().err.strip()
+    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err
