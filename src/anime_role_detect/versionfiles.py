@@ -16,7 +16,8 @@ METRICS = "metrics.json"
 CONFIG = "config.yaml"  # the resolved config that made the version
 PARENT = "parent"  # the id the version was derived from, or "none"
 MANIFEST = "manifest.json"  # written last by the registry: a version without it is incomplete
-VAL_EMBEDDINGS = "val_embeddings.npz"  # held-out embeddings + labels a version is judged on
+VAL_EMBEDDINGS = "val_embeddings.npz"  # the evaluation set: held-out embeddings + labels + hashes + paths
+EVAL_METRICS = "eval_metrics.json"  # the version's own figures on its evaluation set when it was built
 FUSION_REPORT_JSON = "fusion_report.json"
 FUSION_REPORT_MD = "fusion_report.md"
 

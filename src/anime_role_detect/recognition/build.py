@@ -156,8 +156,9 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     embedder = build_embedder(ecfg, base_dir=out)
     gcfg = dict(cfg.get("gallery_build") or {})
     items = [(r.character, r.series, _safe_loader(r.path(root)), r.file_name) for r in train]
+    saved_cfg = {k: v for k, v in ecfg.items() if k != "device"}  # where it ran is not part of the gallery: it loads anywhere
     gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
-                            aggregate=gcfg.get("aggregate", "max"), embedder_config=ecfg, progress=progress)
+                            aggregate=gcfg.get("aggregate", "max"), embedder_config=saved_cfg, progress=progress)
     gallery.save(out)
     has_tags = any(r.tags for r in train)
     if has_tags:
@@ -177,8 +178,9 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         if rec.reranker is not None and (weights or rec.reranker.noise is not None):
             rec.reranker.mode_weights.update(weights)
             rec.reranker.save(out)
+        vemb = ev.embeddings if ev.embeddings is not None else embedder.embed(vimgs)  # same embedder, same images
+        save_eval_set(out, gallery, [r for _, r in loaded], root, vemb, calib, top1)
         if include_val:  # thresholds are set; the final gallery also learns from the held-out images
-            vemb = ev.embeddings if ev.embeddings is not None else embedder.embed(vimgs)  # same embedder, same images
             for character in sorted(set(vlabels)):
                 idx = [i for i, y in enumerate(vlabels) if y == character]
                 recs = [loaded[i][1] for i in idx]
@@ -186,3 +188,20 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             gallery.save(out)
             report.rows = len(gallery)
     return report
+
+
+def save_eval_set(out: Path, gallery: Gallery, records: Sequence[Any], root: Path, embeddings: Any, calib: Any,
+                  top1: Mapping[str, Any]) -> None:
+    """The version's evaluation set (the held-out pictures, their embeddings, hashes and paths) and its own figures
+    on it before the held-out pictures join the gallery: top-1 per mode, per character and open-set false rejects."""
+    from ..fsutil import atomic_write_json
+    from ..imageio import content_hash
+    from ..versionfiles import EVAL_METRICS
+    from .evalset import EvalSet, score_gallery
+
+    paths = [r.path(root) for r in records]
+    evalset = EvalSet(embeddings, [r.character for r in records], gallery.embedder_id,
+                      sha256=[content_hash(p.read_bytes()) for p in paths], paths=[str(p.resolve()) for p in paths])
+    evalset.save(out)
+    clip = score_gallery(gallery, evalset, calib.threshold("clip") if calib is not None else None)
+    atomic_write_json(out / EVAL_METRICS, {"pictures": len(evalset), "top1": dict(top1), "clip": clip})

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import RegistryError
 from ..fsutil import atomic_write_text, fsync_dir, link_or_copy, read_json
-from ..versionfiles import MANIFEST, METRICS, PARENT, SEALED
+from ..versionfiles import EVAL_METRICS, MANIFEST, METRICS, PARENT, SEALED
 
 
 @dataclass
@@ -41,10 +41,11 @@ class VersionInfo:
     live: bool
     metrics: dict
     gate: dict | None = None  # how the version was judged against the live one when it was made (workflow, fusion)
+    evaluation: dict | None = None  # its own figures on its evaluation set when it was built
 
     def to_json(self) -> dict:
         return {"id": self.id, "path": str(self.path), "created": self.created, "parent": self.parent,
-                "kind": self.kind, "live": self.live, "metrics": self.metrics, "gate": self.gate}
+                "kind": self.kind, "live": self.live, "metrics": self.metrics, "gate": self.gate, "evaluation": self.evaluation}
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Registry:
         man = read_json(path / MANIFEST)
         metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
         return VersionInfo(id=vid, path=path, created=man.get("created", ""), parent=man.get("parent"),
-                           kind=man.get("kind", ""), live=vid == self.latest_id(), metrics=metrics, gate=man.get("gate"))
+                           kind=man.get("kind", ""), live=vid == self.latest_id(), metrics=metrics, gate=man.get("gate"),
+                           evaluation=read_json(path / EVAL_METRICS) if (path / EVAL_METRICS).is_file() else None)
 
     def list(self) -> list[VersionInfo]:
         """All complete versions, oldest first."""

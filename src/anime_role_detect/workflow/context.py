@@ -28,6 +28,8 @@ class WorkflowResult:
     summary: list[dict[str, Any]]
     run_dir: str = ""
     resumed_stages: list[str] = field(default_factory=list)
+    live: bool = False  # whether the version went live (see `gate`)
+    gate: dict[str, Any] | None = None  # the comparison with the live version that decided it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

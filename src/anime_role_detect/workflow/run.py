@@ -22,7 +22,7 @@ from ..fsutil import atomic_write_json, atomic_write_text, fingerprint, read_jso
 from ..log import get_logger
 from .context import STAGE_DIR, RunContext, WorkflowResult, parse_characters, resolve_run_dir, run_lock
 from .progress import Progress
-from .stages import STAGE_NAMES, STAGES, redacted_yaml, resolve_extra_datasets, summary_rows
+from .stages import STAGE_NAMES, STAGES, apply_promotion, promote_policy, redacted_yaml, resolve_extra_datasets, summary_rows
 from .training_bridge import hydra_quote
 
 __all__ = ["run_workflow", "WorkflowResult", "RunContext", "parse_characters", "resolve_run_dir", "run_lock", "hydra_quote",
@@ -52,6 +52,7 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         stop_after = cfg.get("stop_after")
         if stop_after and stop_after not in STAGE_NAMES:
             raise ConfigError(f"stop_after={stop_after!r}: choose one of {', '.join(STAGE_NAMES)}")
+        promote_policy(cfg)  # a bad promote= value fails now, not after training
         ctx.extra_datasets = resolve_extra_datasets(ctx)
         for name, fn, inputs in STAGES:
             if stop_after and STAGE_NAMES.index(name) > STAGE_NAMES.index(stop_after):
@@ -86,5 +87,6 @@ def run_workflow(cfg: DictConfig, progress: Progress | None = None) -> WorkflowR
         vid = ctx.outputs.get("register", {}).get("version_id", "")
         metrics = {"accuracy": ctx.outputs.get("evaluate", {}).get("accuracy"), **ctx.outputs.get("train", {}).get("metrics", {}),
                    "seconds": round(time.perf_counter() - t_start, 2)}
+        live = apply_promotion(ctx)
         return WorkflowResult(version_id=vid, metrics=metrics, summary=summary_rows(ctx), run_dir=str(run_dir),
-                              resumed_stages=resumed)
+                              resumed_stages=resumed, live=live, gate=ctx.outputs.get("register", {}).get("gate"))

@@ -245,10 +245,35 @@ def redacted_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(mask(data)))
 
 
+def promote_policy(cfg: DictConfig) -> str:
+    """``promote``: true (live when not worse than the live version), always, or false."""
+    value = cfg.get("promote", True)
+    policy = {True: "gate", False: "never", "true": "gate", "false": "never", "always": "always", "gate": "gate"}.get(
+        value if isinstance(value, bool) else str(value).lower())
+    if policy is None:
+        raise ConfigError(f"promote={value!r}: choose true (live when not worse than the live version), always, or false")
+    return policy
+
+
+def gate_verdict(ctx: RunContext, candidate_dir: Path) -> dict[str, Any]:
+    """Judge the new version against the live one on the characters both know (recognition/evalset.judge)."""
+    from ..recognition.evalset import judge
+
+    reg = ctx.registry
+    live_id = reg.latest_id()
+    gcfg = OmegaConf.to_container(ctx.cfg.get("gate") or {}, resolve=True) or {}
+    ctx.progress.emit("register", 0, 1, "comparing with the live version" if live_id else "first version")
+    verdict = judge(candidate_dir, reg.path(live_id) if live_id else None, margin=float(gcfg.get("margin", 0.0)),
+                    mode=gcfg.get("mode"), recognizer_cfg={"detector": None})
+    return verdict.to_json()
+
+
 def stage_register(ctx: RunContext) -> dict[str, Any]:
-    """Model, gallery, profiles, calibration, report and config as a new version (id fixed per attempt); make it live."""
+    """Model, gallery, profiles, calibration, evaluation set, report and config as a new version (id fixed per attempt);
+    it goes live when it is not worse than the live version on the characters both know (``promote``)."""
     reg = ctx.registry
     vid = _version_id(ctx)
+    policy = promote_policy(ctx.cfg)
     if not (reg.versions_dir / vid / MANIFEST).is_file():
         extra = {"characters": [q.name for q in ctx.queries], "dataset": str(ctx.dataset_dir)}
         with reg.derive(None, kind="workflow", version_id=vid, parent=reg.latest_id(), extra=extra) as d:
@@ -265,10 +290,29 @@ def stage_register(ctx: RunContext) -> dict[str, Any]:
             atomic_write_text(d.dir / CONFIG, "# workflow config\n" + redacted_yaml(ctx.cfg))
             atomic_write_json(d.dir / "workflow.json", {"run_dir": str(ctx.run_dir), "dataset": str(ctx.dataset_dir),
                                                         "summary": summary_rows(ctx), "stages": ctx.outputs})
-    if bool(ctx.cfg.get("promote", True)) and reg.latest_id() != vid:
+            if policy == "gate":
+                d.extra["gate"] = gate_verdict(ctx, d.dir)
+    ctx.progress.emit("register", 1, 1, f"version {vid}")
+    return {"version_id": vid, "gate": reg.info(vid).gate}
+
+
+def apply_promotion(ctx: RunContext) -> bool:
+    """Make the registered version live as ``promote`` says (run after the stages, so a rerun with
+    ``promote=always`` promotes the version an earlier run kept off live); returns whether it is live."""
+    reg = ctx.registry
+    out = ctx.outputs.get("register") or {}
+    vid, gate = out.get("version_id"), out.get("gate")
+    if not vid:
+        return False
+    policy = promote_policy(ctx.cfg)
+    if (policy == "always" or (policy == "gate" and bool(gate and gate.get("promote")))) and reg.latest_id() != vid:
         reg.promote(vid)
-    ctx.progress.emit("register", 1, 1, f"version {vid}{' (live)' if reg.latest_id() == vid else ''}")
-    return {"version_id": vid, "live": reg.latest_id() == vid}
+    live = reg.latest_id() == vid
+    if not live and policy != "never":
+        reason = (gate or {}).get("reason", "")
+        _log.warning(f"version {vid} kept off live: {reason}; `registry compare {vid}` shows both, promote=always overrides")
+    ctx.progress.emit("register", 1, 1, f"version {vid} " + ("(live)" if live else f"(not live: {(gate or {}).get('reason', 'promote=false')})"))
+    return live
 
 
 def _inputs(*keys: str, extra: bool = False) -> Callable[[RunContext], Any]:
