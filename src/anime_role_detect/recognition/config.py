@@ -14,6 +14,8 @@ from ..confutil import to_plain
 from ..errors import ConfigError
 
 MODES = ("clip", "model", "fusion")
+#: Backends for the networks: auto = ONNX Runtime when the version has exported files (recognition/runtime.py), else torch.
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
 #: Keys of ``conf/infer.yaml`` that belong to the entry point (input, output, logging), not to the recognizer.
 ENTRY_POINT_KEYS = frozenset({"image", "video", "output", "feature_log", "gallery_build", "paths", "log", "task_name", "hydra"})
@@ -55,6 +57,7 @@ class RecognizerConfig:
     sample_fps: float = 1.0  # video frames sampled per second
     threads: int | None = None  # torch CPU threads (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where the embedder, classifier and tagger run
+    runtime: str = "auto"  # auto | torch | onnx | onnx-int8: auto = ONNX Runtime when the version has exported files
     openset: OpenSetOptions = field(default_factory=OpenSetOptions)
     fusion: FusionOptions = field(default_factory=FusionOptions)
     video_options: VideoOptions = field(default_factory=VideoOptions)
@@ -75,6 +78,8 @@ class RecognizerConfig:
             raise ConfigError("topk and batch_size must be >= 1, cache_size >= 0 and sample_fps > 0")
         if not 0.0 <= self.fusion.gallery_weight <= 1.0:
             raise ConfigError(f"fusion.gallery_weight={self.fusion.gallery_weight}: must be between 0 and 1")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)} (onnx needs python -m anime_role_detect.export)")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None, where: str = "recognizer config") -> "RecognizerConfig":

@@ -210,10 +210,18 @@ class Recognizer:
         return self._part("gallery", load)
 
     @property
+    def onnx(self) -> Any:
+        """The version's ONNX Runtime networks when ``runtime`` selects them (`runtime.OnnxVersion`), else None (torch)."""
+        from .runtime import select_runtime
+
+        return self._part("runtime", lambda: select_runtime(self.config.runtime, self.version_dir, self.config.device, self.config.threads))
+
+    @property
     def embedder(self) -> Any:
         from .embedder import build_embedder
 
         def load() -> Any:
+            ort = self.onnx
             if self._file(GALLERY_META) is not None and self.gallery.embedder_config:
                 cfg = dict(self.gallery.embedder_config)
                 own = Path(str(cfg.get("ckpt_path") or ""))  # relative paths name a file of the version
@@ -221,7 +229,8 @@ class Recognizer:
                     own = self.version_dir / own
                 if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
-                emb = build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
+                emb = ort.embedder(cfg, self.gallery.embedder_id, self.model_ckpt) if ort is not None else None
+                emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:
                 emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
             if self._file(GALLERY_META) is not None:
@@ -245,20 +254,29 @@ class Recognizer:
     def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
         from .embedder import ClassifierEmbedder
 
-        return self._part("classifier_input", lambda: ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size,
-                                                                         device=self.config.device))
+        def load() -> Any:
+            ort = self.onnx
+            clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
+            return clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
+
+        return self._part("classifier_input", load)
 
     @property
     def tagger(self) -> Any:
         from .tagger import build_tagger
 
         def load() -> Any:
+            ort = self.onnx
             tcfg = dict(self.config.tagger or {"kind": "auto"})
             if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
-                has_head = self.model_ckpt is not None and bool(getattr(self.classifier, "tag_names", None))
+                names = ort.tag_names(self.model_ckpt) if ort is not None else None
+                has_head = self.model_ckpt is not None and bool(names if names is not None else getattr(self.classifier, "tag_names", None))
                 tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
             if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
                 tcfg["ckpt_path"] = str(self.model_ckpt)
+                head = ort.tagger(tcfg, self.model_ckpt) if ort is not None else None
+                if head is not None:
+                    return head
             return build_tagger(tcfg, base_dir=self.version_dir, device=self.config.device)
 
         return self._part("tagger", load)
@@ -340,12 +358,11 @@ class Recognizer:
 
     def _shares_classifier(self) -> bool:
         """True when the gallery embedder *is* the version's classifier: one backbone pass then serves every head."""
-        from .embedder import ClassifierEmbedder
-
         if self._file(GALLERY_META) is None or self.model_ckpt is None:
             return False
-        emb = self.embedder
-        return isinstance(emb, ClassifierEmbedder) and Path(emb.ckpt_path).resolve() == self.model_ckpt.resolve()
+        emb = self.embedder  # ClassifierEmbedder, or runtime.OnnxClassifier (ckpt_path None when model.ckpt changed since the export)
+        ckpt = getattr(emb, "ckpt_path", None)
+        return hasattr(emb, "embed_with_heads") and ckpt is not None and Path(ckpt).resolve() == self.model_ckpt.resolve()
 
     def _model_candidates(self, probs: np.ndarray) -> list[list[Candidate]]:
         names, series = self.classifier.class_names, self.classifier.series
@@ -359,7 +376,7 @@ class Recognizer:
         """Candidate lists per crop for `mode`, plus tag probabilities when reranking and embeddings for the sink."""
         tm: dict[str, float] = {}
         emb = gal = probs = head_tags = tag_probs = None
-        head_is_tagger = need_tags and type(self.tagger).__name__ == "ClassifierTagger"
+        head_is_tagger = need_tags and type(self.tagger).__name__ in ("ClassifierTagger", "OnnxClassifierTagger")
         want_emb = mode in ("clip", "fusion") or need_embeddings
         want_heads = mode in ("model", "fusion") or head_is_tagger
         t0 = time.perf_counter()
