@@ -137,6 +137,7 @@ def test_enroll_then_recognise_without_retraining(client, service_data, registry
     r = client.post("/api/characters", data={"name": new, "series": "series_new"}, files=files)
     assert r.status_code == 201, r.text
     assert r.json()["added"] >= 1 and r.json()["images"] == len(imgs)
+    assert r.json()["held_out"] == len(imgs) // 5  # one shot in five evaluates the new character
 
     chars = {c["name"]: c for c in client.get("/api/characters").json()["characters"]}
     assert chars[new]["series"] == "series_new"
@@ -148,6 +149,11 @@ def test_enroll_then_recognise_without_retraining(client, service_data, registry
     assert (registry_root / "latest").read_text().strip() == version["version"]
     assert (registry_root / "versions" / version["version"] / "parent").read_text().strip() == old_version
     assert after["version"] == version["version"]
+    if len(imgs) >= 5:
+        from anime_role_detect.recognition.evalset import EvalSet
+
+        evalset = EvalSet.load(registry_root / "versions" / version["version"])
+        assert evalset is not None and evalset.labels.count(new) == len(imgs) // 5 and "enrol" in evalset.sources
 
     r = client.delete(f"/api/characters/{new}")
     assert r.status_code == 200 and r.json()["removed"] >= 1

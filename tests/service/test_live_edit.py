@@ -47,3 +47,22 @@ def test_enrol_persists_a_derived_version_with_stale_calibration(tmp_path):
     assert loaded.recognizer.describe()["calibration"]["stale"]["since"] == new.stale["since"]
     assert any(c["name"] == newcomer.name for c in Gallery.load(reg.path(vid)).characters())
     assert reg.rollback() == base and reg.latest_id() == base
+
+
+def test_enrolment_shots_held_out_extend_the_evaluation_set(tmp_path):
+    """An enrolled character is evaluated too: shots kept out of the gallery join the derived version's evaluation set."""
+    from anime_role_detect.imageio import content_hash
+    from anime_role_detect.recognition.evalset import EvalSet
+
+    reg, base, newcomer, rng = _version(tmp_path)
+    live = LiveRecognizer(reg.root, cfg={"mode": "clip", "rerank": False})
+    live.load_now()
+    loaded = live.current()
+    shots = [render_character(newcomer, rng, 64)[0] for _ in range(5)]
+    loaded.recognizer.enroll(newcomer.name, newcomer.series, shots[:4])
+    vid = live.persist_edit(loaded, kind="enroll", what=newcomer.name,
+                            evaluate=[(shots[4], newcomer.name, content_hash(shots[4].tobytes()))])
+    evalset = EvalSet.load(reg.path(vid))
+    assert evalset is not None and evalset.labels == [newcomer.name] and evalset.sources == ["enrol"]
+    assert evalset.embedder_id == loaded.recognizer.embedder.model_id
+    assert EvalSet.load(reg.path(base)) is None  # the base version is untouched

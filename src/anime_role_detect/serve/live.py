@@ -12,7 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+from PIL import Image
 
 from ..errors import RegistryError
 from ..log import get_logger
@@ -171,11 +173,13 @@ class LiveRecognizer:
         t = self._loading
         return t is not None and t.is_alive()
 
-    def persist_edit(self, loaded: Loaded, kind: str = "gallery-edit", what: str = "") -> str | None:
+    def persist_edit(self, loaded: Loaded, kind: str = "gallery-edit", what: str = "",
+                     evaluate: Sequence[tuple[Image.Image, str, str]] = ()) -> str | None:
         """Save an enrol/remove as a new registry version derived from the served one, and keep serving it.
 
         Unchanged files are carried as hard links; the open-set calibration is marked stale (measured before
-        the gallery changed). Following `latest`, the new version is promoted; a pinned server re-pins to it.
+        the gallery changed); `evaluate` = ``(image, label, sha256)`` pictures kept out of the gallery extend the
+        version's evaluation set. Following `latest`, the new version is promoted; a pinned server re-pins to it.
         Call under the write lock.
         """
         rec = loaded.recognizer
@@ -185,6 +189,8 @@ class LiveRecognizer:
             promote = self.version == "latest"
             with self.registry.derive(loaded.version_id, kind=kind, promote=promote, skip={GALLERY_INDEX, GALLERY_META}) as d:
                 rec.save_gallery(d.dir)
+                if evaluate:
+                    extend_eval_set(rec, d.dir, evaluate)
                 if getattr(rec, "calibration", None) is not None:
                     rec.calibration.mark_stale(f"{kind} {what}".strip())
                     rec.calibration.save(d.writable(CALIBRATION))
@@ -221,3 +227,17 @@ class LiveRecognizer:
         """The loaded recognizer right now (after a rate-limited check for a newer version)."""
         self.maybe_reload()
         return self._current
+
+
+def extend_eval_set(rec: Recognizer, folder: Path, pictures: Sequence[tuple[Image.Image, str, str]]) -> None:
+    """Add held-out enrolment shots (embedded by the recognizer's embedder) to the evaluation set in `folder`."""
+    from ..recognition.evalset import EvalSet
+
+    emb = rec.embedder.embed([img for img, _, _ in pictures])
+    new = EvalSet(emb, [label for _, label, _ in pictures], rec.embedder.model_id,
+                  sha256=[sha for _, _, sha in pictures], sources=["enrol"] * len(pictures))
+    base = EvalSet.load(folder)
+    if base is not None and len(base) and base.embedder_id != new.embedder_id:
+        _log.warning(f"evaluation set in {folder} is from another embedder ({base.embedder_id}); enrolment shots not added")
+        return
+    (new if base is None or not len(base) else base.extend(new)).save(folder)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from ...imageio import content_hash
 from ..deps import LiveDep, Services, ServicesDep, require_token, reading, run_model, writing
 from ..errors import ApiError
 from ..live import Loaded
@@ -40,7 +41,9 @@ class EnrollResult(BaseModel):
     name: str = Field(description="Character enrolled.")
     series: str = Field(description="Its series.")
     added: int = Field(description="Gallery vectors added.")
-    images: int = Field(description="Images used.")
+    images: int = Field(description="Images received.")
+    held_out: int = Field(default=0, description="Images kept out of the gallery to evaluate the character on "
+                                                   "(one in five from five images on, when edits are saved as versions).")
     version: str = Field(description="Registry version serving now.")
 
 
@@ -65,12 +68,17 @@ async def list_characters(services: ServicesDep, loaded: LiveDep) -> CharacterLi
     return CharacterList(version=loaded.version_id, count=len(chars), characters=chars)
 
 
-def _enroll(services: Services, loaded: Loaded, name: str, series: str, images: list[Image.Image]) -> int:
+def _enroll(services: Services, loaded: Loaded, name: str, series: str, shots: list[tuple[Image.Image, str]]) -> tuple[int, int]:
+    """Enrol `name`; when edits become versions, one shot in five (from five on) is held out as its evaluation pictures."""
+    persist = services.settings.persist_gallery_edits
+    held_idx = {i for i in range(len(shots)) if persist and len(shots) >= 5 and i % 5 == 4}
+    held = [shot for i, shot in enumerate(shots) if i in held_idx]
+    used = [shot for i, shot in enumerate(shots) if i not in held_idx]
     with writing(loaded) as rec:
-        added = int(rec.enroll(name, series, images))
-        if services.settings.persist_gallery_edits:
-            services.live.persist_edit(loaded, kind="enroll")
-        return added
+        added = int(rec.enroll(name, series, [img for img, _ in used]))
+        if persist:
+            services.live.persist_edit(loaded, kind="enroll", what=name, evaluate=[(img, name, sha) for img, sha in held])
+        return added, len(held)
 
 
 @router.post("", response_model=EnrollResult, status_code=201, dependencies=[Depends(require_token)],
@@ -85,19 +93,20 @@ async def enroll_character(
     """Embeds the images and adds them to the live gallery; later requests can name the character at once."""
     limits = services.settings.limits
     check_count(files, limits, "images")
-    images = []
+    shots = []
     for i, f in enumerate(files):
         up = await read_upload(f, limits, index=i, allow_video=False)
-        images.append(await run_model(services, decode_upload, up, limits))
-    added = await run_model(services, _enroll, services, loaded, name.strip(), series.strip(), images)
-    return EnrollResult(name=name.strip(), series=series.strip(), added=added, images=len(images), version=loaded.version_id)
+        shots.append((await run_model(services, decode_upload, up, limits), content_hash(up.data)))
+    added, held = await run_model(services, _enroll, services, loaded, name.strip(), series.strip(), shots)
+    return EnrollResult(name=name.strip(), series=series.strip(), added=added, images=len(shots), held_out=held,
+                        version=loaded.version_id)
 
 
 def _remove(services: Services, loaded: Loaded, name: str) -> int:
     with writing(loaded) as rec:
         removed = int(rec.remove(name))
         if removed and services.settings.persist_gallery_edits:
-            services.live.persist_edit(loaded, kind="remove")
+            services.live.persist_edit(loaded, kind="remove", what=name)
         return removed
 
 
