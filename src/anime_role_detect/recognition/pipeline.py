@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError, RegistryError
+from ..fsutil import read_json
 from ..imageio import DEFAULT_LIMITS, ImageLimits, content_hash, decode_image
 from ..log import get_logger
-from ..versionfiles import CALIBRATION, GALLERY_META, MODEL, TAG_PROFILES
+from ..versionfiles import CALIBRATION, EVAL_METRICS, GALLERY_META, MODEL, TAG_PROFILES
 from .config import MODES, RecognizerConfig
 from .device import resolve_device
 from .gallery import Gallery
@@ -114,7 +115,7 @@ class Recognizer:
                  sinks: Sequence[AnswerSink] = ()) -> None:
         self.config = as_config(cfg)
         c = self.config
-        self.version_dir = Path(version_dir) if version_dir else None
+        self.version_dir = Path(version_dir).resolve() if version_dir else None  # relative files of the version resolve once
         self.version = version or (self.version_dir.name if self.version_dir else "")
         self.mode = c.mode
         self.rerank_default = c.rerank
@@ -587,6 +588,7 @@ class Recognizer:
             "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
                             "stale": calib.stale} if calib else None,
+            "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
             "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
         }
 
