@@ -1,0 +1,82 @@
+"""``python -m anime_role_detect.cli.embed data.root=FOLDER out=DIR [trainer=ddp trainer.devices=N trainer.num_nodes=M]``.
+
+Embeds a dataset folder as a Lightning predict (`recognition.predict`): each rank writes its shards under
+``out/shards``; after every rank is done, rank 0 merges them (sorted by file name) into ``out/gallery.*``
+and prints one JSON line (rows, characters, images, seconds, images/s, world size). conf/embed.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from ..confutil import to_plain as _plain
+from ..errors import ConfigError, DatasetError
+from . import hydra_main
+
+SHARDS = "shards"
+
+
+def _items(root: Path, files: str | None) -> tuple[list[Any], list[tuple[str, Path]]]:
+    """The dataset's records (all, or those named in the `files` list) and their (id, path) items."""
+    from ..data.layout import scan_dataset
+
+    records = scan_dataset(root)
+    if files:
+        fp = Path(files)
+        if not fp.is_file():
+            raise ConfigError(f"files={fp}: no such file; give a text file with one file name per line, or files=null")
+        wanted = {line.strip() for line in fp.read_text(encoding="utf-8").splitlines() if line.strip()}
+        records = [r for r in records if r.file_name in wanted]
+        if not records:
+            raise DatasetError(f"none of the {len(wanted)} file names in {fp} is an image of {root}; names are relative to data=")
+    return records, [(r.file_name, r.path(root)) for r in records]
+
+
+def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Embed (every rank), then merge and save the gallery (rank 0); returns rank 0's summary, None elsewhere."""
+    from ..recognition.predict import gallery_from_vectors, merge_shards, predict_embeddings
+
+    c = dict(_plain(cfg) or {})
+    root = (c.get("data") or {}).get("root") if isinstance(c.get("data"), dict) else c.get("data")
+    if not root or not c.get("out"):
+        raise ConfigError("give data.root=<dataset folder> and out=<output folder>")
+    root, out = Path(root), Path(c["out"]).resolve()
+    records, items = _items(root, c.get("files"))
+    ecfg = dict(c.get("embedder") or {"kind": "timm"})
+    t0 = time.perf_counter()
+    trainer = predict_embeddings(items, ecfg, out / SHARDS, c.get("trainer"), batch_size=int(c.get("batch_size", 32)),
+                                 num_workers=int(c.get("num_workers", 2)), rows_per_part=int(c.get("rows_per_part", 65_536)))
+    seconds = time.perf_counter() - t0
+    if trainer.global_rank != 0:
+        return None
+    ids, vectors, info = merge_shards(out / SHARDS)
+    rate = len(items) / max(info["seconds"], 1e-9)  # embedding time of the slowest rank, model loading left out
+    summary: dict[str, Any] = {"images": len(items), "embedded": len(ids), "unreadable": len(info["errors"]),
+                               "world_size": info["world_size"], "seconds": round(seconds, 2), "embed_seconds": info["seconds"],
+                               "images_per_s": round(rate, 2), "images_per_s_per_process": round(rate / info["world_size"], 2)}
+    if c.get("gallery", True):
+        by_id = {r.file_name: r for r in records}
+        gcfg = dict(c.get("gallery_build") or {})
+        saved = {k: v for k, v in ecfg.items() if k != "device"}
+        gallery = gallery_from_vectors([(by_id[i].character, by_id[i].series, i) for i in ids], vectors, info["embedder_id"],
+                                       info["dim"], saved, gcfg.get("index"), gcfg.get("prototypes"), gcfg.get("aggregate", "max"))
+        gallery.save(out)
+        summary.update(rows=len(gallery), characters=gallery.n_characters if hasattr(gallery, "n_characters") else len(gallery.characters()),
+                       gallery=str(out))
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+@hydra_main("embed")
+def main(cfg: DictConfig) -> None:
+    """Embed a dataset folder over one or many processes and build its gallery (conf/embed.yaml)."""
+    run_embed(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Gallery embedding as a Lightning ``predict``: one process or many (DDP over processes, GPUs, nodes, SLURM).
+
+Each rank embeds its slice of the images (`data.predict.ImageFolderPredictData`) with the configured embedder
+(`EmbedModule`, the same ``embed`` as the in-process path) and `ShardWriter` writes what it made as atomic
+shard files ``rank-00003-part-0000.npz`` (ids + unit vectors) plus ``rank-00003.done.json``. `merge_shards`
+reads every rank's shards, checks they are complete, and returns the rows sorted by id (the file name), so
+1 and N processes give the same rows in the same order; `gallery_from_vectors` then builds the `Gallery`
+the way `Gallery.build` does (characters sorted, prototypes per character).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from ..errors import GalleryError
+from ..fsutil import atomic_path, atomic_write_json, read_json
+from ..log import get_logger
+from .gallery import Gallery
+
+_log = get_logger("system")
+PART_GLOB, DONE_GLOB = "rank-*-part-*.npz", "rank-*.done.json"
+
+
+def _device_name(device: torch.device) -> str:
+    """A torch device as the embedder's device setting (``cpu``, ``cuda:1``, ``mps``)."""
+    return f"{device.type}:{device.index}" if device.index is not None else device.type
+
+
+class EmbedModule(L.LightningModule):
+    """Runs the configured embedder on each predict batch of `Decoded` images; returns (ids, vectors, errors)."""
+
+    def __init__(self, embedder_cfg: Mapping[str, Any], base_dir: str | Path | None = None, threads: int | None = None) -> None:
+        super().__init__()
+        self.embedder_cfg = dict(embedder_cfg)
+        self.base_dir = base_dir
+        self.threads = threads
+        self.embedder: Any = None
+
+    def setup(self, stage: str) -> None:
+        """Build the embedder on this rank's device; CPU ranks share the cores instead of each taking all of them."""
+        from .embedder import build_embedder
+
+        device = self.trainer.strategy.root_device
+        if device.type == "cpu":
+            local = max(1, int(getattr(self.trainer, "num_devices", 1) or 1))
+            torch.set_num_threads(int(self.threads or max(1, (os.cpu_count() or 1) // local)))
+        if self.embedder is None:
+            self.embedder = build_embedder({**self.embedder_cfg, "device": _device_name(device)}, base_dir=self.base_dir)
+
+    def predict_step(self, batch: list[Any], batch_idx: int) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+        good = [d for d in batch if d.image is not None]
+        vectors = self.embedder.embed([d.image for d in good]) if good else np.zeros((0, int(self.embedder.dim)), np.float32)
+        return [d.id for d in good], vectors, [(d.id, d.error) for d in batch if d.image is None]
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an ``.npz`` atomically (a killed rank never leaves a torn shard)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each rank's embeddings as atomic shard parts of at most `rows_per_part` rows, then a done marker."""
+
+    def __init__(self, shard_dir: str | Path, rows_per_part: int = 65_536) -> None:
+        super().__init__(write_interval="batch")
+        self.shard_dir = Path(shard_dir)
+        self.rows_per_part = max(1, int(rows_per_part))
+        self._ids: list[str] = []
+        self._vecs: list[np.ndarray] = []
+        self._errors: list[tuple[str, str]] = []
+        self._parts = 0
+        self._rows = 0
+        self._t0 = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Rank 0 clears an earlier run's shards; the other ranks write only after Lightning's post-setup barrier."""
+        if trainer.global_rank == 0:
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            for old in [*self.shard_dir.glob(PART_GLOB), *self.shard_dir.glob(DONE_GLOB)]:
+                old.unlink()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()  # the embedder is loaded: from here on it is embedding time
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
+                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        ids, vectors, errors = prediction
+        if ids:
+            self._ids.extend(ids)
+            self._vecs.append(np.asarray(vectors, np.float32))
+        self._errors.extend(errors)
+        if len(self._ids) >= self.rows_per_part:
+            self._flush(trainer.global_rank)
+
+    def _flush(self, rank: int) -> None:
+        if not self._ids:
+            return
+        _save_npz(self.shard_dir / f"rank-{rank:05d}-part-{self._parts:04d}.npz",
+                  ids=np.asarray(self._ids, dtype=np.str_), vectors=np.concatenate(self._vecs))
+        self._parts += 1
+        self._rows += len(self._ids)
+        self._ids, self._vecs = [], []
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Last part, the done marker (rows, parts, world size, embedder), then wait for every rank."""
+        rank = trainer.global_rank
+        self._flush(rank)
+        emb = pl_module.embedder
+        atomic_write_json(self.shard_dir / f"rank-{rank:05d}.done.json", {
+            "rank": rank, "world_size": trainer.world_size, "rows": self._rows, "parts": self._parts,
+            "seconds": round(time.perf_counter() - self._t0, 3),
+            "embedder_id": str(emb.model_id), "dim": int(emb.dim), "errors": [list(e) for e in self._errors]})
+        trainer.strategy.barrier("embedding_shards_written")
+
+
+def merge_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Every rank's shards -> (ids sorted by name, their vectors, info: embedder_id, dim, world_size, errors).
+
+    ``seconds`` is the slowest rank's embedding time (model loading left out). Raises `GalleryError` when a rank's done marker or parts are missing (a rank died, or shards of two runs mix).
+    """
+    d = Path(shard_dir)
+    done = [read_json(p) for p in sorted(d.glob(DONE_GLOB))]
+    if not done:
+        raise GalleryError(f"{d} has no finished embedding shards (rank-*.done.json); run `python -m anime_role_detect.cli.embed` first")
+    world = {int(x["world_size"]) for x in done}
+    if len(world) != 1 or len(done) != next(iter(world)) or {int(x["rank"]) for x in done} != set(range(len(done))):
+        raise GalleryError(f"{d}: {len(done)} rank marker(s) for world size(s) {sorted(world)}; a rank failed or two runs mixed, embed again")
+    ids: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
+    for x in done:
+        parts = sorted(d.glob(f"rank-{int(x['rank']):05d}-part-*.npz"))
+        if len(parts) != int(x["parts"]):
+            raise GalleryError(f"{d}: rank {x['rank']} wrote {x['parts']} part(s) but {len(parts)} are there; embed again")
+        for p in parts:
+            with np.load(p) as z:
+                ids.append(z["ids"])
+                vecs.append(z["vectors"])
+    dims = {int(x["dim"]) for x in done}
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.str_)
+    all_vecs = np.concatenate(vecs) if vecs else np.zeros((0, dims.pop() if len(dims) == 1 else 0), np.float32)
+    order = np.argsort(all_ids, kind="stable")
+    all_ids, all_vecs = all_ids[order], all_vecs[order]
+    keep = np.ones(len(all_ids), bool)
+    keep[1:] = all_ids[1:] != all_ids[:-1]  # an id seen twice (a resumed rank) counts once
+    info = {"embedder_id": done[0]["embedder_id"], "dim": int(done[0]["dim"]), "world_size": len(done),
+            "seconds": max(float(x.get("seconds", 0.0)) for x in done),
+            "errors": sorted((e for x in done for e in x.get("errors", [])), key=lambda e: e[0])}
+    return [str(i) for i in all_ids[keep]], np.ascontiguousarray(all_vecs[keep], np.float32), info
+
+
+def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Mapping[str, Any], shard_dir: str | Path,
+                       trainer_cfg: Mapping[str, Any] | None = None, base_dir: str | Path | None = None, batch_size: int = 32,
+                       num_workers: int = 2, rows_per_part: int = 65_536) -> L.Trainer:
+    """Run the Lightning predict over `items` and write this rank's shards; returns the trainer (its rank decides who merges).
+
+    `trainer_cfg` holds Trainer arguments (``accelerator``, ``devices``, ``strategy``, ``num_nodes``; a Hydra
+    ``_target_`` is ignored). Under DDP every rank runs this call; merge after it on rank 0 only.
+    """
+    from ..data.predict import ImageFolderPredictData
+
+    tcfg = {k: v for k, v in dict(trainer_cfg or {}).items() if not str(k).startswith("_") and k in _TRAINER_KEYS}
+    tcfg.setdefault("accelerator", "cpu")
+    tcfg.setdefault("devices", 1)
+    writer = ShardWriter(shard_dir, rows_per_part)
+    trainer = L.Trainer(**tcfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, callbacks=[writer], default_root_dir=str(shard_dir))
+    module = EmbedModule(embedder_cfg, base_dir=base_dir)
+    trainer.predict(module, datamodule=ImageFolderPredictData(items, batch_size, num_workers), return_predictions=False)
+    return trainer
+
+
+#: Trainer arguments that matter to a predict run (a training config's max_epochs, precision etc. are left out).
+_TRAINER_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "use_distributed_sampler", "plugins"})
+
+
+def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarray, embedder_id: str, dim: int,
+                         embedder_config: Mapping[str, Any] | None = None, index: Any = None, prototypes: Any = None,
+                         aggregate: str = "max", progress: Callable[[int, int], None] | None = None) -> Gallery:
+    """`Gallery.build` from precomputed vectors: ``(character, series, source)`` per row, characters sorted, rows in the
+    given order within one, prototypes per character (``all``: one bulk add sized for the whole gallery)."""
+    if len(rows) != len(vectors):
+        raise GalleryError(f"{len(vectors)} vectors for {len(rows)} rows; embed again")
+    if not rows:
+        raise GalleryError("none of the images could be read; check the dataset folder")
+    g = Gallery(embedder_id, dim, embedder_config, index, prototypes, aggregate)
+    by_char: dict[str, list[int]] = {}
+    for i, (character, _, _) in enumerate(rows):
+        by_char.setdefault(character, []).append(i)
+    series = {c: next((rows[i][1] for i in idx if rows[i][1]), "") for c, idx in by_char.items()}
+    order = [i for c in sorted(by_char) for i in by_char[c]]
+    if g.prototype_spec.method == "all" and hasattr(g, "add_rows"):
+        g.add_rows(vectors[order], [rows[i][0] for i in order], [series[rows[i][0]] for i in order],
+                   [rows[i][2] for i in order], expected_rows=len(order))
+    else:
+        for c in sorted(by_char):
+            idx = by_char[c]
+            g.add(c, series[c], vectors[idx], [rows[i][2] for i in idx])
+    if progress:
+        progress(len(rows), len(rows))
+    return g

@@ -1,0 +1,101 @@
+"""Gallery embedding as a Lightning predict: the real command over 1 and 2 DDP CPU processes (gloo) gives the same
+gallery, equal to the in-process `Gallery.build`; the merge refuses incomplete shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from anime_role_detect.errors import GalleryError
+from anime_role_detect.recognition.gallery import Gallery
+
+#: Real fixed ImageNet weights (offline), so two processes compute the same network without a shared seed.
+EMBEDDER = {"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """4 characters x 10 small drawings (odd sizes, so letterboxing matters) and one corrupt file."""
+    root = tmp_path_factory.mktemp("embed") / "chars"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        d = root / f"char_{c}"
+        d.mkdir(parents=True)
+        for i in range(10):
+            im = Image.new("RGB", (80, 96), tuple(int(x) for x in rng.integers(0, 255, 3)))
+            ImageDraw.Draw(im).ellipse([10 + 5 * c, 10, 60, 70 - i], fill=tuple(int(x) for x in rng.integers(0, 255, 3)))
+            im.save(d / f"{i:02d}.png")
+    (root / "char_0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def embed(dataset: Path, out: Path, cwd: Path, *extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={dataset}", f"out={out}", f"paths.root_dir={cwd}",
+            *(f"embedder.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in EMBEDDER.items()),
+            "embedder.flip_tta=true", "gallery_build.index.type=flat", "batch_size=8", "num_workers=1", *extra]
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def rows_and_vectors(folder: Path) -> tuple[list[tuple], np.ndarray]:
+    g = Gallery.load(folder)
+    ids = np.array(sorted(g.rows), dtype=np.int64)
+    return [(g.rows[i].character, g.rows[i].source) for i in ids], g.index.reconstruct_batch(ids)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_build_the_same_gallery_as_one(dataset, tmp_path):
+    one = embed(dataset, tmp_path / "one", tmp_path, "trainer=cpu")
+    two = embed(dataset, tmp_path / "two", tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["embedded"] == two["embedded"] == 40 and one["unreadable"] == two["unreadable"] == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == [
+        "rank-00000-part-0000.npz", "rank-00000.done.json", "rank-00001-part-0000.npz", "rank-00001.done.json"]
+    rows1, v1 = rows_and_vectors(tmp_path / "one")
+    rows2, v2 = rows_and_vectors(tmp_path / "two")
+    assert rows1 == rows2 and len(rows1) == 40
+    assert [s for _, s in rows1] == sorted(s for _, s in rows1)  # characters sorted, file names sorted within
+    np.testing.assert_allclose(v1, v2, atol=1e-5)
+    # the in-process path (Gallery.build, as build_recognition_folder does by default) gives the same rows and vectors
+    from anime_role_detect.imageio import load_image
+    from anime_role_detect.recognition.embedder import build_embedder
+
+    files = sorted(p for p in dataset.rglob("*.png") if "broken" not in p.name)
+    items = [(p.parent.name, "", (lambda p=p: load_image(p)), p.relative_to(dataset).as_posix()) for p in files]
+    ref = Gallery.build(items, build_embedder({**EMBEDDER, "flip_tta": True, "batch_size": 8}), index={"type": "flat"})
+    ids = np.array(sorted(ref.rows), dtype=np.int64)
+    assert [(ref.rows[i].character, ref.rows[i].source) for i in ids] == rows1
+    np.testing.assert_allclose(ref.index.reconstruct_batch(ids), v1, atol=1e-5)
+
+
+def _shard(d: Path, rank: int, world: int, ids: list[str], dim: int = 4) -> None:
+    from anime_role_detect.fsutil import atomic_write_json
+    from anime_role_detect.recognition.predict import _save_npz
+
+    _save_npz(d / f"rank-{rank:05d}-part-0000.npz", ids=np.array(ids, dtype=np.str_), vectors=np.eye(dim, dtype=np.float32)[: len(ids)])
+    atomic_write_json(d / f"rank-{rank:05d}.done.json", {"rank": rank, "world_size": world, "rows": len(ids), "parts": 1,
+                                                          "embedder_id": "e", "dim": dim, "seconds": 1.0, "errors": []})
+
+
+def test_merge_sorts_by_id_and_refuses_a_missing_rank(tmp_path):
+    from anime_role_detect.recognition.predict import merge_shards
+
+    _shard(tmp_path, 0, 2, ["b/1.png", "a/2.png"])
+    with pytest.raises(GalleryError, match="a rank failed"):
+        merge_shards(tmp_path)
+    _shard(tmp_path, 1, 2, ["a/1.png", "a/2.png"])  # a/2.png twice (a resumed rank): kept once
+    ids, vecs, info = merge_shards(tmp_path)
+    assert ids == ["a/1.png", "a/2.png", "b/1.png"] and info["world_size"] == 2
+    assert vecs.shape == (3, 4) and vecs[0, 0] == 1.0  # rank 1's first row
+    (tmp_path / "rank-00001-part-0000.npz").unlink()
+    with pytest.raises(GalleryError, match="part"):
+        merge_shards(tmp_path)
