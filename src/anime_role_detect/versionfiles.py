@@ -21,5 +21,8 @@ EVAL_METRICS = "eval_metrics.json"  # the version's own figures on its evaluatio
 FUSION_REPORT_JSON = "fusion_report.json"
 FUSION_REPORT_MD = "fusion_report.md"
 
+#: The training run's report files a version keeps (train.py register=true and the workflow).
+RUN_REPORT = (METRICS, "per_character.csv", "per_character.md", "confusion_matrix.png")
+
 #: Files the registry writes itself when it seals a version; never carried from a parent.
 SEALED = frozenset({MANIFEST, PARENT})

@@ -52,7 +52,7 @@ def onnx_tagger(tmp_path_factory, rec_data) -> list[str]:
 @pytest.fixture(scope="session")
 def version_dir(tmp_path_factory, rec_data, trained_ckpt, onnx_tagger) -> Path:
     """A complete recognition folder (classifier embedder gallery, tag profiles, calibration, model.ckpt)."""
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder
+    from anime_role_detect.recognition.build import build_recognition_folder
 
     out = tmp_path_factory.mktemp("version") / "v1"
     cfg = infer_cfg(["embedder=classifier", "embedder.flip_tta=false", *onnx_tagger])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from anime_role_detect.data.synthetic import load_characters, render_scene
 from anime_role_detect.recognition.detector import Box
-from anime_role_detect.recognition.detector_training import make_tiny_detector
+from anime_role_detect.training.detector import make_tiny_detector
 from anime_role_detect.recognition.pipeline import Recognizer
 
 from .helpers import infer_cfg

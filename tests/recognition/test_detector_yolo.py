@@ -1,6 +1,6 @@
 """The YOLO detector made offline: dataset building, training through the real entry point, two characters -> two boxes.
 
-`tiny_yolo_weights` trains once per session (``detector_training.make_tiny_detector``, about a minute
+`tiny_yolo_weights` trains once per session (``training.detector.make_tiny_detector``, about a minute
 on 2 cores) into the session's base temp folder; other tests that need a detector can call
 ``make_tiny_detector(tmp_path_factory.getbasetemp() / "tiny_yolo")`` and reuse the same weights.
 """
@@ -22,7 +22,7 @@ from PIL import Image
 from anime_role_detect.data.synthetic import make_characters, render_scene
 from anime_role_detect.errors import ConfigError, DatasetError
 from anime_role_detect.recognition.detector import Box, YoloDetector, build_detector
-from anime_role_detect.recognition.detector_training import (
+from anime_role_detect.training.detector import (
     DetectorTrainingConfig,
     build_dataset,
     make_tiny_detector,
@@ -168,7 +168,7 @@ _NO_NETWORK = textwrap.dedent(
     socket.socket.connect = refuse
     socket.getaddrinfo = refuse
     socket.create_connection = refuse
-    from anime_role_detect.recognition.detector_training import main
+    from anime_role_detect.cli.detector import main
     try:
         main(sys.argv[1:])
     finally:
@@ -192,7 +192,7 @@ def test_cli_trains_a_detector_offline_without_touching_the_network(tmp_path):
 
 def test_cli_bad_option_exits_2_with_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "anime_role_detect.recognition.detector_training", "epochz=3"],
+        [sys.executable, "-m", "anime_role_detect.cli.detector", "epochz=3"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: bad option") and proc.stderr.count("\n") == 1, proc.stderr

@@ -11,7 +11,7 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import generate_dataset, make_characters
 from anime_role_detect.imageio import load_image
-from anime_role_detect.recognition.gallery_cli import build_recognition_folder
+from anime_role_detect.recognition.build import build_recognition_folder
 from anime_role_detect.recognition.pipeline import Recognizer
 
 pytestmark = pytest.mark.slow

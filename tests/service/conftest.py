@@ -63,10 +63,11 @@ def service_data(tmp_path_factory) -> Dataset:
 
 def build_version(registry_root: Path, data_root: Path, promote: bool = True) -> str:
     """A registry version (gallery + calibration + tag profiles) from a dataset folder, via the recognition builder."""
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder, compose_config
+    from anime_role_detect.confutil import compose_plain
+    from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.registry import Registry
 
-    cfg = compose_config(["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=false", "tagger=none"])
+    cfg = compose_plain("infer", ["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=false", "tagger=none"])
     reg = Registry(registry_root)
     staging = reg.staging_dir()
     build_recognition_folder(data_root, staging, cfg, val_fraction=0.2, seed=0)

@@ -20,7 +20,8 @@ def _held_out(path: Path) -> bool:
 
 
 def test_mixed5_held_out_pictures_are_named_over_http(tmp_path, shared_data):
-    from anime_role_detect.recognition.gallery_cli import build_recognition_folder, compose_config
+    from anime_role_detect.confutil import compose_plain
+    from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.registry import Registry
 
     src = shared_data / "mixed5"
@@ -34,7 +35,7 @@ def test_mixed5_held_out_pictures_are_named_over_http(tmp_path, shared_data):
                 held.append((char_dir.name, img))
             else:
                 os.symlink(img, train_root / char_dir.name / img.name)  # never copied: read in place
-    cfg = compose_config(["embedder=lite0", "embedder.image_size=128", "embedder.flip_tta=false", "tagger=none"])
+    cfg = compose_plain("infer", ["embedder=lite0", "embedder.image_size=128", "embedder.flip_tta=false", "tagger=none"])
     reg = Registry(tmp_path / "registry")
     staging = reg.staging_dir()
     build_recognition_folder(train_root, staging, cfg, val_fraction=0.2, seed=0)

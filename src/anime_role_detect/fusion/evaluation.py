@@ -138,7 +138,7 @@ def embed_val_dir(root: Path, gallery: Gallery, batch_size: int) -> EvalSet:
         records = [r for r in records if r.file_name in val] or records
     if not gallery.embedder_config:
         raise GalleryError(f"the live gallery stores no embedder config, so {root} cannot be embedded; "
-                           "rebuild the gallery with gallery_cli or drop evaluation.val_dir")
+                           "rebuild the gallery with ard-gallery build or drop evaluation.val_dir")
     embedder = build_embedder(gallery.embedder_config)
     gallery.check_embedder(embedder.model_id, embedder.dim, "the live gallery")
     vecs = [embedder.embed([load_image(r.path(root)) for r in records[i : i + batch_size]])

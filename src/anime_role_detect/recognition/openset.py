@@ -75,9 +75,9 @@ class OpenSetCalibration:
             obj = read_json(p)
             return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"))
         except FileNotFoundError:
-            raise GalleryError(f"open-set calibration {p} not found; rebuild with gallery_cli build --val-fraction 0.2 or set openset.enabled=false") from None
+            raise GalleryError(f"open-set calibration {p} not found; rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(f"open-set calibration {p} is corrupt ({exc}); rebuild it with gallery_cli build") from None
+            raise GalleryError(f"open-set calibration {p} is corrupt ({exc}); rebuild it with ard-gallery build") from None
 
 
 def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -158,7 +158,7 @@ class Recognizer:
         if not d.is_dir():
             raise RegistryError(f"version folder {d} does not exist; see `python -m anime_role_detect.registry list`")
         if not (d / GALLERY_META).is_file() and not (d / MODEL).is_file():
-            raise RegistryError(f"{d} has neither a gallery ({GALLERY_META}) nor a model ({MODEL}); build one with gallery_cli build or train.py")
+            raise RegistryError(f"{d} has neither a gallery ({GALLERY_META}) nor a model ({MODEL}); build one with ard-gallery build or train.py register=true")
         return cls(cfg, version_dir=d, sinks=sinks)
 
     @classmethod
@@ -205,7 +205,7 @@ class Recognizer:
     def gallery(self) -> Gallery:
         def load() -> Gallery:
             if self._file(GALLERY_META) is None:
-                raise GalleryError(f"no gallery in {self.version_dir or 'the configuration'}; build one with gallery_cli build, or use mode=model")
+                raise GalleryError(f"no gallery in {self.version_dir or 'the configuration'}; build one with ard-gallery build, or use mode=model")
             return Gallery.load(self.version_dir)
 
         return self._part("gallery", load)

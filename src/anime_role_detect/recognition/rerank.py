@@ -199,9 +199,9 @@ class TagReranker:
                 rr.noise_tagger_id = str(obj.get("tagger_id") or "")
             return rr
         except FileNotFoundError:
-            raise GalleryError(f"tag profiles {p} not found; build them with gallery_cli build (needs tagged metadata) or set rerank=false") from None
+            raise GalleryError(f"tag profiles {p} not found; build them with ard-gallery build (needs tagged metadata) or set rerank=false") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(f"tag profiles {p} are corrupt ({exc}); rebuild them with gallery_cli build") from None
+            raise GalleryError(f"tag profiles {p} are corrupt ({exc}); rebuild them with ard-gallery build") from None
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

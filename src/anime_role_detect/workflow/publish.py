@@ -23,12 +23,12 @@ from ..fsutil import atomic_write_json, read_json
 from ..log import get_logger
 from ..registry import Registry
 from ..training import TrainResult
-from ..versionfiles import CONFIG, METRICS
+from ..versionfiles import CONFIG, METRICS, RUN_REPORT
 
 _log = get_logger("system")
 
 #: Report files a training run writes and a version keeps.
-REPORT_FILES = (METRICS, "per_character.csv", "per_character.md", "confusion_matrix.png")
+REPORT_FILES = RUN_REPORT
 
 
 @dataclass

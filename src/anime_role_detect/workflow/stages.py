@@ -13,7 +13,7 @@ from ..data.layout import ImageRecord, read_metadata, scan_dataset, stratified_g
 from ..errors import ConfigError, DatasetError
 from ..fsutil import atomic_write_json, atomic_write_text, fingerprint, link_or_copy, read_json
 from ..log import get_logger
-from ..versionfiles import CONFIG, MANIFEST, METRICS
+from ..versionfiles import CONFIG, MANIFEST, METRICS, RUN_REPORT
 from .clean import CleanConfig, clean_dataset
 from .collectors import build_collector, read_manifest
 from .context import RunContext
@@ -23,7 +23,7 @@ from .training_bridge import stage_train
 _log = get_logger("system")
 
 #: Report files the training run writes and the version keeps.
-REPORT_FILES = (METRICS, "per_character.csv", "per_character.md", "confusion_matrix.png")
+REPORT_FILES = RUN_REPORT
 
 
 # -- stages ---------------------------------------------------------------------------------------

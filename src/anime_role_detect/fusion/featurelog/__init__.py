@@ -16,10 +16,10 @@ from .feedback import Feedback, FeedbackError, best_detection_index, feedback_fo
 from .files import FEEDBACK_FILE, FORMAT_VERSION, IMAGES, SEGMENTS
 from .reader import LogReader, LogRecord
 from .sink import FeatureLogSink
-from .writer import FeatureLog, LogPolicy, attach_from_config, new_record_id, sink_from_config
+from .writer import FeatureLog, LogPolicy, new_record_id, sink_from_config
 
 __all__ = [
     "FEEDBACK_FILE", "FORMAT_VERSION", "IMAGES", "SEGMENTS", "FeatureLog", "FeatureLogSink", "Feedback", "FeedbackError",
-    "LogPolicy", "LogReader", "LogRecord", "attach_from_config", "best_detection_index", "feedback_for", "join_feedback",
+    "LogPolicy", "LogReader", "LogRecord", "best_detection_index", "feedback_for", "join_feedback",
     "new_record_id", "sink_from_config",
 ]

@@ -18,7 +18,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -234,16 +234,3 @@ def sink_from_config(cfg: Mapping[str, Any] | None) -> FeatureLogSink | None:
     if not c.get("dir"):
         raise ConfigError("feature_log.dir is empty; set a folder or feature_log.enabled=false")
     return FeatureLogSink(FeatureLog(c["dir"], c.get("policy") or {}))
-
-
-def attach_from_config(cfg: Mapping[str, Any] | None) -> Callable[[Any], Callable[[], None] | None]:
-    """Hook for entry points: add the feature-log sink of ``cfg`` to a Recognizer; returns the log's closer (None when disabled)."""
-
-    def hook(recognizer: Any) -> Callable[[], None] | None:
-        sink = sink_from_config(cfg)
-        if sink is None:
-            return None
-        recognizer.add_sink(sink)
-        return sink.close
-
-    return hook
