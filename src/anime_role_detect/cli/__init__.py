@@ -1,4 +1,4 @@
-"""Command lines: the code behind ``train.py``, ``infer.py``, ``ard-*`` and ``python -m anime_role_detect.*``.
+"""Command lines — the code behind ``train.py``, ``infer.py``, ``ard-*`` and ``python -m anime_role_detect.*``; may import every layer.
 
 Only entry points import this package (the repo's ``train.py``/``infer.py``, ``__main__`` modules, console
 scripts); no library module does. `user_errors_exit` gives every command its one-line errors.

@@ -1,1 +1,1 @@
-"""Data layer: dataset folders, splits, synthetic characters, transforms, the Lightning DataModule."""
+"""Data layer — dataset folders, splits, synthetic characters, transforms, DataModules; imports only the base modules."""

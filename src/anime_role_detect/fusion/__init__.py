@@ -1,4 +1,4 @@
-"""Log fusion: every classification is logged with its features (`featurelog`); `fuse` builds a better version from the logs.
+"""Log fusion — every answer logged with its features, `fuse` builds a better version from the logs; imports base, registry, data, training, recognition.
 
 Modules: `featurelog/` (the log), `selection`, `evaluation`, `report`, `finetune` and `fuse` (the run).
 May import the base layer, `data`, `recognition`, `training` (fine-tuning) and `registry`; only entry

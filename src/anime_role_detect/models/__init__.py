@@ -1,1 +1,1 @@
-"""Model layer: backbone factory and the CharacterClassifier LightningModule."""
+"""Model layer — backbone factory and the CharacterClassifier LightningModule; imports the base and data."""

@@ -1,4 +1,4 @@
-"""Version registry: ``ROOT/versions/<id>/`` folders plus an atomically replaced ``ROOT/latest`` pointer.
+"""Version registry — ``ROOT/versions/<id>/`` folders plus an atomic ``ROOT/latest`` pointer; imports only the base (storage, no models).
 
 A version is built in a hidden staging folder and renamed into place only when complete, so a
 crash never leaves a half-written version visible; ``latest`` is a small file replaced by

@@ -1,4 +1,4 @@
-"""REST API and web pages: `create_app(cfg)`; run with `python -m anime_role_detect.serve` or `ard-serve`."""
+"""Service — REST API and pages, `create_app(cfg)`, ``ard-serve``; imports every layer below it (recognition, registry, workflow, fusion), never cli."""
 
 from .app import create_app
 

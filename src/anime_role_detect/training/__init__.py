@@ -1,5 +1,8 @@
-"""Training entry point behind ``train.py``: compose data, model, callbacks, loggers and trainer from
-the Hydra config, fit, then evaluate the best checkpoint and write the run's report.
+"""Training layer — train(cfg, callbacks=()) behind ``train.py``, its reports, the offline YOLO trainer; imports base, data, models
+(only `training.detector`, the YOLO tool, also uses `recognition.detector` to label real pictures with animeface).
+
+`train` composes data, model, callbacks, loggers and trainer from the Hydra config, fits, then evaluates
+the best checkpoint and writes the run's report.
 
 `train(cfg)` is callable in-process (the workflow composes a config with ``hydra.compose``) and
 returns a `TrainResult`; ``train.py`` returns ``metrics[cfg.optimized_metric]`` for sweepers.

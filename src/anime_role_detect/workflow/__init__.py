@@ -1,1 +1,1 @@
-"""Workflow: collect -> clean -> split -> train -> evaluate -> gallery -> register, resumable."""
+"""Workflow — collect -> clean -> split -> train -> evaluate -> gallery -> register, resumable; imports base, registry, data, training, recognition."""

@@ -1,4 +1,4 @@
-"""Append-only, crash-safe feature log: one JSON line per classification plus an embedding shard.
+"""Append-only, crash-safe feature log (part of fusion; imports base and recognition.schema/sinks): one JSON line per answer plus embeddings.
 
 Layout of ``DIR`` (one writer process per segment, so concurrent writers never interleave)::
 

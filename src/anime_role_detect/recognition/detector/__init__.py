@@ -1,4 +1,4 @@
-"""Character detectors: find the characters in an image so each one is cropped and recognised separately.
+"""Character detectors (part of recognition; imports the base only): find the characters so each is cropped and recognised separately.
 
 Three detectors sit behind one registry (`build_detector(cfg)`, ``cfg.kind``; legacy ``cfg.name`` still read):
 

@@ -1,4 +1,4 @@
-"""HTTP routes, one module per resource; `ERROR_RESPONSES` documents the shared error body in OpenAPI."""
+"""HTTP routes, one module per resource (part of serve); `ERROR_RESPONSES` documents the shared error body in OpenAPI."""
 
 from __future__ import annotations
 

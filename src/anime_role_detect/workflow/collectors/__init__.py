@@ -1,4 +1,4 @@
-"""Collectors behind one interface (`Collector.collect(query, out_dir, progress)`), chosen per run by config.
+"""Collectors (part of the workflow; imports the base and data) behind one interface `Collector.collect(query, out_dir, progress)`.
 
 ``build_collector(cfg)`` instantiates ``cfg._target_`` (Hydra style) or looks ``cfg.name`` up in
 `COLLECTORS`; every collector writes ``OUT/<character>/<image>`` + ``OUT/.state/<character>.jsonl``.
