@@ -42,7 +42,7 @@ class BatchingSettings(_Section):
     """Micro-batching of concurrent single-image `/api/classify` requests (one recognizer call for many)."""
 
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join its batch; 0 = off.")
-    max_batch: int = Field(16, ge=1, le=256, description="Most images in one recognizer batch.")
+    max_batch: int = Field(8, ge=1, le=256, description="Most images in one recognizer batch.")
 
     @property
     def enabled(self) -> bool:
