@@ -112,3 +112,68 @@ def test_infer_py_on_a_video_prints_appearances(version_dir, test_images, tmp_pa
     assert right >= 6, [(t, f["role"]) for f, t in zip(ans["frames"], times)]
     assert all(0.0 <= a["start_s"] <= a["end_s"] < 4.0 for a in ans["appearances"])
     assert {x, y} <= {a["role"] for a in ans["appearances"]}
+
+
+# -- folder decoding in DataLoader workers (in-process: no trained version needed) -------------------------------------
+@pytest.fixture(scope="module")
+def lite0_gallery(tmp_path_factory) -> tuple[Path, Path]:
+    """A Lite0 (offline ImageNet weights, 64 px) gallery of 3 drawn characters, and a folder of 13 inputs + 1 corrupt."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from anime_role_detect.recognition.embedder import build_embedder
+    from anime_role_detect.recognition.gallery import Gallery
+
+    base = tmp_path_factory.mktemp("lite0")
+    rng = np.random.default_rng(7)
+    colours = [tuple(int(x) for x in rng.integers(0, 255, 3)) for _ in range(3)]
+
+    def draw(c: int, i: int) -> Image.Image:
+        im = Image.new("RGB", (72 + i, 90), (255, 255, 255))
+        ImageDraw.Draw(im).ellipse([8 + 6 * c, 8 + i, 60, 80], fill=colours[c])
+        return im
+
+    emb = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "image_size": 64})
+    Gallery.build([(f"c{c}", "s", draw(c, i), f"c{c}/{i}") for c in range(3) for i in range(4)], emb).save(base / "g")
+    inputs = base / "in"
+    inputs.mkdir()
+    for k in range(13):
+        draw(k % 3, 5 + k).save(inputs / f"{k:02d}.png")
+    (inputs / "06_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # mid-folder: the run must go on past it
+    return base / "g", inputs
+
+
+def test_folder_decoding_in_workers_gives_the_same_answers_in_order(lite0_gallery):
+    from .helpers import infer_cfg
+    from anime_role_detect.cli.infer import AnswerWriter, _run_folder, list_images
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    gallery, inputs = lite0_gallery
+    files = list_images(inputs)
+    outputs, received = {}, {}
+    for workers in (0, 2):
+        rec = Recognizer.from_config(infer_cfg([f"gallery={gallery}", "version=null", "tagger=none", "rerank=false", "cache_size=0"]))
+        got: dict[str, bytes | None] = {}
+        rec.add_sink(lambda answer, embeddings, data, got=got: got.__setitem__(answer.filename, data))
+        buf = io.StringIO()
+        failed = _run_folder(rec, files, AnswerWriter(buf, "jsonl"), batch_size=4, progress=False, workers=workers)
+        assert failed == 1
+        lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+        for line in lines:
+            line.pop("timings_ms", None)
+        outputs[workers], received[workers] = lines, got
+    assert outputs[0] == outputs[2] and len(outputs[2]) == 14  # same answers, same order as decoding in this process
+    assert sum("error" in line for line in outputs[2]) == 1 and "06_broken.jpg" in next(x for x in outputs[2] if "error" in x)["filename"]
+    assert all(received[2][str(f)] == f.read_bytes() for f in files if f.suffix == ".png")  # sinks get the uploaded bytes
+
+
+def test_run_infer_takes_decode_workers(lite0_gallery, tmp_path):
+    from .helpers import infer_cfg
+    from anime_role_detect.cli.infer import run_infer
+
+    gallery, inputs = lite0_gallery
+    buf = io.StringIO()
+    cfg = infer_cfg([f"gallery={gallery}", "version=null", "tagger=none", "rerank=false", "feature_log.enabled=false",
+                     "output.progress=false", f"image={inputs}", "+decode_workers=1"])
+    assert run_infer(cfg, stream=buf) == 1
+    assert len(buf.getvalue().splitlines()) == 14

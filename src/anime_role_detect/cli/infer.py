@@ -1,7 +1,8 @@
 """``python infer.py image=PATH`` / ``ard-infer``: resolve the input (image, folder, video), recognise in batches,
 write JSON lines / CSV / JSON; every answer also goes to the fusion feature log (``feature_log.enabled``).
 
-In a folder, an unreadable file becomes an ``{"filename", "error"}`` line and the run goes on; a
+A folder is decoded in ``decode_workers`` DataLoader worker processes (default 2) while the recognizer runs,
+answers in file order. In a folder, an unreadable file becomes an ``{"filename", "error"}`` line and the run goes on; a
 single bad file is a one-line error (exit 2).
 """
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError
 from ..fusion.featurelog import sink_from_config
-from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, decode_image
+from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from ..log import get_logger, setup_logging
 from ..recognition.pipeline import Recognizer
 from ..recognition.schema import Answer
@@ -27,6 +28,8 @@ from . import hydra_main
 
 CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms")
 _log = get_logger("inference")
+#: Decode processes for a folder (``decode_workers=``; 0 decodes in this process between batches).
+DECODE_WORKERS = 2
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -75,16 +78,19 @@ def _csv_row(ans: Answer) -> dict[str, Any]:
     }
 
 
-def _decoded(files: list[Path]) -> Iterator[tuple[Path, Any, str | None, str]]:
-    """(path, image or None, sha256, error message)."""
-    for f in files:
-        try:
-            data = f.read_bytes()
-            yield f, decode_image(data, str(f)), content_hash(data), ""
-        except ImageError as exc:
-            yield f, None, None, str(exc)
-        except OSError as exc:
-            yield f, None, None, f"{f}: cannot read ({exc.strerror}); check permissions"
+def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
+    """(path, image or None, sha256, error message, bytes) per file, in order; `workers` > 0 decodes in DataLoader
+    worker processes (up to two batches ahead), so decoding overlaps the recognizer's forward pass."""
+    from ..data.predict import decode_file, decode_loader
+
+    if workers <= 0:
+        for f in files:
+            d = decode_file(str(f), f, keep_bytes=True)
+            yield f, d.image, d.sha256 or None, d.error, d.data
+        return
+    for batch in decode_loader([(str(f), f) for f in files], batch_size, workers, keep_bytes=True):
+        for d in batch:
+            yield Path(d.id), d.image, d.sha256 or None, d.error, d.data
 
 
 def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
@@ -93,6 +99,7 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
     With ``feature_log.enabled`` every answer is also appended to the feature log (a recognizer sink).
     """
     c = dict(_plain(cfg) or {})
+    workers = int(c.pop("decode_workers", DECODE_WORKERS) or 0)  # an entry-point setting, not the recognizer's
     if c.get("log"):
         setup_logging({**c["log"], "console_level": c["log"].get("console_level", "WARNING")})
     image, video = c.get("image"), c.get("video")
@@ -127,7 +134,7 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
         files = list_images(ip)
         if not files:
             raise ImageError(f"{ip}: the folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)))
+        return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)), workers)
     finally:
         if sink is not None:
             sink.close()
@@ -135,29 +142,31 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
             fh.close()
 
 
-def _run_folder(rec: Recognizer, files: list[Path], writer: AnswerWriter, batch_size: int, progress: bool) -> int:
+def _run_folder(rec: Recognizer, files: list[Path], writer: AnswerWriter, batch_size: int, progress: bool, workers: int = 0) -> int:
+    """Recognise a folder in batches, answers in file order; an unreadable file is one error line and the run goes on."""
     from tqdm import tqdm
 
     failed = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="recognising", file=sys.stderr, disable=not progress)
-    batch: list[tuple[Path, Any, str]] = []
+    batch: list[tuple[Path, Any, str, bytes | None]] = []
 
     def flush() -> None:
         if batch:
-            answers = rec.recognize_batch([(img, str(f)) for f, img, _ in batch], hashes=[h for _, _, h in batch])
+            answers = rec.recognize_batch([(img, str(f)) for f, img, _, _ in batch], hashes=[h for _, _, h, _ in batch],
+                                          data=[b for _, _, _, b in batch])
             for a in answers:
                 writer.answer(a)
             bar.update(len(batch))
             batch.clear()
 
-    for f, img, h, err in _decoded(files):
+    for f, img, h, err, data in _decoded(files, workers, batch_size):
         if err:
             failed += 1
             writer.error(str(f), err)
             bar.update(1)
             continue
-        batch.append((f, img, h or ""))
+        batch.append((f, img, h or "", data))
         if len(batch) >= batch_size:
             flush()
     flush()
