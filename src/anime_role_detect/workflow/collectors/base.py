@@ -287,6 +287,7 @@ class BooruCollector:
     """Pages through a booru search and downloads each post's image once; subclasses parse one API."""
 
     name = "booru"
+    default_file_field = "file_url"  # the post field holding the image URL (a site may serve a resized one)
 
     def __init__(
         self,
@@ -300,6 +301,7 @@ class BooruCollector:
         api_key: str | None = None,
         login: str | None = None,
         ratings: Iterable[str] = (),
+        file_field: str | None = None,
     ) -> None:
         if not base_url:
             raise ConfigError(f"collector.base_url is empty; set it to the {self.name} site, e.g. collector.base_url=https://...")
@@ -315,6 +317,7 @@ class BooruCollector:
         self.api_key = api_key or None
         self.login = login or None
         self.ratings = frozenset(str(r)[:1].lower() for r in ratings)  # filtered here: tag-limited APIs stay within limits
+        self.file_field = file_field or self.default_file_field
 
     # subclasses: the API
     def page_request(self, tags: str, page: int) -> tuple[str, dict[str, Any]]:
@@ -323,6 +326,23 @@ class BooruCollector:
     def parse_page(self, resp: requests.Response, search_tags: frozenset[str]) -> list[Post]:
         """Posts of one listing page; raises `MalformedPage` when the answer is not the documented JSON."""
         raise NotImplementedError
+
+    @staticmethod
+    def page_json(resp: requests.Response) -> Any:
+        """The page's JSON, or `MalformedPage`."""
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise MalformedPage(f"not JSON: {exc}") from None
+
+    def post_objects(self, data: Any) -> Iterator[tuple[dict, str]]:
+        """Each post object of a page with its image URL (`file_field`, else ``file_url``); `MalformedPage` on a bad list."""
+        if not isinstance(data, list):
+            raise MalformedPage(f"expected a list of posts, got {type(data).__name__}")
+        for obj in data:
+            if not isinstance(obj, dict) or "id" not in obj:
+                raise MalformedPage("a post without an id")
+            yield obj, str(obj.get(self.file_field) or obj.get("file_url") or "")
 
     def query_string(self, query: CharacterQuery) -> str:
         return " ".join([query.search_tag, *self.extra_tags])

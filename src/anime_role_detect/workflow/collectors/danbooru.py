@@ -23,10 +23,7 @@ class DanbooruCollector(BooruCollector):
     """Collector for Danbooru and sites speaking its ``/posts.json`` API."""
 
     name = "danbooru"
-
-    def __init__(self, *args: Any, file_field: str = "large_file_url", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.file_field = file_field
+    default_file_field = "large_file_url"
 
     def page_request(self, tags: str, page: int) -> tuple[str, dict[str, Any]]:
         params: dict[str, Any] = {"tags": tags, "page": page + 1, "limit": self.page_size}
@@ -35,19 +32,11 @@ class DanbooruCollector(BooruCollector):
         return f"{self.base_url}/posts.json", params
 
     def parse_page(self, resp: requests.Response, search_tags: frozenset[str] = frozenset()) -> list[Post]:
-        try:
-            data = resp.json()
-        except ValueError as exc:
-            raise MalformedPage(f"not JSON: {exc}") from None
+        data = self.page_json(resp)
         if isinstance(data, dict) and "success" in data and not data.get("success", True):
             raise MalformedPage(f"API error: {data.get('message', data)}")
-        if not isinstance(data, list):
-            raise MalformedPage(f"expected a list of posts, got {type(data).__name__}")
         posts = []
-        for obj in data:
-            if not isinstance(obj, dict) or "id" not in obj:
-                raise MalformedPage("a post without an id")
-            url = str(obj.get(self.file_field) or obj.get("file_url") or "")
+        for obj, url in self.post_objects(data):
             posts.append(Post(
                 id=str(obj["id"]),
                 file_url=url,

@@ -21,10 +21,6 @@ class GelbooruCollector(BooruCollector):
 
     name = "gelbooru"
 
-    def __init__(self, *args: Any, file_field: str = "file_url", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.file_field = file_field
-
     def page_request(self, tags: str, page: int) -> tuple[str, dict[str, Any]]:
         params: dict[str, Any] = {"page": "dapi", "s": "post", "q": "index", "json": 1, "tags": tags,
                                   "pid": page, "limit": self.page_size}
@@ -35,10 +31,7 @@ class GelbooruCollector(BooruCollector):
     def parse_page(self, resp: requests.Response, search_tags: frozenset[str] = frozenset()) -> list[Post]:
         if not resp.content.strip():
             return []  # Safebooru: empty body = no results
-        try:
-            data = resp.json()
-        except ValueError as exc:
-            raise MalformedPage(f"not JSON: {exc}") from None
+        data = self.page_json(resp)
         if isinstance(data, dict):
             if "post" not in data:
                 if "@attributes" in data:
@@ -46,13 +39,8 @@ class GelbooruCollector(BooruCollector):
                 raise MalformedPage(f"no 'post' list in answer with keys {sorted(data)[:5]}")
             data = data["post"]
             data = [data] if isinstance(data, dict) else data
-        if not isinstance(data, list):
-            raise MalformedPage(f"expected a list of posts, got {type(data).__name__}")
         posts = []
-        for obj in data:
-            if not isinstance(obj, dict) or "id" not in obj:
-                raise MalformedPage("a post without an id")
-            url = str(obj.get(self.file_field) or obj.get("file_url") or "")
+        for obj, url in self.post_objects(data):
             if not url and obj.get("image") and obj.get("directory") is not None:
                 url = f"{self.base_url}/images/{obj['directory']}/{obj['image']}"
             ext = url.rsplit("/", 1)[-1].split("?", 1)[0].rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else ""
