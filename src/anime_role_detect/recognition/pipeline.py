@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,14 +20,14 @@ from PIL import Image
 
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..fsutil import read_json
-from ..imageio import DEFAULT_LIMITS, ImageLimits, content_hash, decode_image
+from ..imageio import content_hash, decode_image
 from ..log import get_logger
-from ..versionfiles import CALIBRATION, EVAL_METRICS, GALLERY_META, MODEL, TAG_PROFILES
+from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
+from .cache import Cached, LRUCache
 from .config import MODES, RecognizerConfig
 from .device import resolve_device
-from .gallery import Gallery
-from .openset import OpenSetCalibration
-from .rerank import Candidate, TagReranker
+from .parts import VersionParts
+from .rerank import Candidate
 from .schema import UNKNOWN, Answer, Detection, Rerank, TagScore, TopK, VideoAnswer
 from .sinks import AnswerSink
 
@@ -56,46 +55,6 @@ class _Scored:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Cached:
-    """A cached answer and its per-detection embeddings (sinks get both on a hit too)."""
-
-    answer: Answer
-    embeddings: np.ndarray | None
-
-
-class LRUCache:
-    """Thread-safe least-recently-used cache of answers keyed by content hash + settings."""
-
-    def __init__(self, size: int) -> None:
-        self.size = max(0, int(size))
-        self._data: OrderedDict[tuple, _Cached] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> _Cached | None:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key]
-            self.misses += 1
-            return None
-
-    def put(self, key: tuple, value: _Cached) -> None:
-        if self.size == 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
 ConfigLike = RecognizerConfig | Mapping[str, Any] | None
 
 
@@ -104,7 +63,7 @@ def as_config(cfg: ConfigLike) -> RecognizerConfig:
     return cfg if isinstance(cfg, RecognizerConfig) else RecognizerConfig.from_mapping(cfg)
 
 
-class Recognizer:
+class Recognizer(VersionParts):
     """Names the characters in images, folders of images and videos, from a version folder or explicit files.
 
     `sinks` receive every answer with its per-detection embeddings and, when known, the uploaded bytes
@@ -182,155 +141,6 @@ class Recognizer:
             explicit_mode = isinstance(cfg, RecognizerConfig) or "mode" in dict(cfg or {})
             return cls(c if explicit_mode else c.replace(mode="model"), sinks=sinks)
         raise ConfigError("nothing to recognise with: set gallery=FOLDER, version=latest|ID (registry), or model_ckpt=PATH")
-
-    # -- lazy parts ---------------------------------------------------------------------------
-    def _part(self, name: str, loader: Callable[[], Any]) -> Any:
-        with self._lock:
-            if name not in self._loaded:
-                t0 = time.perf_counter()
-                self._loaded[name] = loader()
-                _log.info(f"loaded {name} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
-            return self._loaded[name]
-
-    def _file(self, name: str) -> Path | None:
-        p = self.version_dir / name if self.version_dir else None
-        return p if p is not None and p.exists() else None
-
-    @property
-    def model_ckpt(self) -> Path | None:
-        explicit = self.config.model_ckpt
-        return Path(explicit) if explicit else self._file(MODEL)
-
-    @property
-    def gallery(self) -> Gallery:
-        def load() -> Gallery:
-            if self._file(GALLERY_META) is None:
-                raise GalleryError(f"no gallery in {self.version_dir or 'the configuration'}; build one with ard-gallery build, or use mode=model")
-            return Gallery.load(self.version_dir)
-
-        return self._part("gallery", load)
-
-    @property
-    def onnx(self) -> Any:
-        """The version's ONNX Runtime networks when ``runtime`` selects them (`runtime.OnnxVersion`), else None (torch)."""
-        from .runtime import select_runtime
-
-        return self._part("runtime", lambda: select_runtime(self.config.runtime, self.version_dir, self.config.device, self.config.threads))
-
-    @property
-    def embedder(self) -> Any:
-        from .embedder import build_embedder
-
-        def load() -> Any:
-            ort = self.onnx
-            if self._file(GALLERY_META) is not None and self.gallery.embedder_config:
-                cfg = dict(self.gallery.embedder_config)
-                own = Path(str(cfg.get("ckpt_path") or ""))  # relative paths name a file of the version
-                if self.version_dir is not None and cfg.get("ckpt_path") and not own.is_absolute():
-                    own = self.version_dir / own
-                if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
-                    cfg["ckpt_path"] = str(self.model_ckpt)
-                emb = ort.embedder(cfg, self.gallery.embedder_id, self.model_ckpt) if ort is not None else None
-                emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
-            else:
-                emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
-            if self._file(GALLERY_META) is not None:
-                self.gallery.check_embedder(emb.model_id, emb.dim, f"gallery {self.version_dir}")
-            return emb
-
-        return self._part("embedder", load)
-
-    @property
-    def classifier(self) -> Any:
-        from .embedder import load_classifier
-
-        def load() -> Any:
-            if self.model_ckpt is None:
-                raise ConfigError("mode=model/fusion needs a classifier: a version with model.ckpt, or model_ckpt=PATH (train one with train.py)")
-            return load_classifier(self.model_ckpt, device=self.config.device)
-
-        return self._part("classifier", load)
-
-    @property
-    def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
-        from .embedder import ClassifierEmbedder
-
-        def load() -> Any:
-            ort = self.onnx
-            clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
-            return clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
-
-        return self._part("classifier_input", load)
-
-    @property
-    def tagger(self) -> Any:
-        from .tagger import build_tagger
-
-        def load() -> Any:
-            ort = self.onnx
-            tcfg = dict(self.config.tagger or {"kind": "auto"})
-            if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
-                names = ort.tag_names(self.model_ckpt) if ort is not None else None
-                has_head = self.model_ckpt is not None and bool(names if names is not None else getattr(self.classifier, "tag_names", None))
-                tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
-            if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
-                tcfg["ckpt_path"] = str(self.model_ckpt)
-                head = ort.tagger(tcfg, self.model_ckpt) if ort is not None else None
-                if head is not None:
-                    return head
-            return build_tagger(tcfg, base_dir=self.version_dir, device=self.config.device)
-
-        return self._part("tagger", load)
-
-    @property
-    def reranker(self) -> TagReranker | None:
-        def load() -> TagReranker | None:
-            p = self._file(TAG_PROFILES)
-            if p is None:
-                return None
-            rr = TagReranker.load(p)
-            if rr.noise is not None and self.tagger is not None and not rr.use_tagger(getattr(self.tagger, "model_id", "")):
-                _log.warning(f"{p}: tagger noise model was learned for another tagger; using its scores as probabilities")
-            return rr
-
-        return self._part("reranker", load)
-
-    @property
-    def calibration(self) -> OpenSetCalibration | None:
-        def load() -> OpenSetCalibration | None:
-            p = self._file(CALIBRATION)
-            return OpenSetCalibration.load(p) if p is not None else None
-
-        return self._part("calibration", load)
-
-    @property
-    def limits(self) -> ImageLimits:
-        """Size limits for untrusted bytes (the config's, else the library defaults)."""
-        lim = self.config.limits
-        return ImageLimits(**{k: int(v) for k, v in dict(lim).items()}) if lim else DEFAULT_LIMITS
-
-    @property
-    def detector(self) -> Any:
-        def load() -> Any:
-            dcfg = self.config.detector
-            if not dcfg or (isinstance(dcfg, Mapping) and dcfg.get("kind", dcfg.get("name", "none")) == "none"):
-                return None
-            from .detector import build_detector
-
-            return build_detector(dcfg)
-
-        return self._part("detector", load)
-
-    def warmup(self, mode: str | None = None) -> None:
-        """Load everything `mode` needs now (a server calls this at start-up instead of on the first request)."""
-        mode = mode or self.mode
-        if mode in ("clip", "fusion"):
-            _ = self.embedder
-        if mode in ("model", "fusion"):
-            _ = self.classifier
-        _ = self.detector, self.reranker, self.calibration
-        if self.rerank_default and self.reranker is not None:
-            _ = self.tagger
 
     # -- stages -------------------------------------------------------------------------------
     @staticmethod
@@ -463,12 +273,12 @@ class Recognizer:
         rerank = self.rerank_default if rerank is None else bool(rerank)
         hashes = list(hashes) if hashes is not None else [_pixel_hash(img) for img, _ in items]
         keys = [(h, mode, rerank, self.topk, self.version, self._generation) for h in hashes]
-        found: list[_Cached | None] = []
+        found: list[Cached | None] = []
         for (_, name), key in zip(items, keys):
             hit = self.cache.get(key)
             if hit is not None and hit.embeddings is None and self.sinks:
                 hit = None  # cached before a sink was added (model mode skips embeddings): the sinks need them
-            found.append(_Cached(hit.answer.model_copy(update={"filename": name}), hit.embeddings) if hit is not None else None)
+            found.append(Cached(hit.answer.model_copy(update={"filename": name}), hit.embeddings) if hit is not None else None)
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             fresh = self._recognize_uncached([items[i][0] for i in todo], [items[i][1] for i in todo], [hashes[i] for i in todo], mode, rerank)
@@ -481,7 +291,7 @@ class Recognizer:
                 self._to_sinks(f, data[i] if data is not None else None)
         return [f.answer for f in results]
 
-    def _to_sinks(self, result: _Cached, image_bytes: bytes | None) -> None:
+    def _to_sinks(self, result: Cached, image_bytes: bytes | None) -> None:
         """Hand one answer to every sink; a failing sink is logged and never fails the answer."""
         emb = result.embeddings if result.embeddings is not None else np.zeros((0, 0), np.float32)
         for sink in self.sinks:
@@ -490,7 +300,7 @@ class Recognizer:
             except Exception as exc:  # noqa: BLE001 - a log that cannot write must not lose the user's answer
                 _log.error(f"answer sink {type(sink).__name__} failed: {exc}")
 
-    def _recognize_uncached(self, images: list[Image.Image], names: list[str], hashes: list[str], mode: str, rerank: bool) -> list[_Cached]:
+    def _recognize_uncached(self, images: list[Image.Image], names: list[str], hashes: list[str], mode: str, rerank: bool) -> list[Cached]:
         t_all = time.perf_counter()
         crops, t_detect = self._crops(images)
         use_tags = (rerank and self.reranker is not None) or mode == "fusion"
@@ -518,7 +328,7 @@ class Recognizer:
                 timings_ms=timings, image_sha256=h, version=self.version, width=img.width, height=img.height,
             )
             rows = [j for j, c in enumerate(crops) if c.image_index == i]
-            out.append(_Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))
+            out.append(Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))
         _log.info(f"recognized {len(images)} image(s) mode={mode} rerank={rerank} in {total:.1f} ms")
         return out
 

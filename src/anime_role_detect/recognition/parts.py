@@ -1,0 +1,184 @@
+"""The parts a `Recognizer` loads lazily from its version folder (or its config): gallery, embedder, classifier,
+tagger, reranker, open-set calibration, detector, ONNX files. Loaded once on first use, under the recognizer's lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from PIL import Image
+
+from ..errors import ConfigError, GalleryError
+from ..imageio import DEFAULT_LIMITS, ImageLimits
+from ..log import get_logger
+from ..versionfiles import CALIBRATION, GALLERY_META, MODEL, TAG_PROFILES
+from .config import RecognizerConfig
+from .gallery import Gallery
+from .openset import OpenSetCalibration
+from .rerank import TagReranker
+
+_log = get_logger("inference")
+
+
+class VersionParts:
+    """Lazy, shared-once access to a version's parts; mixed into `Recognizer`, which sets the attributes below."""
+
+    config: RecognizerConfig
+    version_dir: Path | None
+    batch_size: int
+    rerank_default: bool
+    mode: str
+    _lock: threading.RLock
+    _loaded: dict[str, Any]
+
+    # -- lazy parts ---------------------------------------------------------------------------
+    def _part(self, name: str, loader: Callable[[], Any]) -> Any:
+        with self._lock:
+            if name not in self._loaded:
+                t0 = time.perf_counter()
+                self._loaded[name] = loader()
+                _log.info(f"loaded {name} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+            return self._loaded[name]
+
+    def _file(self, name: str) -> Path | None:
+        p = self.version_dir / name if self.version_dir else None
+        return p if p is not None and p.exists() else None
+
+    @property
+    def model_ckpt(self) -> Path | None:
+        explicit = self.config.model_ckpt
+        return Path(explicit) if explicit else self._file(MODEL)
+
+    @property
+    def gallery(self) -> Gallery:
+        def load() -> Gallery:
+            if self._file(GALLERY_META) is None:
+                raise GalleryError(f"no gallery in {self.version_dir or 'the configuration'}; build one with ard-gallery build, or use mode=model")
+            return Gallery.load(self.version_dir)
+
+        return self._part("gallery", load)
+
+    @property
+    def onnx(self) -> Any:
+        """The version's ONNX Runtime networks when ``runtime`` selects them (`runtime.OnnxVersion`), else None (torch)."""
+        from .runtime import select_runtime
+
+        return self._part("runtime", lambda: select_runtime(self.config.runtime, self.version_dir, self.config.device, self.config.threads))
+
+    @property
+    def embedder(self) -> Any:
+        from .embedder import build_embedder
+
+        def load() -> Any:
+            ort = self.onnx
+            if self._file(GALLERY_META) is not None and self.gallery.embedder_config:
+                cfg = dict(self.gallery.embedder_config)
+                own = Path(str(cfg.get("ckpt_path") or ""))  # relative paths name a file of the version
+                if self.version_dir is not None and cfg.get("ckpt_path") and not own.is_absolute():
+                    own = self.version_dir / own
+                if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
+                    cfg["ckpt_path"] = str(self.model_ckpt)
+                emb = ort.embedder(cfg, self.gallery.embedder_id, self.model_ckpt) if ort is not None else None
+                emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
+            else:
+                emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
+            if self._file(GALLERY_META) is not None:
+                self.gallery.check_embedder(emb.model_id, emb.dim, f"gallery {self.version_dir}")
+            return emb
+
+        return self._part("embedder", load)
+
+    @property
+    def classifier(self) -> Any:
+        from .embedder import load_classifier
+
+        def load() -> Any:
+            if self.model_ckpt is None:
+                raise ConfigError("mode=model/fusion needs a classifier: a version with model.ckpt, or model_ckpt=PATH (train one with train.py)")
+            return load_classifier(self.model_ckpt, device=self.config.device)
+
+        return self._part("classifier", load)
+
+    @property
+    def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
+        from .embedder import ClassifierEmbedder
+
+        def load() -> Any:
+            ort = self.onnx
+            clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
+            return clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
+
+        return self._part("classifier_input", load)
+
+    @property
+    def tagger(self) -> Any:
+        from .tagger import build_tagger
+
+        def load() -> Any:
+            ort = self.onnx
+            tcfg = dict(self.config.tagger or {"kind": "auto"})
+            if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
+                names = ort.tag_names(self.model_ckpt) if ort is not None else None
+                has_head = self.model_ckpt is not None and bool(names if names is not None else getattr(self.classifier, "tag_names", None))
+                tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
+            if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
+                tcfg["ckpt_path"] = str(self.model_ckpt)
+                head = ort.tagger(tcfg, self.model_ckpt) if ort is not None else None
+                if head is not None:
+                    return head
+            return build_tagger(tcfg, base_dir=self.version_dir, device=self.config.device)
+
+        return self._part("tagger", load)
+
+    @property
+    def reranker(self) -> TagReranker | None:
+        def load() -> TagReranker | None:
+            p = self._file(TAG_PROFILES)
+            if p is None:
+                return None
+            rr = TagReranker.load(p)
+            if rr.noise is not None and self.tagger is not None and not rr.use_tagger(getattr(self.tagger, "model_id", "")):
+                _log.warning(f"{p}: tagger noise model was learned for another tagger; using its scores as probabilities")
+            return rr
+
+        return self._part("reranker", load)
+
+    @property
+    def calibration(self) -> OpenSetCalibration | None:
+        def load() -> OpenSetCalibration | None:
+            p = self._file(CALIBRATION)
+            return OpenSetCalibration.load(p) if p is not None else None
+
+        return self._part("calibration", load)
+
+    @property
+    def limits(self) -> ImageLimits:
+        """Size limits for untrusted bytes (the config's, else the library defaults)."""
+        lim = self.config.limits
+        return ImageLimits(**{k: int(v) for k, v in dict(lim).items()}) if lim else DEFAULT_LIMITS
+
+    @property
+    def detector(self) -> Any:
+        def load() -> Any:
+            dcfg = self.config.detector
+            if not dcfg or (isinstance(dcfg, Mapping) and dcfg.get("kind", dcfg.get("name", "none")) == "none"):
+                return None
+            from .detector import build_detector
+
+            return build_detector(dcfg)
+
+        return self._part("detector", load)
+
+    def warmup(self, mode: str | None = None) -> None:
+        """Load everything `mode` needs now (a server calls this at start-up instead of on the first request)."""
+        mode = mode or self.mode
+        if mode in ("clip", "fusion"):
+            _ = self.embedder
+        if mode in ("model", "fusion"):
+            _ = self.classifier
+        _ = self.detector, self.reranker, self.calibration
+        if self.rerank_default and self.reranker is not None:
+            _ = self.tagger
