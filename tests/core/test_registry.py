@@ -106,3 +106,16 @@ def test_derive_failure_leaves_no_version(tmp_path):
             raise RuntimeError("writer failed")
     assert [v.id for v in reg.list()] == [v1] and reg.latest_id() == v1
     assert not list(reg.versions_dir.glob(".staging-*"))
+
+
+def test_staging_folder_killed_after_its_manifest_is_never_a_version(tmp_path):
+    """A writer killed between writing manifest.json and the rename leaves a hidden folder that looks complete:
+    it is neither listed nor promotable."""
+    reg = Registry(tmp_path)
+    v1 = _make(reg, "one")
+    st = reg.staging_dir()
+    (st / "manifest.json").write_text('{"id": "x"}')
+    assert [v.id for v in reg.list()] == [v1]
+    with pytest.raises(RegistryError, match="not a version id"):
+        reg.promote(st.name)
+    assert main(["--root", str(tmp_path), "promote", st.name]) == 2 and reg.latest_id() == v1

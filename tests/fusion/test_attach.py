@@ -103,7 +103,7 @@ def test_cached_answer_is_still_written_to_the_feature_log(tmp_path, version_dir
     assert rec.cache.hits == hits + 1 and second.role == first.role
     records = list(FeatureLog(tmp_path / "fl").read())
     assert [r.data["filename"] for r in records] == ["one.png", "two.png"]
-    assert records[1].id == log.last_record_id != records[0].id
+    assert records[1].id == log.last_record_id == second.record_id != records[0].id == first.record_id
     np.testing.assert_array_equal(records[1].embeddings, records[0].embeddings)
     assert records[1].embedder == rec.embedder.model_id
     assert FeatureLog(tmp_path / "fl").image_path(records[1]).read_bytes() == data

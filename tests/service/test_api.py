@@ -183,6 +183,9 @@ def test_feedback_joins_the_feature_log(client, server, service_data):
     assert recs, "the answer was not logged"
     rec = recs[-1]
     assert rec.embeddings.shape[0] == len(ans["detections"]) and rec.embeddings.shape[1] > 0
+    assert ans["record_id"] == rec.id  # the answer names its record, what feedback should send
+    r = client.post("/api/feedback", json={"record_id": ans["record_id"], "confirmed": True})
+    assert r.status_code == 200, r.text
     latest = list(rec.feedback.values())
     assert len(latest) == 1 and latest[0].role == "someone_else" and not latest[0].confirmed
     events = [e for e in log.read_feedback() if e.get("image_sha256") == ans["image_sha256"]]

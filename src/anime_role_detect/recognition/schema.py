@@ -68,6 +68,8 @@ class Answer(BaseModel):
     version: str = Field(default="", description="Registry version (gallery/model) that answered.")
     width: int = Field(default=0, description="Input image width in pixels.")
     height: int = Field(default=0, description="Input image height in pixels.")
+    record_id: str | None = Field(default=None, description="Feature-log record of this answer: send it to /api/feedback "
+                                                            "(null when no feature log is kept).")
 
 
 class Appearance(BaseModel):

@@ -2,8 +2,9 @@
 
 A sink is called with the answer, its per-detection embeddings ``[detections, dim]`` and the uploaded
 bytes when the caller had them (None for decoded images and video frames). Cached answers are handed
-over too, so logging never turns the cache off. The fusion feature log is one such sink; the
-recognition layer knows nothing of it.
+over too, so logging never turns the cache off. A sink may note on the answer where it put it
+(`Answer.record_id`): the answer handed over is the one returned to the caller. The fusion feature log
+is one such sink; the recognition layer knows nothing of it.
 """
 
 from __future__ import annotations

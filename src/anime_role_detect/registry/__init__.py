@@ -176,6 +176,8 @@ class Registry:
         vid = self.latest_id() if version == "latest" else version
         if vid is None:
             raise RegistryError(f"registry {self.root} has no live version yet; run the workflow or `registry promote ID`")
+        if vid.startswith(".") or "/" in vid:
+            raise RegistryError(f"{vid!r} is not a version id (hidden names are unfinished staging folders); see `registry list`")
         path = self.versions_dir / vid
         if not (path / MANIFEST).is_file():
             raise RegistryError(f"version {vid!r} not found or incomplete in {self.versions_dir}; see `registry list`")
@@ -193,7 +195,8 @@ class Registry:
         """All complete versions, oldest first."""
         if not self.versions_dir.is_dir():
             return []
-        ids = sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+        ids = sorted(p.name for p in self.versions_dir.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
         return [self.info(v) for v in ids]
 
     # -- switching --------------------------------------------------------------------------

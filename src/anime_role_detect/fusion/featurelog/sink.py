@@ -17,7 +17,8 @@ class FeatureLogSink:
     """The Recognizer's answer sink that appends to a `FeatureLog` (`recognition.sinks.AnswerSink`).
 
     Bound to one recognizer, whose embedder id it records; uploads are stored when the policy says
-    ``store_images``. A write that fails (disk full) is logged and never fails the answer.
+    ``store_images``. The answer gets its record's id (`Answer.record_id`, what feedback names). A write
+    that fails (disk full) is logged and never fails the answer.
     """
 
     def __init__(self, log: "FeatureLog") -> None:
@@ -30,7 +31,7 @@ class FeatureLogSink:
     def __call__(self, answer: Answer, embeddings: np.ndarray, image_bytes: bytes | None = None) -> None:
         embedder_id = self._embedder_id() if self._embedder_id is not None else None
         try:
-            self.log.append(answer, embeddings, image_bytes=image_bytes, embedder_id=embedder_id)
+            answer.record_id = self.log.append(answer, embeddings, image_bytes=image_bytes, embedder_id=embedder_id)
         except OSError as exc:
             system_log.error(f"feature log {self.log.dir}: could not append ({exc})")
 
