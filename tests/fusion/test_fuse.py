@@ -11,6 +11,7 @@ from anime_role_detect.errors import ConfigError, RegistryError
 from anime_role_detect.fusion.featurelog import FeatureLog
 from anime_role_detect.fusion.fuse import fuse
 from anime_role_detect.recognition.gallery import Gallery
+from anime_role_detect.recognition.openset import ModeThreshold, OpenSetCalibration
 from anime_role_detect.recognition.schema import Answer, Detection, TopK
 from anime_role_detect.registry import Registry
 from anime_role_detect.registry.__main__ import main as registry_main
@@ -46,7 +47,8 @@ def world(tmp_path):
     val_x = np.concatenate([sample(c, 10) for c in range(4)])
     val_y = np.repeat(CHARS, 10)
     np.savez(staging / VAL_EMBEDDINGS, embeddings=val_x, labels=val_y, embedder=np.asarray(EMB))
-    (staging / "calibration.json").write_text('{"threshold": 0.3}\n')
+    OpenSetCalibration(0.05, {"clip": ModeThreshold(0.3, 0.05, 0.95, 40, 120)}).save(staging)
+    (staging / "tag_profiles.json").write_text("{}\n")  # carried untouched (reranking is not exercised here)
     v0 = reg.commit(staging, kind="workflow")
     return {"tmp": tmp_path, "reg": reg, "v0": v0, "sample": sample, "log": FeatureLog(tmp_path / "featurelog", embedder_id=EMB)}
 
@@ -105,7 +107,9 @@ def test_shifted_domain_with_feedback_improves_and_keeps_validation(world):
     assert json.loads((world["tmp"] / "out" / "fusion_report.json").read_text())["version_id"] == res.version_id
     assert json.loads((vdir / "fusion_report.json").read_text())["version_id"] == res.version_id and res.version_id.startswith("f")
     v0_dir = reg.path(world["v0"])  # derived: unchanged files are hard links to the parent's, changed ones new
-    assert (vdir / "calibration.json").stat().st_ino == (v0_dir / "calibration.json").stat().st_ino
+    assert (vdir / "tag_profiles.json").stat().st_ino == (v0_dir / "tag_profiles.json").stat().st_ino
+    assert (vdir / "calibration.json").stat().st_ino != (v0_dir / "calibration.json").stat().st_ino  # marked stale
+    assert "stale" not in json.loads((v0_dir / "calibration.json").read_text())
     assert (vdir / "gallery.faiss").stat().st_ino != (v0_dir / "gallery.faiss").stat().st_ino
     assert "| char_00 |" in (vdir / "fusion_report.md").read_text()
     # fusing the same logs again adds nothing new (exact duplicates of gallery rows) -> nothing registered
@@ -280,3 +284,5 @@ def test_fused_version_inherits_and_extends_the_evaluation_set(world):
     n_held = res.report["metrics"]["holdout_n"]
     assert n_held > 0 and len(after) == len(before) + n_held and after.sources.count("feedback") == n_held
     assert after.labels[: len(before)] == before.labels
+    calib = json.loads((world["reg"].path(res.version_id) / "calibration.json").read_text())
+    assert calib["stale"]["reason"].startswith("fusion added") and "since" in calib["stale"]  # measured on the old gallery

@@ -21,13 +21,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, RegistryError
+from ..errors import ConfigError, RegistryError, UserError
 from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_json
 from ..log import get_logger
 from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
 from ..registry import Derivation, Registry
 from ..versionfiles import (
+    CALIBRATION,
     EMBEDDER,
     FUSION_REPORT_JSON,
     FUSION_REPORT_MD,
@@ -185,6 +186,7 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
             keep_gallery_embedder(gallery, d)
             shutil.copy2(new_model, d.dir / MODEL)
         gallery.save(d.dir)
+        mark_calibration_stale(d, f"fusion added {sum(sum(c.values()) for c in report['added_per_character'].values())} examples")
         if len(evalset):  # inherited and extended, so the next fusion and `registry compare` can judge without images
             evalset.save(d.dir)
         assert d.base_dir is not None
@@ -192,6 +194,20 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
         write_report(d.dir, report)
     assert d.id is not None
     return d.id
+
+
+def mark_calibration_stale(d: Derivation, reason: str) -> None:
+    """The carried open-set thresholds were measured on the old gallery: say so, and since when, in the new version."""
+    from ..recognition.openset import OpenSetCalibration
+
+    if d.base_dir is None or not (d.base_dir / CALIBRATION).is_file():
+        return
+    try:
+        calib = OpenSetCalibration.load(d.base_dir)
+    except UserError:
+        return  # an unreadable calibration is carried as it is; the recognizer reports it when loading
+    calib.mark_stale(reason)
+    calib.save(d.writable(CALIBRATION))
 
 
 def keep_gallery_embedder(gallery: Gallery, d: Derivation) -> None:

@@ -19,9 +19,9 @@ import numpy as np
 
 from ..errors import GalleryError
 from ..fsutil import atomic_write_json, read_json
+from ..versionfiles import TAG_PROFILES as PROFILE_FILE
 from .schema import Rerank
 
-PROFILE_FILE = "tag_profiles.json"
 Candidate = tuple[str, str, float]  # (character, series, score)
 
 

@@ -24,6 +24,7 @@ from ..confutil import CONFIG_DIR, config_dirs as default_config_dirs
 from ..errors import ConfigError
 from ..fsutil import atomic_write_text
 from ..log import setup_logging, training_log
+from ..versionfiles import CONFIG
 
 # torch / Lightning are imported inside the functions that need them, so `train.py` can reject a
 # bad command line (see `check_group_overrides`) before paying for those imports.
@@ -257,7 +258,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
             lg.log_hyperparams({"cfg": cfg_plain, "data": datamodule.summary()})
 
     if trainer.is_global_zero:
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_s = time.perf_counter() - t0

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
+from ..versionfiles import METRICS
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
@@ -120,7 +121,7 @@ def write_report(
         "class_names": names,
     }
     metrics.update({k: _jsonable(v) for k, v in dict(extra_metrics or {}).items()})
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / METRICS, metrics)
     atomic_write_text(out / "per_character.csv", _table_csv(rows))
     atomic_write_text(out / "per_character.md", _table_markdown(rows, acc))
     plot_confusion_matrix(cm, names, out / "confusion_matrix.png", title=f"accuracy {100 * acc:.1f}% on {n} images")

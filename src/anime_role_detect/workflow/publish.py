@@ -23,7 +23,7 @@ from ..fsutil import atomic_write_json, read_json
 from ..log import get_logger
 from ..registry import Registry
 from ..training import TrainResult
-from ..versionfiles import CONFIG, METRICS, RUN_REPORT
+from ..versionfiles import CONFIG, METRICS, MODEL, RUN_REPORT
 
 _log = get_logger("system")
 
@@ -37,7 +37,7 @@ class PublishConfig:
 
     registry_dir: str = "outputs/registry"
     promote: bool = True
-    embedder: dict[str, Any] = field(default_factory=lambda: {"kind": "classifier", "ckpt_path": "model.ckpt"})
+    embedder: dict[str, Any] = field(default_factory=lambda: {"kind": "classifier", "ckpt_path": MODEL})
     tagger: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
     target_far: float = 0.05  # open-set: at most this share of impostor val scores pass the threshold
     include_val: bool = True  # thresholds are calibrated on val, then the val images join the gallery
