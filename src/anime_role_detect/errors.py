@@ -5,6 +5,9 @@ Entry points catch `UserError` and print `error: <message>` instead of a traceba
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class UserError(Exception):
     """An error caused by input or configuration; its message says what to do."""
@@ -43,3 +46,14 @@ class GalleryError(UserError, ValueError):
 
 class RegistryError(UserError, ValueError):
     """A version is missing or incomplete in the registry."""
+
+
+@contextlib.contextmanager
+def reading_file(path: object, what: str, missing: str, corrupt: str, error: type[UserError] = GalleryError) -> Iterator[None]:
+    """Turn a missing file or a malformed one read inside the block into one-line `error`s naming `path` and the fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found; {missing}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise error(f"{what} {path} is corrupt ({exc}); {corrupt}") from None

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GalleryError
+from ..errors import GalleryError, reading_file
 from ..fsutil import atomic_write_json, read_json
 from ..versionfiles import CALIBRATION as CALIBRATION_FILE
 
@@ -71,13 +71,10 @@ class OpenSetCalibration:
         p = Path(path)
         if p.is_dir():
             p = p / CALIBRATION_FILE
-        try:
+        with reading_file(p, "open-set calibration", "rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false",
+                          "rebuild it with ard-gallery build"):
             obj = read_json(p)
             return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"))
-        except FileNotFoundError:
-            raise GalleryError(f"open-set calibration {p} not found; rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(f"open-set calibration {p} is corrupt ({exc}); rebuild it with ard-gallery build") from None
 
 
 def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:

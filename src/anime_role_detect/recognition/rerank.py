@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GalleryError
+from ..errors import GalleryError, reading_file
 from ..fsutil import atomic_write_json, read_json
 from ..versionfiles import TAG_PROFILES as PROFILE_FILE
 from .schema import Rerank
@@ -188,7 +188,8 @@ class TagReranker:
         p = Path(path)
         if p.is_dir():
             p = p / PROFILE_FILE
-        try:
+        with reading_file(p, "tag profiles", "build them with ard-gallery build (needs tagged metadata) or set rerank=false",
+                          "rebuild them with ard-gallery build"):
             obj = read_json(p)
             chars = list(obj["characters"])
             rr = cls(obj["tags"], chars, np.array([obj["characters"][c] for c in chars]), np.array(obj["p_tag"]),
@@ -198,10 +199,6 @@ class TagReranker:
                 rr.noise = {k: np.asarray(v, bool if k == "usable" else np.float64) for k, v in obj["tagger_noise"].items()}
                 rr.noise_tagger_id = str(obj.get("tagger_id") or "")
             return rr
-        except FileNotFoundError:
-            raise GalleryError(f"tag profiles {p} not found; build them with ard-gallery build (needs tagged metadata) or set rerank=false") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(f"tag profiles {p} are corrupt ({exc}); rebuild them with ard-gallery build") from None
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
