@@ -144,9 +144,10 @@ def lite0_gallery(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_folder_decoding_in_workers_gives_the_same_answers_in_order(lite0_gallery):
-    from .helpers import infer_cfg
     from anime_role_detect.cli.infer import AnswerWriter, _run_folder, list_images
     from anime_role_detect.recognition.pipeline import Recognizer
+
+    from .helpers import infer_cfg
 
     gallery, inputs = lite0_gallery
     files = list_images(inputs)
@@ -168,8 +169,9 @@ def test_folder_decoding_in_workers_gives_the_same_answers_in_order(lite0_galler
 
 
 def test_run_infer_takes_decode_workers(lite0_gallery, tmp_path):
-    from .helpers import infer_cfg
     from anime_role_detect.cli.infer import run_infer
+
+    from .helpers import infer_cfg
 
     gallery, inputs = lite0_gallery
     buf = io.StringIO()

@@ -41,7 +41,7 @@ def embed(dataset: Path, out: Path, cwd: Path, *extra: str) -> dict:
     args = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={dataset}", f"out={out}", f"paths.root_dir={cwd}",
             *(f"embedder.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in EMBEDDER.items()),
             "embedder.flip_tta=true", "gallery_build.index.type=flat", "batch_size=8", "num_workers=1", *extra]
-    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -99,3 +99,20 @@ def test_merge_sorts_by_id_and_refuses_a_missing_rank(tmp_path):
     (tmp_path / "rank-00001-part-0000.npz").unlink()
     with pytest.raises(GalleryError, match="part"):
         merge_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_build_recognition_folder_with_a_ddp_trainer_builds_the_default_gallery(dataset, tmp_path):
+    """gallery_build.trainer (2 gloo processes through the embed command) gives the rows and vectors of the default path."""
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    cfg = {"embedder": {**EMBEDDER, "flip_tta": False, "batch_size": 8}, "gallery_build": {"index": {"type": "flat"}}}
+    build_recognition_folder(dataset, tmp_path / "plain", cfg, val_fraction=0)
+    ddp = {**cfg, "gallery_build": {**cfg["gallery_build"], "num_workers": 0,
+                                    "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}}}
+    build_recognition_folder(dataset, tmp_path / "ddp", ddp, val_fraction=0)
+    rows1, v1 = rows_and_vectors(tmp_path / "plain")
+    rows2, v2 = rows_and_vectors(tmp_path / "ddp")
+    assert rows1 == rows2 and len(rows1) == 40
+    np.testing.assert_allclose(v1, v2, atol=1e-5)
+    assert not (tmp_path / "ddp" / ".embed").exists()  # the shards are not left in the version folder

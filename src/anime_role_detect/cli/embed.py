@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, DatasetError
+from ..fsutil import read_json
 from . import hydra_main
 
 SHARDS = "shards"
@@ -39,7 +40,11 @@ def _items(root: Path, files: str | None) -> tuple[list[Any], list[tuple[str, Pa
 
 def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """Embed (every rank), then merge and save the gallery (rank 0); returns rank 0's summary, None elsewhere."""
-    from ..recognition.predict import gallery_from_vectors, merge_shards, predict_embeddings
+    from ..recognition.predict import (
+        gallery_from_vectors,
+        merge_shards,
+        predict_embeddings,
+    )
 
     c = dict(_plain(cfg) or {})
     root = (c.get("data") or {}).get("root") if isinstance(c.get("data"), dict) else c.get("data")
@@ -48,6 +53,8 @@ def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     root, out = Path(root), Path(c["out"]).resolve()
     records, items = _items(root, c.get("files"))
     ecfg = dict(c.get("embedder") or {"kind": "timm"})
+    if c.get("embedder_file"):  # a whole embedder config (e.g. a classifier's) from build_recognition_folder
+        ecfg = dict(read_json(c["embedder_file"]))
     t0 = time.perf_counter()
     trainer = predict_embeddings(items, ecfg, out / SHARDS, c.get("trainer"), batch_size=int(c.get("batch_size", 32)),
                                  num_workers=int(c.get("num_workers", 2)), rows_per_part=int(c.get("rows_per_part", 65_536)))

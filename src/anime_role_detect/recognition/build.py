@@ -157,8 +157,13 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     gcfg = dict(cfg.get("gallery_build") or {})
     items = [(r.character, r.series, _safe_loader(r.path(root)), r.file_name) for r in train]
     saved_cfg = {k: v for k, v in ecfg.items() if k != "device"}  # where it ran is not part of the gallery: it loads anywhere
-    gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
-                            aggregate=gcfg.get("aggregate", "max"), embedder_config=saved_cfg, progress=progress)
+    if gcfg.get("distributed") or gcfg.get("trainer"):  # Lightning predict, over processes/GPUs/nodes with a DDP trainer
+        from .predict import build_gallery_predicted
+
+        gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress)
+    else:  # in-process: faster for small sets (no Lightning start-up; docs/recognition.md "Embedding on a cluster")
+        gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
+                                aggregate=gcfg.get("aggregate", "max"), embedder_config=saved_cfg, progress=progress)
     gallery.save(out)
     has_tags = any(r.tags for r in train)
     if has_tags:

@@ -207,3 +207,67 @@ def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarr
     if progress:
         progress(len(rows), len(rows))
     return g
+
+
+def _multi_process(trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether a trainer config starts more than this process (DDP launches re-run the command line)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        many = len(devices) > 1
+    else:
+        many = str(devices).strip() == "-1" or (str(devices).strip().isdigit() and int(devices) > 1)
+    return bool(many or int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(trainer_cfg.get("strategy", "")).startswith("ddp"))
+
+
+def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[str, Any], work: Path,
+                      trainer_cfg: Mapping[str, Any], batch_size: int, num_workers: int) -> None:
+    """Run ``python -m anime_role_detect.cli.embed`` (shards only) over `names`: DDP re-runs its own command line,
+    not the caller's program."""
+    import json
+    import subprocess
+    import sys
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "files.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    (work / "embedder.json").write_text(json.dumps(dict(embedder_cfg)), encoding="utf-8")
+    tr = [f"trainer.{k}={v}" for k, v in trainer_cfg.items() if k in _TRAINER_KEYS and k != "plugins"]
+    cmd = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={root.resolve()}", f"files={work / 'files.txt'}",
+           f"embedder_file={work / 'embedder.json'}", f"out={work}", "gallery=false", f"paths.root_dir={work}",
+           f"batch_size={batch_size}", f"num_workers={num_workers}", "trainer=ddp" if _multi_process(trainer_cfg) else "trainer=cpu", *tr]
+    p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        last = next((line for line in reversed(p.stderr.splitlines()) if line.strip()), "no output")
+        raise GalleryError(f"embedding the gallery over processes failed ({last.strip()[:300]}); run `{' '.join(cmd)}` to see why")
+
+
+def build_gallery_predicted(root: str | Path, records: Sequence[Any], embedder_cfg: Mapping[str, Any], out: str | Path,
+                            gallery_cfg: Mapping[str, Any], saved_cfg: Mapping[str, Any],
+                            progress: Callable[[int, int], None] | None = None) -> Gallery:
+    """The gallery of `records` (dataset records) embedded as a Lightning predict, same rows as `Gallery.build`.
+
+    ``gallery_cfg.trainer`` (accelerator, devices, strategy, num_nodes) spreads it over processes: then the embed
+    command runs as a subprocess; one process runs here. ``batch_size``/``num_workers`` set the loader.
+    """
+    import shutil
+
+    root, out = Path(root), Path(out)
+    tcfg = dict(gallery_cfg.get("trainer") or {})
+    bs, nw = int(gallery_cfg.get("batch_size", 32)), int(gallery_cfg.get("num_workers", 2))
+    work = out / ".embed"
+    ecfg = dict(embedder_cfg)
+    if ecfg.get("ckpt_path") and not Path(ecfg["ckpt_path"]).is_absolute():
+        ecfg["ckpt_path"] = str((out / ecfg["ckpt_path"]).resolve())
+    if _multi_process(tcfg):
+        _embed_subprocess(root, [r.file_name for r in records], ecfg, work, tcfg, bs, nw)
+    else:
+        predict_embeddings([(r.file_name, r.path(root)) for r in records], ecfg, work / "shards", tcfg, batch_size=bs, num_workers=nw)
+    ids, vectors, info = merge_shards(work / "shards")
+    for fid, err in info["errors"]:
+        _log.warning(f"skipped unreadable image: {err}")
+    row_of = {i: k for k, i in enumerate(ids)}
+    kept = [r for r in records if r.file_name in row_of]
+    gallery = gallery_from_vectors([(r.character, r.series, r.file_name) for r in kept], vectors[[row_of[r.file_name] for r in kept]],
+                                   info["embedder_id"], info["dim"], saved_cfg, gallery_cfg.get("index"), gallery_cfg.get("prototypes"),
+                                   gallery_cfg.get("aggregate", "max"), progress)
+    shutil.rmtree(work, ignore_errors=True)  # a version folder carries its gallery, not the shards it came from
+    return gallery
