@@ -21,6 +21,7 @@ from .openset import OpenSetCalibration
 from .rerank import TagReranker
 
 _log = get_logger("inference")
+NO_CLASSIFIER = "mode=model/fusion needs a classifier: a version with model.ckpt, or model_ckpt=PATH (train one with train.py)"
 
 
 class VersionParts:
@@ -97,7 +98,7 @@ class VersionParts:
 
         def load() -> Any:
             if self.model_ckpt is None:
-                raise ConfigError("mode=model/fusion needs a classifier: a version with model.ckpt, or model_ckpt=PATH (train one with train.py)")
+                raise ConfigError(NO_CLASSIFIER)
             return load_classifier(self.model_ckpt, device=self.config.device)
 
         return self._part("classifier", load)
@@ -107,6 +108,8 @@ class VersionParts:
         from .embedder import ClassifierEmbedder
 
         def load() -> Any:
+            if self.model_ckpt is None:
+                raise ConfigError(NO_CLASSIFIER)
             ort = self.onnx
             clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
             return clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)

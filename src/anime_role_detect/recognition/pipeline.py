@@ -278,7 +278,7 @@ class Recognizer(VersionParts):
             hit = self.cache.get(key)
             if hit is not None and hit.embeddings is None and self.sinks:
                 hit = None  # cached before a sink was added (model mode skips embeddings): the sinks need them
-            found.append(Cached(hit.answer.model_copy(update={"filename": name}), hit.embeddings) if hit is not None else None)
+            found.append(Cached(_from_cache(hit.answer, name), hit.embeddings) if hit is not None else None)
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             fresh = self._recognize_uncached([items[i][0] for i in todo], [items[i][1] for i in todo], [hashes[i] for i in todo], mode, rerank)
@@ -424,3 +424,9 @@ def _pixel_hash(img: Image.Image) -> str:
     h = hashlib.sha256(f"{img.mode}:{img.size}".encode())
     h.update(img.tobytes())
     return h.hexdigest()
+
+
+def _from_cache(answer: Answer, filename: str) -> Answer:
+    """A cached answer for a new request: its own filename, no record id yet, and no claim to have been batched."""
+    timings = {k: v for k, v in answer.timings_ms.items() if k != "batch_images"}
+    return answer.model_copy(update={"filename": filename, "record_id": None, "timings_ms": timings})
