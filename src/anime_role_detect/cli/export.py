@@ -57,9 +57,11 @@ def parser() -> argparse.ArgumentParser:
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, then print the new version and its files as one JSON line."""
+    from ..log import setup_logging
     from ..recognition.runtime import DEFAULT_OPSET, export_version
 
     args = parser().parse_args(_flags(list(sys.argv[1:] if argv is None else argv)))
+    setup_logging({"console_level": "WARNING"})  # progress goes to logs/system.log; stdout is the one JSON line
     res = export_version(args.registry, args.version, int8=args.int8, opset=args.opset or DEFAULT_OPSET, promote=args.promote)
     print(json.dumps({"version": res.version_id, "base": res.base_id, "live": res.live, "path": str(res.version_dir),
                       "files": res.files, "checks": res.checks}))

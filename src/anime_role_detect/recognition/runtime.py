@@ -104,9 +104,14 @@ def _export_graph(graph: Any, path: Path, size: int, outputs: Sequence[str], ops
 
     dummy = torch.zeros(2, 3, size, size)
     axes = {name: {0: "batch"} for name in (INPUT, *outputs)}
-    with _quiet_export(), torch.no_grad():
-        torch.onnx.export(graph, (dummy,), str(path), input_names=[INPUT], output_names=list(outputs), dynamic_axes=axes,
-                          opset_version=int(opset), dynamo=False, do_constant_folding=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused inference op has no ONNX export (open_clip ViTs)
+    try:
+        with _quiet_export(), torch.no_grad():
+            torch.onnx.export(graph, (dummy,), str(path), input_names=[INPUT], output_names=list(outputs), dynamic_axes=axes,
+                              opset_version=int(opset), dynamo=False, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id: str) -> dict[str, Any]:
@@ -126,8 +131,9 @@ def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id
             "class_names": list(model.class_names), "series": dict(model.series), "tag_names": list(model.tag_names)}
 
 
-def _embedder_entry(emb: Any, path: Path, opset: int, config: Mapping[str, Any], version_dir: Path) -> dict[str, Any]:
-    """Export a torch gallery embedder's feature network (output: embedding) and describe it."""
+def export_embedder(emb: Any, path: Path, opset: int = DEFAULT_OPSET, config: Mapping[str, Any] | None = None,
+                    version_dir: Path | None = None) -> dict[str, Any]:
+    """Export a torch embedder's feature network (output: embedding) into `path`; returns its ``onnx.json`` entry."""
     from .embedder import ClassifierEmbedder
 
     _export_graph(_torch_graph(emb.forward_features, emb.model), path, int(emb.image_size), [EMBEDDING], opset)
@@ -137,18 +143,25 @@ def _embedder_entry(emb: Any, path: Path, opset: int, config: Mapping[str, Any],
     if isinstance(emb, ClassifierEmbedder):
         pre = {"transform": "classifier", "image_size": int(emb.image_size), "mean": list(emb.mean), "std": list(emb.std)}
         source = Path(emb.ckpt_path).resolve()
-    shown = None if source is None else str(source.relative_to(version_dir.resolve()) if source.is_relative_to(version_dir.resolve()) else source)
+    base = Path(version_dir).resolve() if version_dir is not None else None
+    shown = None if source is None else str(source.relative_to(base) if base is not None and source.is_relative_to(base) else source)
+    config = dict(config or {})
     return {"file": path.name, "kind": str(config.get("kind", "")), "outputs": [EMBEDDING], "model_id": str(emb.model_id),
             "dim": int(emb.dim), "source": shown, "source_fingerprint": file_fingerprint(source) if source is not None else None,
-            "preprocess": pre, "config": {k: v for k, v in dict(config).items() if k not in ("device", "batch_size", "num_threads")}}
+            "preprocess": pre, "config": {k: v for k, v in config.items() if k not in ("device", "batch_size", "num_threads")}}
+
+
+#: Layers the int8 copies quantise: matrix products (transformer blocks, heads), per output channel. Convolutions stay
+#: float: dynamic int8 convolutions made the Lite0 demo classifier 3.5x slower with 72% top-1 agreement (docs/recognition.md).
+INT8_OPS = ("MatMul", "Gemm")
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation (weights int8, activations quantised at run time) of `src` into `dst`."""
+    """Dynamic int8 quantisation of `src`'s `INT8_OPS` into `dst` (weights int8 per channel, activations quantised at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_export():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS), per_channel=True)
 
 
 def _check(entry: Mapping[str, Any], torch_forward: Callable[[Any], dict[str, Any]], path: Path, seed: int = 0) -> dict[str, float]:
@@ -199,7 +212,7 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
     gallery = rec.gallery if (src / GALLERY_META).is_file() else None
     if gallery is not None and gallery.embedder_id != networks.get("classifier", {}).get("model_id"):
         emb = rec.embedder  # also checks that the gallery was built by this embedder
-        networks["embedder"] = _embedder_entry(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
+        networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
         checks["embedder"] = lambda x: {EMBEDDING: emb.forward_features(x)}
     if not networks:
         raise ConfigError(f"{src} has neither a classifier ({MODEL}) nor a gallery to export")
@@ -211,7 +224,7 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
             quantize_int8(fp32, out / entry["int8_file"])
             entry["check_int8"] = _check(entry, checks[name], out / entry["int8_file"])
         _log.info(f"exported {name} -> {fp32.name}: {entry['check']}")
-    return {"format": 1, "opset": int(opset), "int8": bool(int8), "networks": networks,
+    return {"format": 1, "opset": int(opset), "int8": bool(int8), "int8_ops": list(INT8_OPS) if int8 else [], "networks": networks,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
@@ -220,7 +233,7 @@ def manifest_entry(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest's ``onnx`` entry: files, opset, int8, and each network's source checkpoint fingerprint and model id."""
     nets = meta["networks"]
     files = sorted({n["file"] for n in nets.values()} | {n["int8_file"] for n in nets.values() if n.get("int8_file")} | {ONNX_META})
-    return {"files": files, "opset": meta["opset"], "int8": meta["int8"],
+    return {"files": files, "opset": meta["opset"], "int8": meta["int8"], "int8_ops": meta.get("int8_ops", []),
             "networks": {k: {"file": n["file"], "int8_file": n.get("int8_file"), "source": n.get("source"),
                              "source_fingerprint": n.get("source_fingerprint"), "model_id": n["model_id"]} for k, n in nets.items()}}
 
@@ -243,7 +256,7 @@ def export_version(registry_dir: str | Path, version: str = "latest", int8: bool
 
 
 # == run ===========================================================================================
-def _session(path: Path, device: str | None, threads: int | None) -> Any:
+def open_session(path: Path, device: str | None = "auto", threads: int | None = None) -> Any:
     """An onnxruntime session for `path` on `device`'s providers, shared per process (`embedder.shared_model`)."""
     import onnxruntime as ort
 
@@ -435,7 +448,7 @@ class OnnxVersion:
     def _open(self, entry: Mapping[str, Any]) -> Any:
         path = self._file(entry)
         assert path is not None
-        return _session(path, self.device, self.threads)
+        return open_session(path, self.device, self.threads)
 
     def embedder(self, cfg: Mapping[str, Any], model_id: str, model_ckpt: Path | None = None) -> OnnxEmbedder | None:
         """The exported network whose torch ``model_id`` is `model_id` (the gallery's), with `cfg`'s batch size and flip TTA; else None."""
