@@ -131,3 +131,23 @@ def test_bad_index_config_is_a_config_error():
         filled({"type": "ivfpq", "pq_m": 7})
     with pytest.raises(ConfigError, match="aggregate"):
         Gallery("e", DIM, aggregate="median")
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw"}])
+def test_a_gallery_saved_before_auto_indexes_still_loads(index, tmp_path):
+    g, queries, _ = filled(index)
+    g.save(tmp_path)
+    meta = json.loads((tmp_path / "gallery.json").read_text())
+    for key in ("index_kind", "tombstones"):
+        meta.pop(key)
+    meta["index"] = {k: meta["index"][k] for k in ("type", "hnsw_m", "ef_search", "nlist", "pq_m", "pq_nbits", "nprobe")}
+    (tmp_path / "gallery.json").write_text(json.dumps(meta))
+    old = Gallery.load(tmp_path)
+    assert old.kind == index["type"] and not old.tombstones
+    assert old.search(queries, k=3) == g.search(queries, k=3)
+
+
+def test_the_default_index_is_auto_and_small_galleries_are_exact_flat():
+    g, queries, truth = filled()
+    assert g.index_spec.type == "auto" and g.kind == "flat"
+    assert [r[0][0] for r in g.search(queries, k=1)] == truth

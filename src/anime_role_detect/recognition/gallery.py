@@ -1,16 +1,23 @@
 """Character gallery: a Faiss inner-product index of unit embeddings plus row metadata, saved atomically.
 
-Files: ``gallery.faiss`` (the index, any type) and ``gallery.json`` (embedder id/dim/config, index
-spec, one row per vector: character, series, source; checksum of the index file). Each character
-keeps several prototypes (all samples, k-means centres, or one mean) and search aggregates rows to
-one score per character. A gallery refuses embeddings of another embedder or dimension.
+Files: ``gallery.faiss`` (the index, any kind) and ``gallery.json`` (embedder id/dim/config, index
+spec and built kind, one row per vector: character, series, source; HNSW tombstones; checksum of
+the index file). Each character keeps several prototypes (all samples, k-means centres, or one
+mean) and search aggregates rows to one score per character. A gallery refuses embeddings of
+another embedder or dimension.
+
+Index kinds (`KIND_ORDER`): exact ``flat``, graph ``hnsw`` (vectors kept, fast), compressed
+``ivfpq`` (codes only, for galleries that do not fit in memory). ``auto`` picks by row count
+(`IndexSpec.flat_below`, `hnsw_below`) and moves a growing gallery up a kind, rebuilt from its
+stored vectors. Measured choices: docs/recognition.md "Galleries of millions".
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -19,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import atomic_write_bytes, atomic_write_json, read_json
+from ..fsutil import atomic_path, atomic_write_json, read_json
 from ..log import get_logger
 
 INDEX_FILE = "gallery.faiss"
@@ -30,15 +37,20 @@ _log = get_logger("system")
 
 @dataclass
 class IndexSpec:
-    """Which Faiss index to build: exact ``flat`` (small), ``hnsw`` (large, fast) or ``ivfpq`` (huge, compressed)."""
+    """Which Faiss index to build: exact ``flat``, graph ``hnsw``, compressed ``ivfpq``, or ``auto`` by row count."""
 
-    type: str = "flat"
+    type: str = "auto"
+    flat_below: int = 50_000         # auto: exact flat index under this many rows
+    hnsw_below: int = 2_000_000      # auto: HNSW under this many rows, IVF-PQ from here on
     hnsw_m: int = 32
+    ef_construction: int = 40
     ef_search: int = 128
-    nlist: int = 256
-    pq_m: int = 16
+    nlist: int = 0                   # IVF lists; 0: ~sqrt(rows) rounded down to a power of two
+    pq_m: int = 0                    # PQ sub-quantizers (bytes per row at 8 bits); 0: the largest divisor of dim <= dim/10
     pq_nbits: int = 8
-    nprobe: int = 16
+    nprobe: int = 32
+    search_rows: int = 64            # approximate indexes: nearest rows looked at per query (at least k x aggregate depth)
+    rebuild_fraction: float = 0.2    # HNSW cannot delete: removed rows are skipped until they exceed this share, then it is rebuilt
 
 
 @dataclass
@@ -59,24 +71,81 @@ class Row:
     source: str = ""
 
 
-def _make_index(spec: IndexSpec, dim: int, n_train: int) -> faiss.Index:
-    """A new empty index of `spec` (IVF-PQ sizes clamped so the training sample suffices)."""
-    if spec.type == "flat":
+#: Index kinds from exact and small to compressed and huge; `auto` only ever moves a gallery up this list.
+KIND_ORDER: tuple[str, ...] = ("flat", "hnsw", "ivfpq")
+#: Kinds that keep every vector exactly (exact re-scoring, rebuilds and migrations read them back).
+_EXACT_KINDS = frozenset({"flat", "hnsw"})
+_TRAIN_ROWS_MAX = 200_000
+_RESCORE_ROWS_MAX = 8192
+
+
+def resolve_kind(spec: IndexSpec, rows: int) -> str:
+    """The concrete index kind for `rows` rows: `spec.type`, or by size thresholds when it is ``auto``."""
+    if spec.type in KIND_ORDER:
+        return spec.type
+    if spec.type != "auto":
+        raise ConfigError(f"gallery.index.type={spec.type!r}: choose auto, flat, hnsw or ivfpq")
+    if spec.flat_below > spec.hnsw_below:
+        raise ConfigError(f"gallery.index.flat_below={spec.flat_below} is above hnsw_below={spec.hnsw_below}; make flat_below <= hnsw_below")
+    return "flat" if rows < spec.flat_below else "hnsw" if rows < spec.hnsw_below else "ivfpq"
+
+
+def ivf_sizes(spec: IndexSpec, dim: int, rows: int, n_train: int) -> tuple[int, int, int]:
+    """(nlist, pq_m, pq_nbits) for an IVF-PQ over `rows` rows trained on `n_train` (clamped so training suffices)."""
+    nlist = int(spec.nlist) or 2 ** max(4, int(np.log2(max(2.0, float(rows) ** 0.5))))
+    nlist = max(1, min(nlist, n_train // 39))
+    nbits = max(1, min(int(spec.pq_nbits), int(np.log2(max(2, n_train)))))
+    pq_m = int(spec.pq_m) or max(d for d in range(1, max(1, dim // 10) + 1) if dim % d == 0)
+    if dim % pq_m:
+        raise ConfigError(f"gallery.index.pq_m={pq_m} must divide the embedding dimension {dim} (e.g. {dim // 32 or 1}, or 0 for auto)")
+    return nlist, pq_m, nbits
+
+
+def train_rows(kind: str, spec: IndexSpec, dim: int, rows: int) -> int:
+    """How many rows to train a new index of `kind` on (0: no training)."""
+    if kind != "ivfpq":
+        return 0
+    nlist, _, _ = ivf_sizes(spec, dim, rows, rows)
+    return min(rows, max(64 * nlist, 256 * 39), _TRAIN_ROWS_MAX)
+
+
+def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | None = None) -> faiss.Index:
+    """A new empty index of `kind` for about `rows` rows, ids given by the gallery (IVF-PQ sized for `n_train`)."""
+    if kind == "flat":
         return faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
-    if spec.type == "hnsw":
+    if kind == "hnsw":
         index = faiss.index_factory(dim, f"IDMap2,HNSW{int(spec.hnsw_m)}", faiss.METRIC_INNER_PRODUCT)
-        faiss.downcast_index(index.index).hnsw.efSearch = int(spec.ef_search)
+        hnsw = faiss.downcast_index(index.index).hnsw
+        hnsw.efConstruction = int(spec.ef_construction)
+        hnsw.efSearch = int(spec.ef_search)
         return index
-    if spec.type == "ivfpq":
-        nlist = max(1, min(int(spec.nlist), n_train // 39))
-        nbits = max(1, min(int(spec.pq_nbits), int(np.log2(max(2, n_train)))))
-        pq_m = int(spec.pq_m)
-        if dim % pq_m:
-            raise ConfigError(f"gallery.index.pq_m={pq_m} must divide the embedding dimension {dim} (e.g. {dim // 32 or 1})")
+    if kind == "ivfpq":
+        nlist, pq_m, nbits = ivf_sizes(spec, dim, rows, rows if n_train is None else n_train)
         index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{nbits}", faiss.METRIC_INNER_PRODUCT)
+        index.do_polysemous_training = False  # the factory's default; unused by search and 50x the training time
         index.nprobe = min(int(spec.nprobe), nlist)
         return index
-    raise ConfigError(f"gallery.index.type={spec.type!r}: choose flat, hnsw or ivfpq")
+    raise ConfigError(f"gallery.index.type={kind!r}: choose auto, flat, hnsw or ivfpq")
+
+
+def kind_of(index: faiss.Index) -> str:
+    """The kind (flat / hnsw / ivfpq) of a loaded Faiss index."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivfpq"
+    return "flat"
+
+
+def _search_params(kind: str, spec: IndexSpec, n: int, skip: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+    """Per-call search settings: HNSW beam at least `n` wide, IVF probes, removed rows skipped."""
+    extra = {"sel": skip} if skip is not None else {}
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **extra)
+    if kind == "ivfpq":
+        return faiss.SearchParametersIVF(nprobe=int(spec.nprobe), **extra)
+    return faiss.SearchParameters(**extra) if extra else None
 
 
 def _prototypes(vectors: np.ndarray, spec: PrototypeSpec, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -110,7 +179,8 @@ class Gallery:
         self.embedder_id = str(embedder_id)
         self.dim = int(dim)
         self.embedder_config = dict(embedder_config or {})
-        self.index_spec = index if isinstance(index, IndexSpec) else IndexSpec(**dict(index or {}))
+        self.index_spec = index if isinstance(index, IndexSpec) else _index_spec(index)
+        resolve_kind(self.index_spec, 0)  # a bad type is a ConfigError now, not at the first add
         self.prototype_spec = prototypes if isinstance(prototypes, PrototypeSpec) else PrototypeSpec(**dict(prototypes or {}))
         if aggregate not in AGGREGATORS:
             raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATORS)}")
@@ -118,7 +188,16 @@ class Gallery:
         self.rows: dict[int, Row] = {}
         self.next_id = 0
         self.index: faiss.Index | None = None
-        self._chars: tuple[int, int, list[dict]] | None = None
+        self.kind: str | None = None  # the built index's kind (flat / hnsw / ivfpq); `index_spec.type` may say auto
+        self.tombstones: set[int] = set()  # ids still in an HNSW index whose rows were removed
+        self._members: dict[str, list[int]] = {}  # character -> its row ids
+        self._series: dict[str, str] = {}
+        self._owner = np.full(0, -1, np.int32)  # row id -> character code (-1: no live row)
+        self._codes: dict[str, int] = {}
+        self._names: list[str] = []
+        self._version = 0
+        self._chars: tuple[int, list[dict]] | None = None
+        self._skip: tuple[int, faiss.IDSelector | None, Any] | None = None
 
     # -- compatibility ------------------------------------------------------------------------
     def check_embedder(self, embedder_id: str, dim: int, where: str = "this gallery") -> None:
@@ -126,7 +205,7 @@ class Gallery:
         if int(dim) != self.dim or embedder_id != self.embedder_id:
             raise GalleryError(
                 f"{where} was built with embedder {self.embedder_id} (dim {self.dim}) but got {embedder_id} (dim {dim}); "
-                "rebuild it with `python -m anime_role_detect.recognition.gallery_cli build` or configure the same embedder"
+                "rebuild it with `ard-gallery build` or configure the same embedder"
             )
 
     # -- building -----------------------------------------------------------------------------
@@ -173,19 +252,94 @@ class Gallery:
         g._add_rows(np.concatenate(vecs), meta)
         return g
 
-    def _add_rows(self, vectors: np.ndarray, meta: Sequence[tuple[str, str, str]]) -> None:
+    def add_rows(self, vectors: np.ndarray, characters: Sequence[str], series: Sequence[str] | None = None,
+                 sources: Sequence[str] | None = None, expected_rows: int | None = None) -> None:
+        """Add one row per vector as is (no prototypes): the bulk path for big galleries built in chunks.
+
+        `expected_rows` (the gallery's size once every chunk is in) sizes a new index and its `auto`
+        kind, so the first chunk of a million-row build does not start as a small flat index.
+        """
+        if len(characters) != len(vectors):
+            raise GalleryError(f"{len(vectors)} vectors but {len(characters)} character names; give one name per vector")
+        if any(not c or not str(c).strip() for c in characters):
+            raise GalleryError("a character name is empty; give the name of every row")
+        ser = list(series) if series is not None else [""] * len(vectors)
+        src = list(sources) if sources is not None else [""] * len(vectors)
+        self._add_rows(np.asarray(vectors, dtype=np.float32), list(zip(characters, ser, src)), expected_rows)
+
+    def _add_rows(self, vectors: np.ndarray, meta: Sequence[tuple[str, str, str]], expected_rows: int | None = None) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise GalleryError(f"embeddings of shape {vectors.shape} do not fit this gallery (dim {self.dim}); use the gallery's embedder {self.embedder_id}")
+        if len(vectors) == 0:
+            return
+        rows = max(len(self.rows) + len(vectors), int(expected_rows or 0))
+        want = resolve_kind(self.index_spec, rows)
         if self.index is None:
-            self.index = _make_index(self.index_spec, self.dim, len(vectors))
-        if not self.index.is_trained:
-            self.index.train(vectors)
+            self.index, self.kind = self._new_index(want, rows, [vectors]), want
+        elif KIND_ORDER.index(want) > KIND_ORDER.index(self.kind or "flat"):
+            _log.info(f"gallery grows to {rows} rows: moving its index from {self.kind} to {want}")
+            self._rebuild(want, rows, extra=vectors)
         ids = np.arange(self.next_id, self.next_id + len(vectors), dtype=np.int64)
         self.index.add_with_ids(vectors, ids)
-        for i, (c, s, src) in zip(ids.tolist(), meta):
-            self.rows[i] = Row(i, c, s, src)
         self.next_id += len(vectors)
+        self._grow_owner(self.next_id)
+        for i, (c, s, src) in zip(ids.tolist(), meta):
+            self._track(Row(i, c, s, src))
+        self._version += 1
+
+    def _new_index(self, kind: str, rows: int, samples: Sequence[np.ndarray]) -> faiss.Index:
+        """An empty index of `kind` for `rows` rows, trained (IVF-PQ) on a random sample of `samples`."""
+        need = train_rows(kind, self.index_spec, self.dim, rows)
+        if need == 0:
+            return make_index(kind, self.index_spec, self.dim, rows)
+        pool = np.concatenate([np.asarray(s, np.float32) for s in samples])
+        if len(pool) > need:
+            pool = pool[np.sort(np.random.default_rng(0).choice(len(pool), need, replace=False))]
+        index = make_index(kind, self.index_spec, self.dim, rows, n_train=len(pool))
+        index.train(np.ascontiguousarray(pool))
+        return index
+
+    def _live_ids(self) -> np.ndarray:
+        return np.fromiter(sorted(self.rows), dtype=np.int64, count=len(self.rows))
+
+    def _vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of row `ids` (exact for flat/HNSW; an IVF-PQ index keeps only codes)."""
+        if self.kind not in _EXACT_KINDS:
+            raise GalleryError(f"a {self.kind} index keeps compressed codes, not vectors; rebuild the gallery from its images")
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64)) if len(ids) else np.zeros((0, self.dim), np.float32)
+
+    def _rebuild(self, kind: str, rows: int, extra: np.ndarray | None = None, chunk: int = 65_536) -> None:
+        """Replace the index by a fresh one of `kind` holding the live rows (read back from the stored vectors)."""
+        live = self._live_ids()
+        rng = np.random.default_rng(0)
+        need = train_rows(kind, self.index_spec, self.dim, rows)
+        sample_ids = np.sort(rng.choice(live, min(need, len(live)), replace=False)) if need else live[:0]
+        samples = [self._vectors(sample_ids)] + ([extra] if extra is not None else [])
+        new = self._new_index(kind, rows, samples)
+        for i in range(0, len(live), chunk):
+            part = live[i : i + chunk]
+            new.add_with_ids(self._vectors(part), part)
+        self.index, self.kind = new, kind
+        self.tombstones.clear()
+        self._skip = None
+
+    def _grow_owner(self, size: int) -> None:
+        if len(self._owner) < size:
+            grown = np.full(max(size, 2 * len(self._owner), 1024), -1, np.int32)
+            grown[: len(self._owner)] = self._owner
+            self._owner = grown
+
+    def _track(self, row: Row) -> None:
+        """Record one live row in the per-character bookkeeping."""
+        self.rows[row.id] = row
+        code = self._codes.get(row.character)
+        if code is None:
+            code = self._codes[row.character] = len(self._names)
+            self._names.append(row.character)
+        self._owner[row.id] = code
+        self._members.setdefault(row.character, []).append(row.id)
+        self._series.setdefault(row.character, row.series)
 
     def add(self, character: str, series: str, embeddings: np.ndarray, sources: Sequence[str] | None = None,
             embedder_id: str | None = None) -> int:
@@ -204,84 +358,150 @@ class Gallery:
         return len(protos)
 
     def remove(self, character: str) -> int:
-        """Delete every row of `character`; returns how many were removed (0 if unknown)."""
-        ids = np.array([i for i, r in self.rows.items() if r.character == character], dtype=np.int64)
-        if len(ids) == 0 or self.index is None:
+        """Delete every row of `character`; returns how many were removed (0 if unknown).
+
+        Flat and IVF-PQ delete in place. HNSW cannot delete: the rows become tombstones that every
+        search skips, and the graph is rebuilt from its stored vectors once they pass
+        `index.rebuild_fraction` of it.
+        """
+        members = self._members.pop(character, None)
+        if not members or self.index is None:
             return 0
-        try:
-            self.index.remove_ids(ids)
-        except RuntimeError:  # HNSW cannot delete: rebuild from the stored vectors
-            keep = np.array(sorted(set(self.rows) - set(ids.tolist())), dtype=np.int64)
-            vecs = np.stack([self.index.reconstruct(int(i)) for i in keep]) if len(keep) else np.zeros((0, self.dim), np.float32)
-            self.index = _make_index(self.index_spec, self.dim, len(keep))
-            if len(keep):
-                self.index.add_with_ids(vecs, keep)
-        for i in ids.tolist():
+        ids = np.array(members, dtype=np.int64)
+        for i in members:
             del self.rows[i]
+        self._owner[ids] = -1
+        self._series.pop(character, None)
+        self._version += 1
+        if self.kind == "hnsw":
+            self.tombstones.update(members)
+            self._skip = None
+            if len(self.tombstones) > float(self.index_spec.rebuild_fraction) * self.index.ntotal:
+                kind = resolve_kind(self.index_spec, len(self.rows)) if self.index_spec.type == "auto" else self.kind
+                self._rebuild(kind, len(self.rows))
+        else:
+            self.index.remove_ids(ids)
         return len(ids)
 
     # -- querying -----------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def n_characters(self) -> int:
+        """How many characters have rows (cheap: no list is built)."""
+        return len(self._members)
+
     def _char_cache(self) -> list[dict]:
-        if self._chars is None or self._chars[0] != self.next_id or self._chars[1] != len(self.rows):
-            self._chars = (self.next_id, len(self.rows), self._characters())
-        return self._chars[2]
+        if self._chars is None or self._chars[0] != self._version:
+            chars = [{"name": c, "series": self._series.get(c, ""), "prototypes": len(ids)} for c, ids in self._members.items()]
+            self._chars = (self._version, sorted(chars, key=lambda d: d["name"]))
+        return self._chars[1]
 
     def characters(self) -> list[dict]:
         """``[{name, series, prototypes}]`` sorted by name."""
         return [dict(c) for c in self._char_cache()]
 
-    def _characters(self) -> list[dict]:
-        out: dict[str, dict] = {}
-        for r in self.rows.values():
-            d = out.setdefault(r.character, {"name": r.character, "series": r.series, "prototypes": 0})
-            d["prototypes"] += 1
-        return [out[k] for k in sorted(out)]
-
     def series_of(self) -> dict[str, str]:
         """character -> series."""
-        return {c["name"]: c["series"] for c in self._char_cache()}
+        return dict(self._series)
+
+    def _skip_selector(self) -> faiss.IDSelector | None:
+        """A cached selector that hides HNSW tombstones from searches (None when there are none)."""
+        if not self.tombstones:
+            return None
+        if self._skip is None or self._skip[0] != len(self.tombstones):
+            batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64, count=len(self.tombstones)))
+            self._skip = (len(self.tombstones), faiss.IDSelectorNot(batch), batch)  # keep `batch` alive with its wrapper
+        return self._skip[1]
+
+    def _rows_per_query(self, k: int) -> int:
+        """How many nearest rows to fetch for `k` characters: all that matter for exact flat, `search_rows` otherwise."""
+        depth = AGGREGATE_DEPTH[self.aggregate]
+        if self.kind == "flat":
+            per_char = max((c["prototypes"] for c in self._char_cache()), default=1)
+            n = max(64, k * min(per_char, 64), k * depth)
+        else:
+            n = min(max(int(self.index_spec.search_rows), k * depth), 8 * max(int(self.index_spec.search_rows), depth))
+        return max(1, min(len(self.rows), n))
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, str, float]]]:
-        """Best `k` characters per query as ``(character, series, cosine score)``, best first."""
+        """Best `k` characters per query as ``(character, series, score)``, best first.
+
+        A character's score aggregates its best rows (`aggregate`). Rows are found by the index; a
+        character with fewer of its rows among them than the aggregate needs is re-scored on all
+        its stored rows (flat, HNSW), so its score is the exact one, not inflated by missing rows
+        (IVF-PQ stores no vectors: missing rows count as the weakest row fetched, an upper bound).
+        Approximate indexes look at `index.search_rows` rows, so they may name fewer than `k`.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise GalleryError(f"query dimension {queries.shape[1]} does not match the gallery's {self.dim} (embedder {self.embedder_id})")
         if not self.rows or self.index is None:
             return [[] for _ in range(len(queries))]
-        per_char = max(1, max(d["prototypes"] for d in self._char_cache()))
-        n = min(len(self.rows), max(64, k * min(per_char, 64)))
-        scores, ids = self.index.search(queries, n)
+        n = self._rows_per_query(k)
+        params = _search_params(self.kind or "flat", self.index_spec, n, self._skip_selector())
+        scores, ids = self.index.search(queries, n, params=params) if params is not None else self.index.search(queries, n)
+        return [self._rank(q, s, i, k, n) for q, s, i in zip(queries, scores, ids)]
+
+    def _rank(self, query: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int, n: int) -> list[tuple[str, str, float]]:
+        """One query's fetched rows -> its top `k` characters with exact aggregated scores."""
+        keep = ids >= 0
+        ids, scores = ids[keep], scores[keep]
+        codes = self._owner[ids]
+        live = codes >= 0
+        codes, scores = codes[live], scores[live].tolist()
+        floor = scores[-1] if (scores and n < len(self.rows)) else float("-inf")
+        hits: dict[int, list[float]] = {}
+        for c, s in zip(codes.tolist(), scores):
+            hits.setdefault(c, []).append(s)
+        depth = AGGREGATE_DEPTH[self.aggregate]
         agg = AGGREGATORS[self.aggregate]
-        series = self.series_of()
-        out = []
-        for srow, irow in zip(scores, ids):
-            hits: dict[str, list[float]] = defaultdict(list)
-            for s, i in zip(srow.tolist(), irow.tolist()):
-                if i >= 0 and i in self.rows:
-                    hits[self.rows[i].character].append(s)
-            ranked = sorted(((c, agg(v)) for c, v in hits.items()), key=lambda t: -t[1])[:k]
-            out.append([(c, series.get(c, ""), float(s)) for c, s in ranked])
+        heap: list[tuple[float, str, bool]] = []
+        for c, ss in hits.items():
+            name = self._names[c]
+            need = min(depth, len(self._members[name]))
+            exact = len(ss) >= need
+            heap.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
+        heapq.heapify(heap)
+        out: list[tuple[str, str, float]] = []
+        while heap and len(out) < k:
+            neg, name, exact = heapq.heappop(heap)
+            if not exact and self.kind in _EXACT_KINDS and len(self._members[name]) <= _RESCORE_ROWS_MAX:
+                heapq.heappush(heap, (-self._exact_score(query, name, depth), name, True))
+                continue
+            out.append((name, self._series.get(name, ""), float(-neg)))
         return out
+
+    def _exact_score(self, query: np.ndarray, name: str, depth: int) -> float:
+        """`name`'s aggregate over all its stored rows (the same score an exhaustive search gives)."""
+        sims = self._vectors(np.array(self._members[name], dtype=np.int64)) @ query
+        top = -np.sort(-sims)[: min(depth, len(sims))]
+        return AGGREGATORS[self.aggregate](top.tolist())
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``gallery.faiss`` then ``gallery.json`` (each write-then-rename; the json checks the index's hash)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        index = self.index if self.index is not None else _make_index(IndexSpec("flat"), self.dim, 0)
-        blob = faiss.serialize_index(index).tobytes()
-        atomic_write_bytes(d / INDEX_FILE, blob)
+        index = self.index if self.index is not None else make_index("flat", self.index_spec, self.dim, 0)
+        digest = hashlib.sha256()
+        with atomic_path(d / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
+            def write(chunk: bytes) -> int:
+                digest.update(chunk)
+                return fh.write(chunk)
+
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
         atomic_write_json(d / META_FILE, {
             "format": FORMAT_VERSION,
             "embedder": {"id": self.embedder_id, "dim": self.dim, "config": self.embedder_config},
             "index": asdict(self.index_spec),
+            "index_kind": kind_of(index),
             "prototypes": asdict(self.prototype_spec),
             "aggregate": self.aggregate,
-            "index_sha256": hashlib.sha256(blob).hexdigest(),
+            "index_sha256": digest.hexdigest(),
             "next_id": self.next_id,
+            "tombstones": sorted(self.tombstones),
             "characters": self.characters(),
             "rows": [asdict(r) for r in sorted(self.rows.values(), key=lambda r: r.id)],
         })
@@ -293,30 +513,53 @@ class Gallery:
         d = Path(directory)
         meta_p, index_p = d / META_FILE, d / INDEX_FILE
         if not meta_p.is_file() or not index_p.is_file():
-            raise GalleryError(f"no gallery in {d} ({META_FILE} + {INDEX_FILE} expected); build one with `python -m anime_role_detect.recognition.gallery_cli build`")
+            raise GalleryError(f"no gallery in {d} ({META_FILE} + {INDEX_FILE} expected); build one with `ard-gallery build`")
         try:
             meta = read_json(meta_p)
             emb = meta["embedder"]
-            blob = index_p.read_bytes()
         except (ValueError, KeyError, TypeError) as exc:
             raise GalleryError(f"{meta_p} is corrupt ({exc}); rebuild the gallery") from None
-        if meta.get("index_sha256") and hashlib.sha256(blob).hexdigest() != meta["index_sha256"]:
-            raise GalleryError(f"{index_p} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
-        try:
-            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-        except RuntimeError as exc:
-            raise GalleryError(f"{index_p} is not a readable Faiss index ({str(exc).splitlines()[0][:120]}); rebuild the gallery") from None
+        index = _read_index(index_p, meta_p, meta.get("index_sha256"))
         g = cls(emb["id"], int(emb["dim"]), emb.get("config"), meta.get("index"), meta.get("prototypes"), meta.get("aggregate", "max"))
         if embedder_id is not None or dim is not None:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
-        g.index = index  # deserialize_index already returns the concrete type; re-downcasting would drop the owning wrapper
-        g.rows = {int(r["id"]): Row(int(r["id"]), r["character"], r.get("series", ""), r.get("source", "")) for r in meta["rows"]}
-        g.next_id = int(meta.get("next_id", max(g.rows, default=-1) + 1))
-        if index.ntotal != len(g.rows):
+        g.index, g.kind = index, kind_of(index)
+        g.next_id = int(meta.get("next_id", max((int(r["id"]) for r in meta["rows"]), default=-1) + 1))
+        g._grow_owner(g.next_id)
+        for r in meta["rows"]:
+            g._track(Row(int(r["id"]), r["character"], r.get("series", ""), r.get("source", "")))
+        g.tombstones = {int(i) for i in meta.get("tombstones", [])}
+        if index.ntotal != len(g.rows) + len(g.tombstones):
             raise GalleryError(f"{index_p} holds {index.ntotal} vectors but {meta_p} lists {len(g.rows)} rows; rebuild the gallery")
-        if g.index_spec.type == "hnsw":
+        if g.kind == "hnsw":
             faiss.downcast_index(index.index).hnsw.efSearch = int(g.index_spec.ef_search)
+        g._version += 1
         return g
+
+
+def _index_spec(cfg: Mapping[str, Any] | None) -> IndexSpec:
+    """`IndexSpec` from a config mapping; an unknown key is a one-line `ConfigError`."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - {f.name for f in fields(IndexSpec)})
+    if unknown:
+        raise ConfigError(f"gallery index option(s) {unknown} unknown; use {[f.name for f in fields(IndexSpec)]}")
+    return IndexSpec(**cfg)
+
+
+def _read_index(index_p: Path, meta_p: Path, sha256: str | None) -> faiss.Index:
+    """Read `index_p` once from one open file: check its hash (when recorded), then let Faiss parse it."""
+    with open(index_p, "rb") as fh:
+        if sha256:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise GalleryError(f"{index_p} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
+            fh.seek(0)
+        try:
+            return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
+        except RuntimeError as exc:
+            raise GalleryError(f"{index_p} is not a readable Faiss index ({str(exc).splitlines()[0][:120]}); rebuild the gallery") from None
 
 
 def _topm_mean(scores: list[float], m: int = 3) -> float:
@@ -330,3 +573,5 @@ AGGREGATORS: dict[str, Callable[[list[float]], float]] = {
     "top3_mean": _topm_mean,
     "top5_mean": lambda s: _topm_mean(s, 5),
 }
+#: How many of a character's best rows each aggregator reads.
+AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}

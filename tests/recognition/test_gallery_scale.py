@@ -1,0 +1,171 @@
+"""Big galleries on real Faiss, at test size: `auto` index choice, edits of HNSW / IVF-PQ indexes, exact scores.
+
+Thresholds are passed small (auto: flat under 2k rows, HNSW under 10k, IVF-PQ above) so 1k-12k rows
+of dim 64 cross every tier in seconds. Each approximate gallery is compared with an exact flat gallery
+holding the same rows after the same edits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from anime_role_detect.errors import ConfigError
+from anime_role_detect.recognition.gallery import AGGREGATORS, Gallery
+
+DIM = 64
+TIERS = {"type": "auto", "flat_below": 2_000, "hnsw_below": 10_000}
+#: IVF-PQ for dim 64 at test speed (4 dims per 6-bit sub-quantizer); the defaults are sized for 1280-d
+IVF = {"pq_m": 16, "pq_nbits": 6, "nprobe": 16}
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Faiss on one thread: its k-means (IVF-PQ training) is many tiny parallel loops, 3x slower on 2 busy cores."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def cloud(n_chars: int, per_char: int, seed: int = 0, spread: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit rows around one centre per character: (rows, character index per row, centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_chars, DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(n_chars), per_char)
+    x = centres[labels] + spread / np.sqrt(DIM) * rng.standard_normal((len(labels), DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels, centres
+
+
+def queries_for(centres: np.ndarray, seed: int = 1, spread: float = 0.6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = centres + spread / np.sqrt(DIM) * rng.standard_normal(centres.shape).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def gallery(spec: dict, x: np.ndarray, labels: np.ndarray, aggregate: str = "top3_mean") -> Gallery:
+    g = Gallery("test:scale", DIM, index=spec, aggregate=aggregate)
+    names = [f"char{i:04d}" for i in labels]
+    g.add_rows(x, names, series=[f"series{i % 7}" for i in labels], sources=[f"{n}/{j}.png" for j, n in enumerate(names)])
+    return g
+
+
+def exact_scores(x: np.ndarray, names: list[str], query: np.ndarray, aggregate: str) -> dict[str, float]:
+    """Brute force: every character's aggregate over all its rows."""
+    sims = x @ query
+    by: dict[str, list[float]] = {}
+    for s, n in zip(sims.tolist(), names):
+        by.setdefault(n, []).append(s)
+    return {n: AGGREGATORS[aggregate](sorted(v, reverse=True)) for n, v in by.items()}
+
+
+def top1(g: Gallery, q: np.ndarray, k: int = 10) -> list[str]:
+    return [r[0][0] if r else "" for r in g.search(q, k=k)]
+
+
+@pytest.mark.parametrize("rows,kind", [(1_000, "flat"), (5_000, "hnsw"), (12_000, "ivfpq")])
+def test_auto_picks_the_index_by_size(rows, kind):
+    x, labels, _ = cloud(rows // 100, 100)
+    g = gallery({**TIERS, **IVF}, x, labels)
+    assert g.kind == kind and g.index_spec.type == "auto"
+    assert len(g) == rows and g.n_characters == rows // 100
+
+
+def test_auto_moves_a_growing_gallery_up_a_tier_and_keeps_its_answers():
+    x, labels, centres = cloud(30, 100)
+    g = gallery(TIERS, x[:1500], labels[:1500])
+    assert g.kind == "flat"
+    names = [f"char{i:04d}" for i in labels[1500:]]
+    g.add_rows(x[1500:], names)  # 3,000 rows: crosses flat_below
+    assert g.kind == "hnsw" and g.index.ntotal == 3000
+    exact = gallery({"type": "flat"}, x, labels)
+    q = queries_for(centres)
+    assert top1(g, q) == top1(exact, q)
+    assert {i: r.character for i, r in g.rows.items()} == {i: r.character for i, r in exact.rows.items()}
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_add_remove_save_reload_agree_with_an_exact_flat_gallery(kind, tmp_path):
+    n_chars = 60 if kind == "hnsw" else 120
+    x, labels, centres = cloud(n_chars, 100)
+    approx = gallery({**TIERS, **IVF}, x, labels)
+    exact = gallery({"type": "flat"}, x, labels)
+    assert approx.kind == kind and exact.kind == "flat"
+    new_x, _, new_c = cloud(1, 40, seed=7)
+    for g in (approx, exact):
+        assert g.add("newcomer", "New Show", new_x, [f"new/{i}.png" for i in range(40)]) == 40
+        assert g.remove("char0003") == 100
+        assert g.remove("char0003") == 0
+    approx.save(tmp_path)
+    loaded = Gallery.load(tmp_path, embedder_id="test:scale", dim=DIM)
+    assert loaded.kind == kind and len(loaded) == len(exact) == n_chars * 100 - 100 + 40
+    assert loaded.rows == exact.rows  # same ids, characters, series and sources
+    assert loaded.characters() == exact.characters()
+    q = np.concatenate([queries_for(centres), queries_for(new_c, seed=3)])
+    got, want = loaded.search(q, k=5), exact.search(q, k=5)
+    agree = np.mean([bool(a) and bool(b) and a[0][0] == b[0][0] for a, b in zip(got, want)])
+    assert agree >= 0.98, f"top-1 character agreement with exact flat {agree:.3f}"
+    assert all(c != "char0003" for r in got for c, _, _ in r)
+    assert got[-1][0][:2] == ("newcomer", "New Show")
+    assert all(r[0][1] == exact.series_of()[r[0][0]] for r in got)
+    assert loaded.search(q, k=5) == approx.search(q, k=5)  # the reloaded gallery answers as before saving
+
+
+def test_hnsw_removal_skips_tombstones_then_rebuilds(tmp_path):
+    x, labels, centres = cloud(50, 100)
+    g = gallery({**TIERS, "rebuild_fraction": 0.05}, x, labels)
+    exact = gallery({"type": "flat"}, x, labels)
+    assert g.kind == "hnsw"
+    for gal in (g, exact):
+        gal.remove("char0001")
+    assert g.tombstones and g.index.ntotal == 5000  # HNSW cannot delete: row hidden, vector kept
+    q = queries_for(centres)
+    assert all(c != "char0001" for r in g.search(q, k=50) for c, _, _ in r)
+    assert top1(g, q) == top1(exact, q)
+    g.save(tmp_path)
+    assert json.loads((tmp_path / "gallery.json").read_text())["tombstones"] == list(range(100, 200))
+    loaded = Gallery.load(tmp_path)
+    assert loaded.tombstones == g.tombstones and loaded.search(q, k=5) == g.search(q, k=5)
+    for gal in (loaded, exact):
+        gal.remove("char0002")
+        gal.remove("char0003")  # 300 removed rows > 5% of 5,000: rebuilt from the stored vectors
+    assert not loaded.tombstones and loaded.index.ntotal == len(loaded) == 4700 and loaded.kind == "hnsw"
+    assert top1(loaded, q) == top1(exact, q)
+    assert not {"char0001", "char0002", "char0003"} & set(top1(loaded, q))
+
+
+@pytest.mark.parametrize("aggregate", ["max", "top3_mean", "top5_mean"])
+def test_approximate_search_returns_exact_character_scores(aggregate):
+    """Rows of a character missing from the fetched ones are re-scored, never counted as absent."""
+    x, labels, centres = cloud(40, 100, spread=1.2)
+    g = gallery({"type": "hnsw", "search_rows": 8}, x, labels, aggregate)
+    names = [f"char{i:04d}" for i in labels]
+    q = queries_for(centres, spread=1.2)[:15]
+    for query, res in zip(q, g.search(q, k=5)):
+        truth = exact_scores(x, names, query, aggregate)
+        assert 1 <= len(res) <= 5
+        for c, _, s in res:
+            assert s == pytest.approx(truth[c], abs=1e-5)
+        assert [s for _, _, s in res] == sorted((s for _, _, s in res), reverse=True)
+        assert res[0][0] == max(truth, key=truth.get)
+
+
+def test_flat_search_scores_are_exact_for_every_returned_character():
+    x, labels, centres = cloud(20, 150, spread=1.5)
+    g = gallery({"type": "flat"}, x, labels, "top5_mean")
+    names = [f"char{i:04d}" for i in labels]
+    for query, res in zip(queries_for(centres, spread=1.5), g.search(queries_for(centres, spread=1.5), k=10)):
+        truth = exact_scores(x, names, query, "top5_mean")
+        assert [c for c, _, _ in res] == sorted(truth, key=truth.get, reverse=True)[:10]
+        assert all(s == pytest.approx(truth[c], abs=1e-5) for c, _, s in res)
+
+
+def test_bad_tier_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="flat_below"):
+        Gallery("e", DIM, index={"type": "auto", "flat_below": 10, "hnsw_below": 5})
+    with pytest.raises(ConfigError, match="unknown"):
+        Gallery("e", DIM, index={"type": "auto", "ef_serch": 64})
