@@ -18,7 +18,8 @@ MODES = ("clip", "model", "fusion")
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
 #: Keys of ``conf/infer.yaml`` that belong to the entry point (input, output, logging), not to the recognizer.
-ENTRY_POINT_KEYS = frozenset({"image", "video", "output", "feature_log", "gallery_build", "paths", "log", "task_name", "hydra"})
+ENTRY_POINT_KEYS = frozenset({"image", "video", "output", "feature_log", "gallery_build", "paths", "log", "task_name", "hydra",
+                              "decode_workers"})
 
 
 @dataclass
