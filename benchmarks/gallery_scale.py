@@ -30,6 +30,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -106,7 +107,7 @@ class CharacterCloud:
 
 
 def spread(cloud: CharacterCloud, n: int = 4000) -> dict[str, float]:
-    """Measured intra/inter-character cosine, nearest-row cosine and 1-NN character agreement on a sample."""
+    """Measured on a sample of `n` rows: intra/inter-character cosine, nearest-row cosine, 1-NN character agreement."""
     x, c = cloud.sample(n, 10**9 + 1)
     s = x @ x.T
     np.fill_diagonal(s, -2.0)
@@ -114,7 +115,7 @@ def spread(cloud: CharacterCloud, n: int = 4000) -> dict[str, float]:
     off = s > -2.0
     nn = s.argmax(1)
     return {"intra": float(s[same & off].mean()) if (same & off).any() else float("nan"), "inter": float(s[~same].mean()),
-            "nn_cos": float(s.max(1).mean()), "nn_same_class": float((c[nn] == c).mean())}
+            f"nn_cos_in_{n}": float(s.max(1).mean()), f"nn_same_character_in_{n}": float((c[nn] == c).mean())}
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class SizeRun:
             g.add_rows(x, names, expected_rows=self.rows)
             build += time.perf_counter() - t
             log(f"  {spec['type']} {start + len(x):,}/{self.rows:,} rows, {build:.0f}s in the index")
-        gc.collect()
+            del x, c, names
         return g, build, rss_mb() - rss0
 
     def measure_index(self, res: Result, index: Any, params: Any) -> None:
@@ -262,7 +263,8 @@ class SizeRun:
         res.batch_ms = (time.perf_counter() - t) * 1e3 / len(self.q)
         self.truth = ids[:, 0].copy()
         res.recall1 = 1.0
-        res.single_ms, res.single_p50_ms = timed_single(lambda x: g.index.search(x, K), self.q[: self.args.single_flat])
+        index = g.index
+        res.single_ms, res.single_p50_ms = timed_single(lambda x: index.search(x, K), self.q[: self.args.single_flat])
         self.measure_gallery(res, g)
         res.gallery_agree, res.gallery_score_exact = 1.0, 1.0
         del g
@@ -314,8 +316,6 @@ class SizeRun:
 
     def run_ivfpq_streamed(self) -> list[Result]:
         """IVF-PQ over rows that never fit in memory: train on chunk 0, add chunk by chunk, exact top-1 as a running best."""
-        import faiss
-
         from anime_role_detect.recognition.gallery import IndexSpec, make_index, train_rows
 
         spec = IndexSpec(**self.ivfpq_spec())
@@ -349,8 +349,8 @@ class SizeRun:
             done = start + len(x)
             eta = (time.perf_counter() - t_all) / done * (self.rows - done)
             log(f"  ivfpq {done:,}/{self.rows:,} rows, {build:.0f}s in the index, ETA {eta / 60:.0f} min")
+            del x, sims
         self.truth = best_id
-        gc.collect()
         rss = rss_mb() - rss0
         out = self._ivfpq_results(index, build, rss, None)
         for r in out:
@@ -386,7 +386,7 @@ def serving_footprint(index: Any, queries: np.ndarray, nprobe: str) -> dict[str,
 
 # -- report ------------------------------------------------------------------------------------------
 def fmt(x: float, digits: int = 1) -> str:
-    return "-" if x != x else f"{x:,.{digits}f}"
+    return "-" if math.isnan(x) else f"{x:,.{digits}f}"
 
 
 def table(results: list[Result], flats: dict[int, Result], projected_flat_ms: dict[int, float]) -> str:
