@@ -176,6 +176,6 @@ def test_run_infer_takes_decode_workers(lite0_gallery, tmp_path):
     gallery, inputs = lite0_gallery
     buf = io.StringIO()
     cfg = infer_cfg([f"gallery={gallery}", "version=null", "tagger=none", "rerank=false", "feature_log.enabled=false",
-                     "output.progress=false", f"image={inputs}", "+decode_workers=1"])
+                     "output.progress=false", f"image={inputs}", "decode_workers=1"])
     assert run_infer(cfg, stream=buf) == 1
     assert len(buf.getvalue().splitlines()) == 14
