@@ -161,6 +161,9 @@ def test_int8_runtime_on_an_fp32_export_and_a_bad_runtime_are_errors(tmp_path, e
         select_runtime("onnx-int8", folder)
     with pytest.raises(ConfigError, match="runtime='tensorrt'"):
         RecognizerConfig(runtime="tensorrt")
+    with pytest.raises(ConfigError, match="not a bare checkpoint.*runtime=torch"):
+        select_runtime("onnx", None)
+    assert select_runtime("auto", None) is None and select_runtime("torch", folder) is None
 
 
 def test_a_changed_checkpoint_falls_back_to_torch(tmp_path, exported):

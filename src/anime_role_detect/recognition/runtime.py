@@ -490,13 +490,19 @@ def select_runtime(runtime: str, version_dir: str | Path | None, device: str | N
         raise ConfigError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if name == "torch":
         return None
-    found = OnnxVersion.load(version_dir, int8=name == "onnx-int8", device=device, threads=threads) if version_dir else None
-    where = Path(version_dir).name if version_dir else "the configuration (no version folder)"
-    hint = f"run `python -m anime_role_detect.export --version {where}{' --int8' if name == 'onnx-int8' else ''}`, or use runtime=torch"
+    int8 = name == "onnx-int8"
+    if version_dir is None:
+        if name == "auto":
+            return None
+        raise ConfigError(f"runtime={name} needs a registry version with ONNX files, not a bare checkpoint; use version=ID "
+                          "(exported with python -m anime_role_detect.export), or runtime=torch")
+    found = OnnxVersion.load(version_dir, int8=int8, device=device, threads=threads)
+    vid = Path(version_dir).name
+    hint = f"run `python -m anime_role_detect.export --version {vid}{' --int8' if int8 else ''}`, or use runtime=torch"
     if found is None:
         if name == "auto":
             return None
-        raise ConfigError(f"runtime={name} but {where} has no ONNX files ({ONNX_META}); {hint}")
-    if name == "onnx-int8" and not found.meta.get("int8"):
-        raise ConfigError(f"runtime=onnx-int8 but {where} was exported without int8 files; {hint}")
+        raise ConfigError(f"runtime={name} but version {vid} has no ONNX files ({ONNX_META}); {hint}")
+    if int8 and not found.meta.get("int8"):
+        raise ConfigError(f"runtime=onnx-int8 but version {vid} was exported without int8 files; {hint}")
     return found
