@@ -25,6 +25,7 @@ ViT-B/32 gallery + B0 classifier, pipeline vs eager forward per mode).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -185,7 +186,7 @@ def vit(scratch: Path, repeats: int, threads: int) -> None:
         runners[r].embed([image])
     for _ in range(repeats):
         for r in RUNTIMES:
-            _median_ms(lambda: runners[r].embed([image]), runs[r])
+            _median_ms(functools.partial(runners[r].embed, [image]), runs[r])
     med = {r: statistics.median(v) for r, v in runs.items()}
     ref = runners["torch"].embed([image])
     cos = {r: float((runners[r].embed([image]) * ref).sum()) for r in RUNTIMES}
