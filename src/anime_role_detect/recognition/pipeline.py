@@ -399,6 +399,7 @@ class Recognizer(VersionParts):
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
                             "stale": calib.stale} if calib else None,
             "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
+            "runtime": getattr(loaded.get("runtime"), "runtime", None) or ("torch" if "runtime" in loaded else self.config.runtime),
             "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
         }
 
