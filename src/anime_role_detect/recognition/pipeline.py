@@ -104,11 +104,6 @@ class Recognizer(VersionParts):
         self.sinks.append(sink)
         return sink
 
-    @property
-    def embedder_id(self) -> str:
-        """Id of the embedder whose vectors the sinks receive (loads the embedder)."""
-        return str(self.embedder.model_id)
-
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_version(cls, version_dir: str | Path, cfg: ConfigLike = None, sinks: Sequence[AnswerSink] = ()) -> "Recognizer":
