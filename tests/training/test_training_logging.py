@@ -1,4 +1,4 @@
-"""Run logging: W&B goes offline by itself without a key or network; loguru sinks rotate and compress."""
+"""Run logging: W&B goes offline by itself without a key or network; loguru sinks rotate and compress; learning curves."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 from anime_role_detect.training import build_wandb_logger, wandb_offline_needed, wandb_reachable
+from anime_role_detect.training.evaluation import plot_learning_curves, read_epoch_metrics
+
+# Lightning CSVLogger layout: every row fills only what was logged at that step (LR monitor rows carry no epoch).
+SPARSE_METRICS_CSV = """epoch,lr-AdamW,step,train/acc,train/loss,val/acc,val/f1_macro,val/loss
+,0.001,0,,,,,
+0,,3,,,0.25,0.2,1.9
+0,,3,0.3,2.1,,,
+,0.0009,4,,,,,
+1,,7,,,0.5,0.45,1.4
+1,,7,0.6,1.5,,,
+"""
 
 
 def test_wandb_reachability_probe_uses_a_timeout():
@@ -51,6 +62,8 @@ def test_wandb_offline_run_directory_written(monkeypatch, tmp_path, synthetic_ro
     assert list(runs[0].glob("run-*.wandb")), list(runs[0].rglob("*"))
     media = [p.name for p in runs[0].rglob("*.png")]
     assert any(n.startswith("confusion_matrix") for n in media), media  # the confusion image was logged
+    assert any(n.startswith("learning_curves") for n in media), media  # and so were the learning curves
+    assert (out / "learning_curves.png").is_file()
     assert (out / "csv" / "metrics.csv").is_file()  # `many` = csv + wandb
     assert Path(result.ckpt_path).is_file()
     # Lightning's stdlib logging is routed into the loguru training sink
@@ -84,3 +97,25 @@ def test_loguru_sinks_rotate_and_compress(tmp_path):
     assert "system line" in (log_dir / "system.log").read_text()
     assert "epoch 199" not in (log_dir / "inference.log").read_text()  # channels stay apart
     setup_logging({"dir": str(tmp_path / "logs2"), "console_level": "WARNING"})  # release the rotated files
+
+
+def test_learning_curves_from_sparse_metrics_csv(tmp_path):
+    from PIL import Image
+
+    metrics_csv = tmp_path / "metrics.csv"
+    metrics_csv.write_text(SPARSE_METRICS_CSV)
+    epochs = read_epoch_metrics(metrics_csv)
+    assert list(epochs) == [0, 1]
+    assert epochs[1] == {"train/acc": 0.6, "train/loss": 1.5, "val/acc": 0.5, "val/f1_macro": 0.45, "val/loss": 1.4}
+    png = plot_learning_curves(metrics_csv, tmp_path / "report" / "learning_curves.png")
+    assert png == tmp_path / "report" / "learning_curves.png"
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width >= 600 and img.height >= 200, (img.format, img.size)
+
+
+def test_learning_curves_skipped_without_epoch_rows(tmp_path):
+    assert plot_learning_curves(tmp_path / "missing.csv", tmp_path / "a.png") is None
+    lr_only = tmp_path / "metrics.csv"
+    lr_only.write_text("epoch,lr-AdamW,step\n,0.001,0\n")
+    assert plot_learning_curves(lr_only, tmp_path / "b.png") is None
+    assert not list(tmp_path.glob("*.png"))

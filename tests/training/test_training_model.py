@@ -22,11 +22,15 @@ def test_short_run_clearly_beats_chance(trained_run):
     assert m["val/acc"] >= 3 * chance, m  # 8 characters incl. near-twins: chance is 12.5%
     assert m["images"] >= 32 and m["classes"] == 8
     out = Path(trained_run.output_dir)
-    for name in ("metrics.json", "per_character.csv", "per_character.md", "confusion_matrix.png", "config.yaml"):
+    for name in ("metrics.json", "per_character.csv", "per_character.md", "confusion_matrix.png", "learning_curves.png", "config.yaml"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["accuracy"] == m["accuracy"] and len(saved["confusion_matrix"]) == 8
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out / "learning_curves.png") as curves:  # drawn from the CSV logger's metrics.csv
+        assert curves.format == "PNG" and curves.width >= 600 and curves.height >= 200, (curves.format, curves.size)
     assert "| **overall** |" in (out / "per_character.md").read_text()
     assert 0.0 <= saved["tag_map"] <= 1.0 and saved["top5_accuracy"] >= saved["accuracy"]
 

@@ -26,6 +26,8 @@ from ..fsutil import atomic_write_text
 from ..log import setup_logging, training_log
 from ..versionfiles import CONFIG
 
+LEARNING_CURVES = "learning_curves.png"  # per-epoch loss/accuracy drawn from the CSV logger, next to confusion_matrix.png
+
 # torch / Lightning are imported inside the functions that need them, so `train.py` can reject a
 # bad command line (see `check_group_overrides`) before paying for those imports.
 
@@ -184,8 +186,32 @@ def evaluate_checkpoint(model: Any, datamodule: Any, out_dir: Path, extra: dict[
     return metrics
 
 
+def csv_metrics_path(loggers: Sequence[Any]) -> Path | None:
+    """The CSV logger's metrics.csv (where Lightning writes the per-epoch curves), None without a CSV logger."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            return Path(lg.log_dir) / "metrics.csv"
+    return None
+
+
+def write_learning_curves(loggers: Sequence[Any], out_dir: Path) -> Path | None:
+    """Draw ``learning_curves.png`` from the CSV logger's metrics; None (logged at debug) when there is none."""
+    from .evaluation import plot_learning_curves
+
+    metrics_csv = csv_metrics_path(loggers)
+    if metrics_csv is None or not metrics_csv.is_file():
+        training_log.debug(f"no learning curves: no CSV logger metrics ({metrics_csv or 'no CSV logger'})")
+        return None
+    png = plot_learning_curves(metrics_csv, out_dir / LEARNING_CURVES)
+    if png is None:
+        training_log.debug(f"no learning curves: {metrics_csv} has no per-epoch rows")
+    return png
+
+
 def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str, Any], datamodule: Any, class_names: Sequence[str]) -> None:
-    """Confusion matrix image, per-class accuracy and sample predictions onto any W&B logger."""
+    """Confusion matrix and learning-curve images, per-class accuracy and sample predictions onto any W&B logger."""
     from lightning.pytorch.loggers import WandbLogger
 
     wb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
@@ -200,18 +226,18 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
             break
         p = int(pred["y_pred"][i])
         rows.append([wandb.Image(str(rec.path(datamodule.root))), rec.character, class_names[p], float(pred["probs"][i][p])])
+    media: dict[str, Any] = {
+        "eval/confusion_matrix": wandb.Image(str(out_dir / "confusion_matrix.png")),
+        "eval/per_class_accuracy": wandb.Table(
+            columns=["character", "accuracy"], data=[[k, v] for k, v in metrics["per_character"].items()]
+        ),
+        "eval/sample_predictions": wandb.Table(columns=["image", "true", "predicted", "confidence"], data=rows),
+        "eval/accuracy": metrics["accuracy"],
+    }
+    if (out_dir / LEARNING_CURVES).is_file():
+        media["eval/learning_curves"] = wandb.Image(str(out_dir / LEARNING_CURVES))
     for lg in wb:
-        run = lg.experiment
-        run.log(
-            {
-                "eval/confusion_matrix": wandb.Image(str(out_dir / "confusion_matrix.png")),
-                "eval/per_class_accuracy": wandb.Table(
-                    columns=["character", "accuracy"], data=[[k, v] for k, v in metrics["per_character"].items()]
-                ),
-                "eval/sample_predictions": wandb.Table(columns=["image", "true", "predicted", "confidence"], data=rows),
-                "eval/accuracy": metrics["accuracy"],
-            }
-        )
+        lg.experiment.log(media)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -283,6 +309,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
             "fit_metrics": fit_metrics,
         }
         report = evaluate_checkpoint(best, datamodule, out_dir, extra)
+        try:
+            write_learning_curves(loggers, out_dir)
+        except Exception as exc:  # noqa: BLE001 - a plot must not lose a finished run
+            training_log.warning(f"could not draw the learning curves: {exc}")
         try:
             log_media_to_wandb(loggers, out_dir, report, datamodule, best.class_names)
         except Exception as exc:  # noqa: BLE001 - media logging must not lose a finished run

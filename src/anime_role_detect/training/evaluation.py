@@ -1,7 +1,8 @@
-"""Evaluation reports: metrics.json, a per-character accuracy table and a confusion-matrix PNG.
+"""Evaluation reports: metrics.json, a per-character accuracy table, a confusion-matrix PNG and learning curves.
 
 `predict_loader` runs a classifier over a loader; `write_report` turns labels + predictions into
 the files a run (or the workflow's version folder) keeps. Reused by the workflow and fusion.
+`plot_learning_curves` draws the CSV logger's per-epoch loss/accuracy.
 """
 
 from __future__ import annotations
@@ -87,6 +88,72 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
                 if cm[i, j]:
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix (rows: true)")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# (column, label) per panel; val/f1_macro shares the accuracy panel since it is on the same 0..1 scale
+_CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("loss", (("train/loss", "train"), ("val/loss", "val"))),
+    ("accuracy", (("train/acc", "train"), ("val/acc", "val"), ("val/f1_macro", "val macro F1"))),
+)
+
+
+def read_epoch_metrics(metrics_csv: str | Path) -> dict[int, dict[str, float]]:
+    """Lightning CSVLogger rows merged per epoch (rows are sparse; the last filled value wins); {} if absent."""
+    path = Path(metrics_csv)
+    if not path.is_file():
+        return {}
+    epochs: dict[int, dict[str, float]] = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            epoch = _as_float(row.get("epoch"))
+            if epoch is None:
+                continue  # e.g. the LR monitor's rows, which carry only a step
+            merged = epochs.setdefault(int(epoch), {})
+            for key, raw in row.items():
+                value = _as_float(raw)
+                if key not in ("epoch", "step") and value is not None:
+                    merged[key] = value
+    return dict(sorted(epochs.items()))
+
+
+def _as_float(raw: str | None) -> float | None:
+    """A CSV cell as a float, None when empty or not a number."""
+    try:
+        return float(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def plot_learning_curves(metrics_csv: Path, path: Path) -> Path | None:
+    """Per-epoch train/val loss and accuracy as one two-panel PNG; None when the CSV has nothing to draw."""
+    epochs = read_epoch_metrics(metrics_csv)
+    if not any(col in m for m in epochs.values() for _, cols in _CURVE_PANELS for col, _ in cols):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(_CURVE_PANELS), figsize=(10, 4))
+    for ax, (title, cols) in zip(axes, _CURVE_PANELS):
+        for col, label in cols:
+            points = [(e, m[col]) for e, m in epochs.items() if col in m]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", linestyle="--" if "f1" in col else "-", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
