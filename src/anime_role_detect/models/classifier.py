@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, UserError, WeightsError
 from .backbones import backbone_data_config, create_backbone
+from .metric import EmbeddingSpec, IdentityHead
 
 #: optimizer name -> constructor(params, lr, weight_decay)
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -56,7 +57,8 @@ def _copy_rows(head: nn.Linear, state: Mapping[str, torch.Tensor], prefix: str, 
 
 
 class CharacterClassifier(L.LightningModule):
-    """Character classifier with an auxiliary tag head; `.embed` gives pooled backbone features."""
+    """Character classifier with an auxiliary tag head and an optional identity embedding head (``embedding.dim``);
+    `.embed` gives the gallery embedding: the identity head's unit vectors when present, else pooled features."""
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class CharacterClassifier(L.LightningModule):
         class_weights: Sequence[float] | None = None,
         run_config: Mapping[str, Any] | None = None,
         init_from: str | None = None,
+        embedding: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         class_names = list(class_names)
@@ -83,6 +86,7 @@ class CharacterClassifier(L.LightningModule):
         backbone = {**DEFAULT_BACKBONE, **dict(_plain(backbone) or {})}
         optimizer = {**DEFAULT_OPTIMIZER, **dict(_plain(optimizer) or {})}
         scheduler = {**DEFAULT_SCHEDULER, **dict(_plain(scheduler) or {})}
+        spec = EmbeddingSpec.from_mapping(_plain(embedding))
         if str(optimizer["name"]).lower() not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name={optimizer['name']!r}: choose one of {', '.join(OPTIMIZERS)}")
         self.save_hyperparameters(
@@ -101,6 +105,7 @@ class CharacterClassifier(L.LightningModule):
                 "dropout": float(dropout),
                 "class_weights": None if class_weights is None else [float(w) for w in class_weights],
                 "run_config": _plain(run_config),
+                "embedding": dict(spec.__dict__),
             }
         )
         bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
@@ -114,10 +119,12 @@ class CharacterClassifier(L.LightningModule):
         self.std: tuple[float, ...] = tuple(float(x) for x in (std if std is not None else data_cfg["std"]))
         self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)
         dim = int(self.backbone.num_features)
-        self.embed_dim: int = dim
+        self.feature_dim: int = dim
+        self.embed_dim: int = spec.dim or dim
         self.dropout = nn.Dropout(float(dropout))
         self.char_head = nn.Linear(dim, len(class_names))
         self.tag_head = nn.Linear(dim, len(self.tag_names)) if self.tag_names else None
+        self.identity = IdentityHead(dim, len(class_names), spec) if spec.dim else None
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self._build_metrics()
@@ -147,12 +154,27 @@ class CharacterClassifier(L.LightningModule):
         copied = {"characters": _copy_rows(self.char_head, state, "char_head", hp.get("class_names", []), self.class_names)}
         if self.tag_head is not None:
             copied["tags"] = _copy_rows(self.tag_head, state, "tag_head", hp.get("tag_names", []), self.tag_names)
+        if self.identity is not None:
+            copied["identity"] = self.identity.warm_start(state, "identity", hp.get("class_names", []), self.class_names)
         return copied
 
     # -- model ------------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features [N, D] (not normalised): the gallery/embedding view of the model."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features [N, F]: what the character and tag heads read."""
         return self.backbone(x)
+
+    def embedding(self, feats: torch.Tensor) -> torch.Tensor:
+        """The gallery embedding of pooled features: the identity head's unit vectors, else the features themselves."""
+        return self.identity(feats) if self.identity is not None else feats
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Gallery embedding [N, embed_dim] of images (unit length with an identity head; else raw pooled features)."""
+        return self.embedding(self.features(x))
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding, character logits, tag logits) from one backbone pass: what recognition and the ONNX export run."""
+        feats = self.features(x)
+        return (self.embedding(feats), *self.heads(feats))
 
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(character logits [N, C], tag logits [N, T]; T may be 0) from pooled features: lets one backbone pass serve
@@ -163,7 +185,7 @@ class CharacterClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(character logits [N, C], tag logits [N, T]; T may be 0)."""
-        return self.heads(self.embed(x))
+        return self.heads(self.features(x))
 
     # -- metrics ----------------------------------------------------------------------------
     def _build_metrics(self) -> None:
@@ -177,11 +199,18 @@ class CharacterClassifier(L.LightningModule):
 
     def _losses(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y, tags = batch
-        char_logits, tag_logits = self(x)
+        feats = self.features(x)
+        char_logits, tag_logits = self.heads(feats)
         char_loss = F.cross_entropy(char_logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
         tag_loss = F.binary_cross_entropy_with_logits(tag_logits, tags) if tag_logits.shape[1] else char_loss.new_zeros(())
-        loss = char_loss + self.hparams.tag_loss_weight * tag_loss
-        return {"loss": loss, "char_loss": char_loss, "tag_loss": tag_loss, "char_logits": char_logits, "tag_logits": tag_logits}
+        id_loss = self.identity.loss(self.identity(feats), y, self.class_weights) if self.identity is not None else char_loss.new_zeros(())
+        loss = char_loss + self.hparams.tag_loss_weight * tag_loss + self.identity_weight * id_loss
+        return {"loss": loss, "char_loss": char_loss, "tag_loss": tag_loss, "id_loss": id_loss, "char_logits": char_logits,
+                "tag_logits": tag_logits}
+
+    @property
+    def identity_weight(self) -> float:
+        return float(self.identity.spec.weight) if self.identity is not None else 0.0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self._losses(batch)
@@ -189,6 +218,8 @@ class CharacterClassifier(L.LightningModule):
         bs = batch[0].shape[0]
         self.log("train/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train/tag_loss", out["tag_loss"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        if self.identity is not None:
+            self.log("train/id_loss", out["id_loss"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         return out["loss"]
 
@@ -228,7 +259,7 @@ class CharacterClassifier(L.LightningModule):
         o = dict(self.hparams.optimizer)
         name, lr, wd = str(o.pop("name")).lower(), float(o.pop("lr")), float(o.pop("weight_decay"))
         head_mult = float(o.pop("head_lr_multiplier", 1.0))
-        heads = list(self.char_head.parameters()) + (list(self.tag_head.parameters()) if self.tag_head is not None else [])
+        heads = [p for head in (self.char_head, self.tag_head, self.identity) if head is not None for p in head.parameters()]
         groups = [{"params": list(self.backbone.parameters()), "lr": lr}, {"params": heads, "lr": lr * head_mult}]
         opt = OPTIMIZERS[name](groups, lr=lr, weight_decay=wd, **o)
         s = self.hparams.scheduler

@@ -416,8 +416,8 @@ class ClassifierEmbedder(TorchEmbedder):
             x = self.preprocess(images[i : i + self.batch_size]).to(self.device)
             n = len(x)
             flip = embed and self.flip_tta
-            feats = self.model.embed(torch.cat([x, torch.flip(x, dims=[3])]) if flip else x).float()
-            logits, tag_logits = self.model.heads(feats[:n])
+            feats, logits, tag_logits = self.model.outputs(torch.cat([x, torch.flip(x, dims=[3])]) if flip else x)
+            feats, logits, tag_logits = feats.float(), logits[:n], tag_logits[:n]
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
             if tag_logits is not None and tag_logits.numel():
                 tags.append(torch.sigmoid(tag_logits.float()).cpu().numpy())

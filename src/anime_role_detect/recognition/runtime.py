@@ -120,9 +120,8 @@ def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id
     outputs = [LOGITS, TAG_LOGITS, EMBEDDING] if has_tags else [LOGITS, EMBEDDING]
 
     def forward(x: Any) -> Any:
-        feats = model.embed(x)
-        logits, tags = model.heads(feats)
-        return (logits, tags, feats) if has_tags else (logits, feats)
+        emb, logits, tags = model.outputs(x)
+        return (logits, tags, emb) if has_tags else (logits, emb)
 
     _export_graph(_torch_graph(forward, model), path, int(model.image_size), outputs, opset)
     return {"file": path.name, "kind": "classifier", "outputs": outputs, "model_id": model_id, "dim": int(model.embed_dim),
@@ -205,8 +204,8 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
         networks["classifier"] = _classifier_entry(model, out / CLASSIFIER_ONNX, opset, rec.model_ckpt, model_id)
 
         def classifier_forward(x: Any) -> dict[str, Any]:
-            feats = model.embed(x)
-            return {LOGITS: model.heads(feats)[0], EMBEDDING: feats}
+            emb, logits, _ = model.outputs(x)
+            return {LOGITS: logits, EMBEDDING: emb}
 
         checks["classifier"] = classifier_forward
     gallery = rec.gallery if (src / GALLERY_META).is_file() else None
