@@ -255,3 +255,33 @@ def test_one_backbone_pass_per_view_serves_embedding_logits_and_tags(version_dir
     np.testing.assert_allclose(emb, rec.embedder.embed(images), atol=1e-5)
     with torch.inference_mode():
         assert rec.classifier is rec.embedder.model  # one network in memory for gallery and heads
+
+
+def test_auto_mode_answers_in_the_mode_the_version_measured_best(version_dir, tmp_path, test_images):
+    """mode=auto (the default) reads the version's own evaluation figures and answers in its best mode; a request that
+    names a mode still gets that mode; without figures it answers in fusion, the mode that uses every part."""
+    import json
+    import shutil
+
+    from anime_role_detect.recognition.config import RecognizerConfig
+    from anime_role_detect.recognition.evalset import best_mode
+
+    assert RecognizerConfig().mode == "auto"
+    measured = json.loads((version_dir / "eval_metrics.json").read_text())["top1"]
+    rec = Recognizer.from_version(version_dir, infer_cfg())
+    assert rec.mode == best_mode(["clip", "model", "fusion"], measured, rec.rerank_default)
+    copy = tmp_path / "v"
+    shutil.copytree(version_dir, copy)
+    for best in ("model", "clip"):
+        figures = {"clip": 0.5, "model": 0.5, "fusion": 0.5, best: 0.9}
+        (copy / "eval_metrics.json").write_text(json.dumps({"pictures": 10, "top1": figures}))
+        rec = Recognizer.from_version(copy, infer_cfg())
+        answers = rec.recognize_batch(test_images[:2], rerank=False)
+        assert rec.mode == best and {a.mode for a in answers} == {best}
+        assert rec.recognize_batch(test_images[:1], mode="fusion", rerank=False)[0].mode == "fusion"
+        assert rec.describe()["mode"] == best and rec.describe()["mode_setting"] == "auto"
+    (copy / "eval_metrics.json").unlink()
+    assert Recognizer.from_version(copy, infer_cfg()).mode == "fusion"
+    assert best_mode(["clip"], None, True) == "clip"
+    assert best_mode(["clip", "model", "fusion"], {"clip": 0.8, "model": 0.8, "fusion": 0.8}, False) == "fusion"  # ties
+    assert best_mode(["clip", "model", "fusion"], {"clip": 0.8, "clip+rerank": 0.95, "fusion": 0.9}, True) == "clip"

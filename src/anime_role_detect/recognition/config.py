@@ -14,6 +14,7 @@ from ..confutil import to_plain
 from ..errors import ConfigError
 
 MODES = ("clip", "model", "fusion")
+AUTO = "auto"  # the best mode the version measured on its own evaluation set (`evalset.best_mode`)
 #: Backends for the networks: auto = ONNX Runtime when the version has exported files (recognition/runtime.py), else torch.
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
@@ -48,7 +49,7 @@ class VideoOptions:
 class RecognizerConfig:
     """Settings of a `Recognizer`; every field has the default the CLI and the service use."""
 
-    mode: str = "clip"  # clip (embedding + gallery) | model (classifier) | fusion (both + tagger)
+    mode: str = AUTO  # auto (the best the version measured) | clip (embedding + gallery) | model (classifier) | fusion (both + tagger)
     rerank: bool = True  # tag-assisted reranking (needs tag_profiles.json and a tagger)
     topk: int = 5
     rerank_candidates: int = 10  # candidates the reranker may reorder
@@ -73,8 +74,8 @@ class RecognizerConfig:
     model_ckpt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}: choose clip (gallery), model (classifier) or fusion")
+        if self.mode not in (AUTO, *MODES):
+            raise ConfigError(f"mode={self.mode!r}: choose auto, clip (gallery), model (classifier) or fusion")
         if self.topk < 1 or self.batch_size < 1 or self.cache_size < 0 or self.sample_fps <= 0:
             raise ConfigError("topk and batch_size must be >= 1, cache_size >= 0 and sample_fps > 0")
         if not 0.0 <= self.fusion.gallery_weight <= 1.0:

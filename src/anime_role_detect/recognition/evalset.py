@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -175,6 +175,24 @@ def supported_modes(version_dir: str | Path) -> list[str]:
     return [m for m, ok in (("clip", gallery), ("model", model), ("fusion", gallery and model)) if ok]
 
 
+#: tie-break order of `best_mode`: the mode that uses the most evidence first
+MODE_PREFERENCE = ("fusion", "model", "clip")
+
+
+def best_mode(modes: Sequence[str], top1: Mapping[str, float] | None, rerank: bool) -> str:
+    """The mode `auto` answers in: the best top-1 the version measured on its evaluation set among `modes` (with
+    reranking when it is on and was measured), ties to fusion > model > clip; with no figures, the first of those."""
+    ranked = [m for m in MODE_PREFERENCE if m in modes]
+    if not ranked:
+        return "clip"
+    figures = dict(top1 or {})
+
+    def score(m: str) -> float:
+        return float(figures.get(f"{m}+rerank", figures.get(m, -1.0)) if rerank else figures.get(m, -1.0))
+
+    return max(ranked, key=lambda m: (score(m), -ranked.index(m)))
+
+
 def compare_versions(dir_a: str | Path, dir_b: str | Path, recognizer_cfg: Any = None) -> dict[str, Any]:
     """Both versions on the same pictures: the union of their evaluation sets, per mode they both support.
 
@@ -257,6 +275,8 @@ def judge(candidate_dir: str | Path, live_dir: str | Path | None, margin: float 
                               "make it live with promote=always (or `registry promote ID`)", characters=shared, live_id=live.name)
     common = [m for m in supported_modes(cand) if m in supported_modes(live)]
     wanted = mode or RecognizerConfig().mode
+    if wanted == "auto":  # compare in the mode the candidate would answer in, if the live version has it too
+        wanted = Recognizer.from_version(cand, {"cache_size": 0, **dict(recognizer_cfg or {})}).mode
     use = wanted if wanted in common else (common[0] if common else None)
     if use is None:
         return Verdict(False, "the two versions share no recognition mode to compare in", characters=shared, live_id=live.name)

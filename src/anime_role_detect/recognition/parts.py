@@ -177,7 +177,7 @@ class VersionParts:
 
     def warmup(self, mode: str | None = None) -> None:
         """Load everything `mode` needs now (a server calls this at start-up instead of on the first request)."""
-        mode = mode or self.mode
+        mode = mode if mode in ("clip", "model", "fusion") else self.mode
         if mode in ("clip", "fusion"):
             _ = self.embedder
         if mode in ("model", "fusion"):

@@ -1,7 +1,8 @@
 """`Recognizer`: the one place that composes detector -> crops -> embedder/gallery and/or classifier -> tagger -> reranker -> open-set.
 
 Modes: ``clip`` (embedding + Faiss gallery), ``model`` (fine-tuned classifier), ``fusion`` (both
-scores blended, plus the tagger). ``rerank`` toggles tag reranking in any mode. Models load lazily
+scores blended, plus the tagger); ``auto`` (the default) answers in the one the version measured best on its
+evaluation set. ``rerank`` toggles tag reranking in any mode. Models load lazily
 on first use and are shared per process; answers are cached by image content hash (LRU); a batch
 of images goes through each model as one batch. Loads a registry version folder (`from_version`).
 """
@@ -24,7 +25,7 @@ from ..imageio import content_hash, decode_image
 from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
-from .config import MODES, RecognizerConfig
+from .config import AUTO, MODES, RecognizerConfig
 from .device import resolve_device
 from .parts import VersionParts
 from .rerank import Candidate
@@ -76,7 +77,7 @@ class Recognizer(VersionParts):
         c = self.config
         self.version_dir = Path(version_dir).resolve() if version_dir else None  # relative files of the version resolve once
         self.version = version or (self.version_dir.name if self.version_dir else "")
-        self.mode = c.mode
+        self._mode: str | None = None if c.mode == AUTO else c.mode  # auto: resolved on first use (`mode`)
         self.rerank_default = c.rerank
         self.topk = c.topk
         self.n_candidates = max(c.topk, c.rerank_candidates)
@@ -138,10 +139,28 @@ class Recognizer(VersionParts):
         raise ConfigError("nothing to recognise with: set gallery=FOLDER, version=latest|ID (registry), or model_ckpt=PATH")
 
     # -- stages -------------------------------------------------------------------------------
-    @staticmethod
-    def _check_mode(mode: str) -> None:
+    @property
+    def mode(self) -> str:
+        """The mode answers use when a request names none: the configured one, or for ``auto`` the best the version
+        measured on its evaluation set among those it supports (`evalset.best_mode`)."""
+        if self._mode is None:
+            from .evalset import best_mode
+
+            figures = read_json(self.version_dir / EVAL_METRICS).get("top1") if self._file(EVAL_METRICS) else None
+            self._mode = best_mode(self.supported_modes(), figures, self.rerank_default)
+            _log.info(f"mode=auto answers in {self._mode} (version evaluation: {figures or 'none'})")
+        return self._mode
+
+    def supported_modes(self) -> list[str]:
+        """clip needs a gallery, model a classifier, fusion both."""
+        has_gallery, has_model = self._file(GALLERY_META) is not None, self.model_ckpt is not None
+        return [m for m, ok in (("clip", has_gallery), ("model", has_model), ("fusion", has_gallery and has_model)) if ok]
+
+    def _resolve_mode(self, mode: str | None) -> str:
+        mode = self.mode if mode in (None, AUTO) else mode
         if mode not in MODES:
-            raise ConfigError(f"mode={mode!r}: choose clip (gallery), model (classifier) or fusion")
+            raise ConfigError(f"mode={mode!r}: choose auto, clip (gallery), model (classifier) or fusion")
+        return mode
 
     def _crops(self, images: Sequence[Image.Image]) -> tuple[list[_Crop], float]:
         t0 = time.perf_counter()
@@ -263,8 +282,7 @@ class Recognizer(VersionParts):
 
         `data` (the encoded uploads, when the caller has them) is handed to the sinks with each answer.
         """
-        mode = mode or self.mode
-        self._check_mode(mode)
+        mode = self._resolve_mode(mode)
         rerank = self.rerank_default if rerank is None else bool(rerank)
         hashes = list(hashes) if hashes is not None else [_pixel_hash(img) for img, _ in items]
         keys = [(h, mode, rerank, self.topk, self.version, self._generation) for h in hashes]
@@ -382,11 +400,10 @@ class Recognizer(VersionParts):
         gallery = loaded.get("gallery") or (self.gallery if has_gallery else None)
         tagger = loaded.get("tagger")
         calib = self.calibration
-        modes = [m for m in MODES if (m != "model" or self.model_ckpt is not None) and (m == "model" or has_gallery)
-                 and (m != "fusion" or self.model_ckpt is not None)]
+        modes = self.supported_modes()
         return {
             "version": self.version or None, "version_dir": str(self.version_dir) if self.version_dir else None,
-            "mode": self.mode, "modes": modes, "rerank": self.rerank_default,
+            "mode": self.mode, "mode_setting": self.config.mode, "modes": modes, "rerank": self.rerank_default,
             "embedder": gallery.embedder_id if gallery is not None else None,
             "gallery_rows": len(gallery) if gallery is not None else 0,
             "characters": len(self.characters()), "classifier": self.model_ckpt is not None,
