@@ -130,3 +130,31 @@ def test_transforms_shapes_and_normalisation():
     out = aug(grad)
     ref = build_eval_transform(64)(grad)
     assert torch.allclose(out, ref.flip(1), atol=1e-5)  # vflip=1.0 always flips
+
+
+def test_letterbox_keeps_the_whole_figure_and_travels_with_the_checkpoint(tmp_path):
+    """data.resize=letterbox: a tall picture keeps its top and bottom (centre crop cuts them); the classifier records
+    the framing so recognition preprocesses as evaluation did; a bad value is a one-line error."""
+    import torch
+    from PIL import Image
+
+    from anime_role_detect.data.transforms import DEFAULT_AUGMENT, build_eval_transform, build_train_transform
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.models.classifier import CharacterClassifier
+    from anime_role_detect.recognition.embedder import _classifier_transform
+
+    tall = Image.new("RGB", (40, 160), (0, 0, 255))
+    tall.paste((255, 0, 0), (0, 0, 40, 20))  # a red head at the top
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    crop = build_eval_transform(32, mean, std)(tall)
+    box = build_eval_transform(32, mean, std, "letterbox")(tall)
+    assert crop.shape == box.shape == (3, 32, 32)
+    assert float(crop[0].max()) < 0.1  # the centre crop lost the head
+    assert float(box[0, :4].max()) > 0.9 and float(box[:, :, 0].min()) > 0.9  # head kept, white padding at the sides
+    assert build_train_transform(32, mean, std, {"scale": None}, "letterbox")(tall).shape == (3, 32, 32)
+    assert DEFAULT_AUGMENT["color_jitter"][3] == 0.0  # hue is identity: no hue jitter by default
+    model = CharacterClassifier(["a", "b"], backbone={"name": "resnet10t"}, image_size=32, eval_resize="letterbox")
+    model.mean, model.std = mean, std
+    assert torch.allclose(_classifier_transform(model)(tall), box)
+    with pytest.raises(ConfigError, match="data.resize"):
+        build_eval_transform(32, mean, std, "stretch")

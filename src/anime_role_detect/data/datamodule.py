@@ -24,7 +24,7 @@ from ..imageio import load_image
 from ..log import training_log
 from .dedupe import assign_duplicate_groups
 from .layout import ImageRecord, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, build_eval_transform, build_train_transform
 
 BALANCE_MODES = ("none", "class_weights", "sampler")
 
@@ -83,6 +83,7 @@ class CharacterDataModule(L.LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = False,
+        resize: str = "center_crop",
     ) -> None:
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -104,6 +105,9 @@ class CharacterDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = bool(pin_memory)
+        if resize not in RESIZE_MODES:
+            raise ConfigError(f"data.resize={resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        self.resize = resize
         self.class_names: list[str] = []
         self.series: dict[str, str] = {}
         self.tag_names: list[str] = []
@@ -251,9 +255,9 @@ class CharacterDataModule(L.LightningDataModule):
 
     def _dataset(self, records: Sequence[ImageRecord], train: bool) -> CharacterImageDataset:
         tf = (
-            build_train_transform(self.image_size, self.mean, self.std, self.augment)
+            build_train_transform(self.image_size, self.mean, self.std, self.augment, self.resize)
             if train
-            else build_eval_transform(self.image_size, self.mean, self.std)
+            else build_eval_transform(self.image_size, self.mean, self.std, self.resize)
         )
         return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf)
 

@@ -1,7 +1,10 @@
 """Image transforms: a configurable training augmentation pipeline and the evaluation transform.
 
-Training: random resized crop, horizontal/vertical flip, rotation, colour jitter (the seed's set),
-each switchable from config (``data.augment``). Evaluation: resize the short side, centre crop.
+Training: random resized crop, horizontal/vertical flip, rotation, colour jitter, each switchable from
+config (``data.augment``). Colour is identity for anime characters (hair and eye colour), so hue jitter
+is off and brightness/contrast/saturation stay mild by default. Evaluation: ``resize`` = ``center_crop``
+(short side, centre crop) or ``letterbox`` (the whole picture padded to a square, so a portrait figure
+keeps its head and feet; training then letterboxes before cropping, to see the same framing).
 Both end with ``ToTensor`` + ``Normalize(mean, std)`` of the backbone.
 """
 
@@ -11,6 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 from torchvision import transforms as T
+
+from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,8 +27,48 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "hflip": 0.5,
     "vflip": 0.0,
     "rotation": 10.0,
-    "color_jitter": (0.2, 0.2, 0.2, 0.02),
+    "color_jitter": (0.1, 0.1, 0.1, 0.0),
 }
+
+#: how a picture becomes a square network input (`fit_square`)
+RESIZE_MODES = ("center_crop", "letterbox", "squash")
+
+
+def fit_square(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """Square `size` RGB input: 'letterbox' keeps the whole figure (white padding), 'center_crop' fills the square
+    and cuts the long side, 'squash' stretches."""
+    img = img.convert("RGB")
+    if mode == "squash":
+        return img.resize((size, size), Image.BICUBIC)
+    w, h = img.size
+    if mode == "center_crop":
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        l, t = (img.width - size) // 2, (img.height - size) // 2
+        return img.crop((l, t, l + size, t + size))
+    if mode == "letterbox":
+        s = size / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+        return canvas
+    raise ConfigError(f"resize={mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+
+
+class FitSquare:
+    """`fit_square` as a picklable transform step (DataLoader workers may be spawned, not forked)."""
+
+    def __init__(self, size: int, mode: str) -> None:
+        self.size, self.mode = int(size), mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return fit_square(img, self.size, self.mode)
+
+
+def _check_resize(resize: str) -> str:
+    if resize not in RESIZE_MODES:
+        raise ConfigError(f"data.resize={resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+    return resize
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
@@ -35,10 +80,13 @@ def build_train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     augment: Mapping[str, Any] | None = None,
+    resize: str = "center_crop",
 ) -> Callable[[Image.Image], Any]:
     """PIL -> augmented, normalised tensor; a step is skipped when its setting is 0/None/false."""
     a = {**DEFAULT_AUGMENT, **dict(augment or {})}
     steps: list[Callable] = []
+    if _check_resize(resize) != "center_crop":  # frame the picture as evaluation will, then augment that square
+        steps.append(FitSquare(image_size, resize))
     if a.get("scale"):
         steps.append(T.RandomResizedCrop(image_size, scale=tuple(a["scale"]), ratio=tuple(a.get("ratio") or (0.75, 1.333)), antialias=True))
     else:
@@ -56,7 +104,10 @@ def build_train_transform(
 
 
 def build_eval_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, resize: str = "center_crop"
 ) -> Callable[[Image.Image], Any]:
-    """PIL -> normalised tensor for evaluation and inference: short side to `image_size`, centre crop."""
-    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _normalize(mean, std))
+    """PIL -> normalised tensor for evaluation and inference: centre crop (short side to `image_size`), or the whole
+    picture letterboxed / squashed to a square (`fit_square`)."""
+    if _check_resize(resize) == "center_crop":
+        return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _normalize(mean, std))
+    return T.Compose([FitSquare(image_size, resize)] + _normalize(mean, std))

@@ -78,6 +78,7 @@ class CharacterClassifier(L.LightningModule):
         run_config: Mapping[str, Any] | None = None,
         init_from: str | None = None,
         embedding: Mapping[str, Any] | None = None,
+        eval_resize: str = "center_crop",
     ) -> None:
         super().__init__()
         class_names = list(class_names)
@@ -106,6 +107,7 @@ class CharacterClassifier(L.LightningModule):
                 "class_weights": None if class_weights is None else [float(w) for w in class_weights],
                 "run_config": _plain(run_config),
                 "embedding": dict(spec.__dict__),
+                "eval_resize": str(eval_resize),
             }
         )
         bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
@@ -115,6 +117,7 @@ class CharacterClassifier(L.LightningModule):
         self.tag_names: list[str] = list(tag_names)
         self.series: dict[str, str] = {c: (series or {}).get(c, "") for c in class_names}
         self.image_size: int = int(image_size)
+        self.eval_resize: str = str(eval_resize)  # how evaluation and recognition frame a picture (data.resize)
         self.mean: tuple[float, ...] = tuple(float(x) for x in (mean if mean is not None else data_cfg["mean"]))
         self.std: tuple[float, ...] = tuple(float(x) for x in (std if std is not None else data_cfg["std"]))
         self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)

@@ -115,22 +115,11 @@ def file_fingerprint(path: str | Path) -> str:
 # -- preprocessing --------------------------------------------------------------------------------
 def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     """Square `size` input: 'letterbox' keeps the whole figure (pads), 'center_crop' CLIP-style, 'squash' stretches."""
-    img = img.convert("RGB")
-    if mode == "squash":
-        return img.resize((size, size), Image.BICUBIC)
-    w, h = img.size
-    if mode == "center_crop":
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        l, t = (img.width - size) // 2, (img.height - size) // 2
-        return img.crop((l, t, l + size, t + size))
-    if mode == "letterbox":
-        s = size / max(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-        canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-        return canvas
-    raise ConfigError(f"embedder.resize={mode!r}: choose letterbox, center_crop or squash")
+    from ..data.transforms import RESIZE_MODES, fit_square
+
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"embedder.resize={mode!r}: choose letterbox, center_crop or squash")
+    return fit_square(img, size, mode)
 
 
 def to_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float], resize: str = "letterbox") -> torch.Tensor:
@@ -372,7 +361,7 @@ def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Ten
         from ..data.transforms import build_eval_transform
     except ImportError:
         return None
-    return build_eval_transform(int(model.image_size), tuple(model.mean), tuple(model.std))
+    return build_eval_transform(int(model.image_size), tuple(model.mean), tuple(model.std), getattr(model, "eval_resize", "center_crop"))
 
 
 class ClassifierEmbedder(TorchEmbedder):

@@ -126,7 +126,8 @@ def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id
     _export_graph(_torch_graph(forward, model), path, int(model.image_size), outputs, opset)
     return {"file": path.name, "kind": "classifier", "outputs": outputs, "model_id": model_id, "dim": int(model.embed_dim),
             "source": MODEL, "source_fingerprint": file_fingerprint(source),
-            "preprocess": {"transform": "classifier", "image_size": int(model.image_size), "mean": list(model.mean), "std": list(model.std)},
+            "preprocess": {"transform": "classifier", "image_size": int(model.image_size), "mean": list(model.mean), "std": list(model.std),
+                           "resize": model.eval_resize},
             "class_names": list(model.class_names), "series": dict(model.series), "tag_names": list(model.tag_names)}
 
 
@@ -282,7 +283,7 @@ def _classifier_preprocess(spec: Mapping[str, Any]) -> Callable[[Sequence[Image.
 
     from ..data.transforms import build_eval_transform
 
-    tf = build_eval_transform(int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]))
+    tf = build_eval_transform(int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), str(spec.get("resize", "center_crop")))
     return lambda images: torch.stack([tf(im.convert("RGB")) for im in images]).numpy()
 
 

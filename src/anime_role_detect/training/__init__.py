@@ -271,6 +271,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         tag_names=datamodule.tag_names,
         class_weights=datamodule.class_weights,
         image_size=datamodule.image_size,
+        eval_resize=datamodule.resize,
         run_config=cfg_plain,
     )
     datamodule.set_normalization(model.mean, model.std)
