@@ -147,9 +147,16 @@ class Recognizer(VersionParts):
             from .evalset import best_mode
 
             figures = read_json(self.version_dir / EVAL_METRICS).get("top1") if self._file(EVAL_METRICS) else None
-            self._mode = best_mode(self.supported_modes(), figures, self.rerank_default)
+            modes = self.supported_modes()
+            if "model" in modes and self._gallery_only_characters():
+                modes.remove("model")  # the classifier cannot name a character enrolled after it was trained
+            self._mode = best_mode(modes, figures, self.rerank_default)
             _log.info(f"mode=auto answers in {self._mode} (version evaluation: {figures or 'none'})")
         return self._mode
+
+    def _gallery_only_characters(self) -> bool:
+        known = set(self.classifier.class_names)
+        return any(c["name"] not in known for c in self.characters())
 
     def supported_modes(self) -> list[str]:
         """clip needs a gallery, model a classifier, fusion both."""
@@ -236,15 +243,19 @@ class Recognizer(VersionParts):
         return _Scored(cands, emb, tag_probs, tm)
 
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
-        """Blend gallery cosine and classifier probability per character (gallery-only characters keep their cosine)."""
+        """Blend gallery cosine and classifier probability per character. A character only the gallery knows (enrolled
+        after training) takes, in place of a probability, the mass the classifier gives to none of its own characters
+        (1 - its top probability): the same scale as the others, so an enrolled character neither wins every picture
+        (its raw cosine would beat every blend) nor can never win."""
         names, series = self.classifier.class_names, self.classifier.series
         col = {n: i for i, n in enumerate(names)}
         w = self.fusion_weight
         out = []
         for g, row in zip(gal, probs):
             scores: dict[str, tuple[str, float]] = {}
+            none_of_mine = 1.0 - float(row.max()) if len(row) else 1.0
             for c, s, sim in g:
-                scores[c] = (s, w * sim + (1 - w) * float(row[col[c]]) if c in col else sim)
+                scores[c] = (s, w * sim + (1 - w) * (float(row[col[c]]) if c in col else none_of_mine))
             for i in np.argsort(-row)[: self.n_candidates]:
                 c = names[i]
                 if c not in scores:
@@ -383,6 +394,8 @@ class Recognizer(VersionParts):
             n = self.gallery.add(character, series, emb, sources, embedder_id=self.embedder.model_id)
             self._generation += 1
             self.cache.clear()
+            if self.config.mode == AUTO:
+                self._mode = None  # a new character may rule out model mode: choose again
         return n
 
     def remove(self, character: str) -> int:
