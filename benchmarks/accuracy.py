@@ -1,0 +1,376 @@
+"""One accuracy table for telling characters apart: every real set in ``$ARD_DATA_DIR`` (default ../shared/data) and
+the synthetic sameface set, leak-free splits, several seeds, the frozen baseline beside each training recipe.
+
+Per set, seed and recipe (a list of `train.py` overrides on top of the workflow's own training recipe,
+read from conf/workflow.yaml so "recipe" is always what the workflow trains today):
+
+* **closed set** (`--protocols closed`): train on the split's train side, build the version exactly as the
+  workflow does (`recognition.build.build_recognition_folder`: classifier gallery, calibration, eval set),
+  then the val pictures through the real `Recognizer` in clip / model / fusion and in the default
+  (``auto``) mode; the share of known characters' pictures answered ``unknown`` with open-set on (false rejects);
+* **unseen characters** (`--protocols unseen`): train with 2 characters held out entirely; enrol them from 5
+  pictures each without retraining and report their top-1 (clip and fusion) and the others'; before enrolling,
+  the share of their pictures answered ``unknown`` at the calibrated threshold and the AUROC of the best score
+  (known val pictures vs the unseen characters' pictures);
+* CPU minutes of training per run (user + system, this process and its workers).
+
+Baseline, same split, same run: frozen ImageNet Lite0 features in the same gallery (the data README's family
+of recipe), built and queried through the same code. Pictures per set land in ``--out``: open-set score
+histograms (known vs unseen, threshold drawn), per-character top-1 bars, and the confusion matrix.
+
+    python benchmarks/accuracy.py                                   # every set, 3 seeds, recipes in RECIPES
+    python benchmarks/accuracy.py --sets newgame_faces sameface --seeds 0 --recipes recipe identity -o trainer.max_epochs=6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from _common import REPO, data_dir, quiet
+
+REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
+SYNTHETIC = "sameface"
+#: recipe name -> train.py overrides on top of the workflow's training recipe
+RECIPES: dict[str, list[str]] = {
+    "recipe": [],
+    "identity": ["model.embedding.dim=256"],
+    "letterbox": ["data.resize=letterbox"],
+    "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
+    "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
+}
+MODES = ("clip", "model", "fusion")
+HELD_OUT = 2
+ENROL_SHOTS = 5
+
+
+@dataclass
+class Run:
+    """One (set, seed, recipe, protocol) row of the table."""
+
+    set: str
+    seed: int
+    recipe: str
+    protocol: str
+    top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 on known characters' val pictures
+    default_mode: str = ""
+    false_reject: float = float("nan")  # known pictures answered unknown (default mode, open-set on)
+    unseen_rejected: float = float("nan")  # unseen characters' pictures answered unknown before enrolment
+    auroc: float = float("nan")
+    enrolled_top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 of the enrolled characters
+    others_top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 of the trained ones after enrolment
+    train_cpu_min: float = 0.0
+    per_character: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)  # known / unseen best scores, for the histogram
+    threshold: float | None = None
+    confusion: dict[str, Any] = field(default_factory=dict)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def set_root(name: str, work: Path) -> Path | None:
+    """The set's folder: a real one under data_dir(), or the synthetic sameface set generated into `work`."""
+    if name == SYNTHETIC:
+        from anime_role_detect.data.synthetic import generate_dataset, make_characters
+
+        root = work / "sameface-data"
+        if not root.is_dir():  # every character a near-twin of another: one attribute tells them apart
+            generate_dataset(root, size=128, seed=7, images_per_character=40, characters=make_characters(8, seed=3, twin_fraction=1.0))
+        return root
+    root = data_dir() / name
+    if not root.is_dir():
+        print(f"skip {name}: {root} not found (set ARD_DATA_DIR)", file=sys.stderr)
+        return None
+    return root
+
+
+def held_out_characters(root: Path, seed: int) -> list[str]:
+    from anime_role_detect.data.layout import scan_dataset
+
+    names = sorted({r.character for r in scan_dataset(root)})
+    return sorted(np.random.default_rng(1000 + seed).choice(names, HELD_OUT, replace=False).tolist())
+
+
+def subset(root: Path, drop: Sequence[str], out: Path) -> Path:
+    """`root` without the characters in `drop` (hard links)."""
+    from anime_role_detect.data.layout import scan_dataset
+    from anime_role_detect.fsutil import link_or_copy
+
+    if not out.is_dir():
+        for r in scan_dataset(root):
+            if r.character not in drop:
+                link_or_copy(r.path(root), out / r.file_name)
+    return out
+
+
+# -- train / build / evaluate -----------------------------------------------------------------------
+def workflow_recipe() -> list[str]:
+    """The training overrides the workflow uses today (conf/workflow.yaml train.overrides)."""
+    from anime_role_detect.confutil import compose_plain
+
+    return list(compose_plain("workflow")["train"]["overrides"])
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, threads: int) -> tuple[Any, float]:
+    from anime_role_detect.confutil import compose_config
+    from anime_role_detect.training import train
+
+    cfg = compose_config("train", [*workflow_recipe(), f"data.root={root}", f"data.split_dir={out}/splits", f"data.seed={seed}",
+                                   f"seed={seed}", f"paths.root_dir={REPO}", f"paths.output_dir={out}", f"paths.data_dir={out}",
+                                   "register=false", "evaluate=false", "logger=csv", "~callbacks.progress_bar",
+                                   "+trainer.enable_progress_bar=false", f"threads={threads}", "log.console_level=WARNING",
+                                   *overrides])
+    t0 = cpu_seconds()
+    result = train(cfg)
+    return result, (cpu_seconds() - t0) / 60
+
+
+def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None) -> Path:
+    from anime_role_detect.confutil import compose_plain
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none"])
+    if not (out / "gallery.json").is_file():
+        build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=False)
+    return out
+
+
+def load(root: Path, files: Sequence[str]) -> list[tuple[Any, str]]:
+    from anime_role_detect.imageio import load_image
+
+    return [(load_image(root / f), f) for f in files]
+
+
+def recognizer(version: Path, openset: bool) -> Any:
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    return Recognizer.from_version(version, {"detector": None, "cache_size": 0, "rerank": False, "openset": {"enabled": openset}})
+
+
+def answers(rec: Any, items: list[tuple[Any, str]], mode: str | None) -> list[Any]:
+    out = []
+    for i in range(0, len(items), 32):
+        out += rec.recognize_batch(items[i : i + 32], mode=mode, rerank=False)
+    return out
+
+
+def top1(got: list[Any], labels: Sequence[str]) -> float:
+    return float(np.mean([a.role == y for a, y in zip(got, labels)])) if labels else float("nan")
+
+
+def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(score of a known picture > score of an unseen one), ties half."""
+    p, n = np.asarray(pos, float), np.asarray(neg, float)
+    if not len(p) or not len(n):
+        return float("nan")
+    return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n)))
+
+
+def evaluate_closed(run: Run, version: Path, root: Path, val: list[str]) -> None:
+    items = load(root, val)
+    labels = [f.split("/")[0] for f in val]
+    closed = recognizer(version, openset=False)
+    for mode in closed.supported_modes():
+        got = answers(closed, items, mode)
+        run.top1[mode] = top1(got, labels)
+        if mode == closed.mode:
+            run.per_character = {c: top1([a for a, y in zip(got, labels) if y == c], [y for y in labels if y == c]) for c in sorted(set(labels))}
+            run.confusion = {"labels": labels, "answers": [a.role for a in got]}
+    run.default_mode = closed.mode
+    run.top1["default"] = run.top1[closed.mode]
+    opened = recognizer(version, openset=True)
+    got = answers(opened, items, None)
+    run.false_reject = float(np.mean([a.unknown for a in got]))
+
+
+def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], held: list[str]) -> None:
+    """Before enrolment: are the unseen characters refused? After 5-shot enrolment: are they named?"""
+    from anime_role_detect.data.layout import scan_dataset
+
+    known_items = load(full_root, val)
+    known_labels = [f.split("/")[0] for f in val]
+    unseen = {c: sorted(r.file_name for r in scan_dataset(full_root) if r.character == c) for c in held}
+    opened = recognizer(version, openset=True)
+    mode = opened.mode if opened.mode != "model" else "fusion"  # the classifier alone cannot name an enrolled character
+    k_ans = answers(opened, known_items, mode)
+    u_items = [it for c in held for it in load(full_root, unseen[c])]
+    u_ans = answers(opened, u_items, mode)
+    run.unseen_rejected = float(np.mean([a.unknown for a in u_ans]))
+    run.false_reject = float(np.mean([a.unknown for a in k_ans]))
+    run.scores = {"known": [a.similarity for a in k_ans], "unseen": [a.similarity for a in u_ans]}
+    run.threshold = opened.calibration.threshold(mode) if opened.calibration is not None else None
+    run.auroc = auroc(run.scores["known"], run.scores["unseen"])
+    rec = recognizer(version, openset=False)
+    rng = np.random.default_rng(run.seed)
+    test_items, test_labels = [], []
+    for c in held:
+        files = list(unseen[c])
+        rng.shuffle(files)
+        rec.enroll(c, "", [im for im, _ in load(full_root, files[:ENROL_SHOTS])])
+        test_items += load(full_root, files[ENROL_SHOTS:])
+        test_labels += [c] * len(files[ENROL_SHOTS:])
+    for m in [m for m in ("clip", "fusion") if m in rec.supported_modes()]:
+        run.enrolled_top1[m] = top1(answers(rec, test_items, m), test_labels)
+        run.others_top1[m] = top1(answers(rec, known_items, m), known_labels)
+
+
+def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
+            extra: Sequence[str]) -> list[Run]:
+    """The recipe's run and the frozen baseline on the same split: [baseline, recipe]."""
+    held = held_out_characters(root, seed) if protocol == "unseen" else []
+    train_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
+    tag = f"{name}/{protocol}/s{seed}"
+    result, cpu_min = train_run(train_root, seed, [*RECIPES[recipe], *extra], work / tag / recipe, threads)
+    split = json.loads(Path(result.split_path).read_text())
+    sp = (split["train"], split["val"])
+    out = []
+    for rname, ckpt in (("baseline", None), (recipe, result.ckpt_path)):
+        run = Run(name, seed, rname, protocol, train_cpu_min=0.0 if ckpt is None else cpu_min)
+        version = build_version(train_root, work / tag / f"version-{rname}", sp, ckpt)
+        if protocol == "closed":
+            evaluate_closed(run, version, train_root, sp[1])
+        else:
+            evaluate_unseen(run, version, root, sp[1], held)
+        out.append(run)
+        print(f"  {tag} {rname}: " + json.dumps({k: v for k, v in asdict(run).items() if k not in ("scores", "confusion", "per_character")}),
+              file=sys.stderr, flush=True)
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------
+def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "-"
+    return f"{scale * statistics.mean(xs):.1f}" + (f" ± {scale * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+
+def table(runs: list[Run]) -> str:
+    lines = ["| set | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({(r.set, r.recipe) for r in runs if r.protocol == "closed"}, key=lambda k: (k[0], k[1] != "baseline", k[1])):
+        rs = [r for r in runs if (r.set, r.recipe) == key and r.protocol == "closed"]
+        modes = "/".join(sorted({r.default_mode for r in rs}))
+        cols = [mean_sd([r.top1.get(m, float("nan")) for r in rs]) for m in (*MODES, "default")]
+        lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
+                     f"{mean_sd([r.false_reject for r in rs])} | {statistics.mean(r.train_cpu_min for r in rs):.1f} |")
+    unseen = [r for r in runs if r.protocol == "unseen"]
+    if unseen:
+        lines += ["", f"Unseen characters ({HELD_OUT} held out of training; enrolled from {ENROL_SHOTS} pictures each):", "",
+                  "| set | recipe | seeds | enrolled top-1 clip / fusion | others after enrolment clip / fusion | unseen refused before enrolment | known refused | AUROC |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key in sorted({(r.set, r.recipe) for r in unseen}, key=lambda k: (k[0], k[1] != "baseline", k[1])):
+            rs = [r for r in unseen if (r.set, r.recipe) == key]
+            e = " / ".join(mean_sd([r.enrolled_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
+            o = " / ".join(mean_sd([r.others_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
+            lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {e} | {o} | {mean_sd([r.unseen_rejected for r in rs])} | "
+                         f"{mean_sd([r.false_reject for r in rs])} | {mean_sd([r.auroc for r in rs], 1.0)} |")
+    return "\n".join(lines)
+
+
+def pictures(runs: list[Run], out: Path) -> list[Path]:
+    """Per set: open-set histograms (known vs unseen, threshold), per-character bars, confusion of the default mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name in sorted({r.set for r in runs}):
+        rs = [r for r in runs if r.set == name]
+        recipes = sorted({r.recipe for r in rs}, key=lambda k: (k != "baseline", k))
+        fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+        ax = axes[0]
+        for r in [r for r in rs if r.protocol == "unseen" and r.scores][:2]:
+            bins = np.linspace(min(r.scores["known"] + r.scores["unseen"]), max(r.scores["known"] + r.scores["unseen"]), 30)
+            ax.hist(r.scores["known"], bins=bins, alpha=0.5, label=f"{r.recipe}: known")
+            ax.hist(r.scores["unseen"], bins=bins, alpha=0.5, label=f"{r.recipe}: unseen")
+            if r.threshold is not None:
+                ax.axvline(r.threshold, linestyle="--", color="k")
+        ax.set_title("open-set best score (seed 0; dashed: calibrated threshold)")
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        closed = [r for r in rs if r.protocol == "closed"]
+        chars = sorted({c for r in closed for c in r.per_character})
+        width = 0.8 / max(1, len(recipes))
+        for i, rec in enumerate(recipes):
+            vals = [statistics.mean([r.per_character.get(c, 0.0) for r in closed if r.recipe == rec] or [0.0]) for c in chars]
+            ax.bar(np.arange(len(chars)) + i * width, vals, width, label=rec)
+        ax.set_xticks(np.arange(len(chars)) + 0.4 - width / 2, chars, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title("top-1 per character (default mode, mean of seeds)")
+        ax.legend(fontsize=7)
+        ax = axes[2]
+        best = [r for r in closed if r.recipe != "baseline" and r.confusion]
+        if best:
+            idx = {c: i for i, c in enumerate(chars)}
+            cm = np.zeros((len(chars), len(chars) + 1))
+            for r in best:
+                for y, a in zip(r.confusion["labels"], r.confusion["answers"]):
+                    cm[idx[y], idx.get(a, len(chars))] += 1
+            cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+            ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(chars) + 1), [*chars, "other"], rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(chars)), chars, fontsize=7)
+            ax.set_title(f"confusion ({best[0].recipe} runs, rows: true)")
+        fig.suptitle(name)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=[*REAL_SETS, SYNTHETIC])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--protocols", nargs="+", default=["closed", "unseen"], choices=["closed", "unseen"])
+    ap.add_argument("-o", "--override", action="append", default=[], help="extra train.py override for every run (e.g. trainer.max_epochs=6)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy")
+    args = ap.parse_args(argv)
+    quiet(args.threads)
+    threads = args.threads or os.cpu_count() or 1
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, "
+          f"overrides {args.override}; workflow recipe {workflow_recipe()}; load average at start {load0[0]:.2f}")
+    runs: list[Run] = []
+    for name in args.sets:
+        root = set_root(name, args.work)
+        if root is None:
+            continue
+        for protocol in args.protocols:
+            for seed in args.seeds:
+                for i, recipe in enumerate(args.recipes):
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override)
+                    runs += got if i == 0 else got[1:]  # one baseline per split
+        (args.out / "runs.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    print(table(runs))
+    for p in pictures(runs, args.out):
+        print(f"picture: {p}")
+    load1 = os.getloadavg()
+    print(f"# {(time.perf_counter() - t0) / 60:.1f} min; load average at start {load0[0]:.2f}, at end {load1[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
