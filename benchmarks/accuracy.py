@@ -48,6 +48,10 @@ RECIPES: dict[str, list[str]] = {
     "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
 }
+#: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
+EVAL_VARIANTS: dict[str, list[str]] = {
+    "noflip": ["embedder.flip_tta=false"],  # the classifier gallery without flip TTA: accuracy vs time
+}
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2
 ENROL_SHOTS = 5
@@ -69,6 +73,7 @@ class Run:
     enrolled_top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 of the enrolled characters
     others_top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 of the trained ones after enrolment
     train_cpu_min: float = 0.0
+    ms_per_image: float = float("nan")  # closed-set recognition in the default mode, batches of 32, this machine
     per_character: dict[str, float] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)  # known / unseen best scores, for the histogram
     threshold: float | None = None
@@ -138,11 +143,11 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
     return result, (cpu_seconds() - t0) / 60
 
 
-def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None) -> Path:
+def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = ()) -> Path:
     from anime_role_detect.confutil import compose_plain
     from anime_role_detect.recognition.build import build_recognition_folder
 
-    cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none"])
+    cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none", *overrides])
     if not (out / "gallery.json").is_file():
         build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=False)
     return out
@@ -183,8 +188,12 @@ def evaluate_closed(run: Run, version: Path, root: Path, val: list[str]) -> None
     items = load(root, val)
     labels = [f.split("/")[0] for f in val]
     closed = recognizer(version, openset=False)
+    answers(closed, items[:2], closed.mode)  # load the networks before timing
     for mode in closed.supported_modes():
+        t0 = time.perf_counter()
         got = answers(closed, items, mode)
+        if mode == closed.mode:
+            run.ms_per_image = (time.perf_counter() - t0) * 1e3 / max(1, len(items))
         run.top1[mode] = top1(got, labels)
         if mode == closed.mode:
             run.per_character = {c: top1([a for a, y in zip(got, labels) if y == c], [y for y in labels if y == c]) for c in sorted(set(labels))}
@@ -228,8 +237,8 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
 
 
 def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
-            extra: Sequence[str]) -> list[Run]:
-    """The recipe's run and the frozen baseline on the same split: [baseline, recipe]."""
+            extra: Sequence[str], variants: Sequence[str] = ()) -> list[Run]:
+    """The recipe's run and the frozen baseline on the same split: [baseline, recipe, recipe+variant...]."""
     held = held_out_characters(root, seed) if protocol == "unseen" else []
     train_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
     tag = f"{name}/{protocol}/s{seed}"
@@ -237,9 +246,11 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     split = json.loads(Path(result.split_path).read_text())
     sp = (split["train"], split["val"])
     out = []
-    for rname, ckpt in (("baseline", None), (recipe, result.ckpt_path)):
+    builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
+              *((f"{recipe}+{v}", result.ckpt_path, EVAL_VARIANTS[v]) for v in variants)]
+    for rname, ckpt, infer_overrides in builds:
         run = Run(name, seed, rname, protocol, train_cpu_min=0.0 if ckpt is None else cpu_min)
-        version = build_version(train_root, work / tag / f"version-{rname}", sp, ckpt)
+        version = build_version(train_root, work / tag / f"version-{rname}", sp, ckpt, infer_overrides)
         if protocol == "closed":
             evaluate_closed(run, version, train_root, sp[1])
         else:
@@ -259,14 +270,15 @@ def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| set | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run | ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted({(r.set, r.recipe) for r in runs if r.protocol == "closed"}, key=lambda k: (k[0], k[1] != "baseline", k[1])):
         rs = [r for r in runs if (r.set, r.recipe) == key and r.protocol == "closed"]
         modes = "/".join(sorted({r.default_mode for r in rs}))
         cols = [mean_sd([r.top1.get(m, float("nan")) for r in rs]) for m in (*MODES, "default")]
         lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
-                     f"{mean_sd([r.false_reject for r in rs])} | {statistics.mean(r.train_cpu_min for r in rs):.1f} |")
+                     f"{mean_sd([r.false_reject for r in rs])} | {statistics.mean(r.train_cpu_min for r in rs):.1f} | "
+                     f"{statistics.mean(r.ms_per_image for r in rs):.0f} |")
     unseen = [r for r in runs if r.protocol == "unseen"]
     if unseen:
         lines += ["", f"Unseen characters ({HELD_OUT} held out of training; enrolled from {ENROL_SHOTS} pictures each):", "",
@@ -343,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocols", nargs="+", default=["closed", "unseen"], choices=["closed", "unseen"])
     ap.add_argument("-o", "--override", action="append", default=[], help="extra train.py override for every run (e.g. trainer.max_epochs=6)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
+    ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
+                    help="also build each closed-set run's version these ways (same checkpoint), e.g. noflip")
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy")
     args = ap.parse_args(argv)
@@ -353,17 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     load0, t0 = os.getloadavg(), time.perf_counter()
     print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, "
           f"overrides {args.override}; workflow recipe {workflow_recipe()}; load average at start {load0[0]:.2f}")
-    runs: list[Run] = []
+    saved = args.out / "runs.json"
+    runs: list[Run] = [Run(**r) for r in json.loads(saved.read_text())] if saved.is_file() and not args.fresh else []
+    done = {(r.set, r.seed, r.recipe, r.protocol) for r in runs}
+    if runs:
+        print(f"# {len(runs)} runs already in {saved} are kept and not run again (--fresh starts over)")
     for name in args.sets:
         root = set_root(name, args.work)
         if root is None:
             continue
         for protocol in args.protocols:
             for seed in args.seeds:
-                for i, recipe in enumerate(args.recipes):
-                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override)
-                    runs += got if i == 0 else got[1:]  # one baseline per split
-        (args.out / "runs.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+                for recipe in args.recipes:
+                    if (name, seed, recipe, protocol) in done:
+                        continue
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override,
+                                  args.variants if protocol == "closed" else ())
+                    runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol) not in done]  # one baseline per split
+                    done |= {(r.set, r.seed, r.recipe, r.protocol) for r in got}
+                    saved.write_text(json.dumps([asdict(r) for r in runs], indent=1))
     print(table(runs))
     for p in pictures(runs, args.out):
         print(f"picture: {p}")
