@@ -129,9 +129,24 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, threads: int) -> tuple[Any, float]:
+@dataclass
+class Trained:
+    """What `train_run` keeps of a training run (cached in its folder, so a later invocation reuses it)."""
+
+    ckpt_path: str
+    split_path: str
+    cpu_min: float
+
+
+def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, threads: int) -> Trained:
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.training import train
+
+    cached = out / "accuracy_run.json"
+    if cached.is_file():
+        got = Trained(**json.loads(cached.read_text()))
+        if Path(got.ckpt_path).is_file():
+            return got
 
     cfg = compose_config("train", [*workflow_recipe(), f"data.root={root}", f"data.split_dir={out}/splits", f"data.seed={seed}",
                                    f"seed={seed}", f"paths.root_dir={REPO}", f"paths.output_dir={out}", f"paths.data_dir={out}",
@@ -140,7 +155,9 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
                                    *overrides])
     t0 = cpu_seconds()
     result = train(cfg)
-    return result, (cpu_seconds() - t0) / 60
+    got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60)
+    cached.write_text(json.dumps(asdict(got)))
+    return got
 
 
 def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = ()) -> Path:
@@ -242,7 +259,8 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     held = held_out_characters(root, seed) if protocol == "unseen" else []
     train_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
     tag = f"{name}/{protocol}/s{seed}"
-    result, cpu_min = train_run(train_root, seed, [*RECIPES[recipe], *extra], work / tag / recipe, threads)
+    result = train_run(train_root, seed, [*RECIPES[recipe], *extra], work / tag / recipe, threads)
+    cpu_min = result.cpu_min
     split = json.loads(Path(result.split_path).read_text())
     sp = (split["train"], split["val"])
     out = []
@@ -380,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         for protocol in args.protocols:
             for seed in args.seeds:
                 for recipe in args.recipes:
-                    if (name, seed, recipe, protocol) in done:
+                    variants = args.variants if protocol == "closed" else ()
+                    if all((name, seed, n, protocol) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
                         continue
-                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override,
-                                  args.variants if protocol == "closed" else ())
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants)
                     runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol) not in done]  # one baseline per split
                     done |= {(r.set, r.seed, r.recipe, r.protocol) for r in got}
                     saved.write_text(json.dumps([asdict(r) for r in runs], indent=1))
