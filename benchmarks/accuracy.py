@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -281,7 +282,7 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
 
 # -- report -----------------------------------------------------------------------------------------
 def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "-"
     return f"{scale * statistics.mean(xs):.1f}" + (f" ± {scale * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
