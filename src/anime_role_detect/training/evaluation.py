@@ -66,6 +66,17 @@ def _table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _save_png(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (write-then-rename: a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix as a PNG (counts in the cells)."""
     import matplotlib
@@ -88,12 +99,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
                 if cm[i, j]:
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix (rows: true)")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 # (column, label) per panel; val/f1_macro shares the accuracy panel since it is on the same 0..1 scale
@@ -154,12 +160,7 @@ def plot_learning_curves(metrics_csv: Path, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def write_report(
