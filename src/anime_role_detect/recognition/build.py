@@ -76,7 +76,7 @@ class SplitEvaluation:
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
-                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.9,
+                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.95,
                    tag_truth: Sequence[Sequence[str]] | None = None) -> SplitEvaluation:
     """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights.
 
@@ -99,7 +99,8 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             m = _score_matrix(scored.candidates, names)
             y_idx = [names.index(labels[i]) for i in known]
             g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
-            calib.modes[mode] = calibrate(g, imp, target_far, min_tar)
+            right = m[known].argmax(1) == np.asarray(y_idx)  # refusing a wrong answer costs nothing: only right ones count
+            calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, min_tar)
         if need_tags and scored.tag_probs is not None:
             aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
             if tag_truth is not None and rec.reranker.noise is None:

@@ -3,8 +3,9 @@
 Unseen characters are simulated leave-one-character-out: for a validation image of character c,
 the best score among the *other* characters is what the system would report if c were not
 enrolled (an impostor score). The threshold is the (1 - FAR) quantile of impostor scores, so about
-FAR of unseen characters still get a name, unless that would reject more than 1 - min_tar of the
-known images (near-twins), in which case the achieved FAR is recorded instead. Saved as ``calibration.json`` next to the gallery.
+FAR of unseen characters still get a name, unless that would refuse more than 1 - min_tar (5%) of the
+known images the system answers *right* (refusing a wrong answer costs nothing; near-twins), in which
+case the achieved FAR is recorded instead. Saved as ``calibration.json`` next to the gallery.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise:
     return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
 
 
-def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05, min_tar: float = 0.9) -> ModeThreshold:
+def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05, min_tar: float = 0.95) -> ModeThreshold:
     """Threshold with at most `target_far` of impostor scores at or above it, lowered if needed so at least
     `min_tar` of genuine scores still pass (near-twins make some impostors as strong as genuine matches:
     rejecting most known images to meet the FAR would be worse than a higher FAR, which is then reported)."""
