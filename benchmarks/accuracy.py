@@ -285,7 +285,8 @@ def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "-"
-    return f"{scale * statistics.mean(xs):.1f}" + (f" ± {scale * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+    d = 1 if scale > 1 else 2
+    return f"{scale * statistics.mean(xs):.{d}f}" + (f" ± {scale * statistics.stdev(xs):.{d}f}" if len(xs) > 1 else "")
 
 
 def table(runs: list[Run]) -> str:
@@ -330,8 +331,8 @@ def pictures(runs: list[Run], out: Path) -> list[Path]:
             ax.hist(r.scores["known"], bins=bins, alpha=0.5, label=f"{r.recipe}: known")
             ax.hist(r.scores["unseen"], bins=bins, alpha=0.5, label=f"{r.recipe}: unseen")
             if r.threshold is not None:
-                ax.axvline(r.threshold, linestyle="--", color="k")
-        ax.set_title("open-set best score (seed 0; dashed: calibrated threshold)")
+                ax.axvline(r.threshold, linestyle="--", color="k" if r.recipe == "baseline" else "r", label=f"{r.recipe}: threshold")
+        ax.set_title("open-set best score, seed 0 (dashed: calibrated thresholds)")
         ax.legend(fontsize=7)
         ax = axes[1]
         closed = [r for r in rs if r.protocol == "closed"]
@@ -356,7 +357,7 @@ def pictures(runs: list[Run], out: Path) -> list[Path]:
             ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
             ax.set_xticks(range(len(chars) + 1), [*chars, "other"], rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(chars)), chars, fontsize=7)
-            ax.set_title(f"confusion ({best[0].recipe} runs, rows: true)")
+            ax.set_title("confusion, default mode (every trained run, rows: true)")
         fig.suptitle(name)
         fig.tight_layout()
         path = out / f"{name}.png"
