@@ -274,13 +274,16 @@ def test_kill_during_a_fusion_triggered_reload_loses_nothing(tmp_path, registry,
     answers: list[dict] = []
     try:
         caught, new, old = False, None, None
+        corrected: set[str] = set()
         for attempt in range(4):  # a reload takes tens of milliseconds: if the swap beat the kill, fuse again
             traffic = Traffic(server, pictures, f"round{attempt}")
             traffic.wait_for(10)
             answers += traffic.stop()  # quiet now: only the test's own polls start the reload
-            # a correction naming a character the gallery lacks gives fusion a new example every round
-            r = httpx.post(f"{server.url}/api/feedback", timeout=60,
-                           json={"image_sha256": answers[-1]["image_sha256"], "correct_role": f"kill_newcomer_{attempt}"})
+            # a correction naming a character the gallery lacks gives fusion a new example every round (a picture
+            # not corrected in an earlier round: one already fused is not a new example)
+            sha = next(a["image_sha256"] for a in reversed(answers) if a["image_sha256"] not in corrected)
+            corrected.add(sha)
+            r = httpx.post(f"{server.url}/api/feedback", timeout=60, json={"image_sha256": sha, "correct_role": f"kill_newcomer_{attempt}"})
             assert r.status_code == 200, r.text
             old = Registry(registry).latest_id()
             new = run_fusion(server, registry, tmp_path / f"fusion{attempt}")["version_id"]
