@@ -24,7 +24,7 @@ from ..imageio import load_image
 from ..log import training_log
 from .dedupe import assign_duplicate_groups
 from .layout import ImageRecord, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, build_eval_transform, build_train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, check_resize
 
 BALANCE_MODES = ("none", "class_weights", "sampler")
 
@@ -105,9 +105,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = bool(pin_memory)
-        if resize not in RESIZE_MODES:
-            raise ConfigError(f"data.resize={resize!r}: choose one of {', '.join(RESIZE_MODES)}")
-        self.resize = resize
+        self.resize = check_resize(resize)
         self.class_names: list[str] = []
         self.series: dict[str, str] = {}
         self.tag_names: list[str] = []

@@ -65,9 +65,10 @@ class FitSquare:
         return fit_square(img, self.size, self.mode)
 
 
-def _check_resize(resize: str) -> str:
+def check_resize(resize: str, key: str = "data.resize") -> str:
+    """`resize` when it is one of `RESIZE_MODES`, else a one-line `ConfigError` naming the config `key`."""
     if resize not in RESIZE_MODES:
-        raise ConfigError(f"data.resize={resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        raise ConfigError(f"{key}={resize!r}: choose one of {', '.join(RESIZE_MODES)}")
     return resize
 
 
@@ -85,7 +86,7 @@ def build_train_transform(
     """PIL -> augmented, normalised tensor; a step is skipped when its setting is 0/None/false."""
     a = {**DEFAULT_AUGMENT, **dict(augment or {})}
     steps: list[Callable] = []
-    if _check_resize(resize) != "center_crop":  # frame the picture as evaluation will, then augment that square
+    if check_resize(resize) != "center_crop":  # frame the picture as evaluation will, then augment that square
         steps.append(FitSquare(image_size, resize))
     if a.get("scale"):
         steps.append(T.RandomResizedCrop(image_size, scale=tuple(a["scale"]), ratio=tuple(a.get("ratio") or (0.75, 1.333)), antialias=True))
@@ -108,6 +109,6 @@ def build_eval_transform(
 ) -> Callable[[Image.Image], Any]:
     """PIL -> normalised tensor for evaluation and inference: centre crop (short side to `image_size`), or the whole
     picture letterboxed / squashed to a square (`fit_square`)."""
-    if _check_resize(resize) == "center_crop":
+    if check_resize(resize) == "center_crop":
         return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _normalize(mean, std))
     return T.Compose([FitSquare(image_size, resize)] + _normalize(mean, std))

@@ -15,6 +15,11 @@ from ..errors import ConfigError
 
 MODES = ("clip", "model", "fusion")
 AUTO = "auto"  # the best mode the version measured on its own evaluation set (`evalset.best_mode`)
+
+
+def modes_for(has_gallery: bool, has_classifier: bool) -> list[str]:
+    """The modes a set of parts can serve: clip needs a gallery, model a classifier, fusion both."""
+    return [m for m, ok in (("clip", has_gallery), ("model", has_classifier), ("fusion", has_gallery and has_classifier)) if ok]
 #: Backends for the networks: auto = ONNX Runtime when the version has exported files (recognition/runtime.py), else torch.
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 

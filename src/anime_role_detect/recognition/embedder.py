@@ -115,11 +115,9 @@ def file_fingerprint(path: str | Path) -> str:
 # -- preprocessing --------------------------------------------------------------------------------
 def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     """Square `size` input: 'letterbox' keeps the whole figure (pads), 'center_crop' CLIP-style, 'squash' stretches."""
-    from ..data.transforms import RESIZE_MODES, fit_square
+    from ..data.transforms import check_resize, fit_square
 
-    if mode not in RESIZE_MODES:
-        raise ConfigError(f"embedder.resize={mode!r}: choose letterbox, center_crop or squash")
-    return fit_square(img, size, mode)
+    return fit_square(img, size, check_resize(mode, "embedder.resize"))
 
 
 def to_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float], resize: str = "letterbox") -> torch.Tensor:

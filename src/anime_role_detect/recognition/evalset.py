@@ -169,10 +169,10 @@ def score_recognizer(recognizer: Any, items: Sequence[tuple[str, str, str]], mod
 def supported_modes(version_dir: str | Path) -> list[str]:
     """The recognition modes a version folder can serve (clip needs a gallery, model a classifier, fusion both)."""
     from ..versionfiles import GALLERY_META, MODEL
+    from .config import modes_for
 
     d = Path(version_dir)
-    gallery, model = (d / GALLERY_META).is_file(), (d / MODEL).is_file()
-    return [m for m, ok in (("clip", gallery), ("model", model), ("fusion", gallery and model)) if ok]
+    return modes_for((d / GALLERY_META).is_file(), (d / MODEL).is_file())
 
 
 #: tie-break order of `best_mode`: the mode that uses the most evidence first

@@ -25,7 +25,7 @@ from ..imageio import content_hash, decode_image
 from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
-from .config import AUTO, MODES, RecognizerConfig
+from .config import AUTO, MODES, RecognizerConfig, modes_for
 from .device import resolve_device
 from .parts import VersionParts
 from .rerank import Candidate
@@ -160,8 +160,7 @@ class Recognizer(VersionParts):
 
     def supported_modes(self) -> list[str]:
         """clip needs a gallery, model a classifier, fusion both."""
-        has_gallery, has_model = self._file(GALLERY_META) is not None, self.model_ckpt is not None
-        return [m for m, ok in (("clip", has_gallery), ("model", has_model), ("fusion", has_gallery and has_model)) if ok]
+        return modes_for(self._file(GALLERY_META) is not None, self.model_ckpt is not None)
 
     def _resolve_mode(self, mode: str | None) -> str:
         mode = self.mode if mode in (None, AUTO) else mode
