@@ -229,7 +229,8 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
 
     known_items = load(full_root, val)
     known_labels = [f.split("/")[0] for f in val]
-    unseen = {c: sorted(r.file_name for r in scan_dataset(full_root) if r.character == c) for c in held}
+    records = scan_dataset(full_root)
+    unseen = {c: sorted(r.file_name for r in records if r.character == c) for c in held}
     opened = recognizer(version, openset=True)
     mode = opened.mode if opened.mode != "model" else "fusion"  # the classifier alone cannot name an enrolled character
     k_ans = answers(opened, known_items, mode)
