@@ -39,6 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 from _common import REPO, data_dir, quiet
 
+from anime_role_detect.fsutil import atomic_write_json
+
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
 SYNTHETIC = "sameface"
 #: recipe name -> train.py overrides on top of the workflow's training recipe
@@ -157,7 +159,7 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
     t0 = cpu_seconds()
     result = train(cfg)
     got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60)
-    cached.write_text(json.dumps(asdict(got)))
+    atomic_write_json(cached, asdict(got))
     return got
 
 
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants)
                     runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol) not in done]  # one baseline per split
                     done |= {(r.set, r.seed, r.recipe, r.protocol) for r in got}
-                    saved.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+                    atomic_write_json(saved, [asdict(r) for r in runs])  # hours of runs: never a half-written file
     print(table(runs))
     for p in pictures(runs, args.out):
         print(f"picture: {p}")
