@@ -50,10 +50,13 @@ RECIPES: dict[str, list[str]] = {
     "letterbox": ["data.resize=letterbox"],
     "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
+    "faceview": ["data.face_view.enabled=true"],  # also trained on each picture's face; recognised on face + figure
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
 EVAL_VARIANTS: dict[str, list[str]] = {
     "noflip": ["embedder.flip_tta=false"],  # the classifier gallery without flip TTA: accuracy vs time
+    "figure": ["embedder.face_view={enabled:false}"],  # a faceview checkpoint recognising the figure view alone
+    "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2

@@ -30,7 +30,8 @@ BALANCE_MODES = ("none", "class_weights", "sampler")
 
 
 class CharacterImageDataset(Dataset):
-    """Records -> (image tensor, character index, multi-hot tag vector)."""
+    """Records -> (image tensor, character index, multi-hot tag vector); a record with a crop box is that region
+    of its picture (a face view, `CharacterDataModule.add_face_views`)."""
 
     def __init__(
         self,
@@ -39,12 +40,14 @@ class CharacterImageDataset(Dataset):
         class_to_idx: Mapping[str, int],
         tag_to_idx: Mapping[str, int],
         transform: Callable,
+        crops: Sequence[tuple[float, float, float, float] | None] | None = None,
     ) -> None:
         self.records = list(records)
         self.root = Path(root)
         self.class_to_idx = dict(class_to_idx)
         self.tag_to_idx = dict(tag_to_idx)
         self.transform = transform
+        self.crops = list(crops) if crops is not None else [None] * len(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -59,6 +62,9 @@ class CharacterImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         rec = self.records[i]
         img = load_image(rec.path(self.root))  # verified readable at setup
+        box = self.crops[i]
+        if box is not None:
+            img = img.crop(tuple(int(round(v)) for v in box))
         return self.transform(img), self.class_to_idx[rec.character], self.tag_vector(rec)
 
 
@@ -84,6 +90,7 @@ class CharacterDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = False,
         resize: str = "center_crop",
+        face_view: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -106,6 +113,8 @@ class CharacterDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = bool(pin_memory)
         self.resize = check_resize(resize)
+        self.face_view = dict(face_view) if face_view and face_view.get("enabled") else None  # training adds the views
+        self.face_crops: dict[str, tuple[float, float, float, float]] = {}
         self.class_names: list[str] = []
         self.series: dict[str, str] = {}
         self.tag_names: list[str] = []
@@ -251,13 +260,25 @@ class CharacterDataModule(L.LightningDataModule):
         mean = sum(inv) / len(inv)
         return [w / mean for w in inv]
 
-    def _dataset(self, records: Sequence[ImageRecord], train: bool) -> CharacterImageDataset:
+    def add_face_views(self, crops: Mapping[str, Sequence[float]]) -> int:
+        """Train on each training picture's face too: `crops` maps a file name to its face region ``[x1, y1, x2, y2]``
+        (found by the face detector `training` runs, margin included); each becomes one more training sample."""
+        train = {r.file_name for r in self.train_records}
+        self.face_crops = {k: tuple(float(v) for v in box) for k, box in crops.items() if box is not None and k in train}  # type: ignore[misc]
+        return len(self.face_crops)
+
+    def _train_items(self) -> tuple[list[ImageRecord], list[tuple[float, float, float, float] | None]]:
+        faces = [r for r in self.train_records if r.file_name in self.face_crops]
+        return self.train_records + faces, [None] * len(self.train_records) + [self.face_crops[r.file_name] for r in faces]
+
+    def _dataset(self, records: Sequence[ImageRecord], train: bool,
+                 crops: Sequence[tuple[float, float, float, float] | None] | None = None) -> CharacterImageDataset:
         tf = (
             build_train_transform(self.image_size, self.mean, self.std, self.augment, self.resize)
             if train
             else build_eval_transform(self.image_size, self.mean, self.std, self.resize)
         )
-        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf)
+        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops)
 
     def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None) -> DataLoader:
         return DataLoader(
@@ -272,12 +293,13 @@ class CharacterDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        records, crops = self._train_items()
         sampler = None
         if self.balance == "sampler":
-            counts = self.class_counts()
-            weights = [1.0 / max(1, counts[self.class_to_idx[r.character]]) for r in self.train_records]
+            counts = Counter(r.character for r in records)
+            weights = [1.0 / max(1, counts[r.character]) for r in records]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=torch.Generator().manual_seed(self.seed))
-        return self._loader(self._dataset(self.train_records, train=True), shuffle=True, sampler=sampler)
+        return self._loader(self._dataset(records, train=True, crops=crops), shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.val_records, train=False), shuffle=False)
@@ -293,6 +315,7 @@ class CharacterDataModule(L.LightningDataModule):
             "tags": len(self.tag_names),
             "train_images": len(self.train_records),
             "val_images": len(self.val_records),
+            "face_views": len(self.face_crops),
             "unreadable": len(self.unreadable),
             "split_manifest": str(self.split_path) if self.split_path else None,
         }

@@ -79,6 +79,7 @@ class CharacterClassifier(L.LightningModule):
         init_from: str | None = None,
         embedding: Mapping[str, Any] | None = None,
         eval_resize: str = "center_crop",
+        face_view: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         class_names = list(class_names)
@@ -108,6 +109,7 @@ class CharacterClassifier(L.LightningModule):
                 "run_config": _plain(run_config),
                 "embedding": dict(spec.__dict__),
                 "eval_resize": str(eval_resize),
+                "face_view": _plain(face_view),
             }
         )
         bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
@@ -118,6 +120,7 @@ class CharacterClassifier(L.LightningModule):
         self.series: dict[str, str] = {c: (series or {}).get(c, "") for c in class_names}
         self.image_size: int = int(image_size)
         self.eval_resize: str = str(eval_resize)  # how evaluation and recognition frame a picture (data.resize)
+        self.face_view: dict[str, Any] | None = dict(_plain(face_view)) if face_view else None  # trained on face views too (data.face_view)
         self.mean: tuple[float, ...] = tuple(float(x) for x in (mean if mean is not None else data_cfg["mean"]))
         self.std: tuple[float, ...] = tuple(float(x) for x in (std if std is not None else data_cfg["std"]))
         self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)

@@ -423,13 +423,17 @@ EMBEDDER_REGISTRY: dict[str, type[TorchEmbedder]] = {
 }
 
 
-def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, device: str | None = None) -> TorchEmbedder:
+def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, device: str | None = None) -> Any:
     """Embedder from config ``{kind: open_clip|timm|classifier, ...}`` on `device` (auto|cpu|cuda|mps; a ``device`` key in `cfg` wins).
 
-    A relative ``ckpt_path`` resolves against `base_dir` (a version folder).
+    A relative ``ckpt_path`` resolves against `base_dir` (a version folder). It runs on face + figure views
+    (`views.FaceFigureModel`) when ``face_view`` says so, or, without that key, when the classifier was trained on them.
     """
+    from .views import face_view_for, with_face_view
+
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
+    face_view = cfg.pop("face_view", None)
     if kind not in EMBEDDER_REGISTRY:
         raise ConfigError(f"embedder.kind={kind!r}: choose one of {sorted(EMBEDDER_REGISTRY)}")
     cfg["device"] = cfg.get("device") or device or "auto"
@@ -440,6 +444,7 @@ def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, d
         if base_dir is not None and not Path(ckpt).is_absolute():
             cfg["ckpt_path"] = str(Path(base_dir) / ckpt)
     try:
-        return EMBEDDER_REGISTRY[kind](**cfg)
+        emb = EMBEDDER_REGISTRY[kind](**cfg)
     except TypeError as exc:
         raise ConfigError(f"embedder ({kind}): bad option ({exc}); see conf/embedder/") from None
+    return with_face_view(emb, face_view_for(face_view, getattr(emb, "model", None) if kind == "classifier" else None))

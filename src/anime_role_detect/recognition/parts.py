@@ -72,6 +72,7 @@ class VersionParts:
     @property
     def embedder(self) -> Any:
         from .embedder import build_embedder
+        from .views import base_model_id, face_view_for, with_face_view
 
         def load() -> Any:
             ort = self.onnx
@@ -82,7 +83,11 @@ class VersionParts:
                     own = self.version_dir / own
                 if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
-                emb = ort.embedder(cfg, self.gallery.embedder_id, self.model_ckpt) if ort is not None else None
+                emb = ort.embedder(cfg, base_model_id(self.gallery.embedder_id), self.model_ckpt) if ort is not None else None
+                if emb is not None:  # the exported network on the same views the gallery was built with, else torch
+                    trained = self.classifier if cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
+                    emb = with_face_view(emb, face_view_for(cfg.get("face_view"), trained))
+                    emb = emb if emb.model_id == self.gallery.embedder_id else None
                 emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:
                 emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
@@ -104,15 +109,25 @@ class VersionParts:
         return self._part("classifier", load)
 
     @property
+    def face_view(self) -> Any:
+        """The version's face + figure views (`views.FaceViewSpec`): its gallery's ``face_view`` setting, else the classifier's training."""
+        from .views import face_view_for
+
+        setting = self.gallery.embedder_config.get("face_view") if self._file(GALLERY_META) is not None else None
+        return face_view_for(setting, self.classifier if self.model_ckpt is not None else None)
+
+    @property
     def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
         from .embedder import ClassifierEmbedder
+        from .views import with_face_view
 
         def load() -> Any:
             if self.model_ckpt is None:
                 raise ConfigError(NO_CLASSIFIER)
             ort = self.onnx
             clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
-            return clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
+            clf = clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
+            return with_face_view(clf, self.face_view)
 
         return self._part("classifier_input", load)
 

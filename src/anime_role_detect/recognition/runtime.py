@@ -192,6 +192,7 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
 
     from .config import RecognizerConfig
     from .pipeline import Recognizer
+    from .views import base_model_id
 
     src, out = Path(src), Path(out)
     rec = Recognizer.from_version(src, RecognizerConfig(runtime="torch", device="cpu", cache_size=0, version=None))
@@ -210,9 +211,9 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
 
         checks["classifier"] = classifier_forward
     gallery = rec.gallery if (src / GALLERY_META).is_file() else None
-    if gallery is not None and gallery.embedder_id != networks.get("classifier", {}).get("model_id"):
-        emb = rec.embedder  # also checks that the gallery was built by this embedder
-        networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
+    if gallery is not None and base_model_id(gallery.embedder_id) != networks.get("classifier", {}).get("model_id"):
+        emb = getattr(rec.embedder, "inner", rec.embedder)  # also checks that the gallery was built by this embedder; the
+        networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)  # network, not its views
         checks["embedder"] = lambda x: {EMBEDDING: emb.forward_features(x)}
     if not networks:
         raise ConfigError(f"{src} has neither a classifier ({MODEL}) nor a gallery to export")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..confutil import CONFIG_DIR, config_dirs as default_config_dirs
 from ..errors import ConfigError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, fingerprint
 from ..log import setup_logging, training_log
 from ..versionfiles import CONFIG
 
@@ -241,6 +241,26 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 
 
 # -- main -----------------------------------------------------------------------------------
+def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
+    """With ``data.face_view.enabled``, find each training picture's face once (cached beside the split manifest)
+    and train on it as one more sample; returns the spec the checkpoint records, so recognition uses the same views."""
+    if not getattr(datamodule, "face_view", None):
+        return None
+    from ..imageio import load_image
+    from ..recognition.views import FaceFinder, FaceViewSpec
+
+    spec = FaceViewSpec.from_mapping(datamodule.face_view)
+    manifest = Path(datamodule.split_path or datamodule.default_split_path())
+    root_key = fingerprint(str(Path(datamodule.root).resolve()))[:8]
+    cache = manifest.with_name(f"faces-{Path(datamodule.root).name}-{root_key}-{spec.key}.json")  # every seed's split shares it
+    t0 = time.perf_counter()
+    recs = datamodule.train_records
+    crops = FaceFinder(spec).regions_for_files(((r.file_name, r.path(datamodule.root)) for r in recs), cache, load_image)
+    n = datamodule.add_face_views(crops)
+    training_log.info(f"face views: {n} of {len(recs)} training pictures have a face ({time.perf_counter() - t0:.0f} s, cache {cache})")
+    return spec.to_dict()
+
+
 def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report.
 
@@ -260,6 +280,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    face_view = _add_face_views(datamodule)
     training_log.info(f"data: {datamodule.summary()}")
 
     # Data-derived arguments are passed in Python (not merged into the config) so the resolved
@@ -272,6 +293,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         class_weights=datamodule.class_weights,
         image_size=datamodule.image_size,
         eval_resize=datamodule.resize,
+        face_view=face_view,
         run_config=cfg_plain,
     )
     datamodule.set_normalization(model.mean, model.std)

@@ -22,12 +22,13 @@ from .base import (
     available_detectors,
     build_detector,
     crop_box,
+    crop_region,
     detector_kind,
     register_detector,
 )
 from .yolo import YoloDetector, torch_global_state_kept, ultralytics_offline
 
 __all__ = [
-    "Box", "Detector", "build_detector", "detector_kind", "register_detector", "available_detectors", "crop_box",
+    "Box", "Detector", "build_detector", "detector_kind", "register_detector", "available_detectors", "crop_box", "crop_region",
     "NoDetector", "YoloDetector", "AnimeFaceDetector", "MAKE_WEIGHTS_HINT", "ultralytics_offline", "torch_global_state_kept",
 ]

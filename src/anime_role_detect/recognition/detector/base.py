@@ -84,14 +84,12 @@ class Detector(Protocol):
     def detect(self, images: Sequence[Image.Image]) -> list[list[Box]]: ...
 
 
-def crop_box(image: Image.Image, box: Box, margin: float = 0.1) -> Image.Image:
-    """Crop `box` widened by `margin` x its width/height on each side (clipped to the image).
-
-    The margin keeps hair and accessories that identify a character but fall just outside a tight box.
-    """
+def crop_region(size: tuple[int, int], box: Box, margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The pixel region ``(x1, y1, x2, y2)`` of `box` widened by `margin` x its width/height on each side, clipped
+    to an image of `size`: what `crop_box` cuts (training's face views store it)."""
     if margin < 0:
         raise ConfigError(f"crop margin {margin} is negative; use a fraction such as 0.1")
-    w, h = image.size
+    w, h = size
     mx, my = box.width * margin, box.height * margin
     x1 = int(max(0, np.floor(box.x1 - mx)))
     y1 = int(max(0, np.floor(box.y1 - my)))
@@ -100,7 +98,15 @@ def crop_box(image: Image.Image, box: Box, margin: float = 0.1) -> Image.Image:
     if x2 - x1 < 1 or y2 - y1 < 1:  # degenerate/outside box: keep one pixel row/column inside the image
         x1, y1 = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
         x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
-    return image.crop((x1, y1, x2, y2))
+    return x1, y1, x2, y2
+
+
+def crop_box(image: Image.Image, box: Box, margin: float = 0.1) -> Image.Image:
+    """Crop `box` widened by `margin` x its width/height on each side (clipped to the image).
+
+    The margin keeps hair and accessories that identify a character but fall just outside a tight box.
+    """
+    return image.crop(crop_region(image.size, box, margin))
 
 
 # --------------------------------------------------------------------------------------------- registry

@@ -1,0 +1,192 @@
+"""Face + figure views: a character is recognised from its whole figure and, when a face is found, its face.
+
+A picture (or a detector's character crop) is the *figure* view; the best face a face detector
+(animeface by default) finds inside it, widened by a margin, is the *face* view. `FaceFigureModel`
+runs any embedder or classifier on both views in one batch and mixes them per picture: unit
+embeddings averaged and renormalised, class and tag probabilities averaged, the face weighted by
+`FaceViewSpec.weight`. A picture without a face found keeps its figure view alone, so hidden faces,
+backs and screenshots still get an answer. Training adds the face views as extra samples
+(`data.face_view`); the checkpoint records the spec so recognition and gallery building use the
+same views (`face_view_for`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError
+from ..fsutil import atomic_write_json
+from ..log import get_logger
+from .detector import Box, build_detector, crop_box, crop_region
+
+_log = get_logger("inference")
+
+DEFAULT_FACE_DETECTOR: dict[str, Any] = {"kind": "animeface", "min_likelihood": 0.5, "max_side": 512, "expand": 0.33, "max_det": 1}
+
+
+@dataclass(frozen=True)
+class FaceViewSpec:
+    """Whether to add a face view, how much it weighs against the figure, and how faces are found and cropped."""
+
+    enabled: bool = False
+    weight: float = 0.5        # the face view's share of a picture's scores when a face is found (1.0: face only)
+    margin: float = 0.1        # crop margin around the detector's (already expanded) face box
+    detector: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_FACE_DETECTOR))
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | bool | None) -> "FaceViewSpec":
+        """From a config mapping (unknown keys: one-line error), a bool (enabled) or None (off)."""
+        if cfg is None or isinstance(cfg, bool):
+            return cls(enabled=bool(cfg))
+        cfg = dict(cfg)
+        unknown = sorted(set(cfg) - {"enabled", "weight", "margin", "detector"})
+        if unknown:
+            raise ConfigError(f"face_view: unknown key(s) {', '.join(unknown)}; choose from enabled, weight, margin, detector")
+        weight = float(cfg.get("weight", 0.5))
+        if not 0.0 <= weight <= 1.0:
+            raise ConfigError(f"face_view.weight={weight} must be in [0, 1] (the face view's share; 1.0 = face only)")
+        margin = float(cfg.get("margin", 0.1))
+        if margin < 0:
+            raise ConfigError(f"face_view.margin={margin} is negative; use a fraction such as 0.1")
+        detector = {**DEFAULT_FACE_DETECTOR, **dict(cfg.get("detector") or {})}
+        return cls(bool(cfg.get("enabled", False)), weight, margin, detector)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "detector": dict(self.detector)}
+
+    @property
+    def key(self) -> str:
+        """Short fingerprint of how faces are found and cropped (cache files and model ids)."""
+        return hashlib.sha1(json.dumps({"m": self.margin, "d": dict(self.detector)}, sort_keys=True).encode()).hexdigest()[:8]
+
+
+class FaceFinder:
+    """The best face inside each picture (a `Box`, or None), and its crop."""
+
+    def __init__(self, spec: FaceViewSpec) -> None:
+        self.spec = spec
+        self.detector = build_detector(dict(spec.detector))
+
+    def boxes(self, images: Sequence[Image.Image]) -> list[Box | None]:
+        return [found[0] if found else None for found in self.detector.detect(list(images))]
+
+    def crop(self, image: Image.Image, box: Box | None) -> Image.Image | None:
+        return None if box is None else crop_box(image, box, self.spec.margin)
+
+    def faces(self, images: Sequence[Image.Image]) -> list[Image.Image | None]:
+        return [self.crop(im, b) for im, b in zip(images, self.boxes(images))]
+
+    def regions_for_files(self, files: Iterable[tuple[str, Path]], cache: Path | None,
+                          load: Callable[[Path], Image.Image]) -> dict[str, list[int] | None]:
+        """The face view's pixel region ``[x1, y1, x2, y2]`` (what `crop` cuts; None: no face) per dataset file name;
+        found once and kept in `cache` (JSON keyed by name, file size and mtime, written atomically every 50 new
+        pictures, so an interrupted run resumes)."""
+        seen: dict[str, Any] = {}
+        if cache is not None and cache.is_file():
+            try:
+                seen = json.loads(cache.read_text())
+            except (OSError, ValueError) as exc:
+                _log.warning(f"face box cache {cache} is unreadable ({exc}); finding faces again")
+        out: dict[str, list[int] | None] = {}
+        new = 0
+        for name, path in files:
+            st = path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            hit = seen.get(name)
+            if isinstance(hit, dict) and hit.get("stamp") == stamp:
+                out[name] = hit.get("box")
+                continue
+            image = load(path)
+            box = self.boxes([image])[0]
+            out[name] = None if box is None else list(crop_region(image.size, box, self.spec.margin))
+            seen[name] = {"stamp": stamp, "box": out[name]}
+            new += 1
+            if cache is not None and new % 50 == 0:
+                atomic_write_json(cache, seen, indent=None)
+        if cache is not None and new:
+            atomic_write_json(cache, seen, indent=None)
+        return out
+
+
+def _mix(figure: np.ndarray, face: np.ndarray, idx: Sequence[int], weight: float) -> np.ndarray:
+    out = figure.astype(np.float32, copy=True)
+    if len(idx):
+        out[list(idx)] = (1.0 - weight) * figure[list(idx)] + weight * face
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class FaceFigureModel:
+    """Any embedder or classifier (torch or ONNX Runtime) run on each picture's figure and face views, mixed.
+
+    Exposes what the wrapped object does (`embed`, `heads`, `embed_with_heads`; every other attribute is
+    the wrapped one's), so galleries, recognition and the ONNX path use it unchanged.
+    """
+
+    def __init__(self, inner: Any, spec: FaceViewSpec, finder: FaceFinder | None = None) -> None:
+        self.inner, self.spec = inner, spec
+        self.finder = finder or FaceFinder(spec)
+        self.model_id = f"{inner.model_id}{FACE_ID_SUFFIX}{spec.weight:g}:{spec.key}"
+        self.dim = inner.dim
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _views(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+        faces = self.finder.faces(images)
+        idx = [i for i, f in enumerate(faces) if f is not None]
+        return list(images) + [faces[i] for i in idx], idx  # type: ignore[misc]
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        batch, idx = self._views(images)
+        e = self.inner.embed(batch)
+        n = len(images)
+        return _unit(_mix(e[:n], e[n:], idx, self.spec.weight))
+
+    def heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        batch, idx = self._views(images)
+        probs, tags = self.inner.heads(batch)
+        n = len(images)
+        return _mix(probs[:n], probs[n:], idx, self.spec.weight), (None if tags is None else _mix(tags[:n], tags[n:], idx, self.spec.weight))
+
+    def embed_with_heads(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        batch, idx = self._views(images)
+        e, probs, tags = self.inner.embed_with_heads(batch)
+        n, w = len(images), self.spec.weight
+        return (_unit(_mix(e[:n], e[n:], idx, w)), _mix(probs[:n], probs[n:], idx, w),
+                None if tags is None else _mix(tags[:n], tags[n:], idx, w))
+
+
+FACE_ID_SUFFIX = "+face"
+
+
+def base_model_id(model_id: str) -> str:
+    """The wrapped network's own model id (the exported ONNX file's) of a face + figure `model_id`."""
+    return str(model_id).split(FACE_ID_SUFFIX, 1)[0]
+
+
+def face_view_for(setting: Mapping[str, Any] | bool | None, classifier: Any = None) -> FaceViewSpec:
+    """The spec in force: an explicit `setting` (a gallery's or the config's ``face_view``) wins, else what the
+    classifier was trained with (its checkpoint's ``face_view``), else off."""
+    if setting is not None:
+        return FaceViewSpec.from_mapping(setting)
+    return FaceViewSpec.from_mapping(getattr(classifier, "face_view", None))
+
+
+def with_face_view(obj: Any, spec: FaceViewSpec) -> Any:
+    """`obj` run on face + figure views when `spec` is enabled (never wrapped twice), else `obj` itself."""
+    if not spec.enabled or isinstance(obj, FaceFigureModel):
+        return obj
+    return FaceFigureModel(obj, spec)

@@ -1,0 +1,183 @@
+"""Face + figure views (`data.face_view`, `recognition/views.py`): training adds each picture's face (found by the real
+animeface detector) as a sample, the checkpoint records it, and recognition, gallery building and ONNX Runtime run
+every picture on its figure and, when a face is found, its face, mixed; a picture whose face is hidden is answered
+from its figure."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from anime_role_detect.data.synthetic import generate_dataset, load_characters, render_character
+from anime_role_detect.recognition.views import FaceFigureModel, FaceFinder, FaceViewSpec
+
+from .helpers import compose, infer_cfg
+
+SIZE = 256  # animeface finds about 6 in 10 synthetic faces at 256 px (none at 128)
+
+
+@pytest.fixture(scope="module")
+def face_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("face_data") / "chars"
+    generate_dataset(root, n_characters=6, images_per_character=24, size=SIZE, seed=3, twin_fraction=0.5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def face_trained(tmp_path_factory, face_data) -> tuple[Path, Path]:
+    """(checkpoint, split dir) of a tiny classifier trained by `training.train` with ``data.face_view.enabled=true``."""
+    import torch
+
+    from anime_role_detect.training import train
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("face_train")
+    cfg = compose("train", [
+        f"paths.root_dir={root}", f"paths.output_dir={root / 'out'}", f"data.root={face_data}", "data.synthetic=null",
+        f"data.split_dir={root / 'splits'}", "data.image_size=64", "data.batch_size=16", "model=tiny", "trainer=cpu",
+        "trainer.max_epochs=6", "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv",
+        "log.console_level=WARNING", "model.optimizer.lr=3e-3", "evaluate=false", "data.face_view.enabled=true",
+    ])
+    return Path(train(cfg).ckpt_path), root / "splits"
+
+
+@pytest.fixture(scope="module")
+def face_version(tmp_path_factory, face_data, face_trained) -> Path:
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    out = tmp_path_factory.mktemp("face_version") / "v1"
+    build_recognition_folder(face_data, out, infer_cfg(["embedder=classifier", "tagger=none"]), model_ckpt=face_trained[0],
+                             val_fraction=0.25, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def renders(face_data) -> list[tuple[Image.Image, str, tuple[int, int, int, int]]]:
+    """Unseen renders of the training characters: (image, character, figure box)."""
+    rng = random.Random(77)
+    return [(*render_character(spec, rng, SIZE), spec.name) for spec in load_characters(face_data) for _ in range(8)]  # type: ignore[misc]
+
+
+def _recognizer(version: Path, **cfg):
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    return Recognizer.from_version(version, {"cache_size": 0, "detector": None, "rerank": False, "openset": {"enabled": False}, **cfg})
+
+
+def test_training_adds_each_face_and_the_checkpoint_records_the_views(face_trained):
+    from anime_role_detect.recognition.embedder import load_classifier
+
+    ckpt, splits = face_trained
+    model = load_classifier(ckpt, device="cpu")
+    spec = FaceViewSpec.from_mapping(model.face_view)
+    assert spec.enabled and spec.weight == 0.5 and spec.detector["kind"] == "animeface"
+    caches = list(splits.glob("faces-*.json"))
+    assert len(caches) == 1, caches
+    import json
+
+    found = json.loads(caches[0].read_text())
+    with_face = [v["box"] for v in found.values() if v["box"] is not None]
+    assert len(found) >= 100 and len(with_face) >= 0.3 * len(found), (len(found), len(with_face))
+    x1, y1, x2, y2 = with_face[0]
+    assert 0 <= x1 < x2 <= SIZE and 0 <= y1 < y2 <= SIZE and (x2 - x1) < SIZE  # a face region, not the whole picture
+
+
+def test_face_regions_are_found_once_and_read_back_from_the_cache(tmp_path, face_data):
+    from anime_role_detect.imageio import load_image
+
+    files = [(p.relative_to(face_data).as_posix(), p) for p in sorted(face_data.glob("*/*.png"))[:12]]
+    cache = tmp_path / "faces.json"
+    first = FaceFinder(FaceViewSpec(enabled=True)).regions_for_files(files, cache, load_image)
+    again = FaceFinder(FaceViewSpec(enabled=True))
+
+    class Refuses:
+        def detect(self, images):
+            raise AssertionError("the cache should have answered")
+
+    again.detector = Refuses()
+    assert again.regions_for_files(files, cache, load_image) == first
+    touched = files[0][1]
+    touched.write_bytes(touched.read_bytes())  # a changed file (new mtime) is looked at again
+    with pytest.raises(AssertionError, match="cache should have answered"):
+        again.regions_for_files(files, cache, load_image)
+
+
+def test_views_mix_the_figure_and_the_face_and_a_faceless_picture_keeps_its_figure(face_trained, renders):
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+
+    inner = ClassifierEmbedder(str(face_trained[0]), device="cpu")
+    spec = FaceViewSpec(enabled=True, weight=0.3)
+    views = FaceFigureModel(inner, spec)
+    finder = FaceFinder(spec)
+    with_face = next(img for img, _, _ in renders if finder.boxes([img])[0] is not None)
+    blank = Image.new("RGB", (SIZE, SIZE), (200, 210, 220))
+    assert finder.boxes([blank]) == [None]
+    face = finder.faces([with_face])[0]
+    assert face is not None and face.width < with_face.width
+    got = views.embed([with_face, blank])
+    fig, fc, bl = inner.embed([with_face, face, blank])
+    mixed = 0.7 * fig + 0.3 * fc
+    np.testing.assert_allclose(got[0], mixed / np.linalg.norm(mixed), atol=1e-5)
+    np.testing.assert_allclose(got[1], bl, atol=1e-5)
+    probs, _ = views.heads([with_face, blank])
+    p = inner.heads([with_face, face, blank])[0]
+    np.testing.assert_allclose(probs[0], 0.7 * p[0] + 0.3 * p[1], atol=1e-5)
+    np.testing.assert_allclose(probs[1], p[2], atol=1e-5)
+    assert views.model_id.startswith(inner.model_id + "+face") and views.dim == inner.dim
+
+
+def _hide_face(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The picture with the head of its figure painted over (the generator draws it at 30% of the figure's height)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cx, cy = x0 + w / 2, y0 + 0.3 * h
+    out = img.copy()
+    ImageDraw.Draw(out).rectangle([cx - 0.34 * w, cy - 0.3 * w, cx + 0.34 * w, cy + 0.3 * w], fill=(128, 128, 128))
+    return out
+
+
+def test_a_picture_whose_face_is_hidden_is_answered_from_its_figure(face_version, renders):
+    """The version recognises on two views by default (its checkpoint says so); a picture whose face is painted
+    over has no face view, so it is answered from the figure alone, and still named better than chance."""
+    rec = _recognizer(face_version)
+    assert isinstance(rec.embedder, FaceFigureModel) and isinstance(rec.classifier_transform, FaceFigureModel)
+    assert rec.gallery.embedder_id == rec.embedder.model_id
+    finder = rec.embedder.finder
+    hidden = [(_hide_face(img, box), name) for img, box, name in renders if finder.boxes([img])[0] is not None]
+    hidden = [(img, name) for img, name in hidden if finder.boxes([img])[0] is None]
+    assert len(hidden) >= 10, len(hidden)
+    figure_only = _recognizer(face_version)
+    figure_only._loaded["embedder"] = rec.embedder.inner  # the same networks without the face view
+    figure_only._loaded["classifier_input"] = rec.classifier_transform.inner
+    chance = 1 / len(rec.gallery.characters())
+    for mode in ("clip", "model", "fusion"):
+        got = rec.recognize_batch([(img, "hidden.png") for img, _ in hidden], mode=mode)
+        same = figure_only.recognize_batch([(img, "hidden.png") for img, _ in hidden], mode=mode)
+        assert [a.role for a in got] == [a.role for a in same], mode
+        assert [a.similarity for a in got] == pytest.approx([a.similarity for a in same], abs=1e-4), mode
+        top1 = float(np.mean([a.role == y for a, (_, y) in zip(got, hidden)]))
+        assert top1 >= 2 * chance, (mode, top1)
+
+
+def test_face_views_run_on_onnx_runtime_with_the_same_answers(tmp_path, face_version, renders):
+    """The exported classifier is wrapped in the same views: same gallery id, same answers as torch."""
+    import shutil
+
+    from anime_role_detect.fsutil import atomic_write_json
+    from anime_role_detect.recognition.runtime import ONNX_META, export_folder
+
+    version = tmp_path / "v-onnx"
+    shutil.copytree(face_version, version)
+    atomic_write_json(version / ONNX_META, export_folder(version, version))
+    onnx = _recognizer(version, runtime="onnx")
+    torch_rec = _recognizer(version, runtime="torch")
+    assert type(onnx.embedder.inner).__name__ == "OnnxClassifier" and onnx.embedder.model_id == onnx.gallery.embedder_id
+    items = [(img, "x.png") for img, _, _ in renders[:24]]
+    for mode in ("clip", "model"):
+        a = [r.role for r in onnx.recognize_batch(items, mode=mode)]
+        b = [r.role for r in torch_rec.recognize_batch(items, mode=mode)]
+        assert np.mean([x == y for x, y in zip(a, b)]) >= 0.95, mode
