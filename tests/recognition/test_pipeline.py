@@ -157,6 +157,31 @@ def test_enroll_and_remove_without_retraining(version_dir, tmp_path, rec_data, t
     assert not any(a.role == "stranger" for a in gone)
 
 
+def test_five_shot_enrolment_beats_the_frozen_imagenet_baseline(version_dir, tmp_path, rec_data, test_images):
+    """A character held out of training, enrolled from 5 pictures without retraining: the trained version names it
+    more often than a gallery of frozen ImageNet Lite0 features built from the same pictures (same shots, same probes),
+    and keeps naming the trained characters."""
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    frozen = tmp_path / "frozen"
+    build_recognition_folder(rec_data, frozen, infer_cfg(["embedder=lite0", "tagger=none"]), val_fraction=0.25, seed=0)
+    trained = tmp_path / "trained"
+    shutil.copytree(version_dir, trained)
+    stranger = _stranger(load_characters(rec_data))
+    rng = random.Random(21)
+    shots = [render_character(stranger, rng, 96)[0] for _ in range(5)]
+    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(24)]
+    top1 = {}
+    for name, folder in (("frozen", frozen), ("trained", trained)):
+        rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
+        rec.enroll("stranger", "series_z", shots)
+        top1[name] = np.mean([a.role == "stranger" for a in rec.recognize_batch(probe, mode="clip", rerank=False)])
+        if name == "trained":
+            known = rec.recognize_batch([(im, "k.png") for im, _ in test_images], mode="clip", rerank=False)
+            assert accuracy(known, [y for _, y in test_images]) >= 0.5
+    assert top1["trained"] >= top1["frozen"] + 0.08, top1  # measured: 0.67 vs 0.50 of 24 probes
+
+
 def test_cache_returns_the_same_answer_and_feature_sink_gets_embeddings(version_dir, test_images):
     rec = Recognizer.from_version(version_dir, infer_cfg())
     img = test_images[0][0]
