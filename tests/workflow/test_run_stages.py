@@ -78,3 +78,15 @@ def test_json_list_overrides_become_hydra_overrides():
     assert [dict(c) for c in cfg.characters] == [{"name": "Hoshino", "series": "Blue Archive"},
                                                  {"name": "Rem", "tag": "rem_(re:zero)", "limit": 5}]
     assert list(cfg.extra_datasets) == ["/data/it's here, [v2]"] and list(cfg.train.overrides) == ["data=folder", "~experiment"]
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_workflow_face_view_reaches_the_training_config(tmp_path, on):
+    """`train.face_view` (the workflow's one switch for face + figure views) becomes ``data.face_view.enabled``."""
+    from anime_role_detect.workflow.context import RunContext
+    from anime_role_detect.workflow.training_bridge import compose_train_config
+
+    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", f"train.face_view={on}"])
+    ctx = RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
+    tcfg = compose_train_config(ctx, None)
+    assert tcfg.data.face_view.enabled is on and tcfg.data.face_view.detector.kind == "animeface"

@@ -57,7 +57,8 @@ def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfi
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
     tcfg = ctx.cfg.train
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
-              "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed)}
+              "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
+              "face_view": str(bool(tcfg.get("face_view", False))).lower()}
     overrides = [str(o) for o in tcfg.get("overrides") or []]
     overrides += [str(b).format(**values) for b in tcfg.bind]
     log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
