@@ -125,3 +125,23 @@ def test_finetune_overrides_must_name_values_not_sections(tmp_path, train_tiny):
     assert cfg.model.backbone.name == "resnet10t" and cfg.data.image_size == 32  # the checkpoint's own model
     with pytest.raises(ConfigError, match="config section"):
         finetune_config(ckpt, data, tmp_path / "work", FinetunePolicy(overrides=["trainer=gpu"]))
+
+
+def test_finetune_keeps_the_live_classifiers_framing_and_face_views(tmp_path):
+    """A classifier trained on face + figure views with letterboxing is fine-tuned the same way, so the fused version's
+    gallery and recognition keep mixing the same views (`data.face_view` and `data.resize` from the checkpoint)."""
+    import lightning as L
+
+    from anime_role_detect.fusion.finetune import finetune_config
+    from anime_role_detect.models.classifier import CharacterClassifier
+
+    face_view = {"enabled": True, "weight": 0.4, "margin": 0.1, "detector": {"kind": "animeface", "min_likelihood": 0.5}}
+    model = CharacterClassifier(["a", "b"], backbone={"name": "resnet10t", "pretrained": False, "weights_path": None},
+                                image_size=32, eval_resize="letterbox", face_view=face_view)
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "live.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cfg = finetune_config(ckpt, tmp_path / "data", tmp_path / "work", FinetunePolicy())
+    assert cfg.data.resize == "letterbox" and cfg.data.image_size == 32
+    assert cfg.data.face_view.enabled is True and cfg.data.face_view.weight == 0.4
