@@ -6,6 +6,7 @@ from its figure."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,15 @@ def test_face_views_run_on_onnx_runtime_with_the_same_answers(tmp_path, face_ver
         a = [r.role for r in onnx.recognize_batch(items, mode=mode)]
         b = [r.role for r in torch_rec.recognize_batch(items, mode=mode)]
         assert np.mean([x == y for x, y in zip(a, b)]) >= 0.95, mode
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"enabled": True, "weight": 1.5}, "face_view.weight=1.5 must be in"),
+    ({"enabled": True, "margin": -0.1}, "face_view.margin=-0.1 is negative"),
+    ({"enabled": True, "wieght": 0.5}, "unknown key(s) wieght"),
+])
+def test_a_bad_face_view_setting_is_a_one_line_error(cfg, needle):
+    from anime_role_detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        FaceViewSpec.from_mapping(cfg)

@@ -140,8 +140,9 @@ def finetune_config(ckpt: Path, dataset: Path, work: Path, policy: FinetunePolic
     cfg.data.root = str(dataset)
     cfg.data.synthetic = None
     cfg.data.image_size = int(hp.get("image_size", cfg.data.image_size))
-    cfg.data.resize = str(hp.get("eval_resize") or cfg.data.resize)  # the same framing and views as the live classifier,
-    if hp.get("face_view"):                                         # so its gallery and recognition stay consistent
+    # the same framing and views as the live classifier, so its gallery and recognition stay consistent
+    cfg.data.resize = str(hp.get("eval_resize") or cfg.data.resize)
+    if hp.get("face_view"):
         cfg.data.face_view = OmegaConf.create(dict(hp["face_view"]))
     cfg.trainer.max_epochs = policy.epochs
     cfg.paths.output_dir = str(work / "train")

@@ -212,8 +212,10 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
         checks["classifier"] = classifier_forward
     gallery = rec.gallery if (src / GALLERY_META).is_file() else None
     if gallery is not None and base_model_id(gallery.embedder_id) != networks.get("classifier", {}).get("model_id"):
-        emb = getattr(rec.embedder, "inner", rec.embedder)  # also checks that the gallery was built by this embedder; the
-        networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)  # network, not its views
+        # rec.embedder also checks that the gallery was built by this embedder; the export is the bare network,
+        # not its face + figure views (ONNX Runtime sessions are wrapped in the same views when loaded)
+        emb = getattr(rec.embedder, "inner", rec.embedder)
+        networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
         checks["embedder"] = lambda x: {EMBEDDING: emb.forward_features(x)}
     if not networks:
         raise ConfigError(f"{src} has neither a classifier ({MODEL}) nor a gallery to export")

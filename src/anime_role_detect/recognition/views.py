@@ -28,6 +28,8 @@ from .detector import Box, build_detector, crop_box, crop_region
 
 _log = get_logger("inference")
 
+#: What a face + figure model id adds to its network's id (`FaceFigureModel.model_id`, `base_model_id`).
+FACE_ID_SUFFIX = "+face"
 DEFAULT_FACE_DETECTOR: dict[str, Any] = {"kind": "animeface", "min_likelihood": 0.5, "max_side": 512, "expand": 0.33, "max_det": 1}
 
 
@@ -167,9 +169,6 @@ class FaceFigureModel:
         n, w = len(images), self.spec.weight
         return (_unit(_mix(e[:n], e[n:], idx, w)), _mix(probs[:n], probs[n:], idx, w),
                 None if tags is None else _mix(tags[:n], tags[n:], idx, w))
-
-
-FACE_ID_SUFFIX = "+face"
 
 
 def base_model_id(model_id: str) -> str:
