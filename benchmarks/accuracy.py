@@ -47,6 +47,7 @@ SYNTHETIC = "sameface"
 RECIPES: dict[str, list[str]] = {
     "recipe": [],
     "identity": ["model.embedding.dim=256"],
+    "supcon": ["model.embedding.dim=256", "model.embedding.loss=supcon", "data.balance=pk"],  # in-batch, P x K batches
     "letterbox": ["data.resize=letterbox"],
     "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],

@@ -41,6 +41,44 @@ def test_margin_loss_separates_characters_with_a_margin(loss):
     assert float((own - other).median()) > 0.2
 
 
+def test_supcon_pulls_each_character_together_without_centres():
+    """SupCon on P x K batches of overlapping characters: the loss falls, and each picture's nearest other picture is
+    of its own character far more often than in the raw features, where pose-like nuisance dimensions dominate; it
+    keeps no per-character centres."""
+    from anime_role_detect.data.samplers import PKSampler
+    from anime_role_detect.models.metric import supcon_loss
+
+    torch.manual_seed(0)
+    centres = torch.randn(6, 8)
+    y = torch.arange(6).repeat_interleave(40)
+    feats = torch.cat([centres[y] + 0.5 * torch.randn(len(y), 8), 3.0 * torch.randn(len(y), 24)], dim=1)
+    head = IdentityHead(32, 6, EmbeddingSpec(dim=16, loss="supcon", temperature=0.1))
+    assert head.centres is None and sum(p.numel() for p in head.parameters()) == 32 * 16 + 16
+    sampler = PKSampler(y.tolist(), batch_size=24, per_class=4, seed=0)
+    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    losses = []
+    for _ in range(15):
+        order = torch.tensor(list(sampler)).view(-1, sampler.batch_size)
+        for idx in order:
+            opt.zero_grad()
+            loss_value = head.loss(head(feats[idx]), y[idx])
+            loss_value.backward()
+            opt.step()
+            losses.append(float(loss_value.detach()))
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+
+    def nn1(x: torch.Tensor) -> float:
+        x = torch.nn.functional.normalize(x, dim=1)
+        sim = (x @ x.t()).fill_diagonal_(-2)
+        return float((y[sim.argmax(1)] == y).float().mean())
+
+    with torch.no_grad():
+        assert nn1(head(feats)) > nn1(feats) + 0.1
+    assert float(supcon_loss(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.tensor([0, 1, 2]), 0.1)) == 0.0
+    with pytest.raises(ValueError, match="no per-character centres"):
+        head.cosines(head(feats[:2]))
+
+
 def test_classifier_with_identity_head_gives_its_embedding_to_the_gallery(tmp_path):
     """`embed` and `outputs` give the unit identity embedding (size `embedding.dim`); the heads still read pooled
     features; the checkpoint reloads it and `ClassifierEmbedder` searches it with the same id rules as before."""
@@ -89,3 +127,5 @@ def test_bad_embedding_config_is_a_one_line_error():
         CharacterClassifier(["a", "b"], backbone=TINY, embedding={"dim": 8, "loss": "triplet"})
     with pytest.raises(ConfigError, match="unknown key"):
         CharacterClassifier(["a", "b"], backbone=TINY, embedding={"dim": 8, "margn": 0.3})
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        CharacterClassifier(["a", "b"], backbone=TINY, embedding={"dim": 8, "loss": "supcon", "temperature": 0})

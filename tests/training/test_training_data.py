@@ -120,6 +120,34 @@ def test_balancing_modes(synthetic_root, tmp_path):
     assert share > 0.06  # ~1/8 with the balanced sampler vs 5/150 without
 
 
+def test_pk_batches_hold_k_pictures_of_p_characters(synthetic_root, tmp_path):
+    """balance=pk: every training batch is P characters x K pictures (what a contrastive identity loss needs), a
+    skewed character is drawn as often as the others, an epoch is about one pass, and a seed repeats its order."""
+    root = tmp_path / "skewed"
+    shutil.copytree(synthetic_root, root)
+    for p in sorted((root / "char_01").glob("*.png"))[3:]:
+        p.unlink()  # char_01: 3 pictures (fewer than K: reused), the others 24
+    dm = _dm(root, tmp_path, balance="pk", pk_per_class=4, batch_size=18)  # P = 18 // 4 = 4 characters, 16 a batch
+    loader = dm.train_dataloader()
+    batches = [b[1] for b in loader]
+    n_train = len(dm.train_records)
+    assert all(len(y) == 16 for y in batches) and abs(len(batches) * 16 - n_train) < 16
+    for y in batches:
+        counts = Counter(y.tolist())
+        assert len(counts) == 4 and set(counts.values()) == {4}
+    seen = Counter(int(c) for y in batches for c in set(y.tolist()))
+    assert seen[dm.class_to_idx["char_01"]] >= 0.5 * len(batches) * 4 / len(dm.class_names)
+    again = CharacterDataModule(str(root), split_dir=str(tmp_path / "splits"), image_size=64, balance="pk", pk_per_class=4,
+                                batch_size=18)
+    again.setup("fit")
+    sampler, sampler2 = loader.sampler, again.train_dataloader().sampler
+    assert list(sampler2) == list(sampler.__class__(sampler.labels, 18, 4, sampler.seed))  # same seed, same first epoch
+    with pytest.raises(ConfigError, match="pk_per_class"):
+        CharacterDataModule(str(root), balance="pk", pk_per_class=8, batch_size=12)
+    with pytest.raises(ConfigError, match="pk_per_class"):
+        CharacterDataModule(str(root), balance="pk", pk_per_class=1)
+
+
 def test_transforms_shapes_and_normalisation():
     img = Image.new("RGB", (120, 90), (255, 0, 0))
     t = build_eval_transform(64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(img)

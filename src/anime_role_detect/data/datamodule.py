@@ -24,9 +24,10 @@ from ..imageio import load_image
 from ..log import training_log
 from .dedupe import assign_duplicate_groups
 from .layout import ImageRecord, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
+from .samplers import PKSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, check_resize
 
-BALANCE_MODES = ("none", "class_weights", "sampler")
+BALANCE_MODES = ("none", "class_weights", "sampler", "pk")
 
 
 class CharacterImageDataset(Dataset):
@@ -91,6 +92,7 @@ class CharacterDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         resize: str = "center_crop",
         face_view: Mapping[str, Any] | None = None,
+        pk_per_class: int = 4,
     ) -> None:
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -105,6 +107,9 @@ class CharacterDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.augment = dict(augment or {})
         self.balance = balance
+        self.pk_per_class = int(pk_per_class)  # K of balance=pk: pictures per character in a batch
+        if balance == "pk":
+            PKSampler([0, 1], self.batch_size, self.pk_per_class)  # checks batch_size and K now, as a one-line error
         self.dedupe_max_distance = dedupe_max_distance
         self.skip_unreadable = bool(skip_unreadable)
         self.split_dir = split_dir
@@ -280,10 +285,10 @@ class CharacterDataModule(L.LightningDataModule):
         )
         return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops)
 
-    def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -294,12 +299,16 @@ class CharacterDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         records, crops = self._train_items()
-        sampler = None
-        if self.balance == "sampler":
+        sampler, batch_size = None, None
+        if self.balance == "pk":
+            labels = [self.class_to_idx[r.character] for r in records]
+            sampler = PKSampler(labels, self.batch_size, self.pk_per_class, self.seed)
+            batch_size = sampler.batch_size
+        elif self.balance == "sampler":
             counts = Counter(r.character for r in records)
             weights = [1.0 / max(1, counts[r.character]) for r in records]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=torch.Generator().manual_seed(self.seed))
-        return self._loader(self._dataset(records, train=True, crops=crops), shuffle=True, sampler=sampler)
+        return self._loader(self._dataset(records, train=True, crops=crops), shuffle=True, sampler=sampler, batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.val_records, train=False), shuffle=False)
