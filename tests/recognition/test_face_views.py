@@ -194,3 +194,16 @@ def test_a_bad_face_view_setting_is_a_one_line_error(cfg, needle):
 
     with pytest.raises(ConfigError, match=re.escape(needle)):
         FaceViewSpec.from_mapping(cfg)
+
+
+def test_a_mistyped_face_view_key_fails_even_when_the_views_are_off(tmp_path):
+    """`data.face_view` is checked before training whether or not it is enabled: a typo never passes silently."""
+    from anime_role_detect.data.datamodule import CharacterDataModule
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.training import _add_face_views
+
+    off = CharacterDataModule(str(tmp_path), face_view={"enabled": False, "weight": 0.5})
+    assert _add_face_views(off) is None
+    typo = CharacterDataModule(str(tmp_path), face_view={"enabled": False, "wieght": 0.5})
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) wieght")):
+        _add_face_views(typo)

@@ -118,6 +118,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = bool(pin_memory)
         self.resize = check_resize(resize)
+        self.face_view_setting = dict(face_view) if face_view else None  # as configured: training checks it, on or off
         self.face_view = dict(face_view) if face_view and face_view.get("enabled") else None  # training adds the views
         self.face_crops: dict[str, tuple[float, float, float, float]] = {}
         self.class_names: list[str] = []

@@ -244,10 +244,12 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     """With ``data.face_view.enabled``, find each training picture's face once (cached beside the split manifest)
     and train on it as one more sample; returns the spec the checkpoint records, so recognition uses the same views."""
+    from ..recognition.views import FaceFinder, FaceViewSpec
+
+    FaceViewSpec.from_mapping(getattr(datamodule, "face_view_setting", None))  # a mistyped key fails even when off
     if not getattr(datamodule, "face_view", None):
         return None
     from ..imageio import load_image
-    from ..recognition.views import FaceFinder, FaceViewSpec
 
     spec = FaceViewSpec.from_mapping(datamodule.face_view)
     manifest = Path(datamodule.split_path or datamodule.default_split_path())
