@@ -14,6 +14,13 @@ read from conf/workflow.yaml so "recipe" is always what the workflow trains toda
   (known val pictures vs the unseen characters' pictures);
 * CPU minutes of training per run (user + system, this process and its workers).
 
+**Test pictures** (`--test-fraction`, default 0.2): before training, a leak-free share of each known character's
+pictures (near-duplicates kept together, by the data module's own pHash grouping) is set aside; the run trains,
+early-stops, calibrates its open-set threshold and picks its default mode on the rest, and every closed-set figure,
+known-refused share and "others" figure is scored on the set-aside pictures only, which no step of building the
+version has seen. `--test-fraction 0` scores on the version's own held-out pictures (the protocol before this
+option: there the default mode is chosen on the pictures it is scored on).
+
 Baseline, same split, same run: frozen ImageNet Lite0 features in the same gallery (the data README's family
 of recipe), built and queried through the same code. Pictures per set land in ``--out``: open-set score
 histograms (known vs unseen, threshold drawn), per-character top-1 bars, and the confusion matrix.
@@ -72,6 +79,7 @@ class Run:
     seed: int
     recipe: str
     protocol: str
+    test_fraction: float = 0.0  # share of pictures set aside before training and scored (0: the version's own val)
     top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 on known characters' val pictures
     default_mode: str = ""
     false_reject: float = float("nan")  # known pictures answered unknown (default mode, open-set on)
@@ -111,16 +119,31 @@ def held_out_characters(root: Path, seed: int) -> list[str]:
     return sorted(np.random.default_rng(1000 + seed).choice(names, HELD_OUT, replace=False).tolist())
 
 
-def subset(root: Path, drop: Sequence[str], out: Path) -> Path:
-    """`root` without the characters in `drop` (hard links)."""
+def subset(root: Path, drop: Sequence[str], out: Path, keep_files: set[str] | None = None) -> Path:
+    """`root` without the characters in `drop` (and, with `keep_files`, only those files), as hard links."""
     from anime_role_detect.data.layout import scan_dataset
     from anime_role_detect.fsutil import link_or_copy
 
     if not out.is_dir():
         for r in scan_dataset(root):
-            if r.character not in drop:
+            if r.character not in drop and (keep_files is None or r.file_name in keep_files):
                 link_or_copy(r.path(root), out / r.file_name)
     return out
+
+
+def set_aside_test(root: Path, seed: int, fraction: float, cache: Path) -> tuple[list[str], list[str]]:
+    """(pool, test) file names of `root`: a stratified, near-duplicate-aware share `fraction` set aside for scoring."""
+    from anime_role_detect.data.dedupe import assign_duplicate_groups
+    from anime_role_detect.data.layout import scan_dataset, stratified_group_split
+
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        return got["pool"], got["test"]
+    records = scan_dataset(root)
+    assign_duplicate_groups(records, root, 8)
+    split = stratified_group_split(records, fraction, 7919 + seed)  # not the training split's seed stream
+    atomic_write_json(cache, {"pool": split.train, "test": split.val})
+    return split.train, split.val
 
 
 # -- train / build / evaluate -----------------------------------------------------------------------
@@ -262,25 +285,30 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
 
 
 def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
-            extra: Sequence[str], variants: Sequence[str] = ()) -> list[Run]:
+            extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0) -> list[Run]:
     """The recipe's run and the frozen baseline on the same split: [baseline, recipe, recipe+variant...]."""
     held = held_out_characters(root, seed) if protocol == "unseen" else []
-    train_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
-    tag = f"{name}/{protocol}/s{seed}"
+    known_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
+    tag = f"{name}/{protocol}/s{seed}" + (f"/t{test_fraction:g}" if test_fraction else "")
+    train_root, test = known_root, None
+    if test_fraction:
+        pool, test = set_aside_test(known_root, seed, test_fraction, work / tag / "test_split.json")
+        train_root = subset(known_root, [], work / tag / "pool", keep_files=set(pool))
     result = train_run(train_root, seed, [*RECIPES[recipe], *extra], work / tag / recipe, threads)
     cpu_min = result.cpu_min
     split = json.loads(Path(result.split_path).read_text())
     sp = (split["train"], split["val"])
+    scored = test if test is not None else sp[1]
     out = []
     builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
               *((f"{recipe}+{v}", result.ckpt_path, EVAL_VARIANTS[v]) for v in variants)]
     for rname, ckpt, infer_overrides in builds:
-        run = Run(name, seed, rname, protocol, train_cpu_min=0.0 if ckpt is None else cpu_min)
+        run = Run(name, seed, rname, protocol, test_fraction, train_cpu_min=0.0 if ckpt is None else cpu_min)
         version = build_version(train_root, work / tag / f"version-{rname}", sp, ckpt, infer_overrides)
         if protocol == "closed":
-            evaluate_closed(run, version, train_root, sp[1])
+            evaluate_closed(run, version, known_root, scored)
         else:
-            evaluate_unseen(run, version, root, sp[1], held)
+            evaluate_unseen(run, version, root, scored, held)
         out.append(run)
         print(f"  {tag} {rname}: " + json.dumps({k: v for k, v in asdict(run).items() if k not in ("scores", "confusion", "per_character")}),
               file=sys.stderr, flush=True)
@@ -296,26 +324,31 @@ def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(xs):.{d}f}" + (f" ± {scale * statistics.stdev(xs):.{d}f}" if len(xs) > 1 else "")
 
 
+def scored_on(test_fraction: float) -> str:
+    return f"test {100 * test_fraction:.0f}%" if test_fraction else "version's val"
+
+
 def table(runs: list[Run]) -> str:
-    lines = ["| set | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run | ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted({(r.set, r.recipe) for r in runs if r.protocol == "closed"}, key=lambda k: (k[0], k[1] != "baseline", k[1])):
-        rs = [r for r in runs if (r.set, r.recipe) == key and r.protocol == "closed"]
+    lines = ["| set | scored on | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run | ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda k: (k[0], k[2], k[1] != "baseline", k[1])  # noqa: E731
+    for key in sorted({(r.set, r.recipe, r.test_fraction) for r in runs if r.protocol == "closed"}, key=order):
+        rs = [r for r in runs if (r.set, r.recipe, r.test_fraction) == key and r.protocol == "closed"]
         modes = "/".join(sorted({r.default_mode for r in rs}))
         cols = [mean_sd([r.top1.get(m, float("nan")) for r in rs]) for m in (*MODES, "default")]
-        lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
+        lines.append(f"| {key[0]} | {scored_on(key[2])} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
                      f"{mean_sd([r.false_reject for r in rs])} | {statistics.mean(r.train_cpu_min for r in rs):.1f} | "
                      f"{statistics.mean(r.ms_per_image for r in rs):.0f} |")
     unseen = [r for r in runs if r.protocol == "unseen"]
     if unseen:
         lines += ["", f"Unseen characters ({HELD_OUT} held out of training; enrolled from {ENROL_SHOTS} pictures each):", "",
-                  "| set | recipe | seeds | enrolled top-1 clip / fusion | others after enrolment clip / fusion | unseen refused before enrolment | known refused | AUROC |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for key in sorted({(r.set, r.recipe) for r in unseen}, key=lambda k: (k[0], k[1] != "baseline", k[1])):
-            rs = [r for r in unseen if (r.set, r.recipe) == key]
+                  "| set | scored on | recipe | seeds | enrolled top-1 clip / fusion | others after enrolment clip / fusion | unseen refused before enrolment | known refused | AUROC |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key in sorted({(r.set, r.recipe, r.test_fraction) for r in unseen}, key=order):
+            rs = [r for r in unseen if (r.set, r.recipe, r.test_fraction) == key]
             e = " / ".join(mean_sd([r.enrolled_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
             o = " / ".join(mean_sd([r.others_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
-            lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {e} | {o} | {mean_sd([r.unseen_rejected for r in rs])} | "
+            lines.append(f"| {key[0]} | {scored_on(key[2])} | {key[1]} | {len(rs)} | {e} | {o} | {mean_sd([r.unseen_rejected for r in rs])} | "
                          f"{mean_sd([r.false_reject for r in rs])} | {mean_sd([r.auroc for r in rs], 1.0)} |")
     return "\n".join(lines)
 
@@ -381,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--protocols", nargs="+", default=["closed", "unseen"], choices=["closed", "unseen"])
     ap.add_argument("-o", "--override", action="append", default=[], help="extra train.py override for every run (e.g. trainer.max_epochs=6)")
+    ap.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of each known character's pictures set aside before training and scored (0: score on the version's own val)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
@@ -393,11 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     load0, t0 = os.getloadavg(), time.perf_counter()
-    print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, "
+    print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, scored on {scored_on(args.test_fraction)}, "
           f"overrides {args.override}; workflow recipe {workflow_recipe()}; load average at start {load0[0]:.2f}")
     saved = args.out / "runs.json"
     runs: list[Run] = [Run(**r) for r in json.loads(saved.read_text())] if saved.is_file() and not args.fresh else []
-    done = {(r.set, r.seed, r.recipe, r.protocol) for r in runs}
+    done = {(r.set, r.seed, r.recipe, r.protocol, r.test_fraction) for r in runs}
+    tf = args.test_fraction
     if runs:
         print(f"# {len(runs)} runs already in {saved} are kept and not run again (--fresh starts over)")
     for name in args.sets:
@@ -408,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 for recipe in args.recipes:
                     variants = args.variants if protocol == "closed" else ()
-                    if all((name, seed, n, protocol) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
+                    if all((name, seed, n, protocol, tf) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
                         continue
-                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants)
-                    runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol) not in done]  # one baseline per split
-                    done |= {(r.set, r.seed, r.recipe, r.protocol) for r in got}
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf)
+                    runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol, tf) not in done]  # one baseline per split
+                    done |= {(r.set, r.seed, r.recipe, r.protocol, tf) for r in got}
                     atomic_write_json(saved, [asdict(r) for r in runs])  # hours of runs: never a half-written file
     print(table(runs))
     for p in pictures(runs, args.out):
