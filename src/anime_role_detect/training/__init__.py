@@ -1,5 +1,6 @@
-"""Training layer — train(cfg, callbacks=()) behind ``train.py``, its reports, the offline YOLO trainer; imports base, data, models
-(only `training.detector`, the YOLO tool, also uses `recognition.detector` to label real pictures with animeface).
+"""Training layer — train(cfg, callbacks=()) behind ``train.py``, its reports, the offline YOLO trainer; imports base, data,
+models and recognition's detectors (animeface finds the faces of face-view training and labels real pictures for the YOLO
+tool), so it sits above recognition in the import order (README, `tests/core/test_layering.py`).
 
 `train` composes data, model, callbacks, loggers and trainer from the Hydra config, fits, then evaluates
 the best checkpoint and writes the run's report.
