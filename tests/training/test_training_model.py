@@ -74,3 +74,28 @@ def test_write_report_files(tmp_path):
     assert m["confusion_matrix"][0] == [1, 1, 0] and m["note"] == "x"
     rows = (tmp_path / "per_character.csv").read_text().splitlines()
     assert rows[0].startswith("character,images,correct,accuracy") and rows[1].startswith("a,2,1,0.5,b")
+
+
+def test_ema_callback_saves_the_averaged_weights(tmp_path, synthetic_root, compose_cfg, tiny):
+    """`callbacks=[default,ema]`: the checkpoint's state_dict (what evaluation, the gallery and the registry load) holds
+    the moving average of the weights, the raw weights stay beside it, and the run still learns."""
+    from anime_role_detect.training import train
+
+    torch.set_num_threads(1)
+    cfg = compose_cfg(tiny(tmp_path, synthetic_root, epochs=4)
+                  + ["callbacks=[default,ema]", f"paths.output_dir={tmp_path / 'out'}",
+                     "model.optimizer.lr=3e-3"])
+    assert cfg.callbacks.ema.horizon == 0.1
+    result = train(cfg)
+    ckpt = torch.load(result.ckpt_path, map_location="cpu", weights_only=False)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    name = next(k for k, v in averaged.items() if k.startswith("backbone.") and v.dtype.is_floating_point and v.numel() > 100)
+    assert not torch.equal(averaged[name], raw[name])
+    model = CharacterClassifier.load_from_checkpoint(result.ckpt_path, map_location="cpu")
+    assert torch.equal(model.state_dict()[name], averaged[name])
+    assert result.metrics["val/acc"] >= 2 / 8, result.metrics
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.training.ema import RunLengthEMA
+
+    with pytest.raises(ConfigError, match="horizon=0"):
+        RunLengthEMA(horizon=0)
