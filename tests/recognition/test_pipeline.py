@@ -320,3 +320,36 @@ def test_auto_mode_answers_in_the_mode_the_version_measured_best(version_dir, tm
     assert best_mode(["clip"], None, True) == "clip"
     assert best_mode(["clip", "model", "fusion"], {"clip": 0.8, "model": 0.8, "fusion": 0.8}, False) == "fusion"  # ties
     assert best_mode(["clip", "model", "fusion"], {"clip": 0.8, "clip+rerank": 0.95, "fusion": 0.9}, True) == "clip"
+
+
+def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_images):
+    """The version carries a gallery temperature fitted on its held-out pictures; fusion mixes softmax(cosine / T) with
+    the classifier's probability, so its score is a probability and it is never far below the better of the two modes.
+    A version calibrated before the temperature existed still blends the raw cosine, so its saved thresholds hold."""
+    import json
+
+    from anime_role_detect.recognition.openset import gallery_probabilities
+
+    calib = json.loads((version_dir / "calibration.json").read_text())
+    t = calib["gallery_temperature"]
+    assert 0 < t < 1
+    rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
+    labels = [y for _, y in test_images]
+    items = [(im, f"{i}.png") for i, (im, _) in enumerate(test_images)]
+    top1 = {m: accuracy(rec.recognize_batch(items, mode=m, rerank=False), labels) for m in ("clip", "model", "fusion")}
+    assert top1["fusion"] >= max(top1["clip"], top1["model"]) - 0.05, top1
+    scored = rec._score([test_images[0][0]], "fusion", False, False)
+    assert abs(sum(s for _, _, s in scored.candidates[0]) - 1.0) < 1e-6  # every character listed: a distribution
+    probs = rec._score([test_images[0][0]], "model", False, False).candidates[0]
+    gal = rec._score([test_images[0][0]], "clip", False, False).candidates[0]
+    old = tmp_path / "old"
+    shutil.copytree(version_dir, old)
+    del calib["gallery_temperature"]
+    (old / "calibration.json").write_text(json.dumps(calib))
+    before = Recognizer.from_version(old, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
+    assert before.gallery_temperature() is None
+    top = before._score([test_images[0][0]], "fusion", False, False).candidates[0][0]
+    p = dict((c, s) for c, _, s in probs)[top[0]]
+    cos = dict((c, s) for c, _, s in gal)[top[0]]
+    assert abs(top[2] - (0.5 * cos + 0.5 * p)) < 1e-6
+    assert abs(gallery_probabilities([cos], t)[0] - 1.0) < 1e-9  # (one character alone has all the mass)

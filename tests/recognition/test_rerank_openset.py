@@ -8,7 +8,7 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import load_characters
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.openset import OpenSetCalibration, calibrate, leave_one_out_scores
+from anime_role_detect.recognition.openset import OpenSetCalibration, calibrate, leave_one_out_scores, fit_temperature, gallery_probabilities
 from anime_role_detect.recognition.rerank import TagReranker, tune_weight
 
 
@@ -111,3 +111,20 @@ def test_leave_one_out_scores():
     p = np.array([[0.8, 0.15, 0.05]])
     g, imp = leave_one_out_scores(p, [0], renormalise=True)
     assert np.isclose(imp[0], 0.75)
+
+
+def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):
+    """Fusion's gallery probability: labels drawn from softmax(cosine / 0.05) give back a temperature near 0.05, the
+    probabilities sum to 1 and keep the cosines' order, and the temperature round-trips through calibration.json."""
+    rng = np.random.default_rng(0)
+    cos = rng.uniform(0.6, 0.95, size=(3000, 8))
+    p = np.exp(cos / 0.05)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(8, p=row) for row in p])
+    t = fit_temperature(cos, y)
+    assert 0.04 < t < 0.0625, t
+    probs = gallery_probabilities(cos[0], t)
+    assert abs(probs.sum() - 1) < 1e-9 and (np.argsort(probs) == np.argsort(cos[0])).all()
+    assert gallery_probabilities(cos[0], None).tolist() == cos[0].tolist()  # versions calibrated before: raw cosine
+    back = OpenSetCalibration.load(OpenSetCalibration(0.05, {}, gallery_temperature=t).save(tmp_path))
+    assert back.gallery_temperature == t

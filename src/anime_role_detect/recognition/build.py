@@ -22,7 +22,7 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import MODEL
 from .gallery import Gallery
-from .openset import OpenSetCalibration, calibrate, leave_one_out_scores
+from .openset import OpenSetCalibration, calibrate, fit_temperature, leave_one_out_scores
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
@@ -98,6 +98,8 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
         if len(set(labels)) >= 2:
             m = _score_matrix(scored.candidates, names)
             y_idx = [names.index(labels[i]) for i in known]
+            if mode == "clip":  # fusion below is scored, thresholded and chosen with the temperature it will answer with
+                calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx)
             g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
             right = m[known].argmax(1) == np.asarray(y_idx)  # refusing a wrong answer costs nothing: only right ones count
             calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, min_tar)

@@ -37,9 +37,15 @@ class OpenSetOptions:
 
 @dataclass
 class FusionOptions:
-    """fusion score = ``gallery_weight`` * gallery cosine + (1 - ``gallery_weight``) * classifier probability."""
+    """fusion score = ``gallery_weight`` x gallery probability + (1 - ``gallery_weight``) x classifier probability.
+
+    The gallery probability is a softmax of the characters' gallery cosines at a temperature calibrated on the
+    version's held-out pictures (``calibration.json``), so both terms are probabilities; a raw cosine (0.9 for every
+    character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
+    raw cosine, so its saved thresholds stay valid."""
 
     gallery_weight: float = 0.5
+    gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
 
 
 @dataclass
@@ -85,6 +91,9 @@ class RecognizerConfig:
             raise ConfigError("topk and batch_size must be >= 1, cache_size >= 0 and sample_fps > 0")
         if not 0.0 <= self.fusion.gallery_weight <= 1.0:
             raise ConfigError(f"fusion.gallery_weight={self.fusion.gallery_weight}: must be between 0 and 1")
+        t = self.fusion.gallery_temperature
+        if t is not None and not float(t) > 0:
+            raise ConfigError(f"fusion.gallery_temperature={t}: must be above 0 (e.g. 0.02), or null for the version's calibrated one")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)} (onnx needs python -m anime_role_detect.export)")
 

@@ -40,6 +40,7 @@ class OpenSetCalibration:
     target_far: float = 0.05
     modes: dict[str, ModeThreshold] = field(default_factory=dict)
     stale: dict[str, str] | None = None  # {since, reason}: the gallery changed after the thresholds were measured
+    gallery_temperature: float | None = None  # fusion: softmax temperature of gallery cosines (`fit_temperature`)
 
     def mark_stale(self, reason: str) -> None:
         """Record that the gallery changed since calibration (kept from the first change until a rebuild recalibrates)."""
@@ -64,6 +65,8 @@ class OpenSetCalibration:
         obj = {"target_far": self.target_far, "modes": {k: asdict(v) for k, v in self.modes.items()}}
         if self.stale:
             obj["stale"] = self.stale
+        if self.gallery_temperature is not None:
+            obj["gallery_temperature"] = self.gallery_temperature
         atomic_write_json(p, obj)
         return p
 
@@ -75,7 +78,33 @@ class OpenSetCalibration:
         with reading_file(p, "open-set calibration", "rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false",
                           "rebuild it with ard-gallery build"):
             obj = read_json(p)
-            return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"))
+            t = obj.get("gallery_temperature")
+            return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"),
+                       None if t is None else float(t))
+
+
+def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[float] | None = None) -> float:
+    """Temperature scaling (Guo et al. 2017) of gallery cosines ``[N, C]``: the T whose ``softmax(cos / T)`` gives the
+    true characters the highest mean log-probability. Fusion mixes that probability with the classifier's."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, int)
+    grid = np.geomspace(1e-3, 1.0, 61) if grid is None else np.asarray(grid, np.float64)
+
+    def nll(t: float) -> float:
+        z = (s - s.max(1, keepdims=True)) / t
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+    return float(min(grid, key=nll))
+
+
+def gallery_probabilities(cosines: Sequence[float], temperature: float | None) -> np.ndarray:
+    """``softmax(cosines / temperature)`` over one picture's characters; the cosines themselves when there is no
+    temperature (a version calibrated before fusion used one)."""
+    c = np.asarray(cosines, np.float64)
+    if temperature is None or not len(c):
+        return c
+    e = np.exp((c - c.max()) / float(temperature))
+    return e / e.sum()
 
 
 def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:

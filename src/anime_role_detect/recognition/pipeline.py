@@ -26,6 +26,7 @@ from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
 from .config import AUTO, MODES, RecognizerConfig, modes_for
+from .openset import gallery_probabilities
 from .device import resolve_device
 from .parts import VersionParts
 from .rerank import Candidate
@@ -84,6 +85,7 @@ class Recognizer(VersionParts):
         self.crop_margin = c.crop_margin
         self.batch_size = c.batch_size
         self.fusion_weight = c.fusion.gallery_weight
+        self.fusion_temperature = c.fusion.gallery_temperature  # None: the version's calibrated one
         self.openset_enabled = c.openset.enabled
         self.cache = LRUCache(c.cache_size)
         self.sinks: list[AnswerSink] = []
@@ -241,6 +243,14 @@ class Recognizer(VersionParts):
             tm["tag"] = (time.perf_counter() - t0) * 1e3
         return _Scored(cands, emb, tag_probs, tm)
 
+    def gallery_temperature(self) -> float | None:
+        """Fusion's softmax temperature for gallery cosines: the config's, else the version's calibrated one (None: a
+        version calibrated before it existed, which blends the raw cosine)."""
+        if self.fusion_temperature is not None:
+            return float(self.fusion_temperature)
+        calib = self.calibration
+        return calib.gallery_temperature if calib is not None else None
+
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
         """Blend gallery cosine and classifier probability per character. A character only the gallery knows (enrolled
         after training) takes, in place of a probability, the mass the classifier gives to none of its own characters
@@ -248,13 +258,13 @@ class Recognizer(VersionParts):
         (its raw cosine would beat every blend) nor can never win."""
         names, series = self.classifier.class_names, self.classifier.series
         col = {n: i for i, n in enumerate(names)}
-        w = self.fusion_weight
+        w, t = self.fusion_weight, self.gallery_temperature()
         out = []
         for g, row in zip(gal, probs):
             scores: dict[str, tuple[str, float]] = {}
             none_of_mine = 1.0 - float(row.max()) if len(row) else 1.0
-            for c, s, sim in g:
-                scores[c] = (s, w * sim + (1 - w) * (float(row[col[c]]) if c in col else none_of_mine))
+            for (c, s, _), p in zip(g, gallery_probabilities([sim for _, _, sim in g], t)):
+                scores[c] = (s, w * p + (1 - w) * (float(row[col[c]]) if c in col else none_of_mine))
             for i in np.argsort(-row)[: self.n_candidates]:
                 c = names[i]
                 if c not in scores:
