@@ -71,7 +71,7 @@ def test_the_printed_infer_command_answers_the_right_character(demo, project_roo
 
     measured = json.loads((work / "outputs" / "registry" / "versions" / ans["version"] / "eval_metrics.json").read_text())
     assert ans["version"].startswith("v")  # default mode auto: the best the demo version measured on its held-out pictures
-    assert ans["mode"] == best_mode(["clip", "model", "fusion"], measured["top1"], True), (ans["mode"], measured)
+    assert ans["mode"] == best_mode(["clip", "model", "fusion"], measured["top1"], True, measured["pictures"]), (ans["mode"], measured)
 
 
 def test_registry_lists_the_run_live_with_its_parts(demo):

@@ -148,11 +148,12 @@ class Recognizer(VersionParts):
         if self._mode is None:
             from .evalset import best_mode
 
-            figures = read_json(self.version_dir / EVAL_METRICS).get("top1") if self._file(EVAL_METRICS) else None
+            measured = read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else {}
+            figures = measured.get("top1")
             modes = self.supported_modes()
             if "model" in modes and self._gallery_only_characters():
                 modes.remove("model")  # the classifier cannot name a character enrolled after it was trained
-            self._mode = best_mode(modes, figures, self.rerank_default)
+            self._mode = best_mode(modes, figures, self.rerank_default, measured.get("pictures"))
             _log.info(f"mode=auto answers in {self._mode} (version evaluation: {figures or 'none'})")
         return self._mode
 
