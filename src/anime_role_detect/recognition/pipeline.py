@@ -26,8 +26,8 @@ from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
 from .config import AUTO, MODES, RecognizerConfig, modes_for
-from .openset import gallery_probabilities
 from .device import resolve_device
+from .openset import gallery_probabilities
 from .parts import VersionParts
 from .rerank import Candidate
 from .schema import UNKNOWN, Answer, Detection, Rerank, TagScore, TopK, VideoAnswer
@@ -253,7 +253,7 @@ class Recognizer(VersionParts):
         return calib.gallery_temperature if calib is not None else None
 
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
-        """Blend gallery cosine and classifier probability per character. A character only the gallery knows (enrolled
+        """Blend gallery probability (`gallery_probabilities`) and classifier probability per character. A character only the gallery knows (enrolled
         after training) takes, in place of a probability, the mass the classifier gives to none of its own characters
         (1 - its top probability): the same scale as the others, so an enrolled character neither wins every picture
         (its raw cosine would beat every blend) nor can never win."""
