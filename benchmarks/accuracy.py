@@ -58,8 +58,8 @@ RECIPES: dict[str, list[str]] = {
     "letterbox": ["data.resize=letterbox"],
     "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
-    "ema": ["callbacks=[default,ema]"],
-    "res288": ["data.image_size=288"],  # resolution: 288 px instead of the workflow's 224 (about 1.65x the compute)  # moving average of the weights, horizon a tenth of the run (training/ema.py)
+    "ema": ["callbacks=[default,ema]"],  # moving average of the weights, horizon a tenth of the run (training/ema.py)
+    "res288": ["data.image_size=288"],  # resolution: 288 px instead of the workflow's 224 (about 1.65x the compute)
     "faceview": ["data.face_view.enabled=true"],  # also trained on each picture's face; recognised on face + figure
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint

@@ -109,7 +109,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.balance = balance
         self.pk_per_class = int(pk_per_class)  # K of balance=pk: pictures per character in a batch
         if balance == "pk":
-            PKSampler([0, 1], self.batch_size, self.pk_per_class)  # checks batch_size and K now, as a one-line error
+            PKSampler.check(self.batch_size, self.pk_per_class)  # a bad batch_size or K fails now, not at the first epoch
         self.dedupe_max_distance = dedupe_max_distance
         self.skip_unreadable = bool(skip_unreadable)
         self.split_dir = split_dir

@@ -24,21 +24,26 @@ class PKSampler(Sampler[int]):
     iteration counts as the next epoch)."""
 
     def __init__(self, labels: Sequence[int], batch_size: int, per_class: int, seed: int = 0) -> None:
+        self.check(batch_size, per_class)
         self.labels = [int(v) for v in labels]
         self.k = int(per_class)
-        if self.k < 2:
-            raise ConfigError(f"data.pk_per_class={per_class}: P x K batches need at least 2 pictures per character")
         classes = sorted(set(self.labels))
-        if int(batch_size) < 2 * self.k:
-            raise ConfigError(
-                f"data.batch_size={batch_size} with data.pk_per_class={self.k}: a P x K batch needs batch_size >= "
-                f"2 x pk_per_class (two characters or more); raise data.batch_size or lower data.pk_per_class"
-            )
         self.p = min(int(batch_size) // self.k, len(classes))
         self.by_class = {c: [i for i, v in enumerate(self.labels) if v == c] for c in classes}
         self.seed = int(seed)
         self.epoch = 0
         self._explicit_epoch = False
+
+    @staticmethod
+    def check(batch_size: int, per_class: int) -> None:
+        """One-line `ConfigError` unless a batch of `batch_size` holds two characters or more with `per_class` >= 2 each."""
+        if int(per_class) < 2:
+            raise ConfigError(f"data.pk_per_class={per_class}: P x K batches need at least 2 pictures per character")
+        if int(batch_size) < 2 * int(per_class):
+            raise ConfigError(
+                f"data.batch_size={batch_size} with data.pk_per_class={per_class}: a P x K batch needs batch_size >= "
+                f"2 x pk_per_class (two characters or more); raise data.batch_size or lower data.pk_per_class"
+            )
 
     @property
     def batch_size(self) -> int:

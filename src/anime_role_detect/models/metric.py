@@ -131,21 +131,17 @@ class IdentityHead(nn.Module):
         w, b, c = (state.get(f"{prefix}.{k}") for k in ("project.weight", "project.bias", "centres"))
         if w is None or w.shape != self.project.weight.shape:
             return 0
-        if self.centres is None or c is None or c.shape[1] != self.centres.shape[1]:
-            with torch.no_grad():  # the projection alone carries over (supcon on either side)
-                self.project.weight.copy_(w)
-                if b is not None:
-                    self.project.bias.copy_(b)
-            return 0
-        old_k = c.shape[0] // max(1, len(old_names))
-        if old_k != self.k:
-            return 0
+        centres_fit = self.centres is not None and c is not None and c.shape[1] == self.centres.shape[1]
+        if centres_fit and c.shape[0] // max(1, len(old_names)) != self.k:
+            return 0  # another number of sub-centres: start the head afresh
         index = {n: i for i, n in enumerate(old_names)}
         n = 0
         with torch.no_grad():
             self.project.weight.copy_(w)
             if b is not None:
                 self.project.bias.copy_(b)
+            if not centres_fit:
+                return 0  # the projection alone carries over (supcon on either side)
             for j, name in enumerate(new_names):
                 if (i := index.get(name)) is not None:
                     self.centres[j * self.k : (j + 1) * self.k].copy_(c[i * self.k : (i + 1) * self.k])

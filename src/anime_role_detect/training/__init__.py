@@ -247,12 +247,12 @@ def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     and train on it as one more sample; returns the spec the checkpoint records, so recognition uses the same views."""
     from ..recognition.views import FaceFinder, FaceViewSpec
 
-    FaceViewSpec.from_mapping(getattr(datamodule, "face_view_setting", None))  # a mistyped key fails even when off
+    setting = getattr(datamodule, "face_view_setting", None) or getattr(datamodule, "face_view", None)
+    spec = FaceViewSpec.from_mapping(setting)  # a mistyped key fails even when the views are off
     if not getattr(datamodule, "face_view", None):
         return None
     from ..imageio import load_image
 
-    spec = FaceViewSpec.from_mapping(datamodule.face_view)
     manifest = Path(datamodule.split_path or datamodule.default_split_path())
     root_key = fingerprint(str(Path(datamodule.root).resolve()))[:8]
     cache = manifest.with_name(f"faces-{Path(datamodule.root).name}-{root_key}-{spec.key}.json")  # every seed's split shares it
