@@ -207,3 +207,50 @@ def test_a_mistyped_face_view_key_fails_even_when_the_views_are_off(tmp_path):
     typo = CharacterDataModule(str(tmp_path), face_view={"enabled": False, "wieght": 0.5})
     with pytest.raises(ConfigError, match=re.escape("unknown key(s) wieght")):
         _add_face_views(typo)
+
+
+def test_peers_started_together_share_out_face_finding_and_agree(tmp_path, face_data):
+    """torchrun starts every rank at once: each finds the faces of half the pictures, all get every region."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from anime_role_detect.imageio import load_image
+    from anime_role_detect.training import launch_rank
+
+    names = [p.relative_to(face_data).as_posix() for p in sorted(face_data.glob("*/*.png"))[:10]]
+    cache = tmp_path / "shared" / "faces.json"
+    cache.parent.mkdir()
+    code = (
+        "import json, sys; from pathlib import Path\n"
+        "from anime_role_detect.imageio import load_image\n"
+        "from anime_role_detect.recognition.views import FaceFinder, FaceViewSpec\n"
+        "from anime_role_detect.training import launch_rank\n"
+        f"root = Path({str(face_data)!r}); names = {names!r}\n"
+        f"got = FaceFinder(FaceViewSpec(enabled=True)).regions_for_files([(n, root / n) for n in names], Path({str(cache)!r}), "
+        "load_image, shard=launch_rank(), stall_s=120)\n"
+        "print(json.dumps(got))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TORCHELASTIC_RUN_ID": "t", "RANK": str(r), "WORLD_SIZE": "2"}) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    alone = FaceFinder(FaceViewSpec(enabled=True)).regions_for_files([(n, face_data / n) for n in names], None, load_image)
+    assert got[0] == got[1] == alone and any(v is not None for v in alone.values())
+    for r in (0, 1):  # each rank looked at its own half only
+        part = json.loads((cache.parent / f"faces.rank{r}-of-2.json").read_text())
+        assert set(part) == set(names[r::2])
+    assert set(json.loads(cache.read_text())) == set(names)  # rank 0 merged them for the next run
+    assert launch_rank({}) == (0, 1) and launch_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1)  # sbatch script
+    assert launch_rank({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}) == (3, 4)
+
+
+def test_a_peer_that_writes_nothing_is_a_one_line_error(tmp_path, face_data):
+    from anime_role_detect.errors import DatasetError
+    from anime_role_detect.imageio import load_image
+
+    files = [(p.relative_to(face_data).as_posix(), p) for p in sorted(face_data.glob("*/*.png"))[:4]]
+    with pytest.raises(DatasetError, match=r"rank 1 wrote no face box to .*faces.rank1-of-2.json for 1 s"):
+        FaceFinder(FaceViewSpec(enabled=True)).regions_for_files(files, tmp_path / "faces.json", load_image, shard=(0, 2), stall_s=1)

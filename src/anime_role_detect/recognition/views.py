@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 from ..fsutil import atomic_write_json
 from ..log import get_logger
 from .detector import Box, build_detector, crop_box, crop_region
@@ -85,22 +86,42 @@ class FaceFinder:
     def faces(self, images: Sequence[Image.Image]) -> list[Image.Image | None]:
         return [self.crop(im, b) for im, b in zip(images, self.boxes(images))]
 
-    def regions_for_files(self, files: Iterable[tuple[str, Path]], cache: Path | None,
-                          load: Callable[[Path], Image.Image]) -> dict[str, list[int] | None]:
+    def regions_for_files(self, files: Iterable[tuple[str, Path]], cache: Path | None, load: Callable[[Path], Image.Image],
+                          shard: tuple[int, int] = (0, 1), stall_s: float = 1800.0) -> dict[str, list[int] | None]:
         """The face view's pixel region ``[x1, y1, x2, y2]`` (what `crop` cuts; None: no face) per dataset file name;
         found once and kept in `cache` (JSON keyed by name, file size and mtime, written atomically every 50 new
-        pictures, so an interrupted run resumes)."""
-        seen: dict[str, Any] = {}
-        if cache is not None and cache.is_file():
-            try:
-                seen = json.loads(cache.read_text())
-            except (OSError, ValueError) as exc:
-                _log.warning(f"face box cache {cache} is unreadable ({exc}); finding faces again")
+        pictures, so an interrupted run resumes).
+
+        `shard` ``(rank, world)``: processes started together (torchrun, srun) each find the faces of every
+        world-th picture into their own part file beside `cache`, wait for the others' parts (an error when one
+        writes nothing for `stall_s` seconds) and all return the same regions; rank 0 merges them into `cache`.
+        """
+        files = list(files)
+        rank, world = shard
+        if world <= 1 or cache is None:
+            return self._find(files, cache, load, {})
+        known = _read_cache(cache)
+        done = _lookup(files, known)
+        if done is not None:  # Lightning's launcher starts the other ranks after rank 0 has found every face
+            return done
+        parts = [cache.with_name(f"{cache.stem}.rank{r}-of-{world}{cache.suffix}") for r in range(world)]
+        self._find(files[rank::world], parts[rank], load, known)
+        merged = dict(known)
+        for r in range(world):
+            merged.update(_wait_for_part(files[r::world], parts[r], r, stall_s))
+        if rank == 0:
+            atomic_write_json(cache, merged, indent=None)
+        found = _lookup(files, merged)
+        assert found is not None  # every part was complete for its files
+        return found
+
+    def _find(self, files: Sequence[tuple[str, Path]], cache: Path | None, load: Callable[[Path], Image.Image],
+              known: Mapping[str, Any]) -> dict[str, list[int] | None]:
+        seen: dict[str, Any] = {**known, **(_read_cache(cache) if cache is not None else {})}
         out: dict[str, list[int] | None] = {}
         new = 0
         for name, path in files:
-            st = path.stat()
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            stamp = _stamp(path)
             hit = seen.get(name)
             if isinstance(hit, dict) and hit.get("stamp") == stamp:
                 out[name] = hit.get("box")
@@ -112,9 +133,51 @@ class FaceFinder:
             new += 1
             if cache is not None and new % 50 == 0:
                 atomic_write_json(cache, seen, indent=None)
-        if cache is not None and new:
+        if cache is not None and (new or not cache.is_file()):
             atomic_write_json(cache, seen, indent=None)
         return out
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_cache(cache: Path) -> dict[str, Any]:
+    if not cache.is_file():
+        return {}
+    try:
+        got = json.loads(cache.read_text())
+        return got if isinstance(got, dict) else {}
+    except (OSError, ValueError) as exc:
+        _log.warning(f"face box cache {cache} is unreadable ({exc}); finding faces again")
+        return {}
+
+
+def _lookup(files: Sequence[tuple[str, Path]], seen: Mapping[str, Any]) -> dict[str, list[int] | None] | None:
+    """Every file's region from `seen` when all are there for the file as it is now, else None."""
+    out: dict[str, list[int] | None] = {}
+    for name, path in files:
+        hit = seen.get(name)
+        if not (isinstance(hit, dict) and hit.get("stamp") == _stamp(path)):
+            return None
+        out[name] = hit.get("box")
+    return out
+
+
+def _wait_for_part(files: Sequence[tuple[str, Path]], part: Path, rank: int, stall_s: float, poll_s: float = 1.0) -> dict[str, Any]:
+    """Another rank's part file once it holds all of `files`; a one-line error when it stops growing for `stall_s`."""
+    last, since = -1, time.monotonic()
+    while True:
+        seen = _read_cache(part)
+        if _lookup(files, seen) is not None:
+            return {name: seen[name] for name, _ in files}
+        if len(seen) != last:
+            last, since = len(seen), time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise DatasetError(f"rank {rank} wrote no face box to {part} for {stall_s:.0f} s; if that process died, rerun "
+                               "(the faces found so far are kept)")
+        time.sleep(poll_s)
 
 
 def _mix(figure: np.ndarray, face: np.ndarray, idx: Sequence[int], weight: float) -> np.ndarray:

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -242,6 +242,20 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 
 
 # -- main -----------------------------------------------------------------------------------
+def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) of a process that torchrun or srun started together with its peers, else (0, 1).
+
+    Such peers run the data preparation at the same time, so they share it out. Lightning's own DDP
+    launcher starts the other ranks later (from `fit`), by which time rank 0 has done it alone.
+    """
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun; not sbatch's single batch script
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    return 0, 1
+
+
 def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     """With ``data.face_view.enabled``, find each training picture's face once (cached beside the split manifest)
     and train on it as one more sample; returns the spec the checkpoint records, so recognition uses the same views."""
@@ -258,7 +272,8 @@ def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     cache = manifest.with_name(f"faces-{Path(datamodule.root).name}-{root_key}-{spec.key}.json")  # every seed's split shares it
     t0 = time.perf_counter()
     recs = datamodule.train_records
-    crops = FaceFinder(spec).regions_for_files(((r.file_name, r.path(datamodule.root)) for r in recs), cache, load_image)
+    crops = FaceFinder(spec).regions_for_files(((r.file_name, r.path(datamodule.root)) for r in recs), cache, load_image,
+                                               shard=launch_rank())
     n = datamodule.add_face_views(crops)
     training_log.info(f"face views: {n} of {len(recs)} training pictures have a face ({time.perf_counter() - t0:.0f} s, cache {cache})")
     return spec.to_dict()
