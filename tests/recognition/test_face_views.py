@@ -254,3 +254,33 @@ def test_a_peer_that_writes_nothing_is_a_one_line_error(tmp_path, face_data):
     files = [(p.relative_to(face_data).as_posix(), p) for p in sorted(face_data.glob("*/*.png"))[:4]]
     with pytest.raises(DatasetError, match=r"rank 1 wrote no face box to .*faces.rank1-of-2.json for 1 s"):
         FaceFinder(FaceViewSpec(enabled=True)).regions_for_files(files, tmp_path / "faces.json", load_image, shard=(0, 2), stall_s=1)
+
+
+def test_models_wrapped_on_the_same_views_find_each_face_once(face_trained, renders):
+    """A gallery embedder that is not the classifier and the classifier share the finder: one detection per picture."""
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+    from anime_role_detect.recognition.views import with_face_view
+
+    spec = FaceViewSpec(enabled=True)
+    inner = ClassifierEmbedder(str(face_trained[0]), device="cpu")
+    gallery_side, classifier_side = with_face_view(inner, spec), with_face_view(inner, FaceViewSpec(enabled=True, weight=0.3))
+    assert gallery_side.finder is classifier_side.finder  # same detector settings; the weight is each model's own
+    real = gallery_side.finder.detector
+    calls: list[int] = []
+
+    class Counting:  # the real animeface detector, counted
+        def detect(self, images):
+            calls.append(len(images))
+            return real.detect(images)
+
+    gallery_side.finder.detector = Counting()
+    try:
+        pictures = [img for img, _, _ in renders[:4]]
+        first = gallery_side.embed(pictures)
+        classifier_side.heads(pictures)
+        assert calls == [4]
+        np.testing.assert_allclose(gallery_side.embed(pictures), first, atol=1e-6)
+        gallery_side.embed([img.copy() for img in pictures])  # other pictures (even equal ones): found again
+        assert calls == [4, 4]
+    finally:
+        gallery_side.finder.detector = real

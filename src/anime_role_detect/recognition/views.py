@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,14 +72,25 @@ class FaceViewSpec:
 
 
 class FaceFinder:
-    """The best face inside each picture (a `Box`, or None), and its crop."""
+    """The best face inside each picture (a `Box`, or None), and its crop.
+
+    Each thread's last batch is remembered, so models wrapped on the same views (a gallery embedder and
+    the classifier, `shared_finder`) asked about the same pictures in turn find their faces once.
+    """
 
     def __init__(self, spec: FaceViewSpec) -> None:
         self.spec = spec
         self.detector = build_detector(dict(spec.detector))
+        self._last = threading.local()
 
     def boxes(self, images: Sequence[Image.Image]) -> list[Box | None]:
-        return [found[0] if found else None for found in self.detector.detect(list(images))]
+        images = list(images)
+        last = getattr(self._last, "batch", None)  # (the pictures, held so their ids stay theirs; their boxes)
+        if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
+            return list(last[1])
+        found = [found[0] if found else None for found in self.detector.detect(images)]
+        self._last.batch = (images, found)
+        return list(found)
 
     def crop(self, image: Image.Image, box: Box | None) -> Image.Image | None:
         return None if box is None else crop_box(image, box, self.spec.margin)
@@ -247,8 +259,21 @@ def face_view_for(setting: Mapping[str, Any] | bool | None, classifier: Any = No
     return FaceViewSpec.from_mapping(getattr(classifier, "face_view", None))
 
 
+_FINDERS: dict[str, FaceFinder] = {}
+_FINDERS_LOCK = threading.Lock()
+
+
+def shared_finder(spec: FaceViewSpec) -> FaceFinder:
+    """The process's one `FaceFinder` for `spec`'s detector settings (built on first use)."""
+    with _FINDERS_LOCK:
+        if spec.key not in _FINDERS:
+            _FINDERS[spec.key] = FaceFinder(spec)
+        return _FINDERS[spec.key]
+
+
 def with_face_view(obj: Any, spec: FaceViewSpec) -> Any:
-    """`obj` run on face + figure views when `spec` is enabled (never wrapped twice), else `obj` itself."""
+    """`obj` run on face + figure views when `spec` is enabled (never wrapped twice), else `obj` itself. Every
+    wrapper with the same detector settings shares one finder, so a picture's face is found once, not per model."""
     if not spec.enabled or isinstance(obj, FaceFigureModel):
         return obj
-    return FaceFigureModel(obj, spec)
+    return FaceFigureModel(obj, spec, shared_finder(spec))
