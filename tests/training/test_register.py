@@ -83,7 +83,9 @@ def test_registry_lists_the_run_live_with_its_parts(demo):
     vid = live[0].split()[1]
     files = {f.name for f in (work / "outputs" / "registry" / "versions" / vid).iterdir()}
     assert {"model.ckpt", "gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json", "metrics.json",
-            "config.yaml", "manifest.json"} <= files
+            "config.yaml", "manifest.json", "onnx.json", "classifier.onnx"} <= files  # exported with the version
+    manifest = json.loads((work / "outputs" / "registry" / "versions" / vid / "manifest.json").read_text())
+    assert manifest["onnx"]["files"] == ["classifier.onnx", "onnx.json"], manifest
 
 
 def _free_port() -> int:
@@ -114,6 +116,8 @@ def test_the_service_answers_the_printed_curl_line(demo):
                 time.sleep(0.3)
         assert isinstance(answer, dict), (answer, (work / "serve.log").read_text()[-3000:])
         assert answer["role"] == sample.stem.rsplit("_", 1)[0], answer
+        served = httpx.get(f"http://127.0.0.1:{port}/api/version", timeout=30).json()
+        assert served["recognizer"]["runtime"] == "onnx", served  # runtime: auto runs the version on ONNX Runtime with no export step
     finally:
         proc.terminate()
         proc.wait(20)

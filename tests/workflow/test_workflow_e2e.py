@@ -65,9 +65,10 @@ def test_workflow_registers_a_live_version_with_every_file(first_run, specs3):
     assert reg.latest_id() == result.version_id
     vdir = reg.path("latest")
     for name in ("model.ckpt", "gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json",
-                 "metrics.json", "config.yaml", "parent", "per_character.md", "confusion_matrix.png"):
+                 "metrics.json", "config.yaml", "parent", "per_character.md", "confusion_matrix.png", "onnx.json", "classifier.onnx"):
         assert (vdir / name).is_file(), name
     assert (vdir / "parent").read_text().strip() == "none"
+    assert json.loads((vdir / "manifest.json").read_text())["onnx"]["networks"]["classifier"]["file"] == "classifier.onnx"
     metrics = json.loads((vdir / "metrics.json").read_text())
     assert set(metrics["per_character"]) == {s.name for s in specs3}
     rows = {r["character"]: r for r in result.summary}

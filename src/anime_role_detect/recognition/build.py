@@ -53,6 +53,7 @@ class BuildReport:
     top1: dict[str, float] = field(default_factory=dict)  # "<mode>" and "<mode>+rerank" on val
     thresholds: dict[str, float] = field(default_factory=dict)
     rerank_weights: dict[str, float] = field(default_factory=dict)
+    onnx: dict[str, Any] | None = None  # the ONNX export made with the version (`runtime.export_into`), its manifest entry
 
 
 def _score_matrix(cands: list[list[tuple[str, str, float]]], names: list[str]) -> np.ndarray:
@@ -120,11 +121,12 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
 def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], model_ckpt: str | Path | None = None,
                              val_fraction: float = 0.2, seed: int = 42, target_far: float = 0.05, dedupe: bool = True,
                              include_val: bool = True, progress: Callable[[int, int], None] | None = None,
-                             split: tuple[Sequence[str], Sequence[str]] | None = None) -> BuildReport:
+                             split: tuple[Sequence[str], Sequence[str]] | None = None, onnx: bool = False) -> BuildReport:
     """Dataset folder -> gallery + tag profiles + calibration (+ model.ckpt copy) in `out_dir`, tuned on a leak-free split.
 
     `split` = (train file names, val file names) reuses a split made elsewhere (a training run's manifest)
-    instead of computing one from `val_fraction` and `seed`; files in neither list are left out.
+    instead of computing one from `val_fraction` and `seed`; files in neither list are left out. `onnx` also
+    exports the folder's networks for ONNX Runtime (what `runtime: auto` then uses).
     """
     from ..data.layout import scan_dataset, stratified_group_split
     from .embedder import build_embedder
@@ -195,6 +197,10 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
                 gallery.add(character, recs[0].series, vemb[idx], [r.file_name for r in recs], embedder_id=embedder.model_id)
             gallery.save(out)
             report.rows = len(gallery)
+    if onnx:
+        from .runtime import export_into
+
+        report.onnx = export_into(out)
     return report
 
 

@@ -241,6 +241,18 @@ def manifest_entry(meta: Mapping[str, Any]) -> dict[str, Any]:
                              "source_fingerprint": n.get("source_fingerprint"), "model_id": n["model_id"]} for k, n in nets.items()}}
 
 
+def export_into(folder: str | Path, int8: bool = False, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """Export a version folder's networks beside its other files (``onnx.json`` + ``*.onnx``); returns the manifest entry.
+
+    What the workflow and ``train.py register=true`` do to every version they build, so ``runtime: auto`` runs it on
+    ONNX Runtime without a separate export step.
+    """
+    folder = Path(folder)
+    meta = export_folder(folder, folder, int8=int8, opset=opset)
+    atomic_write_json(folder / ONNX_META, meta)
+    return manifest_entry(meta)
+
+
 def export_version(registry_dir: str | Path, version: str = "latest", int8: bool = False, opset: int = DEFAULT_OPSET,
                    promote: bool | None = None) -> ExportResult:
     """Export `version`'s networks into a version derived from it; promoted when the base was live (or as `promote` says)."""

@@ -207,7 +207,7 @@ def stage_gallery(ctx: RunContext) -> dict[str, Any]:
         ctx.dataset_dir, gdir, build_cfg, model_ckpt=ctx.outputs["train"]["ckpt_path"],
         val_fraction=float(ctx.cfg.split.val_fraction), seed=int(ctx.cfg.split.seed),
         target_far=float(gcfg.get("target_far", 0.05)), dedupe=False, include_val=bool(gcfg.get("include_val", True)),
-        progress=report,
+        progress=report, onnx=bool(gcfg.get("onnx", True)),
     )
     out = asdict(built) if hasattr(built, "__dataclass_fields__") else dict(built)
     ctx.progress.emit("gallery", 1, 1, f"{out.get('rows', '?')} gallery rows")
@@ -290,6 +290,8 @@ def stage_register(ctx: RunContext) -> dict[str, Any]:
             atomic_write_text(d.dir / CONFIG, "# workflow config\n" + redacted_yaml(ctx.cfg))
             atomic_write_json(d.dir / "workflow.json", {"run_dir": str(ctx.run_dir), "dataset": str(ctx.dataset_dir),
                                                         "summary": summary_rows(ctx), "stages": ctx.outputs})
+            if ctx.outputs.get("gallery", {}).get("onnx"):
+                d.extra["onnx"] = ctx.outputs["gallery"]["onnx"]
             if policy == "gate":
                 d.extra["gate"] = gate_verdict(ctx, d.dir)
     ctx.progress.emit("register", 1, 1, f"version {vid}")
