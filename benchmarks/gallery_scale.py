@@ -280,20 +280,30 @@ class SizeRun:
         return out
 
     def run_hnsw(self) -> list[Result]:
-        import faiss
+        """One HNSW gallery per graph storage (`--hnsw-storage`) and width (`--hnsw-m`), each measured at every `--hnsw-ef`."""
+        out = []
+        for storage in self.args.hnsw_storage:
+            for m in self.args.hnsw_m:
+                out.extend(self._run_hnsw(storage, m))
+        return out
 
-        spec = {"type": "hnsw", "hnsw_m": self.args.hnsw_m, "ef_construction": self.args.ef_construction,
+    def _run_hnsw(self, storage: str, m: int) -> list[Result]:
+        from anime_role_detect.recognition.gallery import search_params
+
+        spec = {"type": "hnsw", "hnsw_m": m, "hnsw_storage": storage, "ef_construction": self.args.ef_construction,
                 "search_rows": self.args.search_rows}
         g, build, rss = self.gallery(spec)
         mb = index_bytes(g.index) / 2**20
         out = []
         for ef in self.args.hnsw_ef:
-            raw = Result(self.rows, "hnsw", f"M{self.args.hnsw_m} efC={self.args.ef_construction} efSearch={ef}", "", build, mb, rss)
-            self.measure_index(raw, g.index, faiss.SearchParametersHNSW(efSearch=ef))
+            raw = Result(self.rows, f"hnsw ({storage} graph)", f"M{m} efC={self.args.ef_construction} efSearch={ef}", "",
+                         build, mb, rss)
             g.index_spec.ef_search = ef
+            self.measure_index(raw, g.index, search_params(g.index, "hnsw", g.index_spec, K))
             for res in self.measure_gallery(raw, g):
                 out.append(res)
-                log(f"  hnsw ef={ef} {res.aggregate}: recall@1 {res.recall1:.3f}, gallery {res.gallery_ms:.2f} ms, agree {res.gallery_agree:.3f}")
+                log(f"  hnsw {storage} ef={ef} {res.aggregate}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms, "
+                    f"gallery {res.gallery_ms:.2f} ms, agree {res.gallery_agree:.3f}")
         del g
         return out
 
@@ -436,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="gallery search aggregates, one line each (infer.yaml builds top3_mean, the workflow max)")
     ap.add_argument("--indexes", nargs="+", default=["hnsw", "ivfpq"], choices=["hnsw", "ivfpq"],
                     help="approximate indexes to build next to the flat baseline (sizes up to --full-max)")
-    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--hnsw-m", type=int, nargs="+", default=[IndexSpec.hnsw_m], help="graph width(s) (default: the gallery's)")
+    ap.add_argument("--hnsw-storage", nargs="+", default=[IndexSpec.hnsw_storage, "flat"], choices=["sq8", "fp16", "flat"],
+                    help="what the graph walks: 8-bit / fp16 codes re-ranked on exact vectors (default), or the float vectors")
     ap.add_argument("--ef-construction", type=int, default=IndexSpec.ef_construction, help="default: the gallery's")
     ap.add_argument("--hnsw-ef", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--nlist", type=int, default=0, help="0: the gallery's auto rule")

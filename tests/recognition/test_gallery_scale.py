@@ -115,9 +115,10 @@ def test_add_remove_save_reload_agree_with_an_exact_flat_gallery(kind, tmp_path)
     assert loaded.search(q, k=5) == approx.search(q, k=5)  # the reloaded gallery answers as before saving
 
 
-def test_hnsw_removal_skips_tombstones_then_rebuilds(tmp_path):
+@pytest.mark.parametrize("storage", ["sq8", "flat"])
+def test_hnsw_removal_skips_tombstones_then_rebuilds(storage, tmp_path):
     x, labels, centres = cloud(50, 100)
-    g = gallery({**TIERS, "rebuild_fraction": 0.05}, x, labels)
+    g = gallery({**TIERS, "rebuild_fraction": 0.05, "hnsw_storage": storage}, x, labels)
     exact = gallery({"type": "flat"}, x, labels)
     assert g.kind == "hnsw"
     for gal in (g, exact):
@@ -138,11 +139,12 @@ def test_hnsw_removal_skips_tombstones_then_rebuilds(tmp_path):
     assert not {"char0001", "char0002", "char0003"} & set(top1(loaded, q))
 
 
-@pytest.mark.parametrize("aggregate", ["max", "top3_mean", "top5_mean"])
-def test_approximate_search_returns_exact_character_scores(aggregate):
+@pytest.mark.parametrize("aggregate,storage", [("max", "sq8"), ("top3_mean", "sq8"), ("top5_mean", "sq8"), ("top3_mean", "fp16"),
+                                               ("top3_mean", "flat")])
+def test_approximate_search_returns_exact_character_scores(aggregate, storage):
     """Rows of a character missing from the fetched ones are re-scored, never counted as absent."""
     x, labels, centres = cloud(40, 100, spread=1.2)
-    g = gallery({"type": "hnsw", "search_rows": 8}, x, labels, aggregate)
+    g = gallery({"type": "hnsw", "search_rows": 8, "hnsw_storage": storage}, x, labels, aggregate)
     names = [f"char{i:04d}" for i in labels]
     q = queries_for(centres, spread=1.2)[:15]
     for query, res in zip(q, g.search(q, k=5)):
@@ -152,6 +154,23 @@ def test_approximate_search_returns_exact_character_scores(aggregate):
             assert s == pytest.approx(truth[c], abs=1e-5)
         assert [s for _, _, s in res] == sorted((s for _, _, s in res), reverse=True)
         assert res[0][0] == max(truth, key=truth.get)
+
+
+def test_default_hnsw_walks_8_bit_codes_and_keeps_exact_vectors(tmp_path):
+    """The graph reads a quarter of the bytes per visited row; the vectors beside it stay exact (rebuilds, re-scoring)."""
+    x, labels, centres = cloud(40, 100)
+    g = gallery({"type": "hnsw"}, x, labels)
+    refine = faiss.downcast_index(g.index.index)
+    graph = faiss.downcast_index(refine.base_index)
+    assert isinstance(refine, faiss.IndexRefineFlat) and isinstance(graph, faiss.IndexHNSWSQ)
+    assert faiss.downcast_index(graph.storage).code_size == DIM  # one byte per dimension, against 4 in the flat graph
+    ids = np.array(sorted(g.rows)[:50], np.int64)
+    np.testing.assert_allclose(g.index.reconstruct_batch(ids), x[:50], atol=1e-6)
+    old = gallery({"type": "hnsw", "hnsw_storage": "flat"}, x, labels)  # galleries built before keep loading and answering
+    old.save(tmp_path)
+    loaded = Gallery.load(tmp_path)
+    q = queries_for(centres)
+    assert loaded.kind == "hnsw" and top1(loaded, q) == top1(g, q)
 
 
 def test_flat_search_scores_are_exact_for_every_returned_character():
@@ -169,3 +188,5 @@ def test_bad_tier_settings_are_config_errors():
         Gallery("e", DIM, index={"type": "auto", "flat_below": 10, "hnsw_below": 5})
     with pytest.raises(ConfigError, match="unknown"):
         Gallery("e", DIM, index={"type": "auto", "ef_serch": 64})
+    with pytest.raises(ConfigError, match="hnsw_storage='pq'"):
+        gallery({"type": "hnsw", "hnsw_storage": "pq"}, *cloud(2, 10)[:2])

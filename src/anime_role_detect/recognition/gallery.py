@@ -6,7 +6,8 @@ the index file). Each character keeps several prototypes (all samples, k-means c
 mean) and search aggregates rows to one score per character. A gallery refuses embeddings of
 another embedder or dimension.
 
-Index kinds (`KIND_ORDER`): exact ``flat``, graph ``hnsw`` (vectors kept, fast), compressed
+Index kinds (`KIND_ORDER`): exact ``flat``, graph ``hnsw`` (walks 8-bit codes, re-ranks on the exact
+vectors it keeps; fast), compressed
 ``ivfpq`` (codes only, for galleries that do not fit in memory). ``auto`` picks by row count
 (`IndexSpec.flat_below`, `hnsw_below`) and moves a growing gallery up a kind, rebuilt from its
 stored vectors. Measured choices: docs/recognition.md "Galleries of millions".
@@ -43,6 +44,7 @@ class IndexSpec:
     flat_below: int = 20_000         # auto: exact flat index under this many rows (a query costs <~10 ms at dim 1280)
     hnsw_below: int = 2_000_000      # auto: HNSW under this many rows, IVF-PQ from here on
     hnsw_m: int = 32
+    hnsw_storage: str = "sq8"        # what the HNSW graph walks: sq8 / fp16 codes (answers re-ranked on the exact vectors kept beside them), or flat
     ef_construction: int = 128       # graph quality (Faiss default 40); at 100k rows recall@1 1.000 at ef_search 128 (docs/recognition.md)
     ef_search: int = 128
     nlist: int = 0                   # IVF lists; 0: ~sqrt(rows) rounded down to a power of two
@@ -76,6 +78,10 @@ KIND_ORDER: tuple[str, ...] = ("flat", "hnsw", "ivfpq")
 #: Kinds that keep every vector exactly (exact re-scoring, rebuilds and migrations read them back).
 _EXACT_KINDS = frozenset({"flat", "hnsw"})
 _TRAIN_ROWS_MAX = 200_000
+#: HNSW storage -> Faiss factory suffix. Compressed codes cut the memory a graph walk reads 4x (sq8) or 2x
+#: (fp16); ``RFlat`` keeps the exact vectors and re-ranks what the walk found, so answers stay exact.
+_HNSW_STORAGE = {"flat": "", "sq8": ",SQ8,RFlat", "fp16": ",SQfp16,RFlat"}
+_HNSW_TRAIN_ROWS = 65_536  # a scalar quantizer learns each dimension's range from this many rows
 _RESCORE_ROWS_MAX = 8192
 
 
@@ -103,10 +109,31 @@ def ivf_sizes(spec: IndexSpec, dim: int, rows: int, n_train: int) -> tuple[int, 
 
 def train_rows(kind: str, spec: IndexSpec, dim: int, rows: int) -> int:
     """How many rows to train a new index of `kind` on (0: no training)."""
+    if kind == "hnsw":
+        return min(rows, _HNSW_TRAIN_ROWS) if _hnsw_suffix(spec) else 0
     if kind != "ivfpq":
         return 0
     nlist, _, _ = ivf_sizes(spec, dim, rows, rows)
     return min(rows, max(64 * nlist, 256 * 39), _TRAIN_ROWS_MAX)
+
+
+def _hnsw_suffix(spec: IndexSpec) -> str:
+    if spec.hnsw_storage not in _HNSW_STORAGE:
+        raise ConfigError(f"gallery.index.hnsw_storage={spec.hnsw_storage!r}: choose {', '.join(_HNSW_STORAGE)}")
+    return _HNSW_STORAGE[spec.hnsw_storage]
+
+
+def _unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index under the gallery's id map (the index itself when it has none)."""
+    return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+
+
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW graph index inside a gallery index (under IDMap2, and under the exact re-ranker), or None."""
+    inner = _unwrapped(index)
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
 def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | None = None) -> faiss.Index:
@@ -114,8 +141,8 @@ def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | N
     if kind == "flat":
         return faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
-        index = faiss.index_factory(dim, f"IDMap2,HNSW{int(spec.hnsw_m)}", faiss.METRIC_INNER_PRODUCT)
-        hnsw = faiss.downcast_index(index.index).hnsw
+        index = faiss.index_factory(dim, f"IDMap2,HNSW{int(spec.hnsw_m)}{_hnsw_suffix(spec)}", faiss.METRIC_INNER_PRODUCT)
+        hnsw = _hnsw_of(index).hnsw
         hnsw.efConstruction = int(spec.ef_construction)
         hnsw.efSearch = int(spec.ef_search)
         return index
@@ -130,19 +157,31 @@ def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | N
 
 def kind_of(index: faiss.Index) -> str:
     """The kind (flat / hnsw / ivfpq) of a loaded Faiss index."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
-    if isinstance(inner, faiss.IndexHNSW):
+    inner = _unwrapped(index)
+    if _hnsw_of(index) is not None:
         return "hnsw"
     if isinstance(inner, faiss.IndexIVF):
         return "ivfpq"
     return "flat"
 
 
-def _search_params(kind: str, spec: IndexSpec, n: int, skip: faiss.IDSelector | None) -> faiss.SearchParameters | None:
-    """Per-call search settings: HNSW beam at least `n` wide, IVF probes, removed rows skipped."""
+def search_params(index: faiss.Index, kind: str, spec: IndexSpec, n: int,
+                  skip: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+    """Per-call search settings: HNSW beam at least `n` wide, IVF probes, removed rows skipped.
+
+    Under the exact re-ranker the beam's parameters go to the graph inside it, with the removed-row
+    selector translated to the graph's own ids (IDMap2 translates only the outer parameters).
+    """
     extra = {"sel": skip} if skip is not None else {}
     if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **extra)
+        inner = _unwrapped(index)
+        if not isinstance(inner, faiss.IndexRefine):
+            return faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **extra)
+        sel = {"sel": faiss.IDSelectorTranslated(index.id_map, skip)} if skip is not None and inner is not index else extra
+        graph = faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **sel)
+        params = faiss.IndexRefineSearchParameters(k_factor=1.0, base_index_params=graph)
+        params.referenced_objects = [graph, *sel.values()]  # Faiss keeps raw pointers: hold them as long as `params`
+        return params
     if kind == "ivfpq":
         return faiss.SearchParametersIVF(nprobe=int(spec.nprobe), **extra)
     return faiss.SearchParameters(**extra) if extra else None
@@ -440,7 +479,7 @@ class Gallery:
         if not self.rows or self.index is None:
             return [[] for _ in range(len(queries))]
         n = self._rows_per_query(k)
-        params = _search_params(self.kind or "flat", self.index_spec, n, self._skip_selector())
+        params = search_params(self.index, self.kind or "flat", self.index_spec, n, self._skip_selector())
         scores, ids = self.index.search(queries, n, params=params) if params is not None else self.index.search(queries, n)
         return [self._rank(q, s, i, k, n) for q, s, i in zip(queries, scores, ids)]
 
@@ -544,7 +583,7 @@ class Gallery:
         if index.ntotal != len(g.rows) + len(g.tombstones):
             raise GalleryError(f"{index_p} holds {index.ntotal} vectors but {meta_p} lists {len(g.rows)} rows; rebuild the gallery")
         if g.kind == "hnsw":
-            faiss.downcast_index(index.index).hnsw.efSearch = int(g.index_spec.ef_search)
+            _hnsw_of(index).hnsw.efSearch = int(g.index_spec.ef_search)
         g._version += 1
         return g
 
