@@ -7,6 +7,7 @@ version must keep the old weights for its gallery (embedder.ckpt) while model mo
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -24,14 +25,16 @@ from anime_role_detect.imageio import load_image
 from anime_role_detect.recognition.embedder import build_embedder
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.pipeline import Recognizer
+from anime_role_detect.recognition.runtime import export_into
 from anime_role_detect.registry import Registry
 
 pytestmark = pytest.mark.slow
 SIZE = 64
 
 
-def _model_top1(version: Path, root: Path) -> float:
-    rec = Recognizer.from_version(version, {"mode": "model", "rerank": False, "detector": None, "openset": {"enabled": False}})
+def _model_top1(version: Path, root: Path, runtime: str = "auto") -> float:
+    rec = Recognizer.from_version(version, {"mode": "model", "rerank": False, "detector": None, "openset": {"enabled": False},
+                                            "runtime": runtime})
     rows = scan_dataset(root)
     answers = rec.recognize_batch([(load_image(r.path(root)), r.file_name) for r in rows])
     return float(np.mean([a.role == r.character for a, r in zip(answers, rows)]))
@@ -57,7 +60,9 @@ def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path, train_tiny):
     rows = scan_dataset(base)
     Gallery.build([(r.character, r.series, load_image(r.path(base)), r.file_name) for r in rows], emb,
                   embedder_config=ecfg).save(staging)
-    v0 = reg.commit(staging, kind="workflow", extra={"dataset": str(base)})
+    onnx = export_into(staging)  # as the workflow builds it
+    v0 = reg.commit(staging, kind="workflow", extra={"dataset": str(base), "onnx": onnx})
+    v0_onnx = (reg.path(v0) / "classifier.onnx").read_bytes()
 
     # the service with stored uploads: every night-style answer gets the user's verdict
     log = FeatureLog(tmp_path / "fl", {"store_images": True})
@@ -87,6 +92,13 @@ def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path, train_tiny):
     after = _model_top1(new_dir, night_test)
     print("night top-1 after", after)
     assert after >= before + 0.15, (before, after)
+    # re-exported: the new classifier, and the old one (the gallery's embedder now) for ONNX Runtime; the base's files untouched
+    networks = json.loads((new_dir / "onnx.json").read_text())["networks"]
+    assert set(networks) == {"classifier", "embedder"} and networks["embedder"]["source"].endswith("embedder.ckpt")
+    assert (reg.path(v0) / "classifier.onnx").read_bytes() == v0_onnx != (new_dir / "classifier.onnx").read_bytes()
+    model_mode = Recognizer.from_version(new_dir, {"mode": "model", "rerank": False, "detector": None})
+    assert type(model_mode.classifier_transform).__name__ == "OnnxClassifier"
+    assert _model_top1(new_dir, night_test, "torch") == after
     # the gallery still answers with the weights it was embedded with (no embedder mismatch)
     clip = Recognizer.from_version(new_dir, {"mode": "clip", "rerank": False, "detector": None})
     assert clip.embedder.model_id == Gallery.load(new_dir).embedder_id

@@ -26,6 +26,7 @@ from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_js
 from ..log import get_logger
 from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
+from ..recognition.runtime import ONNX_FILES, ONNX_META, export_into
 from ..registry import Derivation, Registry
 from ..versionfiles import (
     CALIBRATION,
@@ -177,8 +178,12 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
     Everything else (tag profiles, calibration, config, the model unless replaced) is carried as hard links.
     """
     skip = {GALLERY_INDEX, GALLERY_META, METRICS, FUSION_REPORT_JSON, FUSION_REPORT_MD, VAL_EMBEDDINGS}
+    base_dir = registry.path(base_id)
+    reexport = new_model is not None and (base_dir / ONNX_META).is_file()  # the carried ONNX classifier is the old one
     if new_model is not None:
         skip.add(MODEL)
+    if reexport:
+        skip |= ONNX_FILES  # written fresh below, never through hard links into the base's files
     report["version_id"] = registry.new_version_id(prefix=STAGING_PREFIX)  # the reports inside the version name it
     extra = {"fusion": {"added": report["added_per_character"], "reason": report["reason"]}}
     with registry.derive(base_id, "fusion", promote=promote, skip=skip, extra=extra, version_id=report["version_id"]) as d:
@@ -192,6 +197,8 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
         assert d.base_dir is not None
         atomic_write_json(d.dir / METRICS, version_metrics(d.base_dir, report, new_model))
         write_report(d.dir, report)
+        if reexport:  # the fine-tuned classifier (and the old one, now the gallery's embedder) for ONNX Runtime
+            d.extra["onnx"] = export_into(d.dir)
     assert d.id is not None
     return d.id
 
