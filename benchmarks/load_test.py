@@ -274,7 +274,8 @@ def report(args: argparse.Namespace, base: Phase | None, table: dict[tuple[int, 
     print(f"\nloopback load test: version {version}, {args.requests} requests/phase in {args.rounds} interleaved rounds, "
           f"{args.size}px PNGs, answer cache off; batching off: {args.threads} inference x {args.torch_threads} torch threads; "
           f"batching on: max_wait_ms {args.max_wait_ms:g}, max_batch {args.max_batch}, {args.on_threads} inference x "
-          f"{args.on_torch_threads} torch threads; {' '.join(args.set) or 'no other overrides'}; cpus={os.cpu_count()}")
+          f"{args.on_torch_threads} torch threads; {' '.join(args.set) or 'no other overrides'}"
+          f"{'; batching off only: ' + ' '.join(args.off_set) if args.off_set else ''}; cpus={os.cpu_count()}")
     print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, "
           f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} at end")
     print(f"\n{'phase':<28}{'req':>6}{'err':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'img/call':>10}{'model p50':>10}")
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads of the batching server (default: --torch-threads); batches can use more than one")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="serve.yaml override for both servers, e.g. --set feature_log.enabled=false (repeatable)")
+    ap.add_argument("--off-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for the batching-off server only, e.g. --off-set runtime=torch: the service as issue 12 found it "
+                         "(eager torch, one call per request) against micro-batching on the version's own runtime")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process phases (recognizer baseline, batch CPU profile)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, ServerProc] = {}
         try:
             servers["off"] = start_server(registry, version, work / "off", args.threads, args.torch_threads,
-                                          [*args.set, "batching.max_wait_ms=0"])
+                                          [*args.set, *args.off_set, "batching.max_wait_ms=0"])
             servers["on"] = start_server(registry, version, work / "on", args.on_threads, args.on_torch_threads,
                                          [*args.set, f"batching.max_wait_ms={args.max_wait_ms:g}", f"batching.max_batch={args.max_batch}"])
             quiet(threads=args.torch_threads)  # same per-request compute as one server worker; no per-image log lines
