@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="serve.yaml override for both servers, e.g. --set feature_log.enabled=false (repeatable)")
     ap.add_argument("--off-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for the batching-off server only, e.g. --off-set runtime=torch: the service as issue 12 found it "
+                    help="override for the batching-off server only, e.g. --off-set recognizer.runtime=torch: the service as issue 12 found it "
                          "(eager torch, one call per request) against micro-batching on the version's own runtime")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process phases (recognizer baseline, batch CPU profile)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
