@@ -360,3 +360,33 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     cos = dict((c, s) for c, _, s in gal)[top[0]]
     assert abs(top[2] - (0.5 * cos + 0.5 * p)) < 1e-6
     assert abs(gallery_probabilities([cos], t)[0] - 1.0) < 1e-9  # (one character alone has all the mass)
+
+
+def test_fusion_on_an_approximate_gallery_asks_for_its_best_characters_not_all(version_dir, onnx_tagger, test_images, tmp_path):
+    """A big (HNSW) gallery is searched for the best few characters in fusion, with the flat gallery's answers."""
+    hnsw_dir = tmp_path / "v_hnsw"
+    shutil.copytree(version_dir, hnsw_dir)
+    flat = Gallery.load(version_dir)
+    ids = np.array(sorted(flat.rows), np.int64)
+    big = Gallery(flat.embedder_id, flat.dim, flat.embedder_config, {"type": "hnsw"}, None, flat.aggregate)
+    big.add_rows(flat._vectors(ids), [flat.rows[i].character for i in ids], [flat.rows[i].series for i in ids],
+                 [flat.rows[i].source for i in ids])
+    big.save(hnsw_dir)
+    asked: dict[str, list[int]] = {}
+    answers = {}
+    for name, folder in (("flat", version_dir), ("hnsw", hnsw_dir)):
+        rec = Recognizer.from_version(folder, {**infer_cfg(onnx_tagger), "openset": {"enabled": False}, "topk": 3,
+                                               "rerank_candidates": 3})  # fewer candidates than the 8 characters
+        gallery, search = rec.gallery, rec.gallery.search
+        asked[name] = []
+
+        def spy(queries, k=5, _search=search, _asked=asked[name]):
+            _asked.append(k)
+            return _search(queries, k=k)
+
+        gallery.search = spy
+        answers[name] = [a.role for a in rec.recognize_batch(test_images, mode="fusion", rerank=False)]
+    assert rec.gallery.kind == "hnsw" and set(asked["hnsw"]) == {rec.n_candidates}
+    assert set(asked["flat"]) == {len(flat.characters())} and len(flat.characters()) > rec.n_candidates
+    agree = np.mean([a == b for a, b in zip(answers["flat"], answers["hnsw"])])
+    assert agree >= 0.95, agree

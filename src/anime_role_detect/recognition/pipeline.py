@@ -230,7 +230,11 @@ class Recognizer(VersionParts):
         if mode in ("clip", "fusion"):
             t0 = time.perf_counter()
             n_chars = len(self.gallery.characters())
-            gal = self.gallery.search(emb, k=max(self.n_candidates, n_chars if mode == "fusion" else 0))
+            # fusion reads the gallery's probability over every character; an approximate index (hnsw / ivfpq) would
+            # fetch up to 8x `search_rows` rows for that (6x the search time at 100k rows, docs/recognition.md), while at
+            # the fitted temperature the characters past its best few carry almost none of the probability
+            every = n_chars if mode == "fusion" and self.gallery.kind in (None, "flat") else 0
+            gal = self.gallery.search(emb, k=max(self.n_candidates, every))
             tm["search"] = (time.perf_counter() - t0) * 1e3
         if mode == "clip":
             cands = gal
