@@ -25,7 +25,7 @@ from anime_role_detect.imageio import load_image
 from anime_role_detect.recognition.embedder import build_embedder
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.pipeline import Recognizer
-from anime_role_detect.recognition.runtime import export_into
+from anime_role_detect.recognition.runtime import export_into, manifest_entry
 from anime_role_detect.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def test_fusion_finetunes_classifier_on_logged_uploads(tmp_path, train_tiny):
     rows = scan_dataset(base)
     Gallery.build([(r.character, r.series, load_image(r.path(base)), r.file_name) for r in rows], emb,
                   embedder_config=ecfg).save(staging)
-    onnx = export_into(staging)  # as the workflow builds it
+    onnx = manifest_entry(export_into(staging))  # as the workflow builds it
     v0 = reg.commit(staging, kind="workflow", extra={"dataset": str(base), "onnx": onnx})
     v0_onnx = (reg.path(v0) / "classifier.onnx").read_bytes()
 

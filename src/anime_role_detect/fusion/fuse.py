@@ -26,7 +26,7 @@ from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_js
 from ..log import get_logger
 from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
-from ..recognition.runtime import ONNX_FILES, ONNX_META, export_into
+from ..recognition.runtime import ONNX_FILES, ONNX_META, export_into, manifest_entry
 from ..registry import Derivation, Registry
 from ..versionfiles import (
     CALIBRATION,
@@ -198,7 +198,7 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
         atomic_write_json(d.dir / METRICS, version_metrics(d.base_dir, report, new_model))
         write_report(d.dir, report)
         if reexport:  # the fine-tuned classifier (and the old one, now the gallery's embedder) for ONNX Runtime
-            d.extra["onnx"] = export_into(d.dir)
+            d.extra["onnx"] = manifest_entry(export_into(d.dir))
     assert d.id is not None
     return d.id
 

@@ -198,9 +198,9 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             gallery.save(out)
             report.rows = len(gallery)
     if onnx:
-        from .runtime import export_into
+        from .runtime import export_into, manifest_entry
 
-        report.onnx = export_into(out)
+        report.onnx = manifest_entry(export_into(out))
     return report
 
 

@@ -157,12 +157,9 @@ def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | N
 
 def kind_of(index: faiss.Index) -> str:
     """The kind (flat / hnsw / ivfpq) of a loaded Faiss index."""
-    inner = _unwrapped(index)
     if _hnsw_of(index) is not None:
         return "hnsw"
-    if isinstance(inner, faiss.IndexIVF):
-        return "ivfpq"
-    return "flat"
+    return "ivfpq" if isinstance(_unwrapped(index), faiss.IndexIVF) else "flat"
 
 
 def search_params(index: faiss.Index, kind: str, spec: IndexSpec, n: int,

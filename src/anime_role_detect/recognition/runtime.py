@@ -241,16 +241,17 @@ def manifest_entry(meta: Mapping[str, Any]) -> dict[str, Any]:
                              "source_fingerprint": n.get("source_fingerprint"), "model_id": n["model_id"]} for k, n in nets.items()}}
 
 
-def export_into(folder: str | Path, int8: bool = False, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
-    """Export a version folder's networks beside its other files (``onnx.json`` + ``*.onnx``); returns the manifest entry.
+def export_into(folder: str | Path, int8: bool = False, opset: int = DEFAULT_OPSET, src: str | Path | None = None) -> dict[str, Any]:
+    """Export the networks of version folder `src` (default: `folder` itself) into `folder`: ``*.onnx`` + ``onnx.json``,
+    whose content it returns (`manifest_entry` makes the manifest's entry of it).
 
     What the workflow and ``train.py register=true`` do to every version they build, so ``runtime: auto`` runs it on
-    ONNX Runtime without a separate export step.
+    ONNX Runtime without a separate export step; `export_version` does it into a derived version.
     """
     folder = Path(folder)
-    meta = export_folder(folder, folder, int8=int8, opset=opset)
+    meta = export_folder(folder if src is None else src, folder, int8=int8, opset=opset)
     atomic_write_json(folder / ONNX_META, meta)
-    return manifest_entry(meta)
+    return meta
 
 
 def export_version(registry_dir: str | Path, version: str = "latest", int8: bool = False, opset: int = DEFAULT_OPSET,
@@ -262,8 +263,7 @@ def export_version(registry_dir: str | Path, version: str = "latest", int8: bool
     base = reg.path(version)
     live = reg.latest_id() == base.name if promote is None else bool(promote)
     with reg.derive(base.name, kind="onnx", promote=live, skip=ONNX_FILES) as d:
-        meta = export_folder(base, d.dir, int8=int8, opset=opset)
-        atomic_write_json(d.dir / ONNX_META, meta)
+        meta = export_into(d.dir, int8=int8, opset=opset, src=base)
         d.extra["onnx"] = manifest_entry(meta)
     assert d.id is not None
     checks = {k: {c: n[c] for c in ("check", "check_int8") if c in n} for k, n in meta["networks"].items()}
