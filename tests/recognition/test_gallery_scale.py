@@ -142,18 +142,24 @@ def test_hnsw_removal_skips_tombstones_then_rebuilds(storage, tmp_path):
 @pytest.mark.parametrize("aggregate,storage", [("max", "sq8"), ("top3_mean", "sq8"), ("top5_mean", "sq8"), ("top3_mean", "fp16"),
                                                ("top3_mean", "flat")])
 def test_approximate_search_returns_exact_character_scores(aggregate, storage):
-    """Rows of a character missing from the fetched ones are re-scored, never counted as absent."""
+    """Rows of the best characters missing from the fetched ones are re-scored, never counted as absent; the
+    characters past `exact_top` carry upper bounds (never below their exact score), and `exact_top: k` makes all exact."""
     x, labels, centres = cloud(40, 100, spread=1.2)
-    g = gallery({"type": "hnsw", "search_rows": 8, "hnsw_storage": storage}, x, labels, aggregate)
     names = [f"char{i:04d}" for i in labels]
     q = queries_for(centres, spread=1.2)[:15]
-    for query, res in zip(q, g.search(q, k=5)):
-        truth = exact_scores(x, names, query, aggregate)
-        assert 1 <= len(res) <= 5
-        for c, _, s in res:
-            assert s == pytest.approx(truth[c], abs=1e-5)
-        assert [s for _, _, s in res] == sorted((s for _, _, s in res), reverse=True)
-        assert res[0][0] == max(truth, key=truth.get)
+    for exact_top in (2, 5):
+        g = gallery({"type": "hnsw", "search_rows": 8, "hnsw_storage": storage, "exact_top": exact_top}, x, labels, aggregate)
+        for query, res in zip(q, g.search(q, k=5)):
+            truth = exact_scores(x, names, query, aggregate)
+            best = sorted(truth, key=truth.get, reverse=True)  # a character none of whose rows were fetched is not named
+            assert 1 <= len(res) <= 5
+            for i, (c, _, s) in enumerate(res):
+                if i < exact_top:
+                    assert s == pytest.approx(truth[c], abs=1e-5)
+                else:  # an upper bound from the fetched rows
+                    assert s >= truth[c] - 1e-5
+            assert [s for _, _, s in res] == sorted((s for _, _, s in res), reverse=True)
+            assert res[0][0] == best[0]
 
 
 def test_default_hnsw_walks_8_bit_codes_and_keeps_exact_vectors(tmp_path):
