@@ -22,6 +22,7 @@ bytes are exact and its query time is projected from 1M). Load average is printe
     nice -n 19 python benchmarks/gallery_scale.py                 # 100k, 1M (flat, HNSW, IVF-PQ), 10M (IVF-PQ)
     python benchmarks/gallery_scale.py --quick                    # 100k only
     python benchmarks/gallery_scale.py --sizes 200000 --hnsw-ef 64 128 --nprobe 16 32
+    python benchmarks/gallery_scale.py --sizes 100000 --indexes hnsw --hnsw-storage sq8 --hnsw-ef 128 --exact-top 2 10
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ class SizeRun:
         self.q, self.q_cls = self.cloud.queries(nq)
         self.names = np.array([f"c{i}" for i in range(self.cloud.n_classes)])
         self.truth: np.ndarray | None = None  # exact top-1 row id per query
+        self.row_class: np.ndarray | None = None  # character of every row (streamed IVF-PQ: no Gallery keeps it)
         self.flat_top: dict[str, tuple[list[str], np.ndarray]] = {}  # aggregate -> flat gallery's top-1 character, score
         self.flat: Result | None = None
 
@@ -228,8 +230,8 @@ class SizeRun:
             del x, c, names
         return g, build, rss_mb() - rss0
 
-    def measure_index(self, res: Result, index: Any, params: Any) -> None:
-        """Batch and single-query time at k=10 and recall@1 of rows against the exact top-1."""
+    def measure_index(self, res: Result, index: Any, params: Any) -> np.ndarray:
+        """Batch and single-query time at k=10 and recall@1 of rows against the exact top-1; returns the ids found."""
         kw = {"params": params} if params is not None else {}
         t = time.perf_counter()
         _, ids = index.search(self.q, K, **kw)
@@ -237,14 +239,18 @@ class SizeRun:
         res.single_ms, res.single_p50_ms = timed_single(lambda x: index.search(x, K, **kw), self.q[: self.args.single])
         if self.truth is not None:
             res.recall1 = float(np.mean(ids[:, 0] == self.truth))
+        return ids
 
     def measure_gallery(self, res: Result, g: Any) -> list[Result]:
         """The gallery's own search (what the pipeline calls), one line per aggregate: ms per single query, top-1 vs flat."""
         qs = self.q[: self.args.gallery_queries]
         out = []
-        for agg in self.args.aggregates:
-            r = Result(**{**asdict(res), "aggregate": agg, "notes": dict(res.notes)})
-            g.aggregate = agg
+        runs = [(agg, et) for agg in self.args.aggregates
+                for et in (self.args.exact_top if agg != "max" and g.kind != "flat" else [g.index_spec.exact_top])]
+        for agg, et in runs:
+            label = agg if sum(a == agg for a, _ in runs) == 1 else f"{agg}, exact_top {et}"
+            r = Result(**{**asdict(res), "aggregate": label, "notes": dict(res.notes)})
+            g.aggregate, g.index_spec.exact_top = agg, et
             r.gallery_ms, _ = timed_single(lambda x: g.search(x, k=K), qs[: self.args.single])
             answers = g.search(qs, k=K)
             top = [a[0][0] if a else "" for a in answers]
@@ -257,10 +263,6 @@ class SizeRun:
             else:
                 self.flat_top[agg] = (top, score)
                 r.gallery_agree = r.gallery_score_exact = 1.0
-            t = time.perf_counter()
-            for _ in range(20):
-                len(g.characters())  # what Recognizer._score calls before every search today
-            r.notes["characters_list_ms"] = (time.perf_counter() - t) * 1e3 / 20
             out.append(r)
         return out
 
@@ -322,7 +324,9 @@ class SizeRun:
         out = []
         for nprobe in self.args.nprobe:
             res = Result(self.rows, "ivfpq", f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits} nprobe={nprobe}", "", build, mb, rss)
-            self.measure_index(res, index, faiss.SearchParametersIVF(nprobe=nprobe))
+            ids = self.measure_index(res, index, faiss.SearchParametersIVF(nprobe=nprobe))
+            if g is None and self.row_class is not None and self.truth is not None:
+                self.character_agreement(res, ids[:, 0])
             if g is not None:
                 g.index_spec.nprobe = nprobe
                 out.extend(self.measure_gallery(res, g))
@@ -330,6 +334,20 @@ class SizeRun:
                 out.append(res)
             log(f"  ivfpq nprobe={nprobe}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms")
         return out
+
+    def character_agreement(self, res: Result, top_rows: np.ndarray) -> None:
+        """Top-1 character of the `max` aggregate (its best row's character) against the exact scan's, and against the truth.
+
+        What `Gallery.search` answers with `aggregate: max` (the workflow's) on an IVF-PQ gallery, which keeps no
+        vectors to re-score: the character of the row with the best approximate score.
+        """
+        assert self.row_class is not None and self.truth is not None
+        found = np.where(top_rows >= 0, self.row_class[np.maximum(top_rows, 0)], -1)
+        exact = self.row_class[self.truth]
+        res.aggregate = "max"
+        res.gallery_agree = float(np.mean(found == exact))
+        res.notes["top1_character_right"] = float(np.mean(found == self.q_cls))
+        res.notes["exact_top1_character_right"] = float(np.mean(exact == self.q_cls))
 
     def run_ivfpq_streamed(self) -> list[Result]:
         """IVF-PQ over rows that never fit in memory: train on chunk 0, add chunk by chunk, exact top-1 as a running best."""
@@ -350,9 +368,11 @@ class SizeRun:
         del sample
         best = np.full(len(self.q), -np.inf, np.float32)
         best_id = np.full(len(self.q), -1, np.int64)
+        self.row_class = np.empty(self.rows, np.int32)
         exact_s = 0.0
         t_all = time.perf_counter()
-        for start, x, _ in self.cloud.chunks(self.args.chunk):
+        for start, x, c in self.cloud.chunks(self.args.chunk):
+            self.row_class[start : start + len(x)] = c
             t = time.perf_counter()
             index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
             build += time.perf_counter() - t
@@ -454,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nlist", type=int, default=0, help="0: the gallery's auto rule")
     ap.add_argument("--pq-m", type=int, default=0, help="0: the gallery's auto rule")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--exact-top", type=int, nargs="+", default=[IndexSpec.exact_top],
+                    help="approximate galleries, top-m aggregates: characters re-scored exactly, one line each (default: the gallery's)")
     ap.add_argument("--search-rows", type=int, default=IndexSpec.search_rows, help="gallery: nearest rows fetched per query (default: the gallery's)")
     ap.add_argument("--threads", type=int, default=1, help="Faiss threads for builds and batches (1: robust on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
@@ -500,10 +522,10 @@ def main(argv: list[str] | None = None) -> int:
           f"at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f})\n")
     print(table(results, flats, projected))
     for r in results:
-        extra = {k: v for k, v in r.notes.items() if k.startswith(("serve", "exact"))}
+        extra = {k: v for k, v in r.notes.items() if k.startswith(("serve", "exact", "top1"))}
         if extra:
-            print(f"{r.rows:,} {r.index} {r.setting}: " + ", ".join(f"{k} {v:.1f}" for k, v in extra.items()))
-            break
+            print(f"{r.rows:,} {r.index} {r.setting} {r.aggregate}: "
+                  + ", ".join(f"{k} {v:.3f}" if k.endswith("right") else f"{k} {v:.2f}" if k.endswith("_ms") else f"{k} {v:.1f}" for k, v in extra.items()))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=float))
     return 0
