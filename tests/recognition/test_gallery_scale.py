@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
-from anime_role_detect.errors import ConfigError
+from anime_role_detect.errors import ConfigError, GalleryError
 from anime_role_detect.recognition.gallery import AGGREGATORS, Gallery
 
 DIM = 64
@@ -196,3 +196,119 @@ def test_bad_tier_settings_are_config_errors():
         Gallery("e", DIM, index={"type": "auto", "ef_serch": 64})
     with pytest.raises(ConfigError, match="hnsw_storage='pq'"):
         gallery({"type": "hnsw", "hnsw_storage": "pq"}, *cloud(2, 10)[:2])
+
+
+def _coarse_ivfpq(**extra) -> dict:
+    """IVF-PQ with 4-byte codes over dim 64: codes alone confuse near characters, as 128-byte codes do at 10M rows."""
+    return {"type": "ivfpq", "nlist": 16, "pq_m": 4, "pq_nbits": 6, "nprobe": 8, "search_rows": 32, **extra}
+
+
+def test_ivfpq_reranks_the_rows_its_codes_fetch_on_stored_vectors():
+    """The vector file puts the right row first where codes alone do not; the best characters' scores are exact."""
+    x, labels, centres = cloud(150, 60, spread=1.0)
+    names = [f"char{i:04d}" for i in labels]
+    q = np.concatenate([queries_for(centres, seed=s, spread=1.0) for s in (1, 2)])
+    want = top1(gallery({"type": "flat"}, x, labels, "max"), q)
+    codes = gallery(_coarse_ivfpq(ivfpq_vectors="none"), x, labels, "max")
+    kept = gallery(_coarse_ivfpq(), x, labels, "max")
+    assert codes.vectors is None and len(kept.vectors) == len(x)
+    agree_codes = np.mean([a == b for a, b in zip(top1(codes, q), want)])
+    agree_kept = np.mean([a == b for a, b in zip(top1(kept, q), want)])
+    assert agree_kept >= 0.97 and agree_kept - agree_codes >= 0.1, (agree_codes, agree_kept)
+    for query, res in zip(q[:20], kept.search(q[:20], k=5)):
+        truth = exact_scores(x, names, query, "max")
+        assert res[0][2] == pytest.approx(truth[res[0][0]], abs=2e-3)  # half-precision vectors
+
+
+def test_ivfpq_vector_file_appends_in_place_survives_a_killed_save_and_never_edits_a_linked_copy(tmp_path):
+    x, labels, centres = cloud(120, 100)
+    g = gallery({**TIERS, **IVF}, x, labels)
+    assert g.kind == "ivfpq" and g.vectors is not None
+    a = tmp_path / "a"
+    g.save(a)
+    vec = a / "gallery.vectors"
+    assert vec.stat().st_size == len(x) * DIM * 2
+    first = vec.read_bytes()
+    loaded = Gallery.load(a)
+    new_x, _, new_c = cloud(1, 30, seed=9)
+    loaded.add("newcomer", "", new_x)
+    inode = vec.stat().st_ino
+    loaded.save(a)
+    assert vec.stat().st_ino == inode and vec.stat().st_size == (len(x) + 30) * DIM * 2  # appended, not rewritten
+    assert vec.read_bytes()[: len(first)] == first
+    with open(vec, "ab") as fh:  # a save killed after writing vectors, before gallery.json: rows past the recorded ones
+        fh.write(b"\x01" * DIM * 2 * 7)
+    again = Gallery.load(a)
+    q = np.concatenate([queries_for(centres), queries_for(new_c, seed=3)])
+    assert again.search(q, k=3) == loaded.search(q, k=3) and top1(again, q)[-1] == "newcomer"
+    again.save(a)
+    assert vec.stat().st_size == (len(x) + 30) * DIM * 2  # the killed save's tail is cut
+
+    b = tmp_path / "b"  # a derived version hard-links its parent's files (registry.carry_files)
+    b.mkdir()
+    for name in ("gallery.vectors", "gallery.faiss", "gallery.json"):
+        (b / name).hardlink_to(a / name)
+    before = vec.read_bytes()
+    child = Gallery.load(b)
+    child.add("another", "", cloud(1, 10, seed=11)[0])
+    child.save(b)
+    assert vec.read_bytes() == before and (b / "gallery.vectors").stat().st_ino != vec.stat().st_ino
+    assert len(Gallery.load(a)) == len(x) + 30 and len(Gallery.load(b)) == len(x) + 40
+
+
+def test_ivfpq_vector_file_damage_is_a_one_line_error(tmp_path):
+    x, labels, _ = cloud(120, 100)
+    gallery({**TIERS, **IVF}, x, labels).save(tmp_path)
+    vec = tmp_path / "gallery.vectors"
+    with open(vec, "r+b") as fh:
+        fh.truncate(DIM * 2 * 100)
+    with pytest.raises(GalleryError, match="cut short"):
+        Gallery.load(tmp_path)
+    vec.unlink()
+    with pytest.raises(GalleryError, match="missing"):
+        Gallery.load(tmp_path)
+    with pytest.raises(ConfigError, match="ivfpq_vectors='fp32'"):
+        Gallery("e", DIM, index={"type": "ivfpq", "ivfpq_vectors": "fp32"})
+
+
+def test_a_gallery_growing_into_ivfpq_keeps_every_rows_vector(tmp_path):
+    """auto moves HNSW to IVF-PQ: the vector file is filled from the graph's vectors (removed rows: zeros)."""
+    x, labels, centres = cloud(120, 100)
+    g = gallery({**TIERS, **IVF}, x[:8000], labels[:8000])
+    assert g.kind == "hnsw"
+    g.remove("char0002")
+    g.add_rows(x[8000:], [f"char{i:04d}" for i in labels[8000:]])
+    assert g.kind == "ivfpq" and len(g.vectors) == g.next_id == len(x)
+    np.testing.assert_allclose(g.vectors.get(np.arange(300, 310)), x[300:310], atol=2e-3)
+    assert not g.vectors.get(np.arange(200, 300)).any()
+    exact = gallery({"type": "flat"}, x, labels)
+    exact.remove("char0002")
+    q = queries_for(centres)
+    assert np.mean([a == b for a, b in zip(top1(g, q), top1(exact, q))]) >= 0.98
+
+
+def test_a_codes_only_ivfpq_gallery_saved_before_vector_files_still_loads(tmp_path):
+    x, labels, centres = cloud(120, 100)
+    g = gallery({**TIERS, **IVF, "ivfpq_vectors": "none"}, x, labels)
+    g.save(tmp_path)
+    meta = json.loads((tmp_path / "gallery.json").read_text())
+    del meta["vectors"], meta["index"]["ivfpq_vectors"], meta["index"]["refine_factor"]  # as written before
+    (tmp_path / "gallery.json").write_text(json.dumps(meta))
+    loaded = Gallery.load(tmp_path)
+    assert loaded.kind == "ivfpq" and loaded.vectors is None and loaded.index_spec.ivfpq_vectors == "none"
+    q = queries_for(centres)
+    assert loaded.search(q, k=3) == g.search(q, k=3)
+
+
+def test_ivfpq_gallery_saved_again_after_its_folder_moved(tmp_path):
+    """A version folder is renamed when sealed: the gallery object still saves its rows elsewhere."""
+    x, labels, centres = cloud(120, 100)
+    g = gallery({**TIERS, **IVF}, x, labels)
+    g.save(tmp_path / ".staging")
+    (tmp_path / ".staging").rename(tmp_path / "v1")
+    g.add("late", "", cloud(1, 5, seed=4)[0])
+    g.save(tmp_path / "v2")
+    loaded = Gallery.load(tmp_path / "v2")
+    np.testing.assert_allclose(loaded.vectors.get(np.arange(len(x) + 5)), g.vectors.get(np.arange(len(x) + 5)))
+    q = queries_for(centres)
+    assert loaded.search(q, k=3) == g.search(q, k=3)

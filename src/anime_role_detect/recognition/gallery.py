@@ -7,8 +7,9 @@ mean) and search aggregates rows to one score per character. A gallery refuses e
 another embedder or dimension.
 
 Index kinds (`KIND_ORDER`): exact ``flat``, graph ``hnsw`` (walks 8-bit codes, re-ranks on the exact
-vectors it keeps; fast), compressed
-``ivfpq`` (codes only, for galleries that do not fit in memory). ``auto`` picks by row count
+vectors it keeps; fast), compressed ``ivfpq`` (128-byte codes in memory, for galleries that do not fit
+in it; the rows the codes fetch are re-ranked on half-precision vectors kept in ``gallery.vectors``,
+memory-mapped, `VectorFile`). ``auto`` picks by row count
 (`IndexSpec.flat_below`, `hnsw_below`) and moves a growing gallery up a kind, rebuilt from its
 stored vectors. Measured choices: docs/recognition.md "Galleries of millions".
 """
@@ -29,6 +30,7 @@ from PIL import Image
 from ..errors import ConfigError, GalleryError
 from ..fsutil import atomic_path, atomic_write_json, read_json
 from ..log import get_logger
+from .vector_file import VectorFile
 
 INDEX_FILE = "gallery.faiss"
 META_FILE = "gallery.json"
@@ -51,6 +53,8 @@ class IndexSpec:
     pq_m: int = 0                    # PQ sub-quantizers (bytes per row at 8 bits); 0: the largest divisor of dim <= dim/10
     pq_nbits: int = 8
     nprobe: int = 32
+    ivfpq_vectors: str = "fp16"      # IVF-PQ: keep each row's vector in gallery.vectors (memory-mapped) to re-rank exactly; none: codes only
+    refine_factor: int = 4           # IVF-PQ with vectors: fetch this many times `search_rows` rows from the codes, re-rank them exactly
     search_rows: int = 128           # approximate indexes: nearest rows fetched per query (HNSW: free up to ef_search)
     exact_top: int = 2               # approximate indexes: the best this many characters get exact scores; the rest are bounds
     rebuild_fraction: float = 0.2    # HNSW cannot delete: removed rows are skipped until they exceed this share, then it is rebuilt
@@ -84,6 +88,8 @@ _TRAIN_ROWS_MAX = 200_000
 _HNSW_STORAGE = {"flat": "", "sq8": ",SQ8,RFlat", "fp16": ",SQfp16,RFlat"}
 _HNSW_TRAIN_ROWS = 65_536  # a scalar quantizer learns each dimension's range from this many rows
 _RESCORE_ROWS_MAX = 8192
+_IVFPQ_VECTORS = ("fp16", "none")
+_RERANK_ROWS = 65_536
 
 
 def resolve_kind(spec: IndexSpec, rows: int) -> str:
@@ -95,6 +101,36 @@ def resolve_kind(spec: IndexSpec, rows: int) -> str:
     if spec.flat_below > spec.hnsw_below:
         raise ConfigError(f"gallery.index.flat_below={spec.flat_below} is above hnsw_below={spec.hnsw_below}; make flat_below <= hnsw_below")
     return "flat" if rows < spec.flat_below else "hnsw" if rows < spec.hnsw_below else "ivfpq"
+
+
+def keeps_vector_file(kind: str, spec: IndexSpec) -> bool:
+    """Whether a `kind` index under `spec` keeps its rows' vectors in a `VectorFile` (IVF-PQ, unless told not to)."""
+    if spec.ivfpq_vectors not in _IVFPQ_VECTORS:
+        raise ConfigError(f"gallery.index.ivfpq_vectors={spec.ivfpq_vectors!r}: choose {' or '.join(_IVFPQ_VECTORS)}")
+    return kind == "ivfpq" and spec.ivfpq_vectors != "none"
+
+
+def rerank_on_vectors(vectors: VectorFile, queries: np.ndarray, ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosines of the rows `ids` an approximate search fetched per query, best `keep` first: (scores, ids).
+
+    Queries go in blocks of about 64k fetched rows, each block one read of the vector file (in id
+    order); ids of -1 (nothing found) stay last.
+    """
+    sims = np.full(ids.shape, -np.inf, np.float32)
+    valid = ids >= 0
+    block = max(1, _RERANK_ROWS // max(1, ids.shape[1]))
+    for b in range(0, len(ids), block):
+        v, q = valid[b : b + block], queries[b : b + block]
+        if not v.any():
+            continue
+        rows = vectors.get(ids[b : b + block][v])
+        counts = v.sum(1)
+        owner = np.repeat(np.arange(len(q)), counts)
+        part = np.full(v.shape, -np.inf, np.float32)
+        part[v] = np.einsum("ij,ij->i", rows, q[owner]) if len(q) > 1 else rows @ q[0]
+        sims[b : b + block] = part
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(np.where(valid, ids, -1), order, 1)
 
 
 def ivf_sizes(spec: IndexSpec, dim: int, rows: int, n_train: int) -> tuple[int, int, int]:
@@ -218,6 +254,7 @@ class Gallery:
         self.embedder_config = dict(embedder_config or {})
         self.index_spec = index if isinstance(index, IndexSpec) else _index_spec(index)
         resolve_kind(self.index_spec, 0)  # a bad type is a ConfigError now, not at the first add
+        keeps_vector_file("ivfpq", self.index_spec)
         self.prototype_spec = prototypes if isinstance(prototypes, PrototypeSpec) else PrototypeSpec(**dict(prototypes or {}))
         if aggregate not in AGGREGATORS:
             raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATORS)}")
@@ -225,6 +262,7 @@ class Gallery:
         self.rows: dict[int, Row] = {}
         self.next_id = 0
         self.index: faiss.Index | None = None
+        self.vectors: VectorFile | None = None  # IVF-PQ: every row's vector, by id (the codes alone lose the order of near rows)
         self.kind: str | None = None  # the built index's kind (flat / hnsw / ivfpq); `index_spec.type` may say auto
         self.tombstones: set[int] = set()  # ids still in an HNSW index whose rows were removed
         self._members: dict[str, list[int]] = {}  # character -> its row ids
@@ -314,11 +352,15 @@ class Gallery:
         want = resolve_kind(self.index_spec, rows)
         if self.index is None:
             self.index, self.kind = self._new_index(want, rows, [vectors]), want
+            if keeps_vector_file(want, self.index_spec):
+                self.vectors = VectorFile(self.dim)
         elif KIND_ORDER.index(want) > KIND_ORDER.index(self.kind or "flat"):
             _log.info(f"gallery grows to {rows} rows: moving its index from {self.kind} to {want}")
             self._rebuild(want, rows, extra=vectors)
         ids = np.arange(self.next_id, self.next_id + len(vectors), dtype=np.int64)
         self.index.add_with_ids(vectors, ids)
+        if self.vectors is not None:
+            self.vectors.append(vectors)
         self.next_id += len(vectors)
         self._grow_owner(self.next_id)
         for i, (c, s, src) in zip(ids.tolist(), meta):
@@ -340,9 +382,14 @@ class Gallery:
     def _live_ids(self) -> np.ndarray:
         return np.fromiter(sorted(self.rows), dtype=np.int64, count=len(self.rows))
 
+    def _has_vectors(self) -> bool:
+        return self.kind in _EXACT_KINDS or self.vectors is not None
+
     def _vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of row `ids` (exact for flat/HNSW; an IVF-PQ index keeps only codes)."""
+        """Stored vectors of row `ids` (exact for flat/HNSW; IVF-PQ: half precision, from its vector file)."""
         if self.kind not in _EXACT_KINDS:
+            if self.vectors is not None:
+                return self.vectors.get(ids)
             raise GalleryError(f"a {self.kind} index keeps compressed codes, not vectors; rebuild the gallery from its images")
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64)) if len(ids) else np.zeros((0, self.dim), np.float32)
 
@@ -357,9 +404,21 @@ class Gallery:
         for i in range(0, len(live), chunk):
             part = live[i : i + chunk]
             new.add_with_ids(self._vectors(part), part)
-        self.index, self.kind = new, kind
+        store = self._vector_file_of_rows(chunk) if keeps_vector_file(kind, self.index_spec) else None
+        self.index, self.kind, self.vectors = new, kind, store
         self.tombstones.clear()
         self._skip = None
+
+    def _vector_file_of_rows(self, chunk: int) -> VectorFile:
+        """Every row id's vector read back from the current index (a removed row: zeros), as a new `VectorFile`."""
+        store = VectorFile(self.dim)
+        for start in range(0, self.next_id, chunk):
+            ids = np.arange(start, min(start + chunk, self.next_id), dtype=np.int64)
+            part = np.zeros((len(ids), self.dim), np.float32)
+            live = self._owner[ids] >= 0
+            part[live] = self._vectors(ids[live])
+            store.append(part)
+        return store
 
     def _grow_owner(self, size: int) -> None:
         if len(self._owner) < size:
@@ -479,8 +538,11 @@ class Gallery:
         if not self.rows or self.index is None:
             return [[] for _ in range(len(queries))]
         n = self._rows_per_query(k)
-        params = search_params(self.index, self.kind or "flat", self.index_spec, n, self._skip_selector())
-        scores, ids = self.index.search(queries, n, params=params) if params is not None else self.index.search(queries, n)
+        fetch = n if self.vectors is None else min(len(self.rows), n * max(1, int(self.index_spec.refine_factor)))
+        params = search_params(self.index, self.kind or "flat", self.index_spec, fetch, self._skip_selector())
+        scores, ids = self.index.search(queries, fetch, params=params) if params is not None else self.index.search(queries, fetch)
+        if self.vectors is not None:  # IVF-PQ codes fetched the rows; their order comes from the vectors
+            scores, ids = rerank_on_vectors(self.vectors, queries, ids, n)
         return [self._rank(q, s, i, k, n) for q, s, i in zip(queries, scores, ids)]
 
     def _rank(self, query: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int, n: int) -> list[tuple[str, str, float]]:
@@ -491,7 +553,8 @@ class Gallery:
         live = codes >= 0
         codes, scores = codes[live], scores[live].tolist()
         depth = AGGREGATE_DEPTH[self.aggregate]
-        if depth == 1:  # `max`: rows come best first, so each character's first row is its score (no re-scoring)
+        coded = self.kind == "ivfpq" and self.vectors is not None  # codes chose the rows: a character's best may be missing
+        if depth == 1 and not coded:  # `max`: rows come best first, so each character's first row is its score (no re-scoring)
             best: dict[int, float] = {}
             for c, s in zip(codes.tolist(), scores):
                 if c not in best:
@@ -508,7 +571,7 @@ class Gallery:
         for c, ss in hits.items():
             name = self._names[c]
             need = min(depth, len(self._members[name]))
-            exact = len(ss) >= need
+            exact = len(ss) >= need and not coded
             entries.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
         sure = k if self.kind == "flat" else max(1, min(k, int(self.index_spec.exact_top)))
         while True:  # re-score the bounded characters among the best `sure` until those are all exact
@@ -520,7 +583,7 @@ class Gallery:
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
     def _rescorable(self, name: str) -> bool:
-        return self.kind in _EXACT_KINDS and len(self._members[name]) <= _RESCORE_ROWS_MAX
+        return self._has_vectors() and len(self._members[name]) <= _RESCORE_ROWS_MAX
 
     def _exact_scores(self, query: np.ndarray, names: Sequence[str], depth: int) -> dict[str, float]:
         """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches."""
@@ -545,6 +608,7 @@ class Gallery:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         index = self.index if self.index is not None else make_index("flat", self.index_spec, self.dim, 0)
+        vectors = self.vectors.save(d) if self.vectors is not None else None  # first: the json written last names it
         digest = hashlib.sha256()
         with atomic_path(d / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
             def write(chunk: bytes) -> int:
@@ -560,6 +624,7 @@ class Gallery:
             "prototypes": asdict(self.prototype_spec),
             "aggregate": self.aggregate,
             "index_sha256": digest.hexdigest(),
+            "vectors": vectors,
             "next_id": self.next_id,
             "tombstones": sorted(self.tombstones),
             "characters": self.characters(),
@@ -589,6 +654,12 @@ class Gallery:
         for r in meta["rows"]:
             g._track(Row(int(r["id"]), r["character"], r.get("series", ""), r.get("source", "")))
         g.tombstones = {int(i) for i in meta.get("tombstones", [])}
+        if meta.get("vectors"):
+            g.vectors = VectorFile.open(d, meta["vectors"], g.dim)
+            if len(g.vectors) != g.next_id:
+                raise GalleryError(f"{d / meta['vectors'].get('file', '')} holds {len(g.vectors)} vectors for {g.next_id} row ids; rebuild the gallery")
+        elif g.kind == "ivfpq":
+            g.index_spec.ivfpq_vectors = "none"  # saved before IVF-PQ kept vectors: codes only, as it was built
         if index.ntotal != len(g.rows) + len(g.tombstones):
             raise GalleryError(f"{index_p} holds {index.ntotal} vectors but {meta_p} lists {len(g.rows)} rows; rebuild the gallery")
         if g.kind == "hnsw":
