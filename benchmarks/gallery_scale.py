@@ -19,10 +19,17 @@ rows, what the pipeline calls) as ms per single query and top-1 character agreem
 gallery. Ratios are against the flat index measured in the same run (10M: flat is not built; its
 bytes are exact and its query time is projected from 1M). Load average is printed at start and end.
 
+IVF-PQ is measured with codes only and re-ranked on its vector file (`--ivfpq-vectors`, both by default;
+`--refine-factor` sets how many rows the codes fetch, in multiples of `--search-rows`). Streamed sizes write
+the fp16 vector file beside the index as the rows arrive (10M x 1280: 25.6 GB in `--vectors-dir`, removed
+at the end) and time re-ranked queries twice: with the file's pages dropped from the page cache first (read
+from disk) and cached.
+
     nice -n 19 python benchmarks/gallery_scale.py                 # 100k, 1M (flat, HNSW, IVF-PQ), 10M (IVF-PQ)
     python benchmarks/gallery_scale.py --quick                    # 100k only
     python benchmarks/gallery_scale.py --sizes 200000 --hnsw-ef 64 128 --nprobe 16 32
     python benchmarks/gallery_scale.py --sizes 100000 --indexes hnsw --hnsw-storage sq8 --hnsw-ef 128 --exact-top 2 10
+    python benchmarks/gallery_scale.py --sizes 10000000 --nprobe 32 64 --refine-factor 4 2 1 --threads 2
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,6 +220,7 @@ class SizeRun:
         self.row_class: np.ndarray | None = None  # character of every row (streamed IVF-PQ: no Gallery keeps it)
         self.flat_top: dict[str, tuple[list[str], np.ndarray]] = {}  # aggregate -> flat gallery's top-1 character, score
         self.flat: Result | None = None
+        self.vector_file: Any = None  # streamed IVF-PQ: the rows' fp16 vector file (a `VectorFile`), when kept
 
     def gallery(self, spec: dict[str, Any]) -> tuple[Any, float, float]:
         """A `Gallery` of every row built chunk by chunk: (gallery, build seconds, RSS it added)."""
@@ -309,12 +318,18 @@ class SizeRun:
         del g
         return out
 
-    def ivfpq_spec(self) -> dict[str, Any]:
-        return {"type": "ivfpq", "nlist": self.args.nlist, "pq_m": self.args.pq_m, "search_rows": self.args.search_rows}
+    def ivfpq_spec(self, vectors: str = "none") -> dict[str, Any]:
+        return {"type": "ivfpq", "nlist": self.args.nlist, "pq_m": self.args.pq_m, "search_rows": self.args.search_rows,
+                "ivfpq_vectors": vectors, "refine_factor": self.args.refine_factor[0]}
 
     def run_ivfpq(self) -> list[Result]:
-        g, build, rss = self.gallery(self.ivfpq_spec())
-        return self._ivfpq_results(g.index, build, rss, g)
+        """One IVF-PQ gallery per `--ivfpq-vectors` choice: re-ranked on its vector file (fp16) or codes only (none)."""
+        out = []
+        for vectors in self.args.ivfpq_vectors:
+            g, build, rss = self.gallery(self.ivfpq_spec(vectors))
+            out.extend(self._ivfpq_results(g.index, build, rss, g))
+            del g
+        return out
 
     def _ivfpq_results(self, index: Any, build: float, rss: float, g: Any | None) -> list[Result]:
         import faiss
@@ -323,7 +338,9 @@ class SizeRun:
         mb = index_bytes(index) / 2**20
         out = []
         for nprobe in self.args.nprobe:
-            res = Result(self.rows, "ivfpq", f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits} nprobe={nprobe}", "", build, mb, rss)
+            kept = g is not None and g.vectors is not None
+            name = "ivfpq (codes + fp16 vectors)" if kept else "ivfpq (codes only)"
+            res = Result(self.rows, name, f"IVF{ivf.nlist},PQ{ivf.pq.M}x{ivf.pq.nbits} nprobe={nprobe}", "", build, mb, rss)
             ids = self.measure_index(res, index, faiss.SearchParametersIVF(nprobe=nprobe))
             if g is None and self.row_class is not None and self.truth is not None:
                 self.character_agreement(res, ids[:, 0])
@@ -332,7 +349,43 @@ class SizeRun:
                 out.extend(self.measure_gallery(res, g))
             else:
                 out.append(res)
-            log(f"  ivfpq nprobe={nprobe}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms")
+                if self.vector_file is not None:
+                    out.extend(self.reranked(index, nprobe, res))
+            log(f"  {name} nprobe={nprobe}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms")
+        return out
+
+    def reranked(self, index: Any, nprobe: int, codes: Result) -> list[Result]:
+        """The streamed index's rows re-ranked on the vector file, as `Gallery.search` does, per `--refine-factor`.
+
+        Timed twice per setting: with the file's pages dropped from the page cache first (each query reads its
+        rows from disk) and again with them cached. The character is the best re-ranked row's (`max`).
+        """
+        import faiss
+
+        from anime_role_detect.recognition.gallery import rerank_on_vectors
+
+        vf = self.vector_file
+        out = []
+        for factor in self.args.refine_factor:
+            fetch = self.args.search_rows * factor
+            params = faiss.SearchParametersIVF(nprobe=nprobe)
+
+            def search(x: np.ndarray, fetch: int = fetch, params: Any = params) -> np.ndarray:
+                return rerank_on_vectors(vf, x, index.search(x, fetch, params=params)[1], K)[1]
+
+            res = Result(self.rows, "ivfpq (codes + fp16 vectors)", f"{codes.setting} refine x{factor} ({fetch} rows)", "max",
+                         codes.build_s, codes.index_mb, codes.rss_mb)
+            res.notes["vector_file_mb"] = len(vf) * vf.row_bytes / 2**20
+            qs = self.q[: self.args.single]
+            vf.evict()
+            res.single_ms, res.single_p50_ms = timed_single(search, qs)
+            res.notes["cached_single_ms"], _ = timed_single(search, qs)
+            top = np.concatenate([search(self.q[i : i + 64])[:, 0] for i in range(0, len(self.q), 64)])
+            res.recall1 = float(np.mean(top == self.truth))
+            self.character_agreement(res, top)
+            out.append(res)
+            log(f"  ivfpq nprobe={nprobe} refine x{factor}: recall@1 {res.recall1:.3f}, character = exact "
+                f"{res.gallery_agree:.3f}, single {res.single_ms:.2f} ms from disk, {res.notes['cached_single_ms']:.2f} ms cached")
         return out
 
     def character_agreement(self, res: Result, top_rows: np.ndarray) -> None:
@@ -369,12 +422,17 @@ class SizeRun:
         best = np.full(len(self.q), -np.inf, np.float32)
         best_id = np.full(len(self.q), -1, np.int64)
         self.row_class = np.empty(self.rows, np.int32)
+        keep = "fp16" in self.args.ivfpq_vectors
+        vec_dir = Path(tempfile.mkdtemp(prefix="gallery_scale_vectors_", dir=self.args.vectors_dir))
+        vec_fh = open(vec_dir / "gallery.vectors", "wb") if keep else None
         exact_s = 0.0
         t_all = time.perf_counter()
         for start, x, c in self.cloud.chunks(self.args.chunk):
             self.row_class[start : start + len(x)] = c
             t = time.perf_counter()
             index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+            if vec_fh is not None:
+                vec_fh.write(x.astype("<f2").tobytes())
             build += time.perf_counter() - t
             t = time.perf_counter()
             sims = self.q @ x.T
@@ -389,33 +447,58 @@ class SizeRun:
             del x, sims
         self.truth = best_id
         rss = rss_mb() - rss0
-        out = self._ivfpq_results(index, build, rss, None)
-        for r in out:
-            r.notes["exact_scan_ms_per_query"] = exact_s * 1e3 / len(self.q)
-        serve = serving_footprint(index, self.q[: self.args.single], out[len(out) // 2].setting.split("nprobe=")[1])
-        for r in out:
-            r.notes.update(serve)
+        if vec_fh is not None:
+            from anime_role_detect.recognition.vector_file import VectorFile
+
+            vec_fh.close()
+            self.vector_file = VectorFile.open(vec_dir, {"rows": self.rows}, self.args.dim)
+        try:
+            out = self._ivfpq_results(index, build, rss, None)
+            for r in out:
+                r.notes["exact_scan_ms_per_query"] = exact_s * 1e3 / len(self.q)
+            nprobe = int(self.args.nprobe[len(self.args.nprobe) // 2])
+            serve = serving_footprint(index, self.q[: self.args.single], nprobe,
+                                      vec_dir if keep else None, self.args.search_rows * self.args.refine_factor[0])
+            for r in out:
+                r.notes.update(serve)
+        finally:
+            self.vector_file = None
+            shutil.rmtree(vec_dir, ignore_errors=True)
         return out
 
 
-def serving_footprint(index: Any, queries: np.ndarray, nprobe: str) -> dict[str, float]:
-    """RSS of a fresh process that loads the saved index and answers single queries (what a server holds)."""
+def serving_footprint(index: Any, queries: np.ndarray, nprobe: int, vector_dir: Path | None = None,
+                      fetch: int = 512) -> dict[str, float]:
+    """RSS of a fresh process that loads the saved index and answers single queries (what a server holds).
+
+    With `vector_dir`, the process also maps the vector file and re-ranks `fetch` rows per query, as
+    `Gallery.search` does; RSS then counts the file pages those queries touched (``serve_rss_file_mb``),
+    which the kernel can drop, apart from the process's own memory (``serve_rss_anon_mb``).
+    """
     import faiss
 
     with tempfile.TemporaryDirectory(prefix="gallery_scale_") as d:
         p = Path(d) / "index.faiss"
         faiss.write_index(index, str(p))
         np.save(Path(d) / "q.npy", queries)
+        rerank = (
+            "from anime_role_detect.recognition.gallery import rerank_on_vectors\n"
+            "from anime_role_detect.recognition.vector_file import VectorFile\n"
+            f"vf = VectorFile.open({str(vector_dir)!r}, {{'rows': index.ntotal}}, index.d)\n"
+            f"def search(x): return rerank_on_vectors(vf, x, index.search(x, {int(fetch)}, params=params)[1], 10)\n"
+        ) if vector_dir is not None else "def search(x): return index.search(x, 10, params=params)\n"
         code = (
             "import faiss, numpy as np, time, json, sys\n"
-            "def rss():\n"
-            "    return [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:')][0]\n"
-            f"r0 = rss(); index = faiss.read_index({str(p)!r}); q = np.load({str(Path(d) / 'q.npy')!r})\n"
+            "def status(key):\n"
+            "    return [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith(key + ':')][0]\n"
+            f"r0 = status('VmRSS'); index = faiss.read_index({str(p)!r}); q = np.load({str(Path(d) / 'q.npy')!r})\n"
             f"params = faiss.SearchParametersIVF(nprobe={int(nprobe)})\n"
+            + rerank +
             "t = time.perf_counter()\n"
-            "for i in range(len(q)): index.search(q[i:i+1], 10, params=params)\n"
+            "for i in range(len(q)): search(q[i:i+1])\n"
             "ms = (time.perf_counter() - t) * 1e3 / len(q)\n"
-            "print(json.dumps({'serve_rss_mb': rss(), 'serve_rss_before_load_mb': r0, 'serve_single_ms': ms}))\n"
+            "print(json.dumps({'serve_rss_mb': status('VmRSS'), 'serve_rss_anon_mb': status('RssAnon'),\n"
+            "                  'serve_rss_file_mb': status('RssFile'), 'serve_rss_before_load_mb': r0, 'serve_single_ms': ms}))\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -476,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--exact-top", type=int, nargs="+", default=[IndexSpec.exact_top],
                     help="approximate galleries, top-m aggregates: characters re-scored exactly, one line each (default: the gallery's)")
+    ap.add_argument("--ivfpq-vectors", nargs="+", default=["fp16", "none"], choices=["fp16", "none"],
+                    help="IVF-PQ: re-rank on a vector file (fp16) and/or codes only (none); streamed sizes write the file "
+                         "once and report both")
+    ap.add_argument("--refine-factor", type=int, nargs="+", default=[IndexSpec.refine_factor],
+                    help="IVF-PQ with vectors: rows fetched from the codes per query, in multiples of --search-rows")
+    ap.add_argument("--vectors-dir", type=Path, default=None,
+                    help="streamed sizes: where the vector file is written (10M rows at dim 1280: 25.6 GB; default: the temp dir)")
     ap.add_argument("--search-rows", type=int, default=IndexSpec.search_rows, help="gallery: nearest rows fetched per query (default: the gallery's)")
     ap.add_argument("--threads", type=int, default=1, help="Faiss threads for builds and batches (1: robust on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
@@ -522,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
           f"at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f})\n")
     print(table(results, flats, projected))
     for r in results:
-        extra = {k: v for k, v in r.notes.items() if k.startswith(("serve", "exact", "top1"))}
+        extra = {k: v for k, v in r.notes.items() if k.startswith(("serve", "exact", "top1", "cached", "vector"))}
         if extra:
             print(f"{r.rows:,} {r.index} {r.setting} {r.aggregate}: "
                   + ", ".join(f"{k} {v:.3f}" if k.endswith("right") else f"{k} {v:.2f}" if k.endswith("_ms") else f"{k} {v:.1f}" for k, v in extra.items()))

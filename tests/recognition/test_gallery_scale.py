@@ -218,6 +218,9 @@ def test_ivfpq_reranks_the_rows_its_codes_fetch_on_stored_vectors():
     for query, res in zip(q[:20], kept.search(q[:20], k=5)):
         truth = exact_scores(x, names, query, "max")
         assert res[0][2] == pytest.approx(truth[res[0][0]], abs=2e-3)  # half-precision vectors
+        alone = kept.search(query, k=5)[0]  # one query at a time (the pipeline's path) answers as in a batch
+        assert [c for c, _, _ in alone] == [c for c, _, _ in res]
+        np.testing.assert_allclose([s for _, _, s in alone], [s for _, _, s in res], atol=1e-6)
 
 
 def test_ivfpq_vector_file_appends_in_place_survives_a_killed_save_and_never_edits_a_linked_copy(tmp_path):
