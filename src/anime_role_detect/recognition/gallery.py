@@ -54,7 +54,7 @@ class IndexSpec:
     pq_nbits: int = 8
     nprobe: int = 32
     ivfpq_vectors: str = "fp16"      # IVF-PQ: keep each row's vector in gallery.vectors (memory-mapped) to re-rank exactly; none: codes only
-    refine_factor: int = 4           # IVF-PQ with vectors: fetch this many times `search_rows` rows from the codes, re-rank them exactly
+    refine_factor: int = 2           # IVF-PQ with vectors: fetch this many times `search_rows` rows from the codes, re-rank them exactly (10M: 2 = 4)
     search_rows: int = 128           # approximate indexes: nearest rows fetched per query (HNSW: free up to ef_search)
     exact_top: int = 2               # approximate indexes: the best this many characters get exact scores; the rest are bounds
     rebuild_fraction: float = 0.2    # HNSW cannot delete: removed rows are skipped until they exceed this share, then it is rebuilt
