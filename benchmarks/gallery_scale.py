@@ -22,8 +22,8 @@ bytes are exact and its query time is projected from 1M). Load average is printe
 IVF-PQ is measured with codes only and re-ranked on its vector file (`--ivfpq-vectors`, both by default;
 `--refine-factor` sets how many rows the codes fetch, in multiples of `--search-rows`). Streamed sizes write
 the fp16 vector file beside the index as the rows arrive (10M x 1280: 25.6 GB in `--vectors-dir`, removed
-at the end) and time re-ranked queries twice: with the file's pages dropped from the page cache first (read
-from disk) and cached.
+at the end) and time re-ranked queries twice per setting: after asking the kernel to drop the file's pages
+(truly read from disk only for the first setting timed: mapped pages stay cached) and cached.
 
     nice -n 19 python benchmarks/gallery_scale.py                 # 100k, 1M (flat, HNSW, IVF-PQ), 10M (IVF-PQ)
     python benchmarks/gallery_scale.py --quick                    # 100k only
@@ -357,8 +357,11 @@ class SizeRun:
     def reranked(self, index: Any, nprobe: int, codes: Result) -> list[Result]:
         """The streamed index's rows re-ranked on the vector file, as `Gallery.search` does, per `--refine-factor`.
 
-        Timed twice per setting: with the file's pages dropped from the page cache first (each query reads its
-        rows from disk) and again with them cached. The character is the best re-ranked row's (`max`).
+        Timed twice per setting: after asking the kernel to drop the file's cached pages, then again. Only the
+        first setting timed is read from disk: pages this process has mapped stay cached whatever it asks, so
+        later settings' first timing is mostly cached too. The character is the best re-ranked row's (`max`;
+        `Gallery.search` also re-scores its best `exact_top` characters on all their rows, which needs row records
+        this streamed run does not keep).
         """
         import faiss
 
@@ -391,8 +394,8 @@ class SizeRun:
     def character_agreement(self, res: Result, top_rows: np.ndarray) -> None:
         """Top-1 character of the `max` aggregate (its best row's character) against the exact scan's, and against the truth.
 
-        What `Gallery.search` answers with `aggregate: max` (the workflow's) on an IVF-PQ gallery, which keeps no
-        vectors to re-score: the character of the row with the best approximate score.
+        What `Gallery.search` answers with `aggregate: max` (the workflow's) on a codes-only IVF-PQ gallery: the
+        character of the row with the best approximate score (re-ranked rows: `reranked`).
         """
         assert self.row_class is not None and self.truth is not None
         found = np.where(top_rows >= 0, self.row_class[np.maximum(top_rows, 0)], -1)

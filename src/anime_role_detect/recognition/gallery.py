@@ -401,24 +401,20 @@ class Gallery:
         sample_ids = np.sort(rng.choice(live, min(need, len(live)), replace=False)) if need else live[:0]
         samples = [self._vectors(sample_ids)] + ([extra] if extra is not None else [])
         new = self._new_index(kind, rows, samples)
-        for i in range(0, len(live), chunk):
-            part = live[i : i + chunk]
-            new.add_with_ids(self._vectors(part), part)
-        store = self._vector_file_of_rows(chunk) if keeps_vector_file(kind, self.index_spec) else None
+        store = VectorFile(self.dim) if keeps_vector_file(kind, self.index_spec) else None
+        for start in range(0, self.next_id, chunk):  # each live row read back once, for the new index and its vector file
+            ids = np.arange(start, min(start + chunk, self.next_id), dtype=np.int64)
+            alive = self._owner[ids] >= 0
+            vecs = self._vectors(ids[alive])
+            if len(vecs):
+                new.add_with_ids(vecs, ids[alive])
+            if store is not None:  # row i = id i: a removed row's vector is zeros
+                part = np.zeros((len(ids), self.dim), np.float32)
+                part[alive] = vecs
+                store.append(part)
         self.index, self.kind, self.vectors = new, kind, store
         self.tombstones.clear()
         self._skip = None
-
-    def _vector_file_of_rows(self, chunk: int) -> VectorFile:
-        """Every row id's vector read back from the current index (a removed row: zeros), as a new `VectorFile`."""
-        store = VectorFile(self.dim)
-        for start in range(0, self.next_id, chunk):
-            ids = np.arange(start, min(start + chunk, self.next_id), dtype=np.int64)
-            part = np.zeros((len(ids), self.dim), np.float32)
-            live = self._owner[ids] >= 0
-            part[live] = self._vectors(ids[live])
-            store.append(part)
-        return store
 
     def _grow_owner(self, size: int) -> None:
         if len(self._owner) < size:
@@ -553,7 +549,7 @@ class Gallery:
         live = codes >= 0
         codes, scores = codes[live], scores[live].tolist()
         depth = AGGREGATE_DEPTH[self.aggregate]
-        coded = self.kind == "ivfpq" and self.vectors is not None  # codes chose the rows: a character's best may be missing
+        coded = self.vectors is not None  # IVF-PQ codes chose the rows: a character's best may be missing
         if depth == 1 and not coded:  # `max`: rows come best first, so each character's first row is its score (no re-scoring)
             best: dict[int, float] = {}
             for c, s in zip(codes.tolist(), scores):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GalleryError
-from ..fsutil import atomic_path, fsync_dir
+from ..fsutil import atomic_path
 
 FILE = "gallery.vectors"
 DTYPE = np.dtype("<f2")
@@ -101,28 +101,28 @@ class VectorFile:
         """
         target = Path(directory) / FILE
         if self._appendable(target):
-            with open(target, "r+b") as fh:
-                fh.truncate(len(self._base) * self.row_bytes)
-                fh.seek(0, os.SEEK_END)
-                fh.write(np.ascontiguousarray(self._tail[: self._n_tail]).tobytes())
-                fh.flush()
-                os.fsync(fh.fileno())
+            self._append_tail(target)
         else:
-            with atomic_path(target) as tmp:
+            with atomic_path(target) as tmp:  # fsyncs the file and its folder before the rename
                 if self._mapped_file_is(self._path):
                     shutil.copyfile(self._path, tmp)  # a kernel copy (reflink where the file system has them)
                 else:  # the mapped file was moved or replaced since: copy what the mapping holds
                     with open(tmp, "wb") as fh:
                         for i in range(0, len(self._base), _COPY_ROWS):
                             fh.write(np.ascontiguousarray(self._base[i : i + _COPY_ROWS]).tobytes())
-                with open(tmp, "r+b") as fh:
-                    fh.truncate(len(self._base) * self.row_bytes)
-                    fh.seek(0, os.SEEK_END)
-                    fh.write(np.ascontiguousarray(self._tail[: self._n_tail]).tobytes())
-            fsync_dir(target.parent)
+                self._append_tail(tmp)
         rows = len(self)
         self._map(target, rows)
         return {"file": FILE, "rows": rows, "dtype": "float16"}
+
+    def _append_tail(self, path: Path) -> None:
+        """Cut `path` to the saved rows (dropping a killed save's tail), then append the rows added since, flushed to disk."""
+        with open(path, "r+b") as fh:
+            fh.truncate(len(self._base) * self.row_bytes)
+            fh.seek(0, os.SEEK_END)
+            fh.write(np.ascontiguousarray(self._tail[: self._n_tail]).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def _mapped_file_is(self, path: Path | None) -> bool:
         """Whether `path` is the very file the saved rows are mapped from (same inode, long enough)."""
