@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from anime_role_detect.errors import ConfigError, GalleryError
-from anime_role_detect.fsutil import atomic_write_json
 from anime_role_detect.recognition import gallery as gallery_mod
 from anime_role_detect.recognition.gallery import Gallery
 
@@ -113,13 +112,13 @@ def test_crash_during_save_never_leaves_a_gallery_that_loads_wrong(tmp_path, mon
     def crash(*a, **k):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(gallery_mod, "atomic_write_json", crash)  # index written, metadata not
+    monkeypatch.setattr(gallery_mod, "atomic_write_json_with_list", crash)  # index written, metadata not
     with pytest.raises(KeyboardInterrupt):
         new.save(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(GalleryError, match="interrupted save"):
         Gallery.load(tmp_path)
-    monkeypatch.setattr(gallery_mod, "atomic_write_json", atomic_write_json)
+    monkeypatch.undo()
     old.save(tmp_path)  # a retry of the save restores a consistent pair
     assert Gallery.load(tmp_path).search(queries, k=2) == before
 

@@ -79,15 +79,15 @@ def test_two_ddp_processes_build_the_same_gallery_as_one(dataset, tmp_path):
 
 def _shard(d: Path, rank: int, world: int, ids: list[str], dim: int = 4) -> None:
     from anime_role_detect.fsutil import atomic_write_json
-    from anime_role_detect.recognition.predict import _save_npz
+    from anime_role_detect.recognition.shards import part_name, save_part
 
-    _save_npz(d / f"rank-{rank:05d}-part-0000.npz", ids=np.array(ids, dtype=np.str_), vectors=np.eye(dim, dtype=np.float32)[: len(ids)])
+    save_part(d / part_name(rank, 0), ids, np.eye(dim, dtype=np.float32)[: len(ids)])
     atomic_write_json(d / f"rank-{rank:05d}.done.json", {"rank": rank, "world_size": world, "rows": len(ids), "parts": 1,
                                                           "embedder_id": "e", "dim": dim, "seconds": 1.0, "errors": []})
 
 
 def test_merge_sorts_by_id_and_refuses_a_missing_rank(tmp_path):
-    from anime_role_detect.recognition.predict import merge_shards
+    from anime_role_detect.recognition.shards import merge_shards
 
     _shard(tmp_path, 0, 2, ["b/1.png", "a/2.png"])
     with pytest.raises(GalleryError, match="a rank failed"):

@@ -1,7 +1,8 @@
 """``python -m anime_role_detect.cli.embed data.root=FOLDER out=DIR [trainer=ddp trainer.devices=N trainer.num_nodes=M]``.
 
 Embeds a dataset folder as a Lightning predict (`recognition.predict`): each rank writes its shards under
-``out/shards``; after every rank is done, rank 0 merges them (sorted by file name) into ``out/gallery.*``
+``out/shards``; after every rank is done, rank 0 merges them (characters sorted, file names in dataset order; streamed
+through a scratch file, `predict.gallery_from_shards`) into ``out/gallery.*``
 and prints one JSON line (rows, characters, images, seconds, images/s, world size). conf/embed.yaml.
 """
 
@@ -40,11 +41,8 @@ def _items(root: Path, files: str | None) -> tuple[list[Any], list[tuple[str, Pa
 
 def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """Embed (every rank), then merge and save the gallery (rank 0); returns rank 0's summary, None elsewhere."""
-    from ..recognition.predict import (
-        gallery_from_vectors,
-        merge_shards,
-        predict_embeddings,
-    )
+    from ..recognition.predict import gallery_from_shards, predict_embeddings
+    from ..recognition.shards import ShardSet
 
     c = dict(_plain(cfg) or {})
     root = (c.get("data") or {}).get("root") if isinstance(c.get("data"), dict) else c.get("data")
@@ -61,20 +59,18 @@ def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     seconds = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return None
-    ids, vectors, info = merge_shards(out / SHARDS)
+    shards = ShardSet.open(out / SHARDS)
+    info = shards.info
     rate = len(items) / max(info["seconds"], 1e-9)  # embedding time of the slowest rank, model loading left out
-    summary: dict[str, Any] = {"images": len(items), "embedded": len(ids), "unreadable": len(info["errors"]),
+    summary: dict[str, Any] = {"images": len(items), "embedded": len(shards.unique_ids()), "unreadable": len(info["errors"]),
                                "world_size": info["world_size"], "seconds": round(seconds, 2), "embed_seconds": info["seconds"],
                                "images_per_s": round(rate, 2), "images_per_s_per_process": round(rate / info["world_size"], 2)}
     if c.get("gallery", True):
-        by_id = {r.file_name: r for r in records}
-        gcfg = dict(c.get("gallery_build") or {})
         saved = {k: v for k, v in ecfg.items() if k != "device"}
-        gallery = gallery_from_vectors([(by_id[i].character, by_id[i].series, i) for i in ids], vectors, info["embedder_id"],
-                                       info["dim"], saved, gcfg.get("index"), gcfg.get("prototypes"), gcfg.get("aggregate", "max"))
+        rows = [(r.character, r.series, r.file_name) for r in records]
+        gallery = gallery_from_shards(out / SHARDS, rows, out, saved, c.get("gallery_build") or {})
         gallery.save(out)
-        summary.update(rows=len(gallery), characters=gallery.n_characters if hasattr(gallery, "n_characters") else len(gallery.characters()),
-                       gallery=str(out))
+        summary.update(rows=len(gallery), characters=gallery.n_characters, gallery=str(out))
     print(json.dumps(summary), flush=True)
     return summary
 

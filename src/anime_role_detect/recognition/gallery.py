@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import atomic_path, atomic_write_json, read_json
+from ..fsutil import atomic_path, atomic_write_json_with_list, read_json
 from ..log import get_logger
 from .vector_file import VectorFile
 
@@ -68,9 +68,9 @@ class PrototypeSpec:
     k: int = 8
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
-    """Metadata of one gallery vector."""
+    """Metadata of one gallery vector (slots: a 10M-row gallery keeps ten million of these)."""
 
     id: int
     character: str
@@ -263,6 +263,7 @@ class Gallery:
         self.next_id = 0
         self.index: faiss.Index | None = None
         self.vectors: VectorFile | None = None  # IVF-PQ: every row's vector, by id (the codes alone lose the order of near rows)
+        self.spill_dir: str | Path | None = None  # where a big build's vector file waits until saved (best: the folder it is saved to)
         self.kind: str | None = None  # the built index's kind (flat / hnsw / ivfpq); `index_spec.type` may say auto
         self.tombstones: set[int] = set()  # ids still in an HNSW index whose rows were removed
         self._members: dict[str, list[int]] = {}  # character -> its row ids
@@ -328,11 +329,14 @@ class Gallery:
         return g
 
     def add_rows(self, vectors: np.ndarray, characters: Sequence[str], series: Sequence[str] | None = None,
-                 sources: Sequence[str] | None = None, expected_rows: int | None = None) -> None:
+                 sources: Sequence[str] | None = None, expected_rows: int | None = None,
+                 train_sample: np.ndarray | None = None) -> None:
         """Add one row per vector as is (no prototypes): the bulk path for big galleries built in chunks.
 
         `expected_rows` (the gallery's size once every chunk is in) sizes a new index and its `auto`
-        kind, so the first chunk of a million-row build does not start as a small flat index.
+        kind, so the first chunk of a million-row build does not start as a small flat index;
+        `train_sample` (rows drawn from the whole gallery) trains it instead of the first chunk, which
+        may hold only the first few characters.
         """
         if len(characters) != len(vectors):
             raise GalleryError(f"{len(vectors)} vectors but {len(characters)} character names; give one name per vector")
@@ -340,9 +344,10 @@ class Gallery:
             raise GalleryError("a character name is empty; give the name of every row")
         ser = list(series) if series is not None else [""] * len(vectors)
         src = list(sources) if sources is not None else [""] * len(vectors)
-        self._add_rows(np.asarray(vectors, dtype=np.float32), list(zip(characters, ser, src)), expected_rows)
+        self._add_rows(np.asarray(vectors, dtype=np.float32), list(zip(characters, ser, src)), expected_rows, train_sample)
 
-    def _add_rows(self, vectors: np.ndarray, meta: Sequence[tuple[str, str, str]], expected_rows: int | None = None) -> None:
+    def _add_rows(self, vectors: np.ndarray, meta: Sequence[tuple[str, str, str]], expected_rows: int | None = None,
+                  train_sample: np.ndarray | None = None) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise GalleryError(f"embeddings of shape {vectors.shape} do not fit this gallery (dim {self.dim}); use the gallery's embedder {self.embedder_id}")
@@ -351,9 +356,9 @@ class Gallery:
         rows = max(len(self.rows) + len(vectors), int(expected_rows or 0))
         want = resolve_kind(self.index_spec, rows)
         if self.index is None:
-            self.index, self.kind = self._new_index(want, rows, [vectors]), want
+            self.index, self.kind = self._new_index(want, rows, [vectors if train_sample is None else train_sample]), want
             if keeps_vector_file(want, self.index_spec):
-                self.vectors = VectorFile(self.dim)
+                self.vectors = VectorFile(self.dim, spill_dir=self.spill_dir)
         elif KIND_ORDER.index(want) > KIND_ORDER.index(self.kind or "flat"):
             _log.info(f"gallery grows to {rows} rows: moving its index from {self.kind} to {want}")
             self._rebuild(want, rows, extra=vectors)
@@ -401,7 +406,7 @@ class Gallery:
         sample_ids = np.sort(rng.choice(live, min(need, len(live)), replace=False)) if need else live[:0]
         samples = [self._vectors(sample_ids)] + ([extra] if extra is not None else [])
         new = self._new_index(kind, rows, samples)
-        store = VectorFile(self.dim) if keeps_vector_file(kind, self.index_spec) else None
+        store = VectorFile(self.dim, spill_dir=self.spill_dir) if keeps_vector_file(kind, self.index_spec) else None
         for start in range(0, self.next_id, chunk):  # each live row read back once, for the new index and its vector file
             ids = np.arange(start, min(start + chunk, self.next_id), dtype=np.int64)
             alive = self._owner[ids] >= 0
@@ -612,7 +617,8 @@ class Gallery:
                 return fh.write(chunk)
 
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
-        atomic_write_json(d / META_FILE, {
+        rows = ({"id": r.id, "character": r.character, "series": r.series, "source": r.source} for r in map(self.rows.__getitem__, sorted(self.rows)))
+        atomic_write_json_with_list(d / META_FILE, {
             "format": FORMAT_VERSION,
             "embedder": {"id": self.embedder_id, "dim": self.dim, "config": self.embedder_config},
             "index": asdict(self.index_spec),
@@ -624,8 +630,7 @@ class Gallery:
             "next_id": self.next_id,
             "tombstones": sorted(self.tombstones),
             "characters": self.characters(),
-            "rows": [asdict(r) for r in sorted(self.rows.values(), key=lambda r: r.id)],
-        })
+        }, "rows", rows)  # streamed: 10M rows are never one list of dicts and one string
         return d
 
     @classmethod

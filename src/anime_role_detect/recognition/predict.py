@@ -2,10 +2,10 @@
 
 Each rank embeds its slice of the images (`data.predict.ImageFolderPredictData`) with the configured embedder
 (`EmbedModule`, the same ``embed`` as the in-process path) and `ShardWriter` writes what it made as atomic
-shard files ``rank-00003-part-0000.npz`` (ids + unit vectors) plus ``rank-00003.done.json``. `merge_shards`
-reads every rank's shards, checks they are complete, and returns the rows sorted by id (the file name), so
-1 and N processes give the same rows in the same order; `gallery_from_vectors` then builds the `Gallery`
-the way `Gallery.build` does (characters sorted, prototypes per character).
+shard files ``rank-00003-part-0000.npz`` (ids + unit vectors) plus ``rank-00003.done.json`` (`recognition.shards`).
+`gallery_from_shards` then builds the `Gallery` the way `Gallery.build` does (characters sorted, rows in dataset
+order within one, prototypes per character), so 1 and N processes give the same rows in the same order; it
+streams the vectors through a scratch file, so one machine merges a 10M-image archive (docs/recognition.md).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..errors import GalleryError
-from ..fsutil import atomic_path, atomic_write_json, read_json
+from ..fsutil import atomic_write_json
 from ..log import get_logger
-from .gallery import Gallery
+from .gallery import Gallery, resolve_kind, train_rows
+from .shards import DONE_GLOB, PART_GLOB, ShardSet, done_name, part_name, save_part
 
 _log = get_logger("system")
-PART_GLOB, DONE_GLOB = "rank-*-part-*.npz", "rank-*.done.json"
 
 
 def _device_name(device: torch.device) -> str:
@@ -59,12 +59,6 @@ class EmbedModule(L.LightningModule):
         good = [d for d in batch if d.image is not None]
         vectors = self.embedder.embed([d.image for d in good]) if good else np.zeros((0, int(self.embedder.dim)), np.float32)
         return [d.id for d in good], vectors, [(d.id, d.error) for d in batch if d.image is None]
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` atomically (a killed rank never leaves a torn shard)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
 
 
 class ShardWriter(BasePredictionWriter):
@@ -104,8 +98,7 @@ class ShardWriter(BasePredictionWriter):
     def _flush(self, rank: int) -> None:
         if not self._ids:
             return
-        _save_npz(self.shard_dir / f"rank-{rank:05d}-part-{self._parts:04d}.npz",
-                  ids=np.asarray(self._ids, dtype=np.str_), vectors=np.concatenate(self._vecs))
+        save_part(self.shard_dir / part_name(rank, self._parts), self._ids, np.concatenate(self._vecs))
         self._parts += 1
         self._rows += len(self._ids)
         self._ids, self._vecs = [], []
@@ -115,46 +108,11 @@ class ShardWriter(BasePredictionWriter):
         rank = trainer.global_rank
         self._flush(rank)
         emb = pl_module.embedder
-        atomic_write_json(self.shard_dir / f"rank-{rank:05d}.done.json", {
+        atomic_write_json(self.shard_dir / done_name(rank), {
             "rank": rank, "world_size": trainer.world_size, "rows": self._rows, "parts": self._parts,
             "seconds": round(time.perf_counter() - self._t0, 3),
             "embedder_id": str(emb.model_id), "dim": int(emb.dim), "errors": [list(e) for e in self._errors]})
         trainer.strategy.barrier("embedding_shards_written")
-
-
-def merge_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Every rank's shards -> (ids sorted by name, their vectors, info: embedder_id, dim, world_size, errors).
-
-    ``seconds`` is the slowest rank's embedding time (model loading left out). Raises `GalleryError` when a rank's done marker or parts are missing (a rank died, or shards of two runs mix).
-    """
-    d = Path(shard_dir)
-    done = [read_json(p) for p in sorted(d.glob(DONE_GLOB))]
-    if not done:
-        raise GalleryError(f"{d} has no finished embedding shards (rank-*.done.json); run `python -m anime_role_detect.cli.embed` first")
-    world = {int(x["world_size"]) for x in done}
-    if len(world) != 1 or len(done) != next(iter(world)) or {int(x["rank"]) for x in done} != set(range(len(done))):
-        raise GalleryError(f"{d}: {len(done)} rank marker(s) for world size(s) {sorted(world)}; a rank failed or two runs mixed, embed again")
-    ids: list[np.ndarray] = []
-    vecs: list[np.ndarray] = []
-    for x in done:
-        parts = sorted(d.glob(f"rank-{int(x['rank']):05d}-part-*.npz"))
-        if len(parts) != int(x["parts"]):
-            raise GalleryError(f"{d}: rank {x['rank']} wrote {x['parts']} part(s) but {len(parts)} are there; embed again")
-        for p in parts:
-            with np.load(p) as z:
-                ids.append(z["ids"])
-                vecs.append(z["vectors"])
-    dims = {int(x["dim"]) for x in done}
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.str_)
-    all_vecs = np.concatenate(vecs) if vecs else np.zeros((0, dims.pop() if len(dims) == 1 else 0), np.float32)
-    order = np.argsort(all_ids, kind="stable")
-    all_ids, all_vecs = all_ids[order], all_vecs[order]
-    keep = np.ones(len(all_ids), bool)
-    keep[1:] = all_ids[1:] != all_ids[:-1]  # an id seen twice (a resumed rank) counts once
-    info = {"embedder_id": done[0]["embedder_id"], "dim": int(done[0]["dim"]), "world_size": len(done),
-            "seconds": max(float(x.get("seconds", 0.0)) for x in done),
-            "errors": sorted((e for x in done for e in x.get("errors", [])), key=lambda e: e[0])}
-    return [str(i) for i in all_ids[keep]], np.ascontiguousarray(all_vecs[keep], np.float32), info
 
 
 def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Mapping[str, Any], shard_dir: str | Path,
@@ -182,31 +140,94 @@ def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Ma
 _TRAINER_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "use_distributed_sampler", "plugins"})
 
 
+def gallery_order(characters: Sequence[str]) -> np.ndarray:
+    """Row order of a gallery built from these rows: characters sorted, rows in the given order within one."""
+    names = np.asarray(characters, dtype=np.str_)
+    return np.argsort(names, kind="stable") if len(names) else np.zeros(0, np.int64)
+
+
 def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarray, embedder_id: str, dim: int,
                          embedder_config: Mapping[str, Any] | None = None, index: Any = None, prototypes: Any = None,
-                         aggregate: str = "max", progress: Callable[[int, int], None] | None = None) -> Gallery:
+                         aggregate: str = "max", progress: Callable[[int, int], None] | None = None,
+                         spill_dir: str | Path | None = None, chunk: int = 65_536) -> Gallery:
     """`Gallery.build` from precomputed vectors: ``(character, series, source)`` per row, characters sorted, rows in the
-    given order within one, prototypes per character (``all``: one bulk add sized for the whole gallery)."""
+    given order within one, prototypes per character.
+
+    With ``all`` prototypes the rows go in `chunk` at a time into an index sized for the whole gallery and trained
+    on a sample of all of it, so `vectors` may be an ``np.memmap`` bigger than memory (rows already in gallery
+    order are read in sequence). An IVF-PQ gallery's vector file spills to `spill_dir` while it is built.
+    """
     if len(rows) != len(vectors):
         raise GalleryError(f"{len(vectors)} vectors for {len(rows)} rows; embed again")
     if not rows:
         raise GalleryError("none of the images could be read; check the dataset folder")
     g = Gallery(embedder_id, dim, embedder_config, index, prototypes, aggregate)
-    by_char: dict[str, list[int]] = {}
-    for i, (character, _, _) in enumerate(rows):
-        by_char.setdefault(character, []).append(i)
-    series = {c: next((rows[i][1] for i in idx if rows[i][1]), "") for c, idx in by_char.items()}
-    order = [i for c in sorted(by_char) for i in by_char[c]]
-    if g.prototype_spec.method == "all" and hasattr(g, "add_rows"):
-        g.add_rows(vectors[order], [rows[i][0] for i in order], [series[rows[i][0]] for i in order],
-                   [rows[i][2] for i in order], expected_rows=len(order))
-    else:
-        for c in sorted(by_char):
-            idx = by_char[c]
-            g.add(c, series[c], vectors[idx], [rows[i][2] for i in idx])
-    if progress:
-        progress(len(rows), len(rows))
+    g.spill_dir = spill_dir
+    order = gallery_order([r[0] for r in rows])
+    series: dict[str, str] = {}
+    for character, s, _ in rows:
+        if s and not series.get(character):
+            series[character] = s
+    n = len(order)
+    if g.prototype_spec.method == "all":
+        in_order = bool(np.array_equal(order, np.arange(n)))
+        take = (lambda a, b: vectors[a:b]) if in_order else (lambda a, b: vectors[order[a:b]])
+        kind = resolve_kind(g.index_spec, n)
+        need = min(n, train_rows(kind, g.index_spec, dim, n))
+        pick = np.sort(np.random.default_rng(0).choice(n, need, replace=False)) if 0 < need < n else np.arange(need)
+        sample = np.asarray(vectors[order[pick]], np.float32) if need else None  # the rows Gallery would draw from all of them
+        for a in range(0, n, max(1, int(chunk))):
+            b = min(n, a + max(1, int(chunk)))
+            meta = [rows[i] for i in order[a:b].tolist()]
+            g.add_rows(take(a, b), [m[0] for m in meta], [series.get(m[0], "") for m in meta], [m[2] for m in meta],
+                       expected_rows=n, train_sample=sample)
+            if progress:
+                progress(b, n)
+        return g
+    start = 0
+    while start < n:  # one character at a time: its prototypes need all its vectors
+        c = rows[int(order[start])][0]
+        end = start
+        while end < n and rows[int(order[end])][0] == c:
+            end += 1
+        idx = order[start:end]
+        g.add(c, series.get(c, ""), np.asarray(vectors[idx], np.float32), [rows[i][2] for i in idx.tolist()])
+        start = end
+        if progress:
+            progress(end, n)
     return g
+
+
+def gallery_from_shards(shard_dir: str | Path, rows: Sequence[tuple[str, str, str]], scratch_dir: str | Path,
+                        embedder_config: Mapping[str, Any] | None = None, gallery_cfg: Mapping[str, Any] | None = None,
+                        progress: Callable[[int, int], None] | None = None, spill_dir: str | Path | None = None) -> Gallery:
+    """The gallery of ``(character, series, file id)`` `rows` from a predict's shards, without every vector in memory.
+
+    Rows no rank embedded (unreadable images, logged) are left out. The vectors are copied one shard part at a
+    time into a float32 scratch file in `scratch_dir`, in gallery order, then added in chunks (`gallery_from_vectors`):
+    memory holds the ids, one part and one chunk; the disk holds 4 x dim bytes per row until the gallery is built.
+    An IVF-PQ vector file spills to `spill_dir` (default `scratch_dir`): the folder the gallery will be saved in
+    moves it into place instead of copying it.
+    """
+    shards = ShardSet.open(shard_dir)
+    for _, err in shards.info["errors"]:
+        _log.warning(f"skipped unreadable image: {err}")
+    where = shards.locate([r[2] for r in rows])
+    found = np.flatnonzero(where >= 0)
+    order = found[gallery_order([rows[i][0] for i in found.tolist()])]
+    kept = [rows[i] for i in order.tolist()]
+    gcfg = dict(gallery_cfg or {})
+    scratch_dir = Path(scratch_dir)
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_dir / "merged-vectors.npy"
+    vectors = np.lib.format.open_memmap(scratch, "w+", np.float32, (len(kept), shards.dim)) if kept else np.zeros((0, shards.dim), np.float32)
+    try:
+        shards.gather(where[order], vectors)
+        return gallery_from_vectors(kept, vectors, shards.info["embedder_id"], shards.dim, embedder_config, gcfg.get("index"),
+                                    gcfg.get("prototypes"), gcfg.get("aggregate", "max"), progress, spill_dir=spill_dir or scratch_dir)
+    finally:
+        del vectors
+        scratch.unlink(missing_ok=True)
 
 
 def _multi_process(trainer_cfg: Mapping[str, Any]) -> bool:
@@ -261,13 +282,7 @@ def build_gallery_predicted(root: str | Path, records: Sequence[Any], embedder_c
         _embed_subprocess(root, [r.file_name for r in records], ecfg, work, tcfg, bs, nw)
     else:
         predict_embeddings([(r.file_name, r.path(root)) for r in records], ecfg, work / "shards", tcfg, batch_size=bs, num_workers=nw)
-    ids, vectors, info = merge_shards(work / "shards")
-    for fid, err in info["errors"]:
-        _log.warning(f"skipped unreadable image: {err}")
-    row_of = {i: k for k, i in enumerate(ids)}
-    kept = [r for r in records if r.file_name in row_of]
-    gallery = gallery_from_vectors([(r.character, r.series, r.file_name) for r in kept], vectors[[row_of[r.file_name] for r in kept]],
-                                   info["embedder_id"], info["dim"], saved_cfg, gallery_cfg.get("index"), gallery_cfg.get("prototypes"),
-                                   gallery_cfg.get("aggregate", "max"), progress)
+    gallery = gallery_from_shards(work / "shards", [(r.character, r.series, r.file_name) for r in records], work, saved_cfg,
+                                  gallery_cfg, progress, spill_dir=out)
     shutil.rmtree(work, ignore_errors=True)  # a version folder carries its gallery, not the shards it came from
     return gallery

@@ -5,7 +5,9 @@ row is the exact one on a third of queries). `VectorFile` keeps every row's vect
 query re-ranks the rows the codes fetched on their real cosines, and rebuilds and exact re-scoring
 work as on the exact kinds. Saved, it is ``gallery.vectors``: raw little-endian float16, row-major,
 row ``i`` = gallery id ``i`` (removed rows stay as dead rows). Served memory-mapped, a query reads
-the pages of the rows it fetched only; the rest stays on disk.
+the pages of the rows it fetched only; the rest stays on disk. While a big gallery is built, rows
+past `SPILL_ROWS` move to a scratch file that saving renames into place, so building 10M rows does
+not hold 25 GB in memory.
 """
 
 from __future__ import annotations
@@ -13,24 +15,39 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import GalleryError
-from ..fsutil import atomic_path
+from ..fsutil import atomic_path, fsync_dir
 
 FILE = "gallery.vectors"
 DTYPE = np.dtype("<f2")
+SPILL_ROWS = 65_536  # rows a build keeps in memory before moving them to its scratch file (160 MiB at dim 1280)
 _COPY_ROWS = 65_536
 
 
-class VectorFile:
-    """Half-precision rows by id: a memory-mapped saved part plus rows added since, kept in memory."""
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
-    def __init__(self, dim: int) -> None:
+
+class VectorFile:
+    """Half-precision rows by id: a memory-mapped saved part plus rows added since, kept in memory.
+
+    A new file's rows spill to a scratch file in `spill_dir` (default: the temp folder) once `spill_rows`
+    are held; the scratch file is mapped like a saved one and removed with the object unless saved.
+    """
+
+    def __init__(self, dim: int, spill_dir: str | Path | None = None, spill_rows: int | None = None) -> None:
         self.dim = int(dim)
+        self.spill_dir = spill_dir
+        self.spill_rows = max(1, int(SPILL_ROWS if spill_rows is None else spill_rows))
+        self._spill: Path | None = None  # this build's scratch file, while `_base` maps it
+        self._spill_cleanup: weakref.finalize | None = None
         self._base: np.ndarray = np.zeros((0, self.dim), DTYPE)  # saved rows (np.memmap once saved or opened)
         self._path: Path | None = None  # the file `_base` maps
         self._inode: tuple[int, int] | None = None  # its (device, inode) when mapped: a moved or replaced file is not it
@@ -56,6 +73,21 @@ class VectorFile:
             self._tail = grown
         self._tail[self._n_tail : need] = vectors
         self._n_tail = need
+        if self._n_tail >= self.spill_rows and (self._path is None or self._path == self._spill):
+            self._spill_tail()
+
+    def _spill_tail(self) -> None:
+        """Move the rows held in memory to the scratch file and map it (not once a saved file is mapped: what a
+        saved gallery adds is small, and its file is never written before `save`)."""
+        if self._spill is None:
+            where = Path(self.spill_dir) if self.spill_dir is not None else Path(tempfile.gettempdir())
+            where.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{FILE}.", suffix=".spill", dir=where)
+            os.close(fd)
+            self._spill = Path(name)
+            self._spill_cleanup = weakref.finalize(self, _unlink, self._spill)
+        self._append_tail(self._spill, sync=False)
+        self._map(self._spill, len(self))
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """float32 vectors of row `ids` (saved rows are read from the mapped file in id order, for locality)."""
@@ -100,7 +132,9 @@ class VectorFile:
         is replaced by a fresh copy, written then renamed (a derived version copies its parent's rows once).
         """
         target = Path(directory) / FILE
-        if self._appendable(target):
+        if self._path is not None and self._path == self._spill and self._move_spill(target):
+            pass  # a big build's scratch file, completed and renamed into place
+        elif self._appendable(target):
             self._append_tail(target)
         else:
             with atomic_path(target) as tmp:  # fsyncs the file and its folder before the rename
@@ -113,16 +147,34 @@ class VectorFile:
                 self._append_tail(tmp)
         rows = len(self)
         self._map(target, rows)
+        if self._spill_cleanup is not None:  # copied (another file system): the scratch file goes
+            self._spill_cleanup()
+        self._spill = self._spill_cleanup = None
         return {"file": FILE, "rows": rows, "dtype": "float16"}
 
-    def _append_tail(self, path: Path) -> None:
+    def _move_spill(self, target: Path) -> bool:
+        """Complete the scratch file and rename it onto `target` (a hard-linked old file keeps its inode); False
+        when they are on different file systems (then it is copied)."""
+        assert self._spill is not None and self._spill_cleanup is not None
+        self._append_tail(self._spill)
+        try:
+            os.replace(self._spill, target)
+        except OSError:
+            return False
+        fsync_dir(target.parent)
+        self._spill_cleanup.detach()
+        self._spill = self._spill_cleanup = None
+        return True
+
+    def _append_tail(self, path: Path, sync: bool = True) -> None:
         """Cut `path` to the saved rows (dropping a killed save's tail), then append the rows added since, flushed to disk."""
         with open(path, "r+b") as fh:
             fh.truncate(len(self._base) * self.row_bytes)
             fh.seek(0, os.SEEK_END)
             fh.write(np.ascontiguousarray(self._tail[: self._n_tail]).tobytes())
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
 
     def _mapped_file_is(self, path: Path | None) -> bool:
         """Whether `path` is the very file the saved rows are mapped from (same inode, long enough)."""
