@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -63,30 +63,6 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(target: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
     """Serialise `obj` as JSON to `target` atomically."""
     atomic_write_text(target, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
-
-
-def atomic_write_json_with_list(target: str | os.PathLike[str], head: Mapping[str, Any], key: str, items: Iterable[Any],
-                                batch: int = 10_000) -> None:
-    """Write ``{**head, key: [*items]}`` as JSON atomically, encoding `items` a batch at a time.
-
-    For lists of millions (a gallery's rows): neither the list nor its text is ever whole in memory, and each
-    item goes through the C encoder (an indented `json.dumps` uses the pure-Python one: 10x slower, ~1 KB per row).
-    The head is indented as `atomic_write_json` writes it; each item is one line.
-    """
-    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("{\n")
-        for k, v in head.items():
-            value = json.dumps(v, indent=2, ensure_ascii=False).replace("\n", "\n  ")
-            fh.write(f"  {json.dumps(str(k))}: {value},\n")
-        fh.write(f"  {json.dumps(key)}: [")
-        sep, buf = "\n    ", []
-        for item in items:
-            buf.append(sep + json.dumps(item, ensure_ascii=False))
-            sep = ",\n    "
-            if len(buf) >= batch:
-                fh.write("".join(buf))
-                buf.clear()
-        fh.write("".join(buf) + ("\n  ]\n}\n" if sep != "\n    " else "]\n}\n"))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

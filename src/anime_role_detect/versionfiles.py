@@ -9,7 +9,8 @@ from __future__ import annotations
 MODEL = "model.ckpt"  # the classifier checkpoint (Lightning)
 EMBEDDER = "embedder.ckpt"  # the weights a classifier-embedded gallery was built with, when model.ckpt moved on
 GALLERY_INDEX = "gallery.faiss"
-GALLERY_META = "gallery.json"  # embedder id, dimension, rows -> character/series/source, index hash
+GALLERY_META = "gallery.json"  # embedder id, dimension, characters, index and row-file hashes
+GALLERY_ROWS = "gallery.rows.npz"  # per row id: character, series, source, as columns (recognition.rows)
 GALLERY_VECTORS = "gallery.vectors"  # IVF-PQ galleries: every row's vector, fp16, memory-mapped (recognition.vector_file)
 TAG_PROFILES = "tag_profiles.json"
 CALIBRATION = "calibration.json"  # open-set thresholds

@@ -112,7 +112,7 @@ def test_crash_during_save_never_leaves_a_gallery_that_loads_wrong(tmp_path, mon
     def crash(*a, **k):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(gallery_mod, "atomic_write_json_with_list", crash)  # index written, metadata not
+    monkeypatch.setattr(gallery_mod, "atomic_write_json", crash)  # index and rows written, metadata not
     with pytest.raises(KeyboardInterrupt):
         new.save(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -249,7 +249,7 @@ def test_ivfpq_vector_file_appends_in_place_survives_a_killed_save_and_never_edi
 
     b = tmp_path / "b"  # a derived version hard-links its parent's files (registry.carry_files)
     b.mkdir()
-    for name in ("gallery.vectors", "gallery.faiss", "gallery.json"):
+    for name in ("gallery.vectors", "gallery.faiss", "gallery.rows.npz", "gallery.json"):
         (b / name).hardlink_to(a / name)
     before = vec.read_bytes()
     child = Gallery.load(b)

@@ -42,7 +42,7 @@ def closed_set(version_dir, onnx_tagger) -> Recognizer:
 
 
 def test_version_folder_has_the_contract_files(version_dir):
-    for name in ("gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json", "model.ckpt"):
+    for name in ("gallery.faiss", "gallery.rows.npz", "gallery.json", "tag_profiles.json", "calibration.json", "model.ckpt"):
         assert (version_dir / name).is_file(), name
 
 

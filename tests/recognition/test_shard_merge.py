@@ -11,7 +11,6 @@ import gc
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -30,17 +29,9 @@ from anime_role_detect.recognition.shards import (
 )
 from anime_role_detect.recognition.vector_file import VectorFile
 
-from .test_gallery_scale import DIM, IVF, cloud, queries_for
+from .test_gallery_scale import DIM, IVF, cloud, one_faiss_thread, queries_for  # noqa: F401 (autouse fixture)
 
 SPEC = {"type": "ivfpq", **IVF}
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 def write_shards(d: Path, ids: list[str], x: np.ndarray, world: int, part_rows: int, unreadable: list[str]) -> None:

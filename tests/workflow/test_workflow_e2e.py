@@ -64,7 +64,7 @@ def test_workflow_registers_a_live_version_with_every_file(first_run, specs3):
     reg = Registry(first_run["root"] / "outputs" / "registry")
     assert reg.latest_id() == result.version_id
     vdir = reg.path("latest")
-    for name in ("model.ckpt", "gallery.faiss", "gallery.json", "tag_profiles.json", "calibration.json",
+    for name in ("model.ckpt", "gallery.faiss", "gallery.rows.npz", "gallery.json", "tag_profiles.json", "calibration.json",
                  "metrics.json", "config.yaml", "parent", "per_character.md", "confusion_matrix.png", "onnx.json", "classifier.onnx"):
         assert (vdir / name).is_file(), name
     assert (vdir / "parent").read_text().strip() == "none"

@@ -35,6 +35,7 @@ from ..versionfiles import (
     FUSION_REPORT_MD,
     GALLERY_INDEX,
     GALLERY_META,
+    GALLERY_ROWS,
     GALLERY_VECTORS,
     MANIFEST,
     METRICS,
@@ -178,7 +179,7 @@ def write_version(registry: Registry, base_id: str, gallery: Gallery, evalset: E
 
     Everything else (tag profiles, calibration, config, the model unless replaced) is carried as hard links.
     """
-    skip = {GALLERY_INDEX, GALLERY_META, GALLERY_VECTORS, METRICS, FUSION_REPORT_JSON, FUSION_REPORT_MD, VAL_EMBEDDINGS}
+    skip = {GALLERY_INDEX, GALLERY_META, GALLERY_ROWS, GALLERY_VECTORS, METRICS, FUSION_REPORT_JSON, FUSION_REPORT_MD, VAL_EMBEDDINGS}
     base_dir = registry.path(base_id)
     reexport = new_model is not None and (base_dir / ONNX_META).is_file()  # the carried ONNX classifier is the old one
     if new_model is not None:

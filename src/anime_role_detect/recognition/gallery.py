@@ -1,8 +1,8 @@
 """Character gallery: a Faiss inner-product index of unit embeddings plus row metadata, saved atomically.
 
-Files: ``gallery.faiss`` (the index, any kind) and ``gallery.json`` (embedder id/dim/config, index
-spec and built kind, one row per vector: character, series, source; HNSW tombstones; checksum of
-the index file). Each character keeps several prototypes (all samples, k-means centres, or one
+Files: ``gallery.faiss`` (the index, any kind), ``gallery.rows.npz`` (per row id: character,
+series, source, as columns: `RowTable`) and ``gallery.json`` (embedder id/dim/config, index spec and
+built kind, characters, HNSW tombstones, checksums of the index and row files), written in that order. Each character keeps several prototypes (all samples, k-means centres, or one
 mean) and search aggregates rows to one score per character. A gallery refuses embeddings of
 another embedder or dimension.
 
@@ -28,8 +28,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import atomic_path, atomic_write_json_with_list, read_json
+from ..fsutil import atomic_path, atomic_write_json, read_json
 from ..log import get_logger
+from .rows import FILE as ROWS_FILE
+from .rows import RowTable
 from .vector_file import VectorFile
 
 INDEX_FILE = "gallery.faiss"
@@ -66,16 +68,6 @@ class PrototypeSpec:
 
     method: str = "all"
     k: int = 8
-
-
-@dataclass(slots=True)
-class Row:
-    """Metadata of one gallery vector (slots: a 10M-row gallery keeps ten million of these)."""
-
-    id: int
-    character: str
-    series: str = ""
-    source: str = ""
 
 
 #: Index kinds from exact and small to compressed and huge; `auto` only ever moves a gallery up this list.
@@ -259,18 +251,13 @@ class Gallery:
         if aggregate not in AGGREGATORS:
             raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATORS)}")
         self.aggregate = aggregate
-        self.rows: dict[int, Row] = {}
+        self.rows = RowTable()  # row id -> character, series, source (columns; `Row` objects on demand)
         self.next_id = 0
         self.index: faiss.Index | None = None
         self.vectors: VectorFile | None = None  # IVF-PQ: every row's vector, by id (the codes alone lose the order of near rows)
         self.spill_dir: str | Path | None = None  # where a big build's vector file waits until saved (best: the folder it is saved to)
         self.kind: str | None = None  # the built index's kind (flat / hnsw / ivfpq); `index_spec.type` may say auto
         self.tombstones: set[int] = set()  # ids still in an HNSW index whose rows were removed
-        self._members: dict[str, list[int]] = {}  # character -> its row ids
-        self._series: dict[str, str] = {}
-        self._owner = np.full(0, -1, np.int32)  # row id -> character code (-1: no live row)
-        self._codes: dict[str, int] = {}
-        self._names: list[str] = []
         self._version = 0
         self._chars: tuple[int, list[dict]] | None = None
         self._skip: tuple[int, faiss.IDSelector | None, Any] | None = None
@@ -366,10 +353,8 @@ class Gallery:
         self.index.add_with_ids(vectors, ids)
         if self.vectors is not None:
             self.vectors.append(vectors)
+        self.rows.add(self.next_id, [m[0] for m in meta], [m[1] for m in meta], [m[2] for m in meta])
         self.next_id += len(vectors)
-        self._grow_owner(self.next_id)
-        for i, (c, s, src) in zip(ids.tolist(), meta):
-            self._track(Row(i, c, s, src))
         self._version += 1
 
     def _new_index(self, kind: str, rows: int, samples: Sequence[np.ndarray]) -> faiss.Index:
@@ -385,7 +370,7 @@ class Gallery:
         return index
 
     def _live_ids(self) -> np.ndarray:
-        return np.fromiter(sorted(self.rows), dtype=np.int64, count=len(self.rows))
+        return self.rows.live_ids()
 
     def _has_vectors(self) -> bool:
         return self.kind in _EXACT_KINDS or self.vectors is not None
@@ -409,7 +394,7 @@ class Gallery:
         store = VectorFile(self.dim, spill_dir=self.spill_dir) if keeps_vector_file(kind, self.index_spec) else None
         for start in range(0, self.next_id, chunk):  # each live row read back once, for the new index and its vector file
             ids = np.arange(start, min(start + chunk, self.next_id), dtype=np.int64)
-            alive = self._owner[ids] >= 0
+            alive = self.rows.owner[ids] >= 0
             vecs = self._vectors(ids[alive])
             if len(vecs):
                 new.add_with_ids(vecs, ids[alive])
@@ -420,23 +405,6 @@ class Gallery:
         self.index, self.kind, self.vectors = new, kind, store
         self.tombstones.clear()
         self._skip = None
-
-    def _grow_owner(self, size: int) -> None:
-        if len(self._owner) < size:
-            grown = np.full(max(size, 2 * len(self._owner), 1024), -1, np.int32)
-            grown[: len(self._owner)] = self._owner
-            self._owner = grown
-
-    def _track(self, row: Row) -> None:
-        """Record one live row in the per-character bookkeeping."""
-        self.rows[row.id] = row
-        code = self._codes.get(row.character)
-        if code is None:
-            code = self._codes[row.character] = len(self._names)
-            self._names.append(row.character)
-        self._owner[row.id] = code
-        self._members.setdefault(row.character, []).append(row.id)
-        self._series.setdefault(row.character, row.series)
 
     def add(self, character: str, series: str, embeddings: np.ndarray, sources: Sequence[str] | None = None,
             embedder_id: str | None = None) -> int:
@@ -461,17 +429,12 @@ class Gallery:
         search skips, and the graph is rebuilt from its stored vectors once they pass
         `index.rebuild_fraction` of it.
         """
-        members = self._members.pop(character, None)
-        if not members or self.index is None:
+        if character not in self.rows.members or self.index is None:
             return 0
-        ids = np.array(members, dtype=np.int64)
-        for i in members:
-            del self.rows[i]
-        self._owner[ids] = -1
-        self._series.pop(character, None)
+        ids = self.rows.remove(character)
         self._version += 1
         if self.kind == "hnsw":
-            self.tombstones.update(members)
+            self.tombstones.update(ids.tolist())
             self._skip = None
             if len(self.tombstones) > float(self.index_spec.rebuild_fraction) * self.index.ntotal:
                 kind = resolve_kind(self.index_spec, len(self.rows)) if self.index_spec.type == "auto" else self.kind
@@ -487,11 +450,11 @@ class Gallery:
     @property
     def n_characters(self) -> int:
         """How many characters have rows (cheap: no list is built)."""
-        return len(self._members)
+        return len(self.rows.members)
 
     def _char_cache(self) -> list[dict]:
         if self._chars is None or self._chars[0] != self._version:
-            chars = [{"name": c, "series": self._series.get(c, ""), "prototypes": len(ids)} for c, ids in self._members.items()]
+            chars = [{"name": c, "series": self.rows.series.get(c, ""), "prototypes": len(ids)} for c, ids in self.rows.members.items()]
             self._chars = (self._version, sorted(chars, key=lambda d: d["name"]))
         return self._chars[1]
 
@@ -501,7 +464,7 @@ class Gallery:
 
     def series_of(self) -> dict[str, str]:
         """character -> series."""
-        return dict(self._series)
+        return dict(self.rows.series)
 
     def _skip_selector(self) -> faiss.IDSelector | None:
         """A cached selector that hides HNSW tombstones from searches (None when there are none)."""
@@ -550,7 +513,7 @@ class Gallery:
         """One query's fetched rows -> its top `k` characters, the best `exact_top` (flat: all) with exact scores."""
         keep = ids >= 0
         ids, scores = ids[keep], scores[keep]
-        codes = self._owner[ids]
+        codes = self.rows.owner[ids]
         live = codes >= 0
         codes, scores = codes[live], scores[live].tolist()
         depth = AGGREGATE_DEPTH[self.aggregate]
@@ -562,7 +525,8 @@ class Gallery:
                     best[c] = s
                     if len(best) == k:
                         break
-            return [(self._names[c], self._series.get(self._names[c], ""), float(s)) for c, s in best.items()]
+            names, series = self.rows.names, self.rows.series
+            return [(names[c], series.get(names[c], ""), float(s)) for c, s in best.items()]
         floor = scores[-1] if (scores and n < len(self.rows)) else float("-inf")
         hits: dict[int, list[float]] = {}
         for c, s in zip(codes.tolist(), scores):
@@ -570,8 +534,8 @@ class Gallery:
         agg = AGGREGATORS[self.aggregate]
         entries: list[tuple[float, str, bool]] = []
         for c, ss in hits.items():
-            name = self._names[c]
-            need = min(depth, len(self._members[name]))
+            name = self.rows.names[c]
+            need = min(depth, len(self.rows.members[name]))
             exact = len(ss) >= need and not coded
             entries.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
         sure = k if self.kind == "flat" else max(1, min(k, int(self.index_spec.exact_top)))
@@ -579,24 +543,25 @@ class Gallery:
             head = heapq.nsmallest(k, entries)
             stale = [name for _, name, exact in head[:sure] if not exact and self._rescorable(name)]
             if not stale:
-                return [(name, self._series.get(name, ""), float(-neg)) for neg, name, _ in head]
+                return [(name, self.rows.series.get(name, ""), float(-neg)) for neg, name, _ in head]
             fixed = self._exact_scores(query, stale, depth)
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
     def _rescorable(self, name: str) -> bool:
-        return self._has_vectors() and len(self._members[name]) <= _RESCORE_ROWS_MAX
+        return self._has_vectors() and len(self.rows.members[name]) <= _RESCORE_ROWS_MAX
 
     def _exact_scores(self, query: np.ndarray, names: Sequence[str], depth: int) -> dict[str, float]:
         """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches."""
         agg = AGGREGATORS[self.aggregate]
         out: dict[str, float] = {}
         batch: list[str] = []
+        members = self.rows.members
         for i, name in enumerate(names):
             batch.append(name)
-            if i + 1 < len(names) and sum(len(self._members[b]) for b in batch) + len(self._members[names[i + 1]]) <= _RESCORE_ROWS_MAX:
+            if i + 1 < len(names) and sum(len(members[b]) for b in batch) + len(members[names[i + 1]]) <= _RESCORE_ROWS_MAX:
                 continue
-            sizes = [len(self._members[b]) for b in batch]
-            sims = self._vectors(np.concatenate([np.asarray(self._members[b], np.int64) for b in batch])) @ query
+            sizes = [len(members[b]) for b in batch]
+            sims = self._vectors(np.concatenate([self.rows.member_ids(b) for b in batch])) @ query
             for b, part in zip(batch, np.split(sims, np.cumsum(sizes)[:-1])):
                 top = part if len(part) <= depth else np.partition(part, len(part) - depth)[-depth:]
                 out[b] = agg(top.tolist())
@@ -605,7 +570,8 @@ class Gallery:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``gallery.faiss`` then ``gallery.json`` (each write-then-rename; the json checks the index's hash)."""
+        """Write the vectors, ``gallery.faiss``, ``gallery.rows.npz``, then ``gallery.json`` (each write-then-rename;
+        the json, written last, checks the index's and the rows' hashes)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         index = self.index if self.index is not None else make_index("flat", self.index_spec, self.dim, 0)
@@ -617,8 +583,8 @@ class Gallery:
                 return fh.write(chunk)
 
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
-        rows = ({"id": r.id, "character": r.character, "series": r.series, "source": r.source} for r in map(self.rows.__getitem__, sorted(self.rows)))
-        atomic_write_json_with_list(d / META_FILE, {
+        rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": _sha256(self.rows.save(d))}
+        atomic_write_json(d / META_FILE, {
             "format": FORMAT_VERSION,
             "embedder": {"id": self.embedder_id, "dim": self.dim, "config": self.embedder_config},
             "index": asdict(self.index_spec),
@@ -630,7 +596,8 @@ class Gallery:
             "next_id": self.next_id,
             "tombstones": sorted(self.tombstones),
             "characters": self.characters(),
-        }, "rows", rows)  # streamed: 10M rows are never one list of dicts and one string
+            "rows": rows,
+        })
         return d
 
     @classmethod
@@ -650,10 +617,7 @@ class Gallery:
         if embedder_id is not None or dim is not None:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
         g.index, g.kind = index, kind_of(index)
-        g.next_id = int(meta.get("next_id", max((int(r["id"]) for r in meta["rows"]), default=-1) + 1))
-        g._grow_owner(g.next_id)
-        for r in meta["rows"]:
-            g._track(Row(int(r["id"]), r["character"], r.get("series", ""), r.get("source", "")))
+        g.rows, g.next_id = _read_rows(d, meta, meta_p)
         g.tombstones = {int(i) for i in meta.get("tombstones", [])}
         if meta.get("vectors"):
             g.vectors = VectorFile.open(d, meta["vectors"], g.dim)
@@ -676,6 +640,34 @@ def _index_spec(cfg: Mapping[str, Any] | None) -> IndexSpec:
     if unknown:
         raise ConfigError(f"gallery index option(s) {unknown} unknown; use {[f.name for f in fields(IndexSpec)]}")
     return IndexSpec(**cfg)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_rows(d: Path, meta: Mapping[str, Any], meta_p: Path) -> tuple[RowTable, int]:
+    """The rows `gallery.json` names: its row file (checked against the recorded hash), or the row list it held before."""
+    entry = meta.get("rows")
+    if isinstance(entry, list):  # saved before the row file: one JSON object per row
+        next_id = int(meta.get("next_id", max((int(r["id"]) for r in entry), default=-1) + 1))
+        return RowTable.from_rows(entry, next_id), next_id
+    if not isinstance(entry, Mapping):
+        raise GalleryError(f"{meta_p} lists no rows; rebuild the gallery")
+    path = d / str(entry.get("file", ROWS_FILE))
+    if not path.is_file():
+        raise GalleryError(f"{path} is missing but {meta_p} names it; copy the whole gallery folder or rebuild it")
+    if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        raise GalleryError(f"{path} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
+    table = RowTable.load(path)
+    next_id = int(meta.get("next_id", table.next_id))
+    if table.next_id != next_id or len(table) != int(entry.get("rows", len(table))):
+        raise GalleryError(f"{path} holds {len(table)} of {table.next_id} row ids but {meta_p} lists {entry.get('rows')} of {next_id}; rebuild the gallery")
+    return table, next_id
 
 
 def _read_index(index_p: Path, meta_p: Path, sha256: str | None) -> faiss.Index:

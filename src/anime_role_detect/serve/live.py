@@ -20,7 +20,13 @@ from ..errors import RegistryError
 from ..log import get_logger
 from ..recognition.pipeline import Recognizer
 from ..registry import Registry
-from ..versionfiles import CALIBRATION, GALLERY_INDEX, GALLERY_META, GALLERY_VECTORS
+from ..versionfiles import (
+    CALIBRATION,
+    GALLERY_INDEX,
+    GALLERY_META,
+    GALLERY_ROWS,
+    GALLERY_VECTORS,
+)
 
 _log = get_logger("system")
 
@@ -187,7 +193,7 @@ class LiveRecognizer:
             return None
         with self._swap_lock:
             promote = self.version == "latest"
-            with self.registry.derive(loaded.version_id, kind=kind, promote=promote, skip={GALLERY_INDEX, GALLERY_META, GALLERY_VECTORS}) as d:
+            with self.registry.derive(loaded.version_id, kind=kind, promote=promote, skip={GALLERY_INDEX, GALLERY_META, GALLERY_ROWS, GALLERY_VECTORS}) as d:
                 rec.save_gallery(d.dir)
                 if evaluate:
                     extend_eval_set(rec, d.dir, evaluate)
