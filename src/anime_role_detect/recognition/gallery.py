@@ -2,8 +2,9 @@
 
 Files: ``gallery.faiss`` (the index, any kind), ``gallery.rows.npz`` (per row id: character,
 series, source, as columns: `RowTable`) and ``gallery.json`` (embedder id/dim/config, index spec and
-built kind, characters, HNSW tombstones, checksums of the index and row files), written in that order. Each character keeps several prototypes (all samples, k-means centres, or one
-mean) and search aggregates rows to one score per character. A gallery refuses embeddings of
+built kind, characters, HNSW tombstones, checksums of the index and row files), written in that
+order. Each character keeps several prototypes (all samples, k-means centres, or one mean) and
+search aggregates rows to one score per character. A gallery refuses embeddings of
 another embedder or dimension.
 
 Index kinds (`KIND_ORDER`): exact ``flat``, graph ``hnsw`` (walks 8-bit codes, re-ranks on the exact
