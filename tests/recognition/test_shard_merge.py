@@ -112,7 +112,8 @@ def test_shard_set_reads_ids_only_and_locates_each_ids_first_copy(archive):
     shards = ShardSet.open(tmp / "shards")
     assert len(shards.ids) == 3001 and len(shards.unique_ids()) == 3000 and len(shards.parts) == 9
     where = shards.locate([ids[5], "char0003/broken.png", ids[0]])
-    assert where[1] == -1 and shards.ids[where[0]] == ids[5] and where[2] == 0  # rank 0's copy, not the resumed rank's
+    assert where[1] == -1 and shards.ids[where[0]].decode() == ids[5] and where[2] == 0  # rank 0's copy, not the resumed rank's
+    assert shards.n_unique() == 3000 and shards.ids.dtype.kind == "S"  # UTF-8 bytes: a quarter of numpy text
     np.testing.assert_array_equal(shards.gather(where[[0, 2]], np.empty((2, DIM), np.float32)), x[[5, 0]].astype(np.float32))
 
 
@@ -154,3 +155,14 @@ def test_a_vector_file_spilled_on_another_file_system_is_copied_then_removed(tmp
         for p in spill_dir.glob("*"):
             p.unlink()
         spill_dir.rmdir()
+
+
+def test_non_ascii_ids_sort_and_match_as_text(tmp_path):
+    ids = ["初音ミク/02.png", "Zoe/01.png", "初音ミク/01.png", "Émilie/01.png"]
+    x = np.eye(4, DIM, dtype=np.float32)
+    write_shards(tmp_path, ids, x, world=2, part_rows=1, unreadable=[])
+    shards = ShardSet.open(tmp_path)
+    assert shards.unique_ids() == sorted(ids)
+    where = shards.locate(["Émilie/01.png", "初音ミク/02.png", "初音ミク/03.png"])
+    assert where[2] == -1
+    np.testing.assert_array_equal(shards.gather(where[:2], np.empty((2, DIM), np.float32)), x[[3, 0]])

@@ -60,9 +60,10 @@ def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     if trainer.global_rank != 0:
         return None
     shards = ShardSet.open(out / SHARDS)
-    info = shards.info
+    info, embedded = shards.info, shards.n_unique()
+    del shards  # its ids: the merge below reads them again, one copy at a time
     rate = len(items) / max(info["seconds"], 1e-9)  # embedding time of the slowest rank, model loading left out
-    summary: dict[str, Any] = {"images": len(items), "embedded": len(shards.unique_ids()), "unreadable": len(info["errors"]),
+    summary: dict[str, Any] = {"images": len(items), "embedded": embedded, "unreadable": len(info["errors"]),
                                "world_size": info["world_size"], "seconds": round(seconds, 2), "embed_seconds": info["seconds"],
                                "images_per_s": round(rate, 2), "images_per_s_per_process": round(rate / info["world_size"], 2)}
     if c.get("gallery", True):

@@ -223,7 +223,9 @@ def gallery_from_shards(shard_dir: str | Path, rows: Sequence[tuple[str, str, st
     vectors = np.lib.format.open_memmap(scratch, "w+", np.float32, (len(kept), shards.dim)) if kept else np.zeros((0, shards.dim), np.float32)
     try:
         shards.gather(where[order], vectors)
-        return gallery_from_vectors(kept, vectors, shards.info["embedder_id"], shards.dim, embedder_config, gcfg.get("index"),
+        info, dim = shards.info, shards.dim
+        del shards, where, found, order  # the ids (10M rows: ~0.2 GB) are not needed to build the gallery
+        return gallery_from_vectors(kept, vectors, info["embedder_id"], dim, embedder_config, gcfg.get("index"),
                                     gcfg.get("prototypes"), gcfg.get("aggregate", "max"), progress, spill_dir=spill_dir or scratch_dir)
     finally:
         del vectors

@@ -41,7 +41,7 @@ class ShardSet:
 
     directory: Path
     parts: list[Path]
-    ids: np.ndarray       # every row's id, part after part (an id a resumed rank embedded twice appears twice)
+    ids: np.ndarray       # every row's id as UTF-8 bytes (a quarter of numpy text), part after part; a resumed rank's repeats included
     offsets: np.ndarray   # where each part's rows start in `ids`; offsets[-1] = len(ids)
     info: dict[str, Any]  # embedder_id, dim, world_size, seconds (the slowest rank's), errors [(id, message)]
 
@@ -67,25 +67,29 @@ class ShardSet:
         ids: list[np.ndarray] = []
         for p in parts:
             with np.load(p) as z:  # an .npz member is read when asked for: the ids only
-                ids.append(z["ids"])
+                ids.append(_utf8(z["ids"]))
         sizes = np.array([0] + [len(i) for i in ids], np.int64)
         info = {"embedder_id": done[0]["embedder_id"], "dim": int(done[0]["dim"]), "world_size": len(done),
                 "seconds": max(float(x.get("seconds", 0.0)) for x in done),
                 "errors": sorted((e for x in done for e in x.get("errors", [])), key=lambda e: e[0])}
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.str_)
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.bytes_)
         return cls(d, parts, all_ids, np.cumsum(sizes), info)
 
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
 
-    def unique_ids(self) -> np.ndarray:
-        """Every embedded id once, sorted (the order 1 and N processes agree on)."""
-        return np.unique(self.ids)
+    def n_unique(self) -> int:
+        """How many distinct ids the ranks embedded."""
+        return len(np.unique(self.ids))
+
+    def unique_ids(self) -> list[str]:
+        """Every embedded id once, sorted (the order 1 and N processes agree on; UTF-8 bytes sort as the text does)."""
+        return [i.decode("utf-8") for i in np.unique(self.ids).tolist()]
 
     def locate(self, wanted: Sequence[str] | np.ndarray) -> np.ndarray:
         """The row (index into `ids`) holding each wanted id, its first copy; -1 for an id no rank embedded."""
-        w = np.asarray(wanted, dtype=np.str_)
+        w = _utf8(np.asarray(wanted, dtype=np.str_))
         if not len(self.ids) or not len(w):
             return np.full(len(w), -1, np.int64)
         order = np.argsort(self.ids, kind="stable")
@@ -116,6 +120,11 @@ class ShardSet:
         return out
 
 
+def _utf8(ids: np.ndarray) -> np.ndarray:
+    """Numpy text (4 bytes a character) as UTF-8 bytes; file names hold no NUL, which numpy bytes would drop."""
+    return np.char.encode(ids, "utf-8") if len(ids) else np.zeros(0, np.bytes_)
+
+
 def merge_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     """Every rank's shards in memory -> (ids sorted by name, their vectors, info); an id embedded twice counts once.
 
@@ -124,4 +133,4 @@ def merge_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str
     shards = ShardSet.open(shard_dir)
     ids = shards.unique_ids()
     vectors = shards.gather(shards.locate(ids), np.empty((len(ids), shards.dim), np.float32))
-    return [str(i) for i in ids], vectors, shards.info
+    return ids, vectors, shards.info
