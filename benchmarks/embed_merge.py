@@ -2,8 +2,8 @@
 
 `python -m anime_role_detect.cli.embed` (DDP ranks) leaves shards of ids + float32 vectors; rank 0 then builds
 the gallery. Before, it read every vector into memory, sorted them (a second copy) and built the gallery in one
-add, whose IVF-PQ vector file was held in memory until saved: about 10 x dim bytes per row, so a 10M-image
-archive needed ~128 GB on the merging machine. `predict.gallery_from_shards` copies one shard part at a time
+add, whose IVF-PQ vector file was held in memory until saved: about 12 x dim bytes per row (15.6 KB at dim
+1280, measured here), so a 10M-image archive needed ~145 GiB on the merging machine. `predict.gallery_from_shards` copies one shard part at a time
 into a float32 scratch file in gallery order, adds chunks to an index trained on a sample of the whole gallery,
 and spills the vector file to disk as it grows (renamed into place on save).
 
@@ -14,7 +14,7 @@ a fresh process: the old merge (reconstructed from the same library calls: `shar
 peak anonymous memory (the process's own; sampled every 20 ms), peak file-backed resident pages (page cache the
 kernel can drop), and whether both galleries answer 500 queries with the same characters and scores.
 
-    python benchmarks/embed_merge.py                                  # 200k and 1M rows, dim 1280, IVF-PQ (~25 min, 13 GB disk)
+    python benchmarks/embed_merge.py                                  # 200k and 1M rows, dim 1280, IVF-PQ (~20 min, 13 GB disk)
     python benchmarks/embed_merge.py --rows 20000 50000 --dim 128     # quick
 """
 
