@@ -81,6 +81,15 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         shutil.copy2(src, dst)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-able object (config subsets, queries): what a resumable step was run with."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

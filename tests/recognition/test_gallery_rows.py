@@ -77,10 +77,11 @@ def test_a_row_costs_a_few_dozen_bytes_not_hundreds():
     n = 200_000
     chars = [f"char{i // 50:05d}" for i in range(n)]
     sources = [f"{c}/{i:08d}.png" for i, c in enumerate(chars)]  # 22 bytes each
+    rows = list(zip(chars, [""] * n, sources))
     tracemalloc.start()
     table = RowTable()
     for a in range(0, n, 65_536):
-        table.add(a, chars[a : a + 65_536], [""] * len(chars[a : a + 65_536]), sources[a : a + 65_536])
+        table.add(a, rows[a : a + 65_536])
     table_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(table) == n and table[n - 1] == Row(n - 1, chars[-1], "", sources[-1])
@@ -89,8 +90,8 @@ def test_a_row_costs_a_few_dozen_bytes_not_hundreds():
 
 def test_row_table_ids_follow_on():
     t = RowTable()
-    t.add(0, ["a", "b"], ["s", ""], ["a.png", "b.png"])
+    t.add(0, [("a", "s", "a.png"), ("b", "", "b.png")])
     with pytest.raises(GalleryError, match="row id 5"):
-        t.add(5, ["c"], [""], ["c.png"])
+        t.add(5, [("c", "", "c.png")])
     assert list(t) == [0, 1] and t.series == {"a": "s", "b": ""}
     assert np.array_equal(t.remove("a"), [0]) and list(t) == [1] and len(t) == 1 and DIM

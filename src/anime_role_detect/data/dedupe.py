@@ -6,7 +6,6 @@ one copy in train and another in val: the leak that inflated the seed system's a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,17 +14,9 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from ..fsutil import file_sha256
 from ..imageio import ImageError, load_image
 from .layout import ImageRecord
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def perceptual_hash(img: Image.Image) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import atomic_path, atomic_write_json, read_json
+from ..fsutil import atomic_path, atomic_write_json, file_sha256, read_json
 from ..log import get_logger
 from .rows import FILE as ROWS_FILE
 from .rows import RowTable
@@ -253,7 +253,6 @@ class Gallery:
             raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATORS)}")
         self.aggregate = aggregate
         self.rows = RowTable()  # row id -> character, series, source (columns; `Row` objects on demand)
-        self.next_id = 0
         self.index: faiss.Index | None = None
         self.vectors: VectorFile | None = None  # IVF-PQ: every row's vector, by id (the codes alone lose the order of near rows)
         self.spill_dir: str | Path | None = None  # where a big build's vector file waits until saved (best: the folder it is saved to)
@@ -354,8 +353,7 @@ class Gallery:
         self.index.add_with_ids(vectors, ids)
         if self.vectors is not None:
             self.vectors.append(vectors)
-        self.rows.add(self.next_id, [m[0] for m in meta], [m[1] for m in meta], [m[2] for m in meta])
-        self.next_id += len(vectors)
+        self.rows.add(self.next_id, meta)
         self._version += 1
 
     def _new_index(self, kind: str, rows: int, samples: Sequence[np.ndarray]) -> faiss.Index:
@@ -445,6 +443,11 @@ class Gallery:
         return len(ids)
 
     # -- querying -----------------------------------------------------------------------------
+    @property
+    def next_id(self) -> int:
+        """The id the next row gets (ids are never reused: removed rows keep theirs)."""
+        return self.rows.next_id
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -584,7 +587,7 @@ class Gallery:
                 return fh.write(chunk)
 
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
-        rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": _sha256(self.rows.save(d))}
+        rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": file_sha256(self.rows.save(d))}
         atomic_write_json(d / META_FILE, {
             "format": FORMAT_VERSION,
             "embedder": {"id": self.embedder_id, "dim": self.dim, "config": self.embedder_config},
@@ -618,7 +621,7 @@ class Gallery:
         if embedder_id is not None or dim is not None:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
         g.index, g.kind = index, kind_of(index)
-        g.rows, g.next_id = _read_rows(d, meta, meta_p)
+        g.rows = _read_rows(d, meta, meta_p)
         g.tombstones = {int(i) for i in meta.get("tombstones", [])}
         if meta.get("vectors"):
             g.vectors = VectorFile.open(d, meta["vectors"], g.dim)
@@ -643,32 +646,23 @@ def _index_spec(cfg: Mapping[str, Any] | None) -> IndexSpec:
     return IndexSpec(**cfg)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_rows(d: Path, meta: Mapping[str, Any], meta_p: Path) -> tuple[RowTable, int]:
+def _read_rows(d: Path, meta: Mapping[str, Any], meta_p: Path) -> RowTable:
     """The rows `gallery.json` names: its row file (checked against the recorded hash), or the row list it held before."""
     entry = meta.get("rows")
     if isinstance(entry, list):  # saved before the row file: one JSON object per row
-        next_id = int(meta.get("next_id", max((int(r["id"]) for r in entry), default=-1) + 1))
-        return RowTable.from_rows(entry, next_id), next_id
+        return RowTable.from_rows(entry, int(meta.get("next_id", max((int(r["id"]) for r in entry), default=-1) + 1)))
     if not isinstance(entry, Mapping):
         raise GalleryError(f"{meta_p} lists no rows; rebuild the gallery")
     path = d / str(entry.get("file", ROWS_FILE))
     if not path.is_file():
         raise GalleryError(f"{path} is missing but {meta_p} names it; copy the whole gallery folder or rebuild it")
-    if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
         raise GalleryError(f"{path} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
     table = RowTable.load(path)
     next_id = int(meta.get("next_id", table.next_id))
     if table.next_id != next_id or len(table) != int(entry.get("rows", len(table))):
         raise GalleryError(f"{path} holds {len(table)} of {table.next_id} row ids but {meta_p} lists {entry.get('rows')} of {next_id}; rebuild the gallery")
-    return table, next_id
+    return table
 
 
 def _read_index(index_p: Path, meta_p: Path, sha256: str | None) -> faiss.Index:

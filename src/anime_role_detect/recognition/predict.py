@@ -10,6 +10,7 @@ streams the vectors through a scratch file, so one machine merges a 10M-image ar
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -184,17 +185,13 @@ def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarr
             if progress:
                 progress(b, n)
         return g
-    start = 0
-    while start < n:  # one character at a time: its prototypes need all its vectors
-        c = rows[int(order[start])][0]
-        end = start
-        while end < n and rows[int(order[end])][0] == c:
-            end += 1
-        idx = order[start:end]
-        g.add(c, series.get(c, ""), np.asarray(vectors[idx], np.float32), [rows[i][2] for i in idx.tolist()])
-        start = end
+    done = 0
+    for c, group in itertools.groupby(order.tolist(), key=lambda i: rows[i][0]):  # one character at a time: its prototypes need all its vectors
+        idx = list(group)
+        g.add(c, series.get(c, ""), np.asarray(vectors[idx], np.float32), [rows[i][2] for i in idx])
+        done += len(idx)
         if progress:
-            progress(end, n)
+            progress(done, n)
     return g
 
 

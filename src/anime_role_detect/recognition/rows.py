@@ -58,9 +58,9 @@ class RowTable(MappingABC):
         self._live = 0
 
     # -- editing -----------------------------------------------------------------------------------
-    def add(self, first_id: int, characters: Sequence[str], series: Sequence[str], sources: Sequence[str]) -> None:
-        """Rows `first_id`, `first_id + 1`, ... (ids follow on from the last one added)."""
-        n = len(characters)
+    def add(self, first_id: int, rows: Sequence[tuple[str, str, str]]) -> None:
+        """``(character, series, source)`` rows as ids `first_id`, `first_id + 1`, ... (ids follow on from the last one added)."""
+        n = len(rows)
         if first_id != len(self._src_end):
             raise GalleryError(f"row id {first_id} added after {len(self._src_end)} rows; rebuild the gallery")
         end = first_id + n
@@ -68,7 +68,7 @@ class RowTable(MappingABC):
         self._series_of_row = _grown(self._series_of_row, end, 0)
         codes = np.empty(n, np.int32)
         scodes = np.empty(n, np.int32)
-        for j, (c, s, src) in enumerate(zip(characters, series, sources)):
+        for j, (c, s, src) in enumerate(rows):
             code = self._code.get(c)
             if code is None:
                 code = self._code[c] = len(self.names)
@@ -177,6 +177,6 @@ class RowTable(MappingABC):
         t = cls()
         for r in sorted(rows, key=lambda r: int(r["id"])):  # type: ignore[call-overload]
             t.skip(int(r["id"]) - t.next_id)  # type: ignore[call-overload]
-            t.add(t.next_id, [str(r["character"])], [str(r.get("series", "") or "")], [str(r.get("source", "") or "")])
+            t.add(t.next_id, [(str(r["character"]), str(r.get("series", "") or ""), str(r.get("source", "") or ""))])
         t.skip(next_id - t.next_id)
         return t

@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
-from ..data.dedupe import assign_duplicate_groups, file_sha256, near_duplicate_clusters, perceptual_hash
+from ..data.dedupe import assign_duplicate_groups, near_duplicate_clusters, perceptual_hash
 from ..data.layout import ImageRecord, write_metadata
 from ..errors import ConfigError, ImageError
-from ..fsutil import link_or_copy
+from ..fsutil import file_sha256, link_or_copy
 from ..imageio import ImageLimits, load_image
 from ..log import get_logger
 from .progress import Progress

@@ -14,9 +14,8 @@ import shutil
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...fsutil import atomic_path
+from ...fsutil import atomic_path, file_sha256
 from ...imageio import IMAGE_SUFFIXES
-from ...data.dedupe import file_sha256
 from ..progress import Progress
 from .base import CollectReport, CharacterQuery, Manifest, ManifestEntry, fingerprint
 
