@@ -1,7 +1,7 @@
 """A gallery's rows as columns: character and series codes per row id, source texts in one buffer.
 
-A dict of one `Row` object per row cost about 390 bytes a row in memory (3.7 GB at 10M rows) and
-loading its JSON list built a dict per row on top. `RowTable` keeps 4 + 4 + 8 bytes per row plus the
+A dict of one `Row` object per row cost 183 bytes a row (1.8 GB at 10M rows; benchmarks/gallery_rows.py)
+and loading its JSON list built a dict per row on top. `RowTable` keeps 4 + 4 + 8 bytes per row plus the
 source's UTF-8 bytes and each character's row ids (8 bytes a row), makes `Row` objects on demand,
 and saves as ``gallery.rows.npz`` (plain arrays: loading creates no object per row).
 """
