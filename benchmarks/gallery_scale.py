@@ -291,29 +291,32 @@ class SizeRun:
         return out
 
     def run_hnsw(self) -> list[Result]:
-        """One HNSW gallery per graph storage (`--hnsw-storage`) and width (`--hnsw-m`), each measured at every `--hnsw-ef`."""
+        """One HNSW gallery per graph storage (`--hnsw-storage`), width (`--hnsw-m`) and walk projection (`--hnsw-pca`;
+        sq8/fp16 only), each measured at every `--hnsw-ef`."""
         out = []
         for storage in self.args.hnsw_storage:
             for m in self.args.hnsw_m:
-                out.extend(self._run_hnsw(storage, m))
+                for pca in (self.args.hnsw_pca if storage != "flat" else [0]):
+                    out.extend(self._run_hnsw(storage, m, pca))
         return out
 
-    def _run_hnsw(self, storage: str, m: int) -> list[Result]:
+    def _run_hnsw(self, storage: str, m: int, pca: int) -> list[Result]:
         from anime_role_detect.recognition.gallery import search_params
 
-        spec = {"type": "hnsw", "hnsw_m": m, "hnsw_storage": storage, "ef_construction": self.args.ef_construction,
+        spec = {"type": "hnsw", "hnsw_m": m, "hnsw_storage": storage, "hnsw_pca": pca, "ef_construction": self.args.ef_construction,
                 "search_rows": self.args.search_rows}
         g, build, rss = self.gallery(spec)
         mb = index_bytes(g.index) / 2**20
+        walk = f", walk on PCA{pca}" if 0 < pca < self.args.dim else ""
         out = []
         for ef in self.args.hnsw_ef:
-            raw = Result(self.rows, f"hnsw ({storage} graph)", f"M{m} efC={self.args.ef_construction} efSearch={ef}", "",
+            raw = Result(self.rows, f"hnsw ({storage} graph{walk})", f"M{m} efC={self.args.ef_construction} efSearch={ef}", "",
                          build, mb, rss)
             g.index_spec.ef_search = ef
             self.measure_index(raw, g.index, search_params(g.index, "hnsw", g.index_spec, K))
             for res in self.measure_gallery(raw, g):
                 out.append(res)
-                log(f"  hnsw {storage} ef={ef} {res.aggregate}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms, "
+                log(f"  hnsw {storage}{walk} ef={ef} {res.aggregate}: recall@1 {res.recall1:.3f}, single {res.single_ms:.2f} ms, "
                     f"gallery {res.gallery_ms:.2f} ms, agree {res.gallery_agree:.3f}")
         del g
         return out
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hnsw-m", type=int, nargs="+", default=[IndexSpec.hnsw_m], help="graph width(s) (default: the gallery's)")
     ap.add_argument("--hnsw-storage", nargs="+", default=[IndexSpec.hnsw_storage, "flat"], choices=["sq8", "fp16", "flat"],
                     help="what the graph walks: 8-bit / fp16 codes re-ranked on exact vectors (default), or the float vectors")
+    ap.add_argument("--hnsw-pca", type=int, nargs="+", default=[IndexSpec.hnsw_pca, 0],
+                    help="sq8/fp16 graphs: dimensions the walk projects onto (0: all; default: the gallery's, then 0)")
     ap.add_argument("--ef-construction", type=int, default=IndexSpec.ef_construction, help="default: the gallery's")
     ap.add_argument("--hnsw-ef", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--nlist", type=int, default=0, help="0: the gallery's auto rule")

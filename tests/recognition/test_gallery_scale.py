@@ -179,6 +179,52 @@ def test_default_hnsw_walks_8_bit_codes_and_keeps_exact_vectors(tmp_path):
     assert loaded.kind == "hnsw" and top1(loaded, q) == top1(g, q)
 
 
+def low_rank_cloud(n_chars: int, per_char: int, rank: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows like real embeddings: a shared mean direction, characters and their variation in a `rank`-d subspace, faint noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((DIM, rank)))[0].T
+    mean = rng.standard_normal(DIM)
+    centres = 2.0 * mean / np.linalg.norm(mean) + rng.standard_normal((n_chars, rank)) @ basis
+    labels = np.repeat(np.arange(n_chars), per_char)
+    x = centres[labels] + 0.4 * rng.standard_normal((len(labels), rank)) @ basis + 0.03 * rng.standard_normal((len(labels), DIM))
+    x, centres = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (x, centres))
+    return x.astype(np.float32), labels, centres.astype(np.float32)
+
+
+def test_hnsw_walks_an_uncentred_projection_and_still_answers_exactly(tmp_path):
+    """`hnsw_pca`: the graph walks rows projected on their first principal directions (fewer bytes and sums per
+    step); the projection keeps no offset, so inner products keep their order, and the re-ranker's scores stay exact."""
+    x, labels, centres = low_rank_cloud(50, 100)
+    spec = {"type": "hnsw", "hnsw_pca": 16, "rebuild_fraction": 0.05}
+    g, exact = gallery(spec, x, labels, "max"), gallery({"type": "flat"}, x, labels, "max")
+    walk = faiss.downcast_index(faiss.downcast_index(g.index.index).base_index)
+    assert isinstance(walk, faiss.IndexPreTransform)
+    pca = faiss.downcast_VectorTransform(walk.chain.at(0))
+    assert (pca.d_in, pca.d_out) == (DIM, 16) and faiss.downcast_index(faiss.downcast_index(walk.index).storage).code_size == 16
+    assert np.abs(faiss.vector_to_array(pca.mean)).max() < 1e-5  # fitted on the rows and their mirror image: no centring
+    q = np.concatenate([queries_for(centres), low_rank_cloud(50, 1, seed=0)[0]])
+    for gal in (g, exact):
+        gal.remove("char0001")  # hidden by a selector handed through the projection to the graph
+    got, want = g.search(q, k=5), exact.search(q, k=5)
+    assert [r[0][0] for r in got] == [r[0][0] for r in want]
+    assert all(a[0][2] == pytest.approx(b[0][2], abs=1e-5) for a, b in zip(got, want))
+    assert all(c != "char0001" for r in g.search(q, k=50) for c, _, _ in r)
+    g.save(tmp_path)
+    loaded = Gallery.load(tmp_path)
+    assert loaded.search(q, k=5) == got
+    for gal in (loaded, exact):
+        gal.remove("char0002")
+        gal.remove("char0003")  # past rebuild_fraction: rebuilt from the stored vectors, projection re-fitted
+    assert not loaded.tombstones and isinstance(faiss.downcast_index(faiss.downcast_index(loaded.index.index).base_index),
+                                                faiss.IndexPreTransform)
+    assert top1(loaded, q) == top1(exact, q)
+    for few in ({"hnsw_pca": DIM}, {"hnsw_pca": 16, "n": 100}):  # as many dimensions as the rows have / too few rows to fit it
+        small = gallery({"type": "hnsw", "hnsw_pca": few["hnsw_pca"]}, x[: few.get("n", 500)], labels[: few.get("n", 500)])
+        assert not isinstance(faiss.downcast_index(faiss.downcast_index(small.index.index).base_index), faiss.IndexPreTransform)
+    with pytest.raises(ConfigError, match="hnsw_pca=-1"):
+        gallery({"type": "hnsw", "hnsw_pca": -1}, x[:500], labels[:500])
+
+
 def test_flat_search_scores_are_exact_for_every_returned_character():
     x, labels, centres = cloud(20, 150, spread=1.5)
     g = gallery({"type": "flat"}, x, labels, "top5_mean")

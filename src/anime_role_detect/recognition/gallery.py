@@ -50,6 +50,7 @@ class IndexSpec:
     hnsw_below: int = 2_000_000      # auto: HNSW under this many rows, IVF-PQ from here on
     hnsw_m: int = 32
     hnsw_storage: str = "sq8"        # what the HNSW graph walks: sq8 / fp16 codes (answers re-ranked on the exact vectors kept beside them), or flat
+    hnsw_pca: int = 256              # sq8/fp16: the graph walks the rows' first this many uncentred principal directions (0 or >= dim: all)
     ef_construction: int = 128       # graph quality (Faiss default 40); at 100k rows recall@1 1.000 at ef_search 128 (docs/recognition.md)
     ef_search: int = 128
     nlist: int = 0                   # IVF lists; 0: ~sqrt(rows) rounded down to a power of two
@@ -80,6 +81,7 @@ _TRAIN_ROWS_MAX = 200_000
 #: (fp16); ``RFlat`` keeps the exact vectors and re-ranks what the walk found, so answers stay exact.
 _HNSW_STORAGE = {"flat": "", "sq8": ",SQ8,RFlat", "fp16": ",SQfp16,RFlat"}
 _HNSW_TRAIN_ROWS = 65_536  # a scalar quantizer learns each dimension's range from this many rows
+_PCA_TRAIN_ROWS = 16_384  # the walk's projection is fitted on this many of them
 _RESCORE_ROWS_MAX = 8192
 _IVFPQ_VECTORS = ("fp16", "none")
 _RERANK_ROWS = 65_536
@@ -153,6 +155,15 @@ def _hnsw_suffix(spec: IndexSpec) -> str:
     return _HNSW_STORAGE[spec.hnsw_storage]
 
 
+def _pca_dims(spec: IndexSpec, dim: int, n_train: int) -> int:
+    """Dimensions the HNSW walk projects onto (0: none). Only under a re-ranker (sq8/fp16), so answers stay exact,
+    and only when fitted on at least as many rows as dimensions and 8 rows per direction kept."""
+    pca = int(spec.hnsw_pca)
+    if pca < 0:
+        raise ConfigError(f"gallery.index.hnsw_pca={pca}: give the dimensions the graph walks (e.g. 256), or 0 for all")
+    return pca if 0 < pca < dim and _hnsw_suffix(spec) and n_train >= max(dim, 8 * pca) else 0
+
+
 def _unwrapped(index: faiss.Index) -> faiss.Index:
     """The index under the gallery's id map (the index itself when it has none)."""
     return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
@@ -160,18 +171,42 @@ def _unwrapped(index: faiss.Index) -> faiss.Index:
 
 def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
     """The HNSW graph index inside a gallery index (under IDMap2, and under the exact re-ranker), or None."""
-    inner = _unwrapped(index)
-    if isinstance(inner, faiss.IndexRefine):
-        inner = faiss.downcast_index(inner.base_index)
+    inner = _graph_side(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
     return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
+def _graph_side(index: faiss.Index) -> faiss.Index:
+    """What the exact re-ranker wraps (the graph, or the projection before it); the index itself when it has no re-ranker."""
+    inner = _unwrapped(index)
+    return faiss.downcast_index(inner.base_index) if isinstance(inner, faiss.IndexRefine) else inner
+
+
+def train_index(index: faiss.Index, pool: np.ndarray) -> None:
+    """Train `index` on `pool`; a projection before an HNSW walk is fitted first on `pool` and its mirror image.
+
+    The mirror makes the sample's mean exactly zero, so Faiss's PCA keeps no offset: it projects onto the
+    rows' uncentred principal directions, and inner products keep their order (a centred projection would
+    shift each row's score by its dot product with the mean, and miss the rows a query is nearest to).
+    """
+    side = _graph_side(index)
+    if isinstance(side, faiss.IndexPreTransform) and not side.is_trained:
+        fit = pool[:_PCA_TRAIN_ROWS]
+        for i in range(side.chain.size()):
+            side.chain.at(i).train(np.ascontiguousarray(np.concatenate([fit, -fit])))
+    index.train(pool)
+
+
 def make_index(kind: str, spec: IndexSpec, dim: int, rows: int, n_train: int | None = None) -> faiss.Index:
-    """A new empty index of `kind` for about `rows` rows, ids given by the gallery (IVF-PQ sized for `n_train`)."""
+    """A new empty index of `kind` for about `rows` rows, ids given by the gallery (IVF-PQ sized, HNSW's projection
+    allowed, for `n_train` training rows)."""
     if kind == "flat":
         return faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
-        index = faiss.index_factory(dim, f"IDMap2,HNSW{int(spec.hnsw_m)}{_hnsw_suffix(spec)}", faiss.METRIC_INNER_PRODUCT)
+        pca = _pca_dims(spec, dim, rows if n_train is None else n_train)
+        walk = f"PCA{pca}," if pca else ""
+        index = faiss.index_factory(dim, f"IDMap2,{walk}HNSW{int(spec.hnsw_m)}{_hnsw_suffix(spec)}", faiss.METRIC_INNER_PRODUCT)
         hnsw = _hnsw_of(index).hnsw
         hnsw.efConstruction = int(spec.ef_construction)
         hnsw.efSearch = int(spec.ef_search)
@@ -205,7 +240,7 @@ def search_params(index: faiss.Index, kind: str, spec: IndexSpec, n: int,
         if not isinstance(inner, faiss.IndexRefine):
             return faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **extra)
         sel = {"sel": faiss.IDSelectorTranslated(index.id_map, skip)} if skip is not None and inner is not index else extra
-        graph = faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **sel)
+        graph = faiss.SearchParametersHNSW(efSearch=max(int(spec.ef_search), n), **sel)  # a projection before the graph passes them on
         params = faiss.IndexRefineSearchParameters(k_factor=1.0, base_index_params=graph)
         params.referenced_objects = [graph, *sel.values()]  # Faiss keeps raw pointers: hold them as long as `params`
         return params
@@ -365,7 +400,7 @@ class Gallery:
         if len(pool) > need:
             pool = pool[np.sort(np.random.default_rng(0).choice(len(pool), need, replace=False))]
         index = make_index(kind, self.index_spec, self.dim, rows, n_train=len(pool))
-        index.train(np.ascontiguousarray(pool))
+        train_index(index, np.ascontiguousarray(pool))
         return index
 
     def _live_ids(self) -> np.ndarray:
