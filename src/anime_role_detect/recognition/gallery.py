@@ -170,7 +170,7 @@ def _unwrapped(index: faiss.Index) -> faiss.Index:
 
 
 def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
-    """The HNSW graph index inside a gallery index (under IDMap2, and under the exact re-ranker), or None."""
+    """The HNSW graph index inside a gallery index (under IDMap2, the exact re-ranker and the walk's projection), or None."""
     inner = _graph_side(index)
     if isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
