@@ -156,7 +156,7 @@ class RowTable(MappingABC):
         t._src_end, t._src = array("q", src_end.tobytes()), bytearray(src)
         live = np.flatnonzero(owner >= 0)
         order = np.argsort(owner[live], kind="stable")  # ids grouped by character, in id order within one
-        bounds = np.searchsorted(owner[live][order], np.arange(len(names) + 1))
+        bounds = np.searchsorted(owner[live[order]], np.arange(len(names) + 1))
         for code, name in enumerate(names):
             ids = live[order[bounds[code] : bounds[code + 1]]]
             if len(ids):
