@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from anime_role_detect.errors import GalleryError
+from anime_role_detect.fsutil import file_sha256
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.rows import Row, RowTable
 
@@ -23,6 +24,8 @@ def test_rows_survive_removal_readding_and_a_save(tmp_path):
     g.add("c2", "series_c2", queries[2:3], ["again.png"])
     g.add("newcomer", "", queries[:2], ["n0.png", "n1.png"])
     g.save(tmp_path)
+    recorded = json.loads((tmp_path / "gallery.json").read_text())["rows"]["sha256"]
+    assert recorded == file_sha256(tmp_path / "gallery.rows.npz")  # hashed while written: the bytes on disk
     back = Gallery.load(tmp_path)
     assert dict(back.rows) == dict(g.rows) and len(back.rows) == 203
     assert back.rows[240] == Row(240, "c2", "series_c2", "again.png") and 80 not in back.rows  # c2's first rows (80-119) are gone

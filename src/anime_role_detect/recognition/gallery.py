@@ -622,7 +622,8 @@ class Gallery:
                 return fh.write(chunk)
 
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
-        rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": file_sha256(self.rows.save(d))}
+        _, rows_sha256 = self.rows.save(d)
+        rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": rows_sha256}
         atomic_write_json(d / META_FILE, {
             "format": FORMAT_VERSION,
             "embedder": {"id": self.embedder_id, "dim": self.dim, "config": self.embedder_config},
