@@ -1,7 +1,7 @@
 """Galleries of millions: flat vs HNSW vs IVF-PQ over 100k, 1M and 10M synthetic character embeddings.
 
 Every index is the one `recognition.gallery` builds (`Gallery.add_rows` in chunks; at 10M the bare
-IVF-PQ from `gallery.make_index`, since ten million Python row records are not what is measured).
+IVF-PQ from `faiss_index.make_index`, since ten million Python row records are not what is measured).
 Vectors are unit embeddings of the default gallery's dimension (the version's Lite0 classifier:
 1280 pooled features) clustered like characters: a shared mean direction, one direction per
 character, a low-rank "pose/style" part shared by all characters and isotropic noise. The defaults
@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from _common import quiet
-from anime_role_detect.recognition.gallery import IndexSpec
+from anime_role_detect.recognition.faiss_index import IndexSpec
 
 DEFAULT_DIM = 1280  # EfficientNet-Lite0 num_features: the default (classifier) gallery's embedding size
 K = 10
@@ -301,7 +301,7 @@ class SizeRun:
         return out
 
     def _run_hnsw(self, storage: str, m: int, pca: int) -> list[Result]:
-        from anime_role_detect.recognition.gallery import search_params
+        from anime_role_detect.recognition.faiss_index import search_params
 
         spec = {"type": "hnsw", "hnsw_m": m, "hnsw_storage": storage, "hnsw_pca": pca, "ef_construction": self.args.ef_construction,
                 "search_rows": self.args.search_rows}
@@ -368,7 +368,7 @@ class SizeRun:
         """
         import faiss
 
-        from anime_role_detect.recognition.gallery import rerank_on_vectors
+        from anime_role_detect.recognition.faiss_index import rerank_on_vectors
 
         vf = self.vector_file
         out = []
@@ -410,7 +410,7 @@ class SizeRun:
 
     def run_ivfpq_streamed(self) -> list[Result]:
         """IVF-PQ over rows that never fit in memory: train on chunk 0, add chunk by chunk, exact top-1 as a running best."""
-        from anime_role_detect.recognition.gallery import IndexSpec, make_index, train_rows
+        from anime_role_detect.recognition.faiss_index import IndexSpec, make_index, train_rows
 
         spec = IndexSpec(**self.ivfpq_spec())
         gc.collect()
@@ -488,7 +488,7 @@ def serving_footprint(index: Any, queries: np.ndarray, nprobe: int, vector_dir: 
         faiss.write_index(index, str(p))
         np.save(Path(d) / "q.npy", queries)
         rerank = (
-            "from anime_role_detect.recognition.gallery import rerank_on_vectors\n"
+            "from anime_role_detect.recognition.faiss_index import rerank_on_vectors\n"
             "from anime_role_detect.recognition.vector_file import VectorFile\n"
             f"vf = VectorFile.open({str(vector_dir)!r}, {{'rows': index.ntotal}}, index.d)\n"
             f"def search(x): return rerank_on_vectors(vf, x, index.search(x, {int(fetch)}, params=params)[1], 10)\n"

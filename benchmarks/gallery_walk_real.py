@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet(args.threads)
     import faiss
 
-    from anime_role_detect.recognition.gallery import Gallery, search_params
+    from anime_role_detect.recognition.faiss_index import search_params
+    from anime_role_detect.recognition.gallery import Gallery
 
     faiss.omp_set_num_threads(args.threads)
     load0 = os.getloadavg()

@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from ..errors import GalleryError
 from ..fsutil import atomic_write_json
 from ..log import get_logger
-from .gallery import Gallery, resolve_kind, train_rows
+from .faiss_index import resolve_kind, train_rows
+from .gallery import Gallery
 from .shards import DONE_GLOB, PART_GLOB, ShardSet, done_name, part_name, save_part
 
 _log = get_logger("system")
