@@ -85,6 +85,8 @@ class Run:
     top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 on known characters' val pictures
     default_mode: str = ""
     false_reject: float = float("nan")  # known pictures answered unknown (default mode, open-set on)
+    refused_right: float = float("nan")  # ... of those the closed default answered right (the cost of open-set)
+    refused_wrong: float = float("nan")  # ... of those it answered wrong (what open-set saves from a wrong name)
     unseen_rejected: float = float("nan")  # unseen characters' pictures answered unknown before enrolment
     auroc: float = float("nan")
     enrolled_top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 of the enrolled characters
@@ -247,11 +249,14 @@ def evaluate_closed(run: Run, version: Path, root: Path, val: list[str]) -> None
         if mode == closed.mode:
             run.per_character = {c: top1([a for a, y in zip(got, labels) if y == c], [y for y in labels if y == c]) for c in sorted(set(labels))}
             run.confusion = {"labels": labels, "answers": [a.role for a in got]}
+            right = np.array([a.role == y for a, y in zip(got, labels)], bool)
     run.default_mode = closed.mode
     run.top1["default"] = run.top1[closed.mode]
     opened = recognizer(version, openset=True)
-    got = answers(opened, items, None)
-    run.false_reject = float(np.mean([a.unknown for a in got]))
+    refused = np.array([a.unknown for a in answers(opened, items, None)], bool)
+    run.false_reject = float(refused.mean())
+    run.refused_right = float(refused[right].mean()) if right.any() else float("nan")
+    run.refused_wrong = float(refused[~right].mean()) if (~right).any() else float("nan")
 
 
 def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], held: list[str]) -> None:
@@ -331,15 +336,17 @@ def scored_on(test_fraction: float) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| set | scored on | recipe | seeds | clip | model | fusion | default (mode) | known refused | CPU min/run | ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | scored on | recipe | seeds | clip | model | fusion | default (mode) | known refused | of right / wrong answers "
+             "| CPU min/run | ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda k: (k[0], k[2], k[1] != "baseline", k[1])  # noqa: E731
     for key in sorted({(r.set, r.recipe, r.test_fraction) for r in runs if r.protocol == "closed"}, key=order):
         rs = [r for r in runs if (r.set, r.recipe, r.test_fraction) == key and r.protocol == "closed"]
         modes = "/".join(sorted({r.default_mode for r in rs}))
         cols = [mean_sd([r.top1.get(m, float("nan")) for r in rs]) for m in (*MODES, "default")]
         lines.append(f"| {key[0]} | {scored_on(key[2])} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
-                     f"{mean_sd([r.false_reject for r in rs])} | {statistics.mean(r.train_cpu_min for r in rs):.1f} | "
+                     f"{mean_sd([r.false_reject for r in rs])} | {mean_sd([r.refused_right for r in rs])} / {mean_sd([r.refused_wrong for r in rs])} | "
+                     f"{statistics.mean(r.train_cpu_min for r in rs):.1f} | "
                      f"{statistics.mean(r.ms_per_image for r in rs):.0f} |")
     unseen = [r for r in runs if r.protocol == "unseen"]
     if unseen:
