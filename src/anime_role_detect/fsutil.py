@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -88,6 +89,28 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file over `fh` that SHA-256-hashes what passes through it, so a file's hash needs no read-back.
+    It cannot seek, so `zipfile` (under `np.savez`) streams each member with a trailing descriptor instead of
+    seeking back: the bytes hashed are the file's."""
+
+    def __init__(self, fh: io.BufferedWriter) -> None:
+        super().__init__()
+        self._fh, self._pos, self.digest = fh, 0, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.digest.update(b)
+        n = self._fh.write(b)
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def fingerprint(obj: Any) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import atomic_path, atomic_write_json, file_sha256, read_json
+from ..fsutil import HashingWriter, atomic_path, atomic_write_json, file_sha256, read_json
 from ..log import get_logger
 from .faiss_index import (
     KIND_ORDER,
@@ -434,13 +434,9 @@ class Gallery:
         d.mkdir(parents=True, exist_ok=True)
         index = self.index if self.index is not None else make_index("flat", self.index_spec, self.dim, 0)
         vectors = self.vectors.save(d) if self.vectors is not None else None  # first: the json written last names it
-        digest = hashlib.sha256()
         with atomic_path(d / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
-            def write(chunk: bytes) -> int:
-                digest.update(chunk)
-                return fh.write(chunk)
-
-            faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # streamed: no second copy of a big index in memory
+            index_sink = HashingWriter(fh)
+            faiss.write_index(index, faiss.PyCallbackIOWriter(index_sink.write))  # streamed: no second copy of a big index in memory
         _, rows_sha256 = self.rows.save(d)
         rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": rows_sha256}
         atomic_write_json(d / META_FILE, {
@@ -450,7 +446,7 @@ class Gallery:
             "index_kind": kind_of(index),
             "prototypes": asdict(self.prototype_spec),
             "aggregate": self.aggregate,
-            "index_sha256": digest.hexdigest(),
+            "index_sha256": index_sink.digest.hexdigest(),
             "vectors": vectors,
             "next_id": self.next_id,
             "tombstones": sorted(self.tombstones),

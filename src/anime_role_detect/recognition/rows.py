@@ -8,8 +8,6 @@ and saves as ``gallery.rows.npz`` (plain arrays: loading creates no object per r
 
 from __future__ import annotations
 
-import hashlib
-import io
 import zipfile
 from array import array
 from collections.abc import Mapping as MappingABC
@@ -20,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import GalleryError
-from ..fsutil import atomic_path
+from ..fsutil import HashingWriter, atomic_path
 from ..versionfiles import GALLERY_ROWS as FILE
 
 
@@ -32,27 +30,6 @@ class Row:
     character: str
     series: str = ""
     source: str = ""
-
-
-class _HashingSink(io.RawIOBase):
-    """A write-only file that hashes what passes through it. It cannot seek, so `zipfile` (under `np.savez`)
-    streams each member with a trailing descriptor instead of seeking back: the bytes hashed are the file's."""
-
-    def __init__(self, fh: io.BufferedWriter) -> None:
-        super().__init__()
-        self._fh, self._pos, self.digest = fh, 0, hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        self.digest.update(b)
-        n = self._fh.write(b)
-        self._pos += n
-        return n
-
-    def tell(self) -> int:
-        return self._pos
 
 
 def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -158,7 +135,7 @@ class RowTable(MappingABC):
         path = Path(directory) / FILE
         n = self.next_id
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            sink = _HashingSink(fh)
+            sink = HashingWriter(fh)
             np.savez(sink, owner=self.owner[:n], series=self._series_of_row[:n], names=np.array(self.names, dtype=np.str_),
                      series_names=np.array(self._series_names, dtype=np.str_), src_end=np.frombuffer(self._src_end, np.int64),
                      src=np.frombuffer(bytes(self._src), np.uint8))
