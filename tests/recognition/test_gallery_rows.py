@@ -75,7 +75,7 @@ def test_a_missing_damaged_or_stale_row_file_is_a_one_line_error(tmp_path):
 
 
 def test_a_row_costs_a_few_dozen_bytes_not_hundreds():
-    """200k rows: the table holds ~16 bytes of codes and offsets, 8 of member ids and the source's bytes per row;
+    """200k rows: the table holds ~16 bytes of codes and offsets, 4 of member ids and the source's bytes per row;
     the dict of `Row` objects it replaced held 183 bytes a row (benchmarks/gallery_rows.py)."""
     n = 200_000
     chars = [f"char{i // 50:05d}" for i in range(n)]
@@ -89,6 +89,41 @@ def test_a_row_costs_a_few_dozen_bytes_not_hundreds():
     tracemalloc.stop()
     assert len(table) == n and table[n - 1] == Row(n - 1, chars[-1], "", sources[-1])
     assert table_bytes / n < 80, table_bytes / n
+
+
+def test_a_big_table_maps_its_sources_instead_of_reading_them(tmp_path, monkeypatch):
+    """From `MAP_MIN_ROWS` rows a loaded table reads codes only: the sources (here 8 MB) stay in the file until a
+    row is shown, rows added later and removals survive the next save, and the answers are the same as read."""
+    from anime_role_detect.recognition import rows as rows_mod
+
+    n = 40_000
+    chars = [f"char{i // 100:04d}" for i in range(n)]
+    sources = [f"{c}/{i:08d}-{'x' * 180}.png" for i, c in enumerate(chars)]  # ~200 bytes each
+    table = RowTable()
+    table.add(0, list(zip(chars, [""] * n, sources)))
+    table.save(tmp_path)
+
+    def loaded(min_rows: int) -> tuple[RowTable, int]:
+        tracemalloc.start()
+        t = RowTable.load(tmp_path / "gallery.rows.npz", map_min_rows=min_rows)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return t, held
+
+    read, read_bytes = loaded(n + 1)
+    mapped, mapped_bytes = loaded(n)
+    assert read_bytes - mapped_bytes > 0.9 * sum(map(len, sources)), (read_bytes, mapped_bytes)
+    assert mapped_bytes / n < 20, mapped_bytes / n  # codes (4 + 4) and member ids (4)
+    for t in (read, mapped):
+        assert dict(t) == dict(table) and t[n - 1] == Row(n - 1, chars[-1], "", sources[-1])
+    mapped.remove("char0003")
+    mapped.add(n, [("late", "s", "late.png"), ("char0001", "", "é.png")])
+    mapped.save(tmp_path)  # over the file it maps
+    monkeypatch.setattr(rows_mod, "MAP_MIN_ROWS", 0)  # what `Gallery.load` uses
+    again = RowTable.load(tmp_path / "gallery.rows.npz")
+    assert again[n] == Row(n, "late", "s", "late.png") and again[n + 1].source == "é.png" and 300 not in again
+    assert again[299] == Row(299, "char0002", "", sources[299]) and len(again) == n - 100 + 2
+    assert again.member_ids("char0001").tolist() == [*range(100, 200), n + 1]
 
 
 def test_row_table_ids_follow_on():
