@@ -93,7 +93,7 @@ def study(tag: Path, name: str, seed: int) -> dict:
     full = acc.set_root(name, tag)
     held = acc.held_out_characters(full, seed)
     rec = acc.recognizer(tag / "version-recipe", openset=False)
-    w, t = float(rec.fusion_weight), float(rec.gallery_temperature() or 1.0)
+    w, t = rec.gallery_weight(), float(rec.gallery_temperature() or 1.0)
     names = [c["name"] for c in rec.characters()]
     test = json.loads((tag / "test_split.json").read_text())["test"]
     trained = json.loads((tag / "recipe" / "accuracy_run.json").read_text())

@@ -8,7 +8,8 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import load_characters
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.openset import OpenSetCalibration, calibrate, leave_one_out_scores, fit_temperature, gallery_probabilities
+from anime_role_detect.recognition.openset import (OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature, gallery_probabilities,
+                                                   leave_one_out_scores)
 from anime_role_detect.recognition.rerank import TagReranker, tune_weight
 
 
@@ -127,4 +128,28 @@ def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):
     assert abs(probs.sum() - 1) < 1e-9 and (np.argsort(probs) == np.argsort(cos[0])).all()
     assert gallery_probabilities(cos[0], None).tolist() == cos[0].tolist()  # versions calibrated before: raw cosine
     back = OpenSetCalibration.load(OpenSetCalibration(0.05, {}, gallery_temperature=t).save(tmp_path))
-    assert back.gallery_temperature == t
+    assert back.gallery_temperature == t and back.gallery_weight is None
+
+
+def test_blend_weight_fit_follows_the_source_that_knows_the_answer(tmp_path):
+    """Fusion's gallery weight is fitted on held-out pictures: a gallery that is right where the classifier guesses
+    gets the blend, a guessing gallery loses it, two equally good but differently wrong sources are mixed (each
+    rescues the other's misses), and the weight round-trips through calibration.json."""
+    rng = np.random.default_rng(0)
+    n, c = 400, 8
+    y = rng.integers(0, c, n)
+
+    def source(acc: float) -> np.ndarray:  # right with probability `acc`, else confident about another character
+        p = np.full((n, c), 0.02)
+        hit = rng.random(n) < acc
+        top = np.where(hit, y, (y + rng.integers(1, c, n)) % c)
+        p[np.arange(n), top] = 1 - 0.02 * (c - 1)
+        return p
+
+    good, guess = source(0.95), np.full((n, c), 1.0 / c)
+    assert fit_gallery_weight(good, guess, y) >= 0.9
+    assert fit_gallery_weight(guess, good, y) <= 0.1
+    w = fit_gallery_weight(source(0.7), source(0.7), y)
+    assert 0.3 <= w <= 0.7, w
+    back = OpenSetCalibration.load(OpenSetCalibration(0.05, {}, gallery_temperature=0.05, gallery_weight=w).save(tmp_path))
+    assert back.gallery_weight == w

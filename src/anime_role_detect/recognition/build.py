@@ -22,7 +22,7 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import MODEL
 from .gallery import Gallery
-from .openset import OpenSetCalibration, calibrate, fit_temperature, leave_one_out_scores
+from .openset import OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature, gallery_probabilities, leave_one_out_scores
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
@@ -89,7 +89,10 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     embeddings: np.ndarray | None = None
     names = sorted(set(labels) | {c["name"] for c in rec.characters()})
     rec.n_candidates = max(rec.n_candidates, len(names))
+    probs: dict[str, np.ndarray] = {}  # clip and model: each known picture's probability per character, for the fusion blend
     for mode in modes:
+        if mode == "fusion" and rec.fusion_weight is None and {"clip", "model"} <= probs.keys():  # scored with the blend it will answer with
+            calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs["model"], probs["labels"])
         need_tags = rec.reranker is not None and rec.tagger is not None
         scored = rec._score(images, mode, need_tags, False)
         if mode == "clip":
@@ -101,6 +104,10 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             y_idx = [names.index(labels[i]) for i in known]
             if mode == "clip":  # fusion below is scored, thresholded and chosen with the temperature it will answer with
                 calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx)
+                probs["clip"] = np.stack([gallery_probabilities(row, calib.gallery_temperature) for row in m[known]])
+                probs["labels"] = np.asarray(y_idx)
+            elif mode == "model":
+                probs["model"] = np.clip(m[known], 0.0, None)  # -1 marks a character the classifier does not know
             g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
             right = m[known].argmax(1) == np.asarray(y_idx)  # refusing a wrong answer costs nothing: only right ones count
             calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, min_tar)

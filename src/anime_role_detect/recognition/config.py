@@ -42,9 +42,10 @@ class FusionOptions:
     The gallery probability is a softmax of the characters' gallery cosines at a temperature calibrated on the
     version's held-out pictures (``calibration.json``), so both terms are probabilities; a raw cosine (0.9 for every
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
-    raw cosine, so its saved thresholds stay valid."""
+    raw cosine, so its saved thresholds stay valid. ``gallery_weight`` is fitted the same way on those pictures
+    (`openset.fit_gallery_weight`); a version built before that blends half and half."""
 
-    gallery_weight: float = 0.5
+    gallery_weight: float | None = None  # None: the version's fitted weight (0.5 for an older version); a number overrides it
     gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
 
 
@@ -89,7 +90,7 @@ class RecognizerConfig:
             raise ConfigError(f"mode={self.mode!r}: choose auto, clip (gallery), model (classifier) or fusion")
         if self.topk < 1 or self.batch_size < 1 or self.cache_size < 0 or self.sample_fps <= 0:
             raise ConfigError("topk and batch_size must be >= 1, cache_size >= 0 and sample_fps > 0")
-        if not 0.0 <= self.fusion.gallery_weight <= 1.0:
+        if self.fusion.gallery_weight is not None and not 0.0 <= self.fusion.gallery_weight <= 1.0:
             raise ConfigError(f"fusion.gallery_weight={self.fusion.gallery_weight}: must be between 0 and 1")
         t = self.fusion.gallery_temperature
         if t is not None and not float(t) > 0:

@@ -41,6 +41,7 @@ class OpenSetCalibration:
     modes: dict[str, ModeThreshold] = field(default_factory=dict)
     stale: dict[str, str] | None = None  # {since, reason}: the gallery changed after the thresholds were measured
     gallery_temperature: float | None = None  # fusion: softmax temperature of gallery cosines (`fit_temperature`)
+    gallery_weight: float | None = None  # fusion: the gallery's share of the blend (`fit_gallery_weight`); None: 0.5
 
     def mark_stale(self, reason: str) -> None:
         """Record that the gallery changed since calibration (kept from the first change until a rebuild recalibrates)."""
@@ -67,6 +68,8 @@ class OpenSetCalibration:
             obj["stale"] = self.stale
         if self.gallery_temperature is not None:
             obj["gallery_temperature"] = self.gallery_temperature
+        if self.gallery_weight is not None:
+            obj["gallery_weight"] = self.gallery_weight
         atomic_write_json(p, obj)
         return p
 
@@ -78,9 +81,9 @@ class OpenSetCalibration:
         with reading_file(p, "open-set calibration", "rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false",
                           "rebuild it with ard-gallery build"):
             obj = read_json(p)
-            t = obj.get("gallery_temperature")
+            t, w = obj.get("gallery_temperature"), obj.get("gallery_weight")
             return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"),
-                       None if t is None else float(t))
+                       None if t is None else float(t), None if w is None else float(w))
 
 
 def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[float] | None = None) -> float:
@@ -95,6 +98,24 @@ def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[fl
         return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
 
     return float(min(grid, key=nll))
+
+
+def fit_gallery_weight(gallery_probs: np.ndarray, model_probs: np.ndarray, labels: Sequence[int],
+                       grid: Sequence[float] | None = None) -> float:
+    """Fusion's blend, fitted like the temperature: the w whose ``w * gallery + (1 - w) * classifier`` probability
+    ``[N, C]`` gives the true characters the highest mean log-probability (ties go to the w nearest 0.5). A gallery
+    that is sharper than the classifier on the version's held-out pictures gets more say, and a weaker one less,
+    instead of a fixed half each."""
+    g, m = np.asarray(gallery_probs, np.float64), np.asarray(model_probs, np.float64)
+    y = np.asarray(labels, int)
+    grid = np.linspace(0.0, 1.0, 21) if grid is None else np.asarray(grid, np.float64)
+    rows = np.arange(len(y))
+
+    def nll(w: float) -> float:
+        p = w * g[rows, y] + (1.0 - w) * m[rows, y]
+        return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
+
+    return float(min(grid, key=lambda w: (round(nll(w), 9), abs(w - 0.5))))
 
 
 def gallery_probabilities(cosines: Sequence[float], temperature: float | None) -> np.ndarray:

@@ -84,7 +84,7 @@ class Recognizer(VersionParts):
         self.n_candidates = max(c.topk, c.rerank_candidates)
         self.crop_margin = c.crop_margin
         self.batch_size = c.batch_size
-        self.fusion_weight = c.fusion.gallery_weight
+        self.fusion_weight = c.fusion.gallery_weight  # None: the version's fitted one
         self.fusion_temperature = c.fusion.gallery_temperature  # None: the version's calibrated one
         self.openset_enabled = c.openset.enabled
         self.cache = LRUCache(c.cache_size)
@@ -256,6 +256,14 @@ class Recognizer(VersionParts):
         calib = self.calibration
         return calib.gallery_temperature if calib is not None else None
 
+    def gallery_weight(self) -> float:
+        """Fusion's gallery share: the config's, else the version's fitted one, else half (a version built before it)."""
+        if self.fusion_weight is not None:
+            return float(self.fusion_weight)
+        calib = self.calibration
+        w = calib.gallery_weight if calib is not None else None
+        return 0.5 if w is None else float(w)
+
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
         """Blend gallery probability (`gallery_probabilities`) and classifier probability per character. A character only the gallery knows (enrolled
         after training) takes, in place of a probability, the mass the classifier gives to none of its own characters
@@ -263,7 +271,7 @@ class Recognizer(VersionParts):
         (its raw cosine would beat every blend) nor can never win."""
         names, series = self.classifier.class_names, self.classifier.series
         col = {n: i for i, n in enumerate(names)}
-        w, t = self.fusion_weight, self.gallery_temperature()
+        w, t = self.gallery_weight(), self.gallery_temperature()
         out = []
         for g, row in zip(gal, probs):
             scores: dict[str, tuple[str, float]] = {}
@@ -436,7 +444,8 @@ class Recognizer(VersionParts):
             "characters": len(self.characters()), "classifier": self.model_ckpt is not None,
             "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
-                            "stale": calib.stale} if calib else None,
+                            "stale": calib.stale, "fusion": {"gallery_weight": self.gallery_weight(),
+                                                             "gallery_temperature": self.gallery_temperature()}} if calib else None,
             "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
             "runtime": getattr(loaded.get("runtime"), "runtime", None) or ("torch" if "runtime" in loaded else self.config.runtime),
             "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
