@@ -67,6 +67,8 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "noflip": ["embedder.flip_tta=false"],  # the classifier gallery without flip TTA: accuracy vs time
     "figure": ["embedder.face_view={enabled:false}"],  # a faceview checkpoint recognising the figure view alone
     "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
+    "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
+    "w05": ["fusion.gallery_weight=0.5"],  # fusion's fixed half-and-half blend (before the weight was fitted with the version)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
-                    help="also build each closed-set run's version these ways (same checkpoint), e.g. noflip")
+                    help="also build each run's version these ways (same checkpoint), e.g. noflip")
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy")
     args = ap.parse_args(argv)
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         for protocol in args.protocols:
             for seed in args.seeds:
                 for recipe in args.recipes:
-                    variants = args.variants if protocol == "closed" else ()
+                    variants = args.variants
                     if all((name, seed, n, protocol, tf) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
                         continue
                     got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf)

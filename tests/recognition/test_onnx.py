@@ -180,13 +180,16 @@ def test_a_changed_checkpoint_falls_back_to_torch(tmp_path, exported):
     assert emb is not None and emb.ckpt_path is None  # still the gallery's embedder, no longer the classifier
 
 
-def test_a_timm_gallery_embedder_is_exported_as_its_own_file(tmp_path, rec_data, test_images):
+@pytest.mark.parametrize("colour", [None, 0.3])
+def test_a_timm_gallery_embedder_is_exported_as_its_own_file(tmp_path, rec_data, test_images, colour):
+    """The bare network is exported; with ``embedder.colour`` the ONNX session is joined to the same histogram."""
     from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.recognition.views import bare_network
     from anime_role_detect.registry import Registry
 
     folder = tmp_path / "gallery"
-    cfg = infer_cfg(["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=true"])
+    cfg = infer_cfg(["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=true", f"embedder.colour={colour or 'null'}"])
     build_recognition_folder(rec_data, folder, cfg, val_fraction=0.25, seed=0, dedupe=False)
     reg = Registry(tmp_path / "registry")
     reg.import_folder(folder, promote=False)
@@ -194,7 +197,8 @@ def test_a_timm_gallery_embedder_is_exported_as_its_own_file(tmp_path, rec_data,
     assert not res.live and reg.latest_id() is None  # the base was not live: neither is the export
     assert set(res.files) == {"embedder.onnx", "onnx.json"}
     torch_rec, onnx_rec = _recognizer(res.version_dir, "torch"), _recognizer(res.version_dir, "onnx")
-    assert type(onnx_rec.embedder).__name__ == "OnnxEmbedder" and onnx_rec.embedder.model_id == torch_rec.embedder.model_id
+    assert type(bare_network(onnx_rec.embedder)).__name__ == "OnnxEmbedder" and onnx_rec.embedder.model_id == torch_rec.embedder.model_id
+    assert type(onnx_rec.embedder).__name__ == ("ColourModel" if colour else "OnnxEmbedder")
     images = test_images[:40]
     cos = np.sum(torch_rec.embedder.embed([im for im, _ in images]) * onnx_rec.embedder.embed([im for im, _ in images]), axis=1)
     assert cos.min() >= COSINE_TOLERANCE

@@ -427,13 +427,16 @@ def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, d
     """Embedder from config ``{kind: open_clip|timm|classifier, ...}`` on `device` (auto|cpu|cuda|mps; a ``device`` key in `cfg` wins).
 
     A relative ``ckpt_path`` resolves against `base_dir` (a version folder). It runs on face + figure views
-    (`views.FaceFigureModel`) when ``face_view`` says so, or, without that key, when the classifier was trained on them.
+    (`views.FaceFigureModel`) when ``face_view`` says so, or, without that key, when the classifier was trained on them,
+    and joins each picture's colour histogram to its embedding when ``colour`` says so (`colour.ColourModel`).
     """
+    from .colour import with_colour
     from .views import face_view_for, with_face_view
 
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
     face_view = cfg.pop("face_view", None)
+    colour = cfg.pop("colour", None)
     if kind not in EMBEDDER_REGISTRY:
         raise ConfigError(f"embedder.kind={kind!r}: choose one of {sorted(EMBEDDER_REGISTRY)}")
     cfg["device"] = cfg.get("device") or device or "auto"
@@ -447,4 +450,5 @@ def build_embedder(cfg: Mapping[str, Any], base_dir: str | Path | None = None, d
         emb = EMBEDDER_REGISTRY[kind](**cfg)
     except TypeError as exc:
         raise ConfigError(f"embedder ({kind}): bad option ({exc}); see conf/embedder/") from None
+    emb = with_colour(emb, colour)  # inside the views: each view's own colours
     return with_face_view(emb, face_view_for(face_view, getattr(emb, "model", None) if kind == "classifier" else None))

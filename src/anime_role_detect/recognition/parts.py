@@ -72,6 +72,7 @@ class VersionParts:
     @property
     def embedder(self) -> Any:
         from .embedder import build_embedder
+        from .colour import with_colour
         from .views import base_model_id, face_view_for, with_face_view
 
         def load() -> Any:
@@ -86,7 +87,7 @@ class VersionParts:
                 emb = ort.embedder(cfg, base_model_id(self.gallery.embedder_id), self.model_ckpt) if ort is not None else None
                 if emb is not None:  # the exported network on the same views the gallery was built with, else torch
                     trained = self.classifier if cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
-                    emb = with_face_view(emb, face_view_for(cfg.get("face_view"), trained))
+                    emb = with_face_view(with_colour(emb, cfg.get("colour")), face_view_for(cfg.get("face_view"), trained))
                     emb = emb if emb.model_id == self.gallery.embedder_id else None
                 emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:

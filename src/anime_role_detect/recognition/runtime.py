@@ -192,7 +192,7 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
 
     from .config import RecognizerConfig
     from .pipeline import Recognizer
-    from .views import base_model_id
+    from .views import bare_network, base_model_id
 
     src, out = Path(src), Path(out)
     rec = Recognizer.from_version(src, RecognizerConfig(runtime="torch", device="cpu", cache_size=0, version=None))
@@ -213,8 +213,8 @@ def export_folder(src: str | Path, out: str | Path, int8: bool = False, opset: i
     gallery = rec.gallery if (src / GALLERY_META).is_file() else None
     if gallery is not None and base_model_id(gallery.embedder_id) != networks.get("classifier", {}).get("model_id"):
         # rec.embedder also checks that the gallery was built by this embedder; the export is the bare network,
-        # not its face + figure views (ONNX Runtime sessions are wrapped in the same views when loaded)
-        emb = getattr(rec.embedder, "inner", rec.embedder)
+        # not its face + figure views or colour histogram (ONNX Runtime sessions are wrapped the same way when loaded)
+        emb = bare_network(rec.embedder)
         networks["embedder"] = export_embedder(emb, out / EMBEDDER_ONNX, opset, gallery.embedder_config, src)
         checks["embedder"] = lambda x: {EMBEDDING: emb.forward_features(x)}
     if not networks:

@@ -247,8 +247,17 @@ class FaceFigureModel:
 
 
 def base_model_id(model_id: str) -> str:
-    """The wrapped network's own model id (the exported ONNX file's) of a face + figure `model_id`."""
-    return str(model_id).split(FACE_ID_SUFFIX, 1)[0]
+    """The wrapped network's own model id (the exported ONNX file's) of a face + figure and/or colour `model_id`."""
+    from .colour import COLOUR_ID_SUFFIX
+
+    return str(model_id).split(FACE_ID_SUFFIX, 1)[0].split(COLOUR_ID_SUFFIX, 1)[0]
+
+
+def bare_network(obj: Any) -> Any:
+    """The network under any view or colour wrappers (what is exported to ONNX)."""
+    while (inner := getattr(obj, "inner", None)) is not None:
+        obj = inner
+    return obj
 
 
 def face_view_for(setting: Mapping[str, Any] | bool | None, classifier: Any = None) -> FaceViewSpec:
