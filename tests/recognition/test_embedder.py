@@ -62,7 +62,7 @@ def test_weight_and_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="embedder.kind"):
         build_embedder({"kind": "sift"})
     with pytest.raises(ConfigError, match="bad option"):
-        build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "colour": "blue"})
+        build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "flavour": "blue"})
 
 
 # --------------------------------------------------------------------------------------------- shared model cache
