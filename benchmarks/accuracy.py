@@ -68,7 +68,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "figure": ["embedder.face_view={enabled:false}"],  # a faceview checkpoint recognising the figure view alone
     "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
-    "w05": ["fusion.gallery_weight=0.5"],  # fusion's fixed half-and-half blend (before the weight was fitted with the version)
+    "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2

@@ -42,10 +42,12 @@ class FusionOptions:
     The gallery probability is a softmax of the characters' gallery cosines at a temperature calibrated on the
     version's held-out pictures (``calibration.json``), so both terms are probabilities; a raw cosine (0.9 for every
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
-    raw cosine, so its saved thresholds stay valid. ``gallery_weight`` is fitted the same way on those pictures
-    (`openset.fit_gallery_weight`); a version built before that blends half and half."""
+    raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` fits the blend on those pictures too
+    when a version is built (`openset.fit_gallery_weight`); measured, it named no more pictures than half and
+    half and enrolled fewer, so it is an option (README "Telling look-alikes apart")."""
 
-    gallery_weight: float | None = None  # None: the version's fitted weight (0.5 for an older version); a number overrides it
+    gallery_weight: float | None = None  # None: the version's (its fitted weight, else 0.5); a number overrides it
+    fit_gallery_weight: bool = False  # building a version: fit the weight on its held-out pictures (calibration.json)
     gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
 
 
