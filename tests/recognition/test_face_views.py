@@ -170,13 +170,14 @@ def test_face_views_run_on_onnx_runtime_with_the_same_answers(tmp_path, face_ver
 
     from anime_role_detect.fsutil import atomic_write_json
     from anime_role_detect.recognition.runtime import ONNX_META, export_folder
+    from anime_role_detect.recognition.views import bare_network
 
     version = tmp_path / "v-onnx"
     shutil.copytree(face_version, version)
     atomic_write_json(version / ONNX_META, export_folder(version, version))
     onnx = _recognizer(version, runtime="onnx")
     torch_rec = _recognizer(version, runtime="torch")
-    assert type(onnx.embedder.inner).__name__ == "OnnxClassifier" and onnx.embedder.model_id == onnx.gallery.embedder_id
+    assert type(bare_network(onnx.embedder)).__name__ == "OnnxClassifier" and onnx.embedder.model_id == onnx.gallery.embedder_id
     items = [(img, "x.png") for img, _, _ in renders[:24]]
     for mode in ("clip", "model"):
         a = [r.role for r in onnx.recognize_batch(items, mode=mode)]
