@@ -90,8 +90,8 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     names = sorted(set(labels) | {c["name"] for c in rec.characters()})
     rec.n_candidates = max(rec.n_candidates, len(names))
     probs: dict[str, np.ndarray] = {}  # clip and model: each known picture's probability per character, for the fusion blend
+    fit = rec.config.fusion.fit_gallery_weight and rec.fusion_weight is None
     for mode in modes:
-        fit = rec.config.fusion.fit_gallery_weight and rec.fusion_weight is None
         if mode == "fusion" and fit and {"clip", "model"} <= probs.keys():  # scored with the blend it will answer with
             calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs["model"], probs["labels"])
         need_tags = rec.reranker is not None and rec.tagger is not None

@@ -257,7 +257,7 @@ class Recognizer(VersionParts):
         return calib.gallery_temperature if calib is not None else None
 
     def gallery_weight(self) -> float:
-        """Fusion's gallery share: the config's, else the version's fitted one, else half (a version built before it)."""
+        """Fusion's gallery share: the config's, else the version's fitted one (`fusion.fit_gallery_weight`), else half."""
         if self.fusion_weight is not None:
             return float(self.fusion_weight)
         calib = self.calibration
