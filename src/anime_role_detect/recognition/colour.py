@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
+from .embedder import l2_normalise
 
 #: What a colour model id adds to its network's id (`ColourModel.model_id`, `views.base_model_id`).
 COLOUR_ID_SUFFIX = "+colour"
@@ -78,10 +79,6 @@ def colour_histograms(images: Sequence[Image.Image], spec: ColourSpec) -> np.nda
     return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 class ColourModel:
     """Any embedder (torch or ONNX Runtime) whose embedding carries the picture's colour histogram after it.
 
@@ -102,7 +99,7 @@ class ColourModel:
     def _joined(self, emb: np.ndarray, images: Sequence[Image.Image]) -> np.ndarray:
         w = self.spec.weight
         hist = colour_histograms(images, self.spec)
-        return np.concatenate([np.sqrt(1.0 - w) * _unit(np.asarray(emb)), np.sqrt(w) * hist], axis=1).astype(np.float32)
+        return np.concatenate([np.sqrt(1.0 - w) * l2_normalise(emb), np.sqrt(w) * hist], axis=1).astype(np.float32)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self._joined(self.inner.embed(images), images)
