@@ -8,8 +8,8 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import load_characters
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.openset import (OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature, gallery_probabilities,
-                                                   leave_one_out_scores)
+from anime_role_detect.recognition.openset import (GALLERY_COSINE, OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature,
+                                                   gallery_probabilities, leave_one_out_scores)
 from anime_role_detect.recognition.rerank import TagReranker, tune_weight
 
 
@@ -112,6 +112,32 @@ def test_leave_one_out_scores():
     p = np.array([[0.8, 0.15, 0.05]])
     g, imp = leave_one_out_scores(p, [0], renormalise=True)
     assert np.isclose(imp[0], 0.75)
+
+
+def test_a_threshold_on_the_gallery_cosine_reads_that_score_and_round_trips(tmp_path):
+    """Fusion's threshold applies to the best gallery cosine, not its blended probability; a file written before the
+    score kind existed keeps comparing the mode's top score."""
+    m = calibrate(np.linspace(0.8, 1.0, 50), np.linspace(0.2, 0.7, 50), 0.05, score=GALLERY_COSINE)
+    cal = OpenSetCalibration.load(OpenSetCalibration(0.05, {"fusion": m}).save(tmp_path))
+    assert cal.modes["fusion"].score == GALLERY_COSINE
+    assert cal.is_known("fusion", top=0.1, gallery_cosine=0.9) and not cal.is_known("fusion", top=0.99, gallery_cosine=0.5)
+    with pytest.raises(GalleryError, match="gallery cosine"):
+        cal.is_known("fusion", 0.9)
+    old = tmp_path / "old.json"
+    old.write_text('{"target_far": 0.05, "modes": {"fusion": {"threshold": 0.5, "false_accept_rate": 0.05, '
+                   '"true_accept_rate": 0.95, "n_genuine": 10, "n_impostor": 10}}}')
+    legacy = OpenSetCalibration.load(old)
+    assert legacy.is_known("fusion", 0.6, gallery_cosine=0.1) and not legacy.is_known("fusion", 0.4, gallery_cosine=0.99)
+
+
+def test_default_threshold_refuses_at_most_two_percent_of_right_answers():
+    """Known characters are rarely refused: when the false-accept target cannot be met (near-twins), the default
+    threshold still passes 98% of the genuine scores and records the false-accept rate it got instead."""
+    genuine = np.linspace(0.5, 1.0, 1000)
+    impostor = np.linspace(0.4, 0.99, 1000)
+    m = calibrate(genuine, impostor, 0.05)
+    assert m.true_accept_rate >= 0.98 and m.false_accept_rate > 0.05
+    assert calibrate(genuine, impostor, 0.05, min_tar=0.95).threshold > m.threshold
 
 
 def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):

@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--model-ckpt", default=None, help="classifier checkpoint to copy in (model/fusion modes, classifier embedder)")
     b.add_argument("--val-fraction", type=float, default=0.2, help="held-out share for calibration (0: none)")
     b.add_argument("--far", type=float, default=0.05, help="target false-accept rate of unseen characters")
+    b.add_argument("--max-false-reject", type=float, default=0.02,
+                   help="most of the held-out pictures answered right the threshold may refuse (wins over --far)")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--no-dedupe", action="store_true", help="skip near-duplicate grouping before the split")
     b.add_argument("overrides", nargs="*", help="Hydra overrides of conf/infer.yaml, e.g. embedder=open_clip")
@@ -80,7 +82,7 @@ def _build(args: argparse.Namespace) -> int:
         bar.refresh()
 
     rep = build_recognition_folder(args.data, args.out, cfg, args.model_ckpt, args.val_fraction, args.seed, args.far,
-                                   dedupe=not args.no_dedupe, progress=prog)
+                                   dedupe=not args.no_dedupe, progress=prog, max_false_reject=args.max_false_reject)
     bar.close()
     print(json.dumps(rep.__dict__, indent=2))
     return 0

@@ -22,7 +22,8 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import MODEL
 from .gallery import Gallery
-from .openset import OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature, gallery_probabilities, leave_one_out_scores
+from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature,
+                      gallery_probabilities, leave_one_out_scores)
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
@@ -77,10 +78,11 @@ class SplitEvaluation:
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
-                   target_far: float = 0.05, tune: bool = True, min_tar: float = 0.95,
+                   target_far: float = 0.05, tune: bool = True, max_false_reject: float = DEFAULT_MAX_FALSE_REJECT,
                    tag_truth: Sequence[Sequence[str]] | None = None) -> SplitEvaluation:
     """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights.
 
+    Each threshold refuses at most `max_false_reject` of the pictures its mode answers right (`openset.calibrate`).
     With `tag_truth` (the images' metadata tags) the reranker first learns the tagger's noise per tag.
     """
     top1: dict[str, float] = {}
@@ -90,6 +92,7 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     names = sorted(set(labels) | {c["name"] for c in rec.characters()})
     rec.n_candidates = max(rec.n_candidates, len(names))
     probs: dict[str, np.ndarray] = {}  # clip and model: each known picture's probability per character, for the fusion blend
+    cosines: np.ndarray | None = None  # clip: each known picture's gallery cosine per character (fusion's open-set score)
     fit = rec.config.fusion.fit_gallery_weight and rec.fusion_weight is None
     for mode in modes:
         if mode == "fusion" and fit and {"clip", "model"} <= probs.keys():  # scored with the blend it will answer with
@@ -107,11 +110,14 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx)
                 probs["clip"] = np.stack([gallery_probabilities(row, calib.gallery_temperature) for row in m[known]])
                 probs["labels"] = np.asarray(y_idx)
+                cosines = m[known]
             elif mode == "model":
                 probs["model"] = np.clip(m[known], 0.0, None)  # -1 marks a character the classifier does not know
-            g, imp = leave_one_out_scores(m[known], y_idx, renormalise=(mode == "model"))
+            # fusion's gate is the best gallery cosine (`openset` docstring), on the pictures fusion answers right
+            kind = GALLERY_COSINE if mode == "fusion" and cosines is not None else TOP
+            g, imp = leave_one_out_scores(cosines if kind == GALLERY_COSINE else m[known], y_idx, renormalise=(mode == "model"))
             right = m[known].argmax(1) == np.asarray(y_idx)  # refusing a wrong answer costs nothing: only right ones count
-            calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, min_tar)
+            calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, 1.0 - max_false_reject, score=kind)
         if need_tags and scored.tag_probs is not None:
             aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
             if tag_truth is not None and rec.reranker.noise is None:
@@ -129,12 +135,14 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
 def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], model_ckpt: str | Path | None = None,
                              val_fraction: float = 0.2, seed: int = 42, target_far: float = 0.05, dedupe: bool = True,
                              include_val: bool = True, progress: Callable[[int, int], None] | None = None,
-                             split: tuple[Sequence[str], Sequence[str]] | None = None, onnx: bool = False) -> BuildReport:
+                             split: tuple[Sequence[str], Sequence[str]] | None = None, onnx: bool = False,
+                             max_false_reject: float = DEFAULT_MAX_FALSE_REJECT) -> BuildReport:
     """Dataset folder -> gallery + tag profiles + calibration (+ model.ckpt copy) in `out_dir`, tuned on a leak-free split.
 
     `split` = (train file names, val file names) reuses a split made elsewhere (a training run's manifest)
     instead of computing one from `val_fraction` and `seed`; files in neither list are left out. `onnx` also
-    exports the folder's networks for ONNX Runtime (what `runtime: auto` then uses).
+    exports the folder's networks for ONNX Runtime (what `runtime: auto` then uses). Open-set thresholds aim at
+    `target_far` of unseen characters named, refusing at most `max_false_reject` of known pictures answered right.
     """
     from ..data.layout import scan_dataset, stratified_group_split
     from .embedder import build_embedder
@@ -188,7 +196,8 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
         rec = Recognizer.from_version(out, rcfg)
         modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
-        ev = evaluate_split(rec, vimgs, vlabels, modes, target_far, tag_truth=[r.tags for _, r in loaded])
+        ev = evaluate_split(rec, vimgs, vlabels, modes, target_far, max_false_reject=max_false_reject,
+                            tag_truth=[r.tags for _, r in loaded])
         top1, calib, weights = ev.top1, ev.calibration, ev.weights
         calib.save(out)
         report.top1, report.rerank_weights = top1, weights

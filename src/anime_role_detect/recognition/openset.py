@@ -2,10 +2,13 @@
 
 Unseen characters are simulated leave-one-character-out: for a validation image of character c,
 the best score among the *other* characters is what the system would report if c were not
-enrolled (an impostor score). The threshold is the (1 - FAR) quantile of impostor scores, so about
-FAR of unseen characters still get a name, unless that would refuse more than 1 - min_tar (5%) of the
-known images the system answers *right* (refusing a wrong answer costs nothing; near-twins), in which
-case the achieved FAR is recorded instead. Saved as ``calibration.json`` next to the gallery.
+enrolled (an impostor score; the classifier's probabilities renormalised without c). The threshold is
+the (1 - FAR) quantile of impostor scores, so about FAR of unseen characters still get a name, unless
+that would refuse more than `DEFAULT_MAX_FALSE_REJECT` (2%) of the known images the system answers
+*right* (refusing a wrong answer costs nothing; near-twins), in which case the achieved FAR is recorded
+instead. Fusion's threshold applies to the best gallery cosine (`GALLERY_COSINE`), not to its blended
+probability: a probability says which known character is likeliest, not whether the picture is one of
+them. Saved as ``calibration.json`` next to the gallery.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from ..errors import GalleryError, reading_file
 from ..fsutil import atomic_write_json, read_json
 from ..versionfiles import CALIBRATION as CALIBRATION_FILE
 
+#: `ModeThreshold.score` kinds: the mode's own top score, or the best gallery cosine of the picture.
+TOP, GALLERY_COSINE = "top", "gallery_cosine"
+#: Share of the known pictures answered right that a threshold may refuse (issue 11: known characters are rarely
+#: refused); a stricter false-accept target is given up first and the rate achieved is recorded instead.
+DEFAULT_MAX_FALSE_REJECT = 0.02
+
 
 @dataclass
 class ModeThreshold:
@@ -31,6 +40,7 @@ class ModeThreshold:
     true_accept_rate: float  # genuine scores kept
     n_genuine: int
     n_impostor: int
+    score: str = TOP  # what the threshold applies to: TOP or GALLERY_COSINE (files before it: TOP)
 
 
 @dataclass
@@ -54,10 +64,20 @@ class OpenSetCalibration:
         m = self.modes.get(mode)
         return None if m is None else m.threshold
 
-    def is_known(self, mode: str, score: float) -> bool:
-        """True when `score` passes `mode`'s threshold (always True for an uncalibrated mode)."""
+    def is_known(self, mode: str, top: float, gallery_cosine: float | None = None) -> bool:
+        """True when the picture passes `mode`'s threshold (always True for an uncalibrated mode): its top score, or its
+        best gallery cosine where the threshold was calibrated on that (`ModeThreshold.score`)."""
         t = self.threshold(mode)
-        return t is None or score >= t
+        return t is None or self.gate_score(mode, top, gallery_cosine) >= t
+
+    def gate_score(self, mode: str, top: float, gallery_cosine: float | None = None) -> float:
+        """The score `mode`'s threshold is compared with (`is_known`)."""
+        m = self.modes.get(mode)
+        if m is not None and m.score == GALLERY_COSINE:
+            if gallery_cosine is None:
+                raise GalleryError(f"the {mode} open-set threshold applies to the best gallery cosine, which was not computed")
+            return float(gallery_cosine)
+        return float(top)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -146,10 +166,12 @@ def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise:
     return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
 
 
-def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05, min_tar: float = 0.95) -> ModeThreshold:
+def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05,
+              min_tar: float = 1.0 - DEFAULT_MAX_FALSE_REJECT, score: str = TOP) -> ModeThreshold:
     """Threshold with at most `target_far` of impostor scores at or above it, lowered if needed so at least
     `min_tar` of genuine scores still pass (near-twins make some impostors as strong as genuine matches:
-    rejecting most known images to meet the FAR would be worse than a higher FAR, which is then reported)."""
+    rejecting most known images to meet the FAR would be worse than a higher FAR, which is then reported).
+    `score` records what the scores were (`ModeThreshold.score`)."""
     g = np.sort(np.asarray(genuine, np.float64))
     imp = np.sort(np.asarray(impostor, np.float64))
     if len(imp) == 0:
@@ -162,4 +184,4 @@ def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: f
     far = float((imp >= t).mean())
     tar = float((g >= t).mean()) if len(g) else 0.0
     return ModeThreshold(threshold=t, false_accept_rate=round(far, 4), true_accept_rate=round(tar, 4),
-                         n_genuine=int(len(g)), n_impostor=int(len(imp)))
+                         n_genuine=int(len(g)), n_impostor=int(len(imp)), score=score)

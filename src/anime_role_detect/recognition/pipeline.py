@@ -55,6 +55,7 @@ class _Scored:
     embeddings: np.ndarray | None = None
     tag_probs: np.ndarray | None = None  # tagger outputs [N, T_tagger]
     timings: dict[str, float] = field(default_factory=dict)
+    gallery_best: list[float] | None = None  # clip / fusion: each crop's best gallery cosine (fusion's open-set score)
 
 
 ConfigLike = RecognizerConfig | Mapping[str, Any] | None
@@ -246,7 +247,8 @@ class Recognizer(VersionParts):
             t0 = time.perf_counter()
             tag_probs = self.tagger.predict(list(crops))
             tm["tag"] = (time.perf_counter() - t0) * 1e3
-        return _Scored(cands, emb, tag_probs, tm)
+        best = None if gal is None else [g[0][2] if g else -1.0 for g in gal]
+        return _Scored(cands, emb, tag_probs, tm, best)
 
     def gallery_temperature(self) -> float | None:
         """Fusion's softmax temperature for gallery cosines: the config's, else the version's calibrated one (None: a
@@ -286,9 +288,12 @@ class Recognizer(VersionParts):
             out.append([(c, s, float(v)) for c, (s, v) in ranked])
         return out
 
-    def _detection(self, crop: _Crop, cands: list[Candidate], tag_row: np.ndarray | None, mode: str, rerank: bool) -> Detection:
+    def _detection(self, crop: _Crop, cands: list[Candidate], tag_row: np.ndarray | None, mode: str, rerank: bool,
+                   gallery_best: float | None = None) -> Detection:
         info: Rerank | None = None
         base_top = cands[0][2] if cands else 0.0
+        calib = self.calibration if self.openset_enabled else None
+        gate = None if calib is None or not cands else calib.gate_score(mode, base_top, gallery_best)
         if rerank and tag_row is not None and self.reranker is not None and cands:
             t_names = self.tagger.tag_names
             res = self.reranker.rerank(cands, self.reranker.align(tag_row, t_names)[0], weight=self.reranker.weight_for(mode))
@@ -298,12 +303,13 @@ class Recognizer(VersionParts):
             from .tagger import thresholded
 
             tags = thresholded(tag_row[None], self.tagger.tag_names, self.tagger.thresholds, max_tags=16)[0]
-        known = bool(cands) and (not self.openset_enabled or self.calibration is None or self.calibration.is_known(mode, base_top))
+        known = bool(cands) and (calib is None or calib.is_known(mode, base_top, gallery_best))
         role, series, sim = (cands[0] if cands else (UNKNOWN, "", 0.0))
         return Detection(
             box=crop.box, detector_score=round(crop.detector_score, 4),
             role=role if known else UNKNOWN, series=series if known else "",
             similarity=round(float(np.clip(sim, 0.0, 1.0)), 4), unknown=not known,
+            openset_score=None if gate is None else round(gate, 4),
             topk=[TopK(role=c, series=s, score=round(float(np.clip(v, 0.0, 1.0)), 4)) for c, s, v in cands[: self.topk]],
             tags=tags, rerank=info,
         )
@@ -352,7 +358,8 @@ class Recognizer(VersionParts):
         use_tags = (rerank and self.reranker is not None) or mode == "fusion"
         scored = self._score([c.image for c in crops], mode, use_tags and self.tagger is not None, bool(self.sinks))
         t0 = time.perf_counter()
-        dets = [self._detection(c, scored.candidates[j], None if scored.tag_probs is None else scored.tag_probs[j], mode, rerank)
+        dets = [self._detection(c, scored.candidates[j], None if scored.tag_probs is None else scored.tag_probs[j], mode, rerank,
+                                None if scored.gallery_best is None else scored.gallery_best[j])
                 for j, c in enumerate(crops)]
         t_rerank = (time.perf_counter() - t0) * 1e3
         n = max(1, len(images))
@@ -444,7 +451,7 @@ class Recognizer(VersionParts):
             "characters": len(self.characters()), "classifier": self.model_ckpt is not None,
             "tagger": getattr(tagger, "model_id", type(tagger).__name__) if tagger is not None else None,
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
-                            "stale": calib.stale, "fusion": {"gallery_weight": self.gallery_weight(),
+                            "threshold_scores": {m: t.score for m, t in calib.modes.items()}, "stale": calib.stale, "fusion": {"gallery_weight": self.gallery_weight(),
                                                              "gallery_temperature": self.gallery_temperature()}} if calib else None,
             "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
             "runtime": getattr(loaded.get("runtime"), "runtime", None) or ("torch" if "runtime" in loaded else self.config.runtime),

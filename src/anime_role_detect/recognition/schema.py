@@ -45,7 +45,9 @@ class Detection(BaseModel):
     role: str = Field(description="Final character name, or 'unknown' when nobody in the gallery matches.")
     series: str = Field(default="", description="Series of the final character, when known.")
     similarity: float = Field(description="Score of the final answer in [0, 1].")
-    unknown: bool = Field(default=False, description="True when the best score is below the open-set threshold.")
+    unknown: bool = Field(default=False, description="True when `openset_score` is below the open-set threshold.")
+    openset_score: float | None = Field(default=None, description="The score the open-set threshold was compared with: the "
+                                        "mode's top score, or in fusion the best gallery cosine (null with open-set off).")
     topk: list[TopK] = Field(default_factory=list, description="Best candidates, best first.")
     tags: list[TagScore] = Field(default_factory=list, description="Tags predicted for this crop.")
     rerank: Rerank | None = Field(default=None, description="Reranking details, when reranking ran.")

@@ -40,6 +40,7 @@ class PublishConfig:
     embedder: dict[str, Any] = field(default_factory=lambda: {"kind": "classifier", "ckpt_path": MODEL})
     tagger: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
     target_far: float = 0.05  # open-set: at most this share of impostor val scores pass the threshold
+    max_false_reject: float = 0.02  # ... unless that refuses more than this share of the val pictures answered right
     include_val: bool = True  # thresholds are calibrated on val, then the val images join the gallery
     onnx: bool = True  # export the version's networks for ONNX Runtime (runtime: auto uses them; 2-3x faster on CPU)
     build: dict[str, Any] = field(default_factory=dict)  # gallery index / prototypes / aggregate (conf/infer.yaml gallery_build)
@@ -77,8 +78,8 @@ def build_version(staging: Path, result: TrainResult, pc: PublishConfig) -> dict
 
     build_cfg = {"embedder": dict(pc.embedder), "tagger": dict(pc.tagger), "gallery_build": dict(pc.build)}
     report = build_recognition_folder(result.data_root, staging, build_cfg, model_ckpt=result.ckpt_path,
-                                      target_far=pc.target_far, include_val=pc.include_val, split=read_split(result.split_path),
-                                      onnx=pc.onnx)
+                                      target_far=pc.target_far, max_false_reject=pc.max_false_reject, include_val=pc.include_val,
+                                      split=read_split(result.split_path), onnx=pc.onnx)
     run_dir = Path(result.output_dir)
     for name in REPORT_FILES:
         if (run_dir / name).is_file():

@@ -206,7 +206,8 @@ def stage_gallery(ctx: RunContext) -> dict[str, Any]:
     built = build_recognition_folder(
         ctx.dataset_dir, gdir, build_cfg, model_ckpt=ctx.outputs["train"]["ckpt_path"],
         val_fraction=float(ctx.cfg.split.val_fraction), seed=int(ctx.cfg.split.seed),
-        target_far=float(gcfg.get("target_far", 0.05)), dedupe=False, include_val=bool(gcfg.get("include_val", True)),
+        target_far=float(gcfg.get("target_far", 0.05)), max_false_reject=float(gcfg.get("max_false_reject", 0.02)),
+        dedupe=False, include_val=bool(gcfg.get("include_val", True)),
         progress=report, onnx=bool(gcfg.get("onnx", True)),
     )
     out = asdict(built) if hasattr(built, "__dataclass_fields__") else dict(built)
