@@ -1,11 +1,18 @@
-"""Which score tells unseen characters from known ones? Candidate open-set scores on accuracy.py's unseen runs.
+"""Which score tells unseen characters from known ones? Candidate open-set scores and calibration rules on
+accuracy.py's runs.
 
-Reads the versions that ``benchmarks/accuracy.py --protocols unseen`` left in its ``--work`` folder (one per
-set and seed: 2 characters held out of training, a fifth of the others' pictures set aside) and scores every
-picture with several candidate scores computed from the same two networks' outputs: the gallery's per-character
-cosine ``G`` and the classifier's probabilities ``P``, fused as the version fuses them (``w`` softmax(G / T) +
-(1 - w) P, with the version's weight and fitted temperature). The baseline is what versions answer with today:
-``fused_max``, the fused probability of the best character.
+Reads the versions that ``benchmarks/accuracy.py`` left in its ``--work`` folder (one per set, protocol and seed;
+unseen protocol: 2 characters held out of training; both: a fifth of the known characters' pictures set aside) and
+scores every picture with several candidate scores computed from the same two networks' outputs: the gallery's
+per-character cosine ``G`` and the classifier's probabilities ``P``, fused as the version fuses them (``w``
+softmax(G / T) + (1 - w) P, with the version's weight and fitted temperature). "Foreign" pictures are another set's
+characters (another series): a stranger the gallery was never shown.
+
+**Rules** (what a version's fusion threshold is): the score, how its leave-one-out impostors are made and how many
+of the val pictures answered right it may refuse. ``before`` is fusion's rule until 2026-12-04 (the fused
+probability, the left-out character's classifier mass kept, 95% kept); ``now`` is `recognition.build`'s (the best
+gallery cosine, 98% kept). Per rule and run: known pictures refused (all, and of those fusion names right), the
+default answer's top-1 counting a refusal as wrong, unseen and foreign pictures refused.
 
 Per score and run: AUROC (known set-aside pictures against the unseen characters' pictures); the share of unseen
 pictures refused and of known pictures refused at the threshold the version's calibration rule gives on its val
@@ -16,6 +23,7 @@ pictures, an upper bound of what calibration can reach with that score).
 
     python benchmarks/accuracy.py --sets newgame_faces faces6 --recipes recipe --protocols unseen --seeds 0 1
     python benchmarks/openset_scores.py            # reads outputs/benchmarks/accuracy/work
+    python benchmarks/openset_scores.py --work outputs/bench/acc_unseen/work outputs/bench/s24/work
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from _common import REPO, quiet
 import accuracy as acc
 
 Score = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]
+#: another series for each set: its pictures are strangers to a version of the set
+FOREIGN = {"newgame_full": "faces6", "newgame_faces": "faces6", "faces6": "newgame_faces", "mixed5": "faces6"}
 
 
 def softmax(x: np.ndarray, t: float) -> np.ndarray:
@@ -60,6 +70,15 @@ SCORES: dict[str, Score] = {
 }
 
 
+#: rule name -> (score, leave-one-out renormalises the classifier, share of right answers kept)
+RULES: dict[str, tuple[str, bool, float]] = {
+    "before: fused_max, mass kept, 95%": ("fused_max", False, 0.95),
+    "fused_max, renormalised, 98%": ("fused_max", True, 0.98),
+    "cosine_max, 95%": ("cosine_max", True, 0.95),
+    "now: cosine_max, 98%": ("cosine_max", True, 0.98),
+}
+
+
 def matrices(rec, root: Path, files: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Gallery cosine and classifier probability of every picture for every character, in `names` order."""
     images = [im for im, _ in acc.load(root, files)]
@@ -76,8 +95,13 @@ def matrices(rec, root: Path, files: list[str], names: list[str]) -> tuple[np.nd
     return g, p
 
 
-def leave_one_out(g: np.ndarray, p: np.ndarray, y: np.ndarray, f: Score, w: float, t: float) -> np.ndarray:
-    """Each val picture's score with its own character removed (classifier renormalised): a stand-in for an unseen one."""
+def leave_one_out(g: np.ndarray, p: np.ndarray, y: np.ndarray, f: Score, w: float, t: float, renormalise: bool = True) -> np.ndarray:
+    """Each val picture's score with its own character removed (classifier renormalised): a stand-in for an unseen one.
+    Without `renormalise`, the fused scores of the other characters as they are (fusion's calibration before 2026-12-04)."""
+    if not renormalise:
+        other = fused(g, p, w, t)
+        other[np.arange(len(y)), y] = -np.inf
+        return other.max(1)
     out = np.empty(len(y))
     for i, c in enumerate(y):
         keep = np.arange(g.shape[1]) != c
@@ -86,39 +110,79 @@ def leave_one_out(g: np.ndarray, p: np.ndarray, y: np.ndarray, f: Score, w: floa
     return out
 
 
-def study(tag: Path, name: str, seed: int) -> dict:
+def refused(scores: np.ndarray, threshold: float) -> float:
+    """Share of `scores` below `threshold` (NaN for none)."""
+    return float((scores < threshold).mean()) if len(scores) else float("nan")
+
+
+def _path(p: str) -> Path:
+    """A path accuracy.py recorded (relative ones are relative to the repository it ran in)."""
+    return Path(p) if Path(p).is_absolute() else REPO / p
+
+
+def study(tag: Path, name: str, protocol: str, seed: int, foreign_pictures: int, version: str = "recipe") -> dict:
     from anime_role_detect.data.layout import scan_dataset
     from anime_role_detect.recognition.openset import calibrate
 
     full = acc.set_root(name, tag)
-    held = acc.held_out_characters(full, seed)
-    rec = acc.recognizer(tag / "version-recipe", openset=False)
+    rec = acc.recognizer(tag / f"version-{version}", openset=False)
     w, t = rec.gallery_weight(), float(rec.gallery_temperature() or 1.0)
     names = [c["name"] for c in rec.characters()]
     test = json.loads((tag / "test_split.json").read_text())["test"]
     trained = json.loads((tag / "recipe" / "accuracy_run.json").read_text())
-    val = json.loads(Path(trained["split_path"]).read_text())["val"]
-    unseen = sorted(r.file_name for r in scan_dataset(full) if r.character in held)
+    val = json.loads(_path(trained["split_path"]).read_text())["val"]
+    unseen = sorted(r.file_name for r in scan_dataset(full) if r.character not in names)
     gv, pv = matrices(rec, tag / "pool", val, names)
     yv = np.array([names.index(f.split("/")[0]) for f in val])
     gt, pt = matrices(rec, full, test, names)
+    yt = np.array([names.index(f.split("/")[0]) for f in test])
     gu, pu = matrices(rec, full, unseen, names)
+    froot = acc.set_root(FOREIGN[name], tag) if name in FOREIGN else None
+    ffiles = sorted(r.file_name for r in scan_dataset(froot))[::3][:foreign_pictures] if froot is not None else []
+    gf, pf = matrices(rec, froot, ffiles, names) if ffiles else (np.zeros((0, len(names))),) * 2
     right = fused(gv, pv, w, t).argmax(1) == yv
-    out = {}
+    test_right = fused(gt, pt, w, t).argmax(1) == yt
+    scores, rules = {}, {}
     for sname, f in SCORES.items():
         th = calibrate(f(gv, pv, w, t)[right], leave_one_out(gv, pv, yv, f, w, t), 0.05, 0.95).threshold
         known, other = f(gt, pt, w, t), f(gu, pu, w, t)
-        out[sname] = {"auroc": acc.auroc(known, other), "known_refused": float((known < th).mean()),
-                      "unseen_refused": float((other < th).mean()),
-                      "best_unseen_refused_at_2pct_known": float((other < np.quantile(known, 0.02)).mean()),
-                      "best_unseen_refused_at_5pct_known": float((other < np.quantile(known, 0.05)).mean())}
-    return {"set": name, "seed": seed, "known_pictures": len(test), "unseen_pictures": len(unseen), "scores": out}
+        scores[sname] = {"auroc": acc.auroc(known, other), "known_refused": refused(known, th), "unseen_refused": refused(other, th),
+                         "best_unseen_refused_at_2pct_known": refused(other, np.quantile(known, 0.02)),
+                         "best_unseen_refused_at_5pct_known": refused(other, np.quantile(known, 0.05)),
+                         "foreign_auroc": acc.auroc(known, f(gf, pf, w, t))}
+    for rname, (sname, renorm, keep) in RULES.items():
+        f = SCORES[sname]
+        th = calibrate(f(gv, pv, w, t)[right], leave_one_out(gv, pv, yv, f, w, t, renorm), 0.05, keep).threshold
+        known = f(gt, pt, w, t)
+        rules[rname] = {"known_refused": refused(known, th), "right_refused": refused(known[test_right], th),
+                        "top1_with_refusals": float((test_right & (known >= th)).mean()),
+                        "unseen_refused": refused(f(gu, pu, w, t), th), "foreign_refused": refused(f(gf, pf, w, t), th)}
+    return {"set": name, "protocol": protocol, "seed": seed, "known_pictures": len(test), "unseen_pictures": len(unseen),
+            "foreign_pictures": len(ffiles), "fusion_top1": float(test_right.mean()), "scores": scores, "rules": rules}
+
+
+def _pm(xs: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    xs = [x for x in xs if not np.isnan(x)]
+    return "-" if not xs else f"{scale * np.mean(xs):.{digits}f} ± {scale * np.std(xs):.{digits}f}"
+
+
+def rule_table(runs: list[dict]) -> str:
+    lines = ["| set | protocol | runs | rule | known refused | of right answers | top-1 counting refusals | unseen refused | foreign refused |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({(r["set"], r["protocol"]) for r in runs}):
+        rs = [r for r in runs if (r["set"], r["protocol"]) == key]
+        for rname in RULES:
+            cols = ("known_refused", "right_refused", "top1_with_refusals", "unseen_refused", "foreign_refused")
+            cells = " | ".join(_pm([r["rules"][rname][c] for r in rs]) for c in cols)
+            lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {rname} | {cells} |")
+    return "\n".join(lines)
 
 
 def table(runs: list[dict]) -> str:
     cols = ["auroc", "known_refused", "unseen_refused", "best_unseen_refused_at_2pct_known", "best_unseen_refused_at_5pct_known"]
-    lines = ["| set | runs | score | AUROC | known refused | unseen refused | best: unseen refused at 2% / 5% known refused | AUROC x today's |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | runs | score | AUROC | known refused | unseen refused | best: unseen refused at 2% / 5% known refused | AUROC x today's | AUROC, foreign |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs = [r for r in runs if r["protocol"] == "unseen"]
     for name in sorted({r["set"] for r in runs}):
         rs = [r for r in runs if r["set"] == name]
         base = np.mean([r["scores"]["fused_max"]["auroc"] for r in rs])
@@ -126,31 +190,36 @@ def table(runs: list[dict]) -> str:
             m = {c: (np.mean([r["scores"][sname][c] for r in rs]), np.std([r["scores"][sname][c] for r in rs])) for c in cols}
             pct = lambda c: f"{100 * m[c][0]:.1f} ± {100 * m[c][1]:.1f}"  # noqa: E731
             lines.append(f"| {name} | {len(rs)} | {sname}{' (today)' if sname == 'fused_max' else ''} | {m['auroc'][0]:.3f} ± {m['auroc'][1]:.3f} | "
-                         f"{pct('known_refused')} | {pct('unseen_refused')} | {pct(cols[3])} / {pct(cols[4])} | {m['auroc'][0] / base:.3f} |")
+                         f"{pct('known_refused')} | {pct('unseen_refused')} | {pct(cols[3])} / {pct(cols[4])} | {m['auroc'][0] / base:.3f} | "
+                         f"{_pm([r['scores'][sname]['foreign_auroc'] for r in rs], 1.0, 3)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work",
-                    help="accuracy.py's --work folder")
+    ap.add_argument("--work", type=Path, nargs="+", default=[REPO / "outputs" / "benchmarks" / "accuracy" / "work"],
+                    help="accuracy.py's --work folder(s)")
+    ap.add_argument("--version", default="recipe", help="which of each run's versions: recipe, recipe+colour, ...")
+    ap.add_argument("--foreign-pictures", type=int, default=120, help="pictures of another set scored as strangers")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = ap.parse_args(argv)
     quiet()
     load0 = os.getloadavg()
     runs = []
-    for tag in sorted(args.work.glob("*/unseen/s*/t*")):
-        if not (tag / "version-recipe" / "gallery.json").is_file():
-            continue
-        name, seed = tag.parts[-4], int(tag.parts[-2][1:])
-        runs.append(study(tag, name, seed))
-        print(f"  {name} seed {seed}: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in runs[-1]["scores"].items()),
+    tags = [tag for work in args.work for tag in sorted(work.glob("*/*/s*/t*"))]
+    for tag in tags:
+        if not (tag / f"version-{args.version}" / "eval_metrics.json").is_file() or not (tag / "test_split.json").is_file():
+            continue  # a finished version (its eval set is written last) and set-aside pictures to score
+        name, protocol, seed = tag.parts[-4], tag.parts[-3], int(tag.parts[-2][1:])
+        runs.append(study(tag, name, protocol, seed, args.foreign_pictures, args.version))
+        print(f"  {name} {protocol} seed {seed}: " + ", ".join(f"{k}: top-1 {v['top1_with_refusals']:.3f}, unseen refused "
+                                                               f"{v['unseen_refused']:.3f}" for k, v in runs[-1]["rules"].items()),
               file=sys.stderr, flush=True)
     if not runs:
-        print(f"error: no unseen-protocol versions under {args.work}; run benchmarks/accuracy.py --protocols unseen first",
-              file=sys.stderr)
+        print(f"error: no versions with set-aside pictures under {args.work}; run benchmarks/accuracy.py first", file=sys.stderr)
         return 2
-    print(f"# open-set scores over {len(runs)} runs; load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n")
+    print(f"# open-set scores of version-{args.version} over {len(runs)} runs; load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n")
+    print(rule_table(runs) + "\n")
     print(table(runs))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
