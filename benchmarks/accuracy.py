@@ -229,6 +229,12 @@ def top1(got: list[Any], labels: Sequence[str]) -> float:
     return float(np.mean([a.role == y for a, y in zip(got, labels)])) if labels else float("nan")
 
 
+def gate_score(answer: Any) -> float:
+    """The score open-set judged the answer on (fusion: the best gallery cosine), else its similarity."""
+    d = answer.detections[0] if answer.detections else None
+    return d.openset_score if d is not None and d.openset_score is not None else answer.similarity
+
+
 def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     """P(score of a known picture > score of an unseen one), ties half."""
     p, n = np.asarray(pos, float), np.asarray(neg, float)
@@ -276,7 +282,7 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
     u_ans = answers(opened, u_items, mode)
     run.unseen_rejected = float(np.mean([a.unknown for a in u_ans]))
     run.false_reject = float(np.mean([a.unknown for a in k_ans]))
-    run.scores = {"known": [a.similarity for a in k_ans], "unseen": [a.similarity for a in u_ans]}
+    run.scores = {"known": [gate_score(a) for a in k_ans], "unseen": [gate_score(a) for a in u_ans]}
     run.threshold = opened.calibration.threshold(mode) if opened.calibration is not None else None
     run.auroc = auroc(run.scores["known"], run.scores["unseen"])
     rec = recognizer(version, openset=False)
