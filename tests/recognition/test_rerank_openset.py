@@ -140,6 +140,16 @@ def test_default_threshold_refuses_at_most_two_percent_of_right_answers():
     assert calibrate(genuine, impostor, 0.05, min_tar=0.95).threshold > m.threshold
 
 
+def test_a_bad_max_false_reject_is_a_one_line_config_error_before_any_work(tmp_path):
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ConfigError, match=r"max_false_reject=.* must be in \[0, 1\)"):
+            build_recognition_folder(tmp_path / "no-such-data", tmp_path / "out", {}, max_false_reject=bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):
     """Fusion's gallery probability: labels drawn from softmax(cosine / 0.05) give back a temperature near 0.05, the
     probabilities sum to 1 and keep the cosines' order, and the temperature round-trips through calibration.json."""

@@ -22,6 +22,7 @@ from ..imageio import IMAGE_SUFFIXES, load_image
 from ..log import setup_logging
 from ..recognition.build import build_recognition_folder
 from ..recognition.gallery import Gallery
+from ..recognition.openset import DEFAULT_MAX_FALSE_REJECT
 from ..recognition.pipeline import Recognizer
 from . import user_errors_exit
 
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--model-ckpt", default=None, help="classifier checkpoint to copy in (model/fusion modes, classifier embedder)")
     b.add_argument("--val-fraction", type=float, default=0.2, help="held-out share for calibration (0: none)")
     b.add_argument("--far", type=float, default=0.05, help="target false-accept rate of unseen characters")
-    b.add_argument("--max-false-reject", type=float, default=0.02,
+    b.add_argument("--max-false-reject", type=float, default=DEFAULT_MAX_FALSE_REJECT,
                    help="most of the held-out pictures answered right the threshold may refuse (wins over --far)")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--no-dedupe", action="store_true", help="skip near-duplicate grouping before the split")

@@ -22,8 +22,8 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import MODEL
 from .gallery import Gallery
-from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature,
-                      gallery_probabilities, leave_one_out_scores)
+from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, check_max_false_reject, fit_gallery_weight,
+                      fit_temperature, gallery_probabilities, leave_one_out_scores)
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
@@ -147,6 +147,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     from ..data.layout import scan_dataset, stratified_group_split
     from .embedder import build_embedder
 
+    max_false_reject = check_max_false_reject(max_false_reject)  # before minutes of embedding, not after
     cfg = dict(_plain(cfg) or {})
     root, out = Path(data_root), Path(out_dir).resolve()  # absolute: the version folder's relative file names resolve once
     records = scan_dataset(root)

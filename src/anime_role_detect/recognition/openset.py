@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GalleryError, reading_file
+from ..errors import ConfigError, GalleryError, reading_file
 from ..fsutil import atomic_write_json, read_json
 from ..versionfiles import CALIBRATION as CALIBRATION_FILE
 
@@ -29,6 +29,14 @@ TOP, GALLERY_COSINE = "top", "gallery_cosine"
 #: Share of the known pictures answered right that a threshold may refuse (issue 11: known characters are rarely
 #: refused); a stricter false-accept target is given up first and the rate achieved is recorded instead.
 DEFAULT_MAX_FALSE_REJECT = 0.02
+
+
+def check_max_false_reject(value: float) -> float:
+    """`value` as a share of right answers a threshold may refuse, or a one-line error naming the setting."""
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"max_false_reject={value} must be in [0, 1) (the share of right answers open-set may refuse; "
+                          f"default {DEFAULT_MAX_FALSE_REJECT})")
+    return float(value)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ..confutil import dataclass_from_mapping, to_plain
 from ..errors import DatasetError
 from ..fsutil import atomic_write_json, read_json
 from ..log import get_logger
+from ..recognition.openset import DEFAULT_MAX_FALSE_REJECT
 from ..registry import Registry
 from ..training import TrainResult
 from ..versionfiles import CONFIG, METRICS, MODEL, RUN_REPORT
@@ -40,7 +41,7 @@ class PublishConfig:
     embedder: dict[str, Any] = field(default_factory=lambda: {"kind": "classifier", "ckpt_path": MODEL})
     tagger: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
     target_far: float = 0.05  # open-set: at most this share of impostor val scores pass the threshold
-    max_false_reject: float = 0.02  # ... unless that refuses more than this share of the val pictures answered right
+    max_false_reject: float = DEFAULT_MAX_FALSE_REJECT  # ... unless that refuses more than this share of the val pictures answered right
     include_val: bool = True  # thresholds are calibrated on val, then the val images join the gallery
     onnx: bool = True  # export the version's networks for ONNX Runtime (runtime: auto uses them; 2-3x faster on CPU)
     build: dict[str, Any] = field(default_factory=dict)  # gallery index / prototypes / aggregate (conf/infer.yaml gallery_build)

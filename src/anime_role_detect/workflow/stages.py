@@ -13,6 +13,7 @@ from ..data.layout import ImageRecord, read_metadata, scan_dataset, stratified_g
 from ..errors import ConfigError, DatasetError
 from ..fsutil import atomic_write_json, atomic_write_text, fingerprint, link_or_copy, read_json
 from ..log import get_logger
+from ..recognition.openset import DEFAULT_MAX_FALSE_REJECT
 from ..versionfiles import CONFIG, MANIFEST, METRICS, RUN_REPORT
 from .clean import CleanConfig, clean_dataset
 from .collectors import build_collector, read_manifest
@@ -206,7 +207,7 @@ def stage_gallery(ctx: RunContext) -> dict[str, Any]:
     built = build_recognition_folder(
         ctx.dataset_dir, gdir, build_cfg, model_ckpt=ctx.outputs["train"]["ckpt_path"],
         val_fraction=float(ctx.cfg.split.val_fraction), seed=int(ctx.cfg.split.seed),
-        target_far=float(gcfg.get("target_far", 0.05)), max_false_reject=float(gcfg.get("max_false_reject", 0.02)),
+        target_far=float(gcfg.get("target_far", 0.05)), max_false_reject=float(gcfg.get("max_false_reject", DEFAULT_MAX_FALSE_REJECT)),
         dedupe=False, include_val=bool(gcfg.get("include_val", True)),
         progress=report, onnx=bool(gcfg.get("onnx", True)),
     )
