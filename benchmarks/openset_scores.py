@@ -99,9 +99,9 @@ def leave_one_out(g: np.ndarray, p: np.ndarray, y: np.ndarray, f: Score, w: floa
     """Each val picture's score with its own character removed (classifier renormalised): a stand-in for an unseen one.
     Without `renormalise`, the fused scores of the other characters as they are (fusion's calibration before 2026-12-04)."""
     if not renormalise:
-        other = fused(g, p, w, t)
-        other[np.arange(len(y)), y] = -np.inf
-        return other.max(1)
+        from anime_role_detect.recognition.openset import leave_one_out_scores
+
+        return leave_one_out_scores(fused(g, p, w, t), y)[1]
     out = np.empty(len(y))
     for i, c in enumerate(y):
         keep = np.arange(g.shape[1]) != c
