@@ -69,6 +69,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
     "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
+    "max": ["gallery_build.aggregate=max"],  # a character's best row is its score (top3_mean: the mean of its best three)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2
