@@ -69,7 +69,7 @@ def test_streamed_merge_builds_the_in_memory_gallery_and_moves_its_vector_file_i
     out = tmp / "gallery"
     g = gallery_from_shards(tmp / "shards", records, tmp / "work", {"kind": "test"}, {"index": SPEC}, spill_dir=out)
     # the one-shot in-memory build of the old merge: every vector at once, characters sorted (ids sort the same way)
-    ref = Gallery("test:scale", DIM, {"kind": "test"}, SPEC)
+    ref = Gallery("test:scale", DIM, {"kind": "test"}, SPEC, aggregate=g.aggregate)
     ref.add_rows(x, [r[0] for r in sorted(records) if r[2] in set(ids)], [r[1] for r in sorted(records) if r[2] in set(ids)],
                  ids, expected_rows=len(ids))
     assert g.kind == ref.kind == "ivfpq" and len(g) == len(ids) == 3000

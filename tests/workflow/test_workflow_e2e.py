@@ -68,6 +68,8 @@ def test_workflow_registers_a_live_version_with_every_file(first_run, specs3):
                  "metrics.json", "config.yaml", "parent", "per_character.md", "confusion_matrix.png", "onnx.json", "classifier.onnx"):
         assert (vdir / name).is_file(), name
     assert (vdir / "parent").read_text().strip() == "none"
+    # the workflow's version scores characters as the accuracy table's versions do (train.py's publish, infer.py)
+    assert json.loads((vdir / "gallery.json").read_text())["aggregate"] == "top3_mean"
     assert json.loads((vdir / "manifest.json").read_text())["onnx"]["networks"]["classifier"]["file"] == "classifier.onnx"
     metrics = json.loads((vdir / "metrics.json").read_text())
     assert set(metrics["per_character"]) == {s.name for s in specs3}
@@ -351,7 +353,7 @@ def test_changed_gallery_setting_registers_a_new_version_and_keys_stay_out_of_it
     reg = Registry(first_run["root"] / "outputs" / "registry")
     live_before, versions_before = reg.latest_id(), len(reg.list())
     cfg = workflow_config(first_run["root"], booru3.base_url, first_run["cfg"].characters,
-                          ["gallery.build.aggregate=top3_mean", "collector.api_key=SECRET123", "collector.login=me"])
+                          ["gallery.build.aggregate=max", "collector.api_key=SECRET123", "collector.login=me"])
     before = dict(booru3.image_requests)
     result = run_workflow(cfg, Progress(log=False))
     assert result.resumed_stages == ["collect", "clean", "split", "train", "evaluate"]  # credentials are not inputs
@@ -360,7 +362,7 @@ def test_changed_gallery_setting_registers_a_new_version_and_keys_stay_out_of_it
     assert reg.latest_id() == result.version_id and len(reg.list()) == versions_before + 1
     assert reg.info(result.version_id).parent == live_before
     vdir = reg.path(result.version_id)
-    assert json.loads((vdir / "gallery.json").read_text())["aggregate"] == "top3_mean"
+    assert json.loads((vdir / "gallery.json").read_text())["aggregate"] == "max"
     for text in ((vdir / "config.yaml").read_text(), (Path(result.run_dir) / "workflow.yaml").read_text()):
         assert "SECRET123" not in text and "api_key: '***'" in text
 

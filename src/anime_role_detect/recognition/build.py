@@ -21,7 +21,7 @@ from ..errors import ConfigError, ImageError
 from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import MODEL
-from .gallery import Gallery
+from .gallery import DEFAULT_AGGREGATE, Gallery
 from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, check_max_false_reject, fit_gallery_weight,
                       fit_temperature, gallery_probabilities, leave_one_out_scores)
 from .pipeline import MODES, Recognizer
@@ -185,7 +185,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress)
     else:  # in-process: faster for small sets (no Lightning start-up; docs/recognition.md "Embedding on a cluster")
         gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
-                                aggregate=gcfg.get("aggregate", "max"), embedder_config=saved_cfg, progress=progress)
+                                aggregate=gcfg.get("aggregate", DEFAULT_AGGREGATE), embedder_config=saved_cfg, progress=progress)
     gallery.save(out)
     has_tags = any(r.tags for r in train)
     if has_tags:

@@ -25,7 +25,7 @@ from ..errors import GalleryError
 from ..fsutil import atomic_write_json
 from ..log import get_logger
 from .faiss_index import resolve_kind, train_rows
-from .gallery import Gallery
+from .gallery import DEFAULT_AGGREGATE, Gallery
 from .shards import DONE_GLOB, PART_GLOB, ShardSet, done_name, part_name, save_part
 
 _log = get_logger("system")
@@ -224,7 +224,7 @@ def gallery_from_shards(shard_dir: str | Path, rows: Sequence[tuple[str, str, st
         info, dim = shards.info, shards.dim
         del shards, where, found, order  # the ids (10M rows: ~0.2 GB) are not needed to build the gallery
         return gallery_from_vectors(kept, vectors, info["embedder_id"], dim, embedder_config, gcfg.get("index"),
-                                    gcfg.get("prototypes"), gcfg.get("aggregate", "max"), progress, spill_dir=spill_dir or scratch_dir)
+                                    gcfg.get("prototypes"), gcfg.get("aggregate", DEFAULT_AGGREGATE), progress, spill_dir=spill_dir or scratch_dir)
     finally:
         del vectors
         scratch.unlink(missing_ok=True)
