@@ -25,6 +25,10 @@ test pictures after it; Δ columns are against ``top3_mean`` in the same run.
 
 With ``--ckpt`` (a classifier trained without the ``--held`` characters) the enrolled figure is fair, but the
 trained characters' pictures may be ones the checkpoint trained on: "closed" and "others" are then optimistic.
+``--runs`` scores closed runs of `benchmarks/accuracy.py` instead (folders ``<work>/<set>/closed/s<seed>/t0.2``): their
+checkpoint's features, their training pictures as the rows, their set-aside pictures as queries (clip mode, leak-free):
+
+    python benchmarks/gallery_scoring.py --runs outputs/benchmarks/accuracy/work/*/closed/s0/t0.2
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
-from _common import LITE0, RealSet, quiet, real_set, unit
+from _common import LITE0, RealSet, data_dir, quiet, real_set, unit
 
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
 SHOTS = 5
@@ -143,6 +148,31 @@ def run_set(s: RealSet, vecs: np.ndarray, seeds: Sequence[int], held_names: Sequ
     return {k: np.array(v) * 100 for k, v in out.items()}
 
 
+def score_runs(dirs: Sequence[Path]) -> str:
+    """Closed clip top-1 of every scoring on accuracy.py closed runs' set-aside pictures, with their own checkpoints."""
+    import json
+
+    from anime_role_detect.imageio import load_image
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+
+    lines = ["| run | " + " | ".join(SCORINGS) + " |", "|---|" + "---|" * len(SCORINGS)]
+    for d in dirs:
+        trained = json.loads((d / "recipe" / "accuracy_run.json").read_text())
+        split = json.loads(Path(trained["split_path"]).read_text())
+        test = json.loads((d / "test_split.json").read_text())["test"]
+        root = d / "pool"  # the run's training pictures (hard links); the set-aside ones are in the set itself
+        set_root = data_dir() / d.parts[-4]
+        emb = ClassifierEmbedder(trained["ckpt_path"], device="cpu", flip_tta=False)
+
+        def vecs(base: Path, files: Sequence[str], emb: ClassifierEmbedder = emb) -> np.ndarray:
+            return unit(np.concatenate([emb.embed([load_image(base / f) for f in files[i : i + 32]]) for i in range(0, len(files), 32)]))
+        rows, queries = vecs(root, split["train"]), vecs(set_root, test)
+        labels, truth = np.array([f.split("/")[0] for f in split["train"]]), np.array([f.split("/")[0] for f in test])
+        got = [100 * float(np.mean(fn(rows, labels, queries) == truth)) for fn in SCORINGS.values()]
+        lines.append(f"| {'/'.join(d.parts[-4:])} | " + " | ".join(f"{g:.1f}" for g in got) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, dict[str, np.ndarray]], seeds: Sequence[int]) -> str:
     head = (f"| set | scoring | closed | enrolled ({SHOTS} shots) | others after enrolment | mean of enrolled and others | "
             f"Δ closed | Δ enrolled | Δ others (vs {BASELINE}) |")
@@ -163,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ckpt", default=None, help="a classifier checkpoint as the embedder (default: frozen ImageNet Lite0)")
     ap.add_argument("--held", nargs="*", default=None, help="the characters to hold out (default: accuracy.py's per seed)")
+    ap.add_argument("--runs", type=Path, nargs="*", default=None, help="accuracy.py closed run folders to score instead (clip, leak-free)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     quiet(args.threads)
+    if args.runs:
+        print(f"# gallery scoring of {len(args.runs)} accuracy.py closed runs (clip top-1 on their set-aside pictures); load average {os.getloadavg()[0]:.2f}")
+        print(score_runs(args.runs))
+        return 0
     from anime_role_detect.recognition.embedder import (
         ClassifierEmbedder,
         build_embedder,
