@@ -543,8 +543,9 @@ AGGREGATORS: dict[str, Callable[[list[float]], float]] = {
     "top3_mean": _topm_mean,
     "top5_mean": lambda s: _topm_mean(s, 5),
 }
-#: What a gallery built from a config without `aggregate` uses: the mean of a character's best three rows named more
-#: pictures right than its best row alone on every real set (README "Which aggregate"). Files without one stay `max`.
+#: What a gallery built from a config without `aggregate` uses: the mean of a character's best three rows named at least
+#: as many pictures right as its best row alone in every closed run measured (README "Which aggregate"). Files
+#: without one load as `max`, as they were built.
 DEFAULT_AGGREGATE = "top3_mean"
 #: How many of a character's best rows each aggregator reads.
 AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}
