@@ -90,6 +90,11 @@ def seeded_splits(s: RealSet, seeds: Sequence[int], val_fraction: float = 0.2) -
     return out
 
 
+def held_out(names: Sequence[str], seed: int, n: int = 2) -> list[str]:
+    """The `n` characters a seed holds out of training (accuracy.py's unseen protocol; gallery_scoring.py the same)."""
+    return sorted(np.random.default_rng(1000 + seed).choice(sorted(names), n, replace=False).tolist())
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32)."""
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from _common import REPO, data_dir, quiet
+from _common import REPO, data_dir, held_out, quiet
 
 from anime_role_detect.fsutil import atomic_write_json
 
@@ -122,8 +122,7 @@ def set_root(name: str, work: Path) -> Path | None:
 def held_out_characters(root: Path, seed: int) -> list[str]:
     from anime_role_detect.data.layout import scan_dataset
 
-    names = sorted({r.character for r in scan_dataset(root)})
-    return sorted(np.random.default_rng(1000 + seed).choice(names, HELD_OUT, replace=False).tolist())
+    return held_out({r.character for r in scan_dataset(root)}, seed, HELD_OUT)
 
 
 def subset(root: Path, drop: Sequence[str], out: Path, keep_files: set[str] | None = None) -> Path:

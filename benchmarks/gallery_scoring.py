@@ -39,9 +39,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from _common import LITE0, RealSet, data_dir, quiet, real_set, unit
+from _common import LITE0, RealSet, data_dir, held_out, quiet, real_set, unit
 
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
 SHOTS = 5
@@ -49,9 +50,11 @@ HELD_OUT = 2
 BASELINE = "top3_mean"
 
 
-def held_out(names: Sequence[str], seed: int) -> list[str]:
-    """The characters `benchmarks/accuracy.py` holds out for this seed."""
-    return sorted(np.random.default_rng(1000 + seed).choice(sorted(names), HELD_OUT, replace=False).tolist())
+def embed_files(embedder: Any, paths: Sequence[Path]) -> np.ndarray:
+    """Unit embeddings of the pictures at `paths`, 32 at a time."""
+    from anime_role_detect.imageio import load_image
+
+    return unit(np.concatenate([embedder.embed([load_image(p) for p in paths[i : i + 32]]) for i in range(0, len(paths), 32)]))
 
 
 def protocol(s: RealSet, held: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -134,7 +137,7 @@ def run_set(s: RealSet, vecs: np.ndarray, seeds: Sequence[int], held_names: Sequ
     labels = np.array(s.labels)
     out: dict[str, list[tuple[float, float, float]]] = {k: [] for k in SCORINGS}
     for seed in seeds:
-        held = list(held_names) if held_names else held_out(sorted(set(s.labels)), seed)
+        held = list(held_names) if held_names else held_out(set(s.labels), seed, HELD_OUT)
         gal, test, enrol, utest = protocol(s, held, seed)
         both = np.concatenate([gal, enrol])
         centre = vecs[gal].mean(0)  # an enrolled character does not move the centre (the gallery's, fixed at build)
@@ -152,7 +155,6 @@ def score_runs(dirs: Sequence[Path]) -> str:
     """Closed clip top-1 of every scoring on accuracy.py closed runs' set-aside pictures, with their own checkpoints."""
     import json
 
-    from anime_role_detect.imageio import load_image
     from anime_role_detect.recognition.embedder import ClassifierEmbedder
 
     lines = ["| run | " + " | ".join(SCORINGS) + " |", "|---|" + "---|" * len(SCORINGS)]
@@ -163,10 +165,7 @@ def score_runs(dirs: Sequence[Path]) -> str:
         root = d / "pool"  # the run's training pictures (hard links); the set-aside ones are in the set itself
         set_root = data_dir() / d.parts[-4]
         emb = ClassifierEmbedder(trained["ckpt_path"], device="cpu", flip_tta=False)
-
-        def vecs(base: Path, files: Sequence[str], emb: ClassifierEmbedder = emb) -> np.ndarray:
-            return unit(np.concatenate([emb.embed([load_image(base / f) for f in files[i : i + 32]]) for i in range(0, len(files), 32)]))
-        rows, queries = vecs(root, split["train"]), vecs(set_root, test)
+        rows, queries = embed_files(emb, [root / f for f in split["train"]]), embed_files(emb, [set_root / f for f in test])
         labels, truth = np.array([f.split("/")[0] for f in split["train"]]), np.array([f.split("/")[0] for f in test])
         got = [100 * float(np.mean(fn(rows, labels, queries) == truth)) for fn in SCORINGS.values()]
         lines.append(f"| {'/'.join(d.parts[-4:])} | " + " | ".join(f"{g:.1f}" for g in got) + " |")
@@ -216,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         s = real_set(name)
         if s is None:
             continue
-        from anime_role_detect.imageio import load_image
-
-        paths = [r.path(s.root) for r in s.records]
-        vecs = unit(np.concatenate([embedder.embed([load_image(p) for p in paths[i : i + 32]]) for i in range(0, len(paths), 32)]))
+        vecs = embed_files(embedder, [r.path(s.root) for r in s.records])
         results[name] = run_set(s, vecs, args.seeds, args.held)
     print(table(results, args.seeds))
     load1 = os.getloadavg()
