@@ -10,6 +10,8 @@ minutes on 2 cores), so the trade-off is on record:
 * ``mean``: one mean prototype per character (each character one row, whatever its count);
 * ``fair``: the mean of a character's best ``round(3 n / n_min)`` rows, ``n_min`` the smallest character's row count
   (every character scored at the same quantile of its own rows);
+* ``fair@build``: the same, ``n_min`` fixed when the gallery was built (an enrolled character with fewer rows is
+  scored on its best ``max(1, round(3 n / n_min))``; no other character's score moves when one is enrolled);
 * ``znorm``: ``top3_mean`` standardised per character by its scores on other characters' rows (as in speaker
   verification);
 * ``+centred``: the rows' mean subtracted before normalising (SimpleShot's CL2N), with ``top3_mean``.
@@ -25,8 +27,9 @@ test pictures after it; Δ columns are against ``top3_mean`` in the same run.
 
 With ``--ckpt`` (a classifier trained without the ``--held`` characters) the enrolled figure is fair, but the
 trained characters' pictures may be ones the checkpoint trained on: "closed" and "others" are then optimistic.
-``--runs`` scores closed runs of `benchmarks/accuracy.py` instead (folders ``<work>/<set>/closed/s<seed>/t0.2``): their
-checkpoint's features, their training pictures as the rows, their set-aside pictures as queries (clip mode, leak-free):
+``--runs`` scores runs of `benchmarks/accuracy.py` instead (folders ``<work>/<set>/<closed|unseen>/s<seed>/t0.2``): their
+checkpoint's features, their training pictures as the rows, their set-aside pictures as queries (clip mode, leak-free);
+an unseen run's held-out characters are enrolled from the same 5 pictures accuracy.py enrols and scored on the rest:
 
     python benchmarks/gallery_scoring.py --runs outputs/benchmarks/accuracy/work/*/closed/s0/t0.2
 """
@@ -91,11 +94,14 @@ def _real_gallery(aggregate: str) -> Callable[[np.ndarray, np.ndarray, np.ndarra
     return score
 
 
-def _by_character(reduce: Callable[[np.ndarray, int, int], np.ndarray]) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """A scoring from `reduce(sorted similarities [Q, n] best first, n, n_min) -> [Q]`, over every row (exact)."""
-    def score(rows: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def _by_character(reduce: Callable[[np.ndarray, int, int], np.ndarray]) -> Callable[..., np.ndarray]:
+    """A scoring from `reduce(sorted similarities [Q, n] best first, n, n_min) -> [Q]`, over every row (exact).
+
+    `n_min` is the smallest character's row count, or `n_ref` when given (the count fixed when the gallery was built,
+    so enrolling a character changes no other character's score)."""
+    def score(rows: np.ndarray, labels: np.ndarray, queries: np.ndarray, n_ref: int | None = None) -> np.ndarray:
         names = sorted(set(labels))
-        n_min = min(int((labels == c).sum()) for c in names)
+        n_min = n_ref or min(int((labels == c).sum()) for c in names)
         sims = queries @ rows.T
         m = np.stack([reduce(-np.sort(-sims[:, labels == c], axis=1), int((labels == c).sum()), n_min) for c in names], 1)
         return np.array(names)[m.argmax(1)]
@@ -127,6 +133,7 @@ SCORINGS: dict[str, Callable[..., np.ndarray]] = {
     "max": _real_gallery("max"),
     "mean": _by_character(lambda s, n, n_min: s.mean(1)),
     "fair": _by_character(lambda s, n, n_min: s[:, : max(1, round(3 * n / n_min))].mean(1)),
+    "fair@build": _by_character(lambda s, n, n_min: s[:, : max(1, round(3 * n / n_min))].mean(1)),
     "znorm": _znorm,
     "top3_mean+centred": _centred(_real_gallery("top3_mean")),
 }
@@ -141,8 +148,9 @@ def run_set(s: RealSet, vecs: np.ndarray, seeds: Sequence[int], held_names: Sequ
         gal, test, enrol, utest = protocol(s, held, seed)
         both = np.concatenate([gal, enrol])
         centre = vecs[gal].mean(0)  # an enrolled character does not move the centre (the gallery's, fixed at build)
+        n_ref = int(np.bincount(np.unique(labels[gal], return_inverse=True)[1]).min())
         for name, fn in SCORINGS.items():
-            kw = {"centre": centre} if name.endswith("+centred") else {}
+            kw = {"centre": centre} if name.endswith("+centred") else {"n_ref": n_ref} if name.endswith("@build") else {}
             closed = float(np.mean(fn(vecs[gal], labels[gal], vecs[test], **kw) == labels[test]))
             after = fn(vecs[both], labels[both], vecs[np.concatenate([utest, test])], **kw)
             enrolled = float(np.mean(after[: len(utest)] == labels[utest]))
@@ -151,25 +159,64 @@ def run_set(s: RealSet, vecs: np.ndarray, seeds: Sequence[int], held_names: Sequ
     return {k: np.array(v) * 100 for k, v in out.items()}
 
 
-def score_runs(dirs: Sequence[Path]) -> str:
-    """Closed clip top-1 of every scoring on accuracy.py closed runs' set-aside pictures, with their own checkpoints."""
+def enrolment_files(set_root: Path, held: Sequence[str], seed: int) -> dict[str, list[str]]:
+    """Per held-out character, its files in the order accuracy.py's unseen protocol draws them (first 5 enrolled)."""
+    from anime_role_detect.data.layout import scan_dataset
+
+    records = scan_dataset(set_root)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in held:
+        files = sorted(r.file_name for r in records if r.character == c)
+        rng.shuffle(files)
+        out[c] = files
+    return out
+
+
+def score_run(d: Path) -> tuple[str, list[str]]:
+    """One accuracy.py run's (label, cells): closed top-1 per scoring, or closed / enrolled / others for an unseen run."""
     import json
 
     from anime_role_detect.recognition.embedder import ClassifierEmbedder
 
+    trained = json.loads((d / "recipe" / "accuracy_run.json").read_text())
+    split = json.loads(Path(trained["split_path"]).read_text())
+    test = json.loads((d / "test_split.json").read_text())["test"]
+    set_name, protocol, seed = d.parts[-4], d.parts[-3], int(d.parts[-2].lstrip("s"))
+    set_root = data_dir() / set_name
+    emb = ClassifierEmbedder(trained["ckpt_path"], device="cpu", flip_tta=False)
+    rows = embed_files(emb, [d / "pool" / f for f in split["train"]])  # the run's training pictures (hard links)
+    queries = embed_files(emb, [set_root / f for f in test])  # set aside before training
+    labels, truth = np.array([f.split("/")[0] for f in split["train"]]), np.array([f.split("/")[0] for f in test])
+    if protocol != "unseen":
+        return "/".join(d.parts[-4:]), [f"{100 * float(np.mean(fn(rows, labels, queries) == truth)):.1f}" for fn in SCORINGS.values()]
+    from anime_role_detect.data.layout import scan_dataset
+
+    held = held_out({r.character for r in scan_dataset(set_root)}, seed, HELD_OUT)
+    files = enrolment_files(set_root, held, seed)
+    enrol = [f for c in held for f in files[c][:SHOTS]]
+    utest = [f for c in held for f in files[c][SHOTS:]]
+    e_rows, u_q = embed_files(emb, [set_root / f for f in enrol]), embed_files(emb, [set_root / f for f in utest])
+    both, both_labels = np.concatenate([rows, e_rows]), np.concatenate([labels, [f.split("/")[0] for f in enrol]])
+    u_truth = np.array([f.split("/")[0] for f in utest])
+    cells = []
+    n_ref = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
+    for name, fn in SCORINGS.items():
+        kw = {"n_ref": n_ref} if name.endswith("@build") else {}
+        closed = 100 * float(np.mean(fn(rows, labels, queries, **kw) == truth))
+        after = fn(both, both_labels, np.concatenate([u_q, queries]), **kw)
+        enrolled, others = 100 * float(np.mean(after[: len(utest)] == u_truth)), 100 * float(np.mean(after[len(utest):] == truth))
+        cells.append(f"{closed:.1f} / {enrolled:.1f} / {others:.1f}")
+    return "/".join(d.parts[-4:]), cells
+
+
+def score_runs(dirs: Sequence[Path]) -> str:
+    """Clip top-1 of every scoring on accuracy.py runs' set-aside pictures, with their own checkpoints (leak-free)."""
     lines = ["| run | " + " | ".join(SCORINGS) + " |", "|---|" + "---|" * len(SCORINGS)]
     for d in dirs:
-        trained = json.loads((d / "recipe" / "accuracy_run.json").read_text())
-        split = json.loads(Path(trained["split_path"]).read_text())
-        test = json.loads((d / "test_split.json").read_text())["test"]
-        root = d / "pool"  # the run's training pictures (hard links); the set-aside ones are in the set itself
-        set_root = data_dir() / d.parts[-4]
-        emb = ClassifierEmbedder(trained["ckpt_path"], device="cpu", flip_tta=False)
-        rows, queries = embed_files(emb, [root / f for f in split["train"]]), embed_files(emb, [set_root / f for f in test])
-        labels, truth = np.array([f.split("/")[0] for f in split["train"]]), np.array([f.split("/")[0] for f in test])
-        got = [100 * float(np.mean(fn(rows, labels, queries) == truth)) for fn in SCORINGS.values()]
-        lines.append(f"| {'/'.join(d.parts[-4:])} | " + " | ".join(f"{g:.1f}" for g in got) + " |")
-    return "\n".join(lines)
+        label, cells = score_run(d)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(closed runs: closed top-1; unseen runs: closed / enrolled / others after enrolment)"
 
 
 def table(results: dict[str, dict[str, np.ndarray]], seeds: Sequence[int]) -> str:
@@ -192,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ckpt", default=None, help="a classifier checkpoint as the embedder (default: frozen ImageNet Lite0)")
     ap.add_argument("--held", nargs="*", default=None, help="the characters to hold out (default: accuracy.py's per seed)")
-    ap.add_argument("--runs", type=Path, nargs="*", default=None, help="accuracy.py closed run folders to score instead (clip, leak-free)")
+    ap.add_argument("--runs", type=Path, nargs="*", default=None, help="accuracy.py run folders (closed or unseen) to score instead (clip, leak-free)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     quiet(args.threads)
     if args.runs:
-        print(f"# gallery scoring of {len(args.runs)} accuracy.py closed runs (clip top-1 on their set-aside pictures); load average {os.getloadavg()[0]:.2f}")
+        print(f"# gallery scoring of {len(args.runs)} accuracy.py runs (clip top-1 on their set-aside pictures); load average {os.getloadavg()[0]:.2f}")
         print(score_runs(args.runs))
         return 0
     from anime_role_detect.recognition.embedder import (
