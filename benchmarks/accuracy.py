@@ -70,6 +70,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
     "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
     "max": ["gallery_build.aggregate=max"],  # a character's best row is its score (top3_mean: the mean of its best three)
+    "balanced": ["gallery_build.aggregate=balanced"],  # every character scored on the same share of its rows (recognition/gallery.py)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2

@@ -150,3 +150,18 @@ def test_the_default_index_is_auto_and_small_galleries_are_exact_flat():
     g, queries, truth = filled()
     assert g.index_spec.type == "auto" and g.kind == "flat"
     assert [r[0][0] for r in g.search(queries, k=1)] == truth
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw", "hnsw_m": 16}, {"type": "ivfpq", "nlist": 4, "pq_m": 8}])
+def test_nearest_rows_are_row_cosines_not_character_scores(index):
+    """Near-duplicate checks (log fusion) read `nearest_rows`: a stored row scores 1.0 there, while its character's
+    `top3_mean` score is lower; a removed character's rows are never returned."""
+    g, _, _ = filled(index)
+    vecs, labels, _ = clusters()
+    stored = vecs[[0, 45, 90]]  # rows of c0, c1, c2
+    rows = g.nearest_rows(stored, k=2)
+    assert [r[0][0] for r in rows] == ["c0", "c1", "c2"]
+    assert all(len(r) == 2 and r[0][1] == pytest.approx(1.0, abs=2e-2) and r[0][1] >= r[1][1] for r in rows)
+    assert all(s < r[0][1] - 1e-3 for (_, _, s), r in zip((h[0] for h in g.search(stored, k=1)), rows))
+    g.remove("c1")
+    assert all(name != "c1" for r in g.nearest_rows(stored, k=2) for name, _ in r)

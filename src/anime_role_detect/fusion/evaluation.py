@@ -58,22 +58,28 @@ def regression_culprits(gallery: Gallery, val_x: np.ndarray, val_y: Sequence[str
     """Sources of added rows that win a validation image the live version answered right and the new one gets wrong.
 
     Such an example pulls another character's look into the wrong name (a mislabel, or a style
-    shared by several characters); dropping it keeps the original domain from regressing.
+    shared by several characters); dropping it keeps the original domain from regressing. The
+    culprits are the added rows among the rows the wrong character's score averages (its best
+    `Gallery.depth` rows: one for `max`, three for `top3_mean`).
     """
     right_after = top1_hits(gallery, val_x, val_y)
     broken = np.flatnonzero(right_before & ~right_after)
     if len(broken) == 0 or gallery.index is None:
         return set()
     wrong = [gallery.search(val_x[i : i + 1], k=1)[0][0][0] for i in broken]
-    _, ids = gallery.index.search(np.ascontiguousarray(val_x[broken], dtype=np.float32), min(len(gallery), 32))
+    fetch = min(len(gallery), max(32, 4 * max(gallery.depth(c) for c in set(wrong))))
+    _, ids = gallery.index.search(np.ascontiguousarray(val_x[broken], dtype=np.float32), fetch)
     culprits: set[str] = set()
     for char, row_ids in zip(wrong, ids):
+        left = gallery.depth(char)
         for rid in row_ids.tolist():
             row = gallery.rows.get(int(rid))
             if row is not None and row.character == char:
                 if row.source in added:
                     culprits.add(row.source)
-                break
+                left -= 1
+                if left == 0:
+                    break
     return culprits
 
 

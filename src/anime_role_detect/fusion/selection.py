@@ -170,15 +170,15 @@ def select_examples(candidates: Sequence[Example], gallery: Gallery, policy: Sel
     kept: dict[str, list[Example]] = defaultdict(list)
     kept_vecs: dict[str, list[np.ndarray]] = defaultdict(list)
     if ordered:
-        nearest = gallery.search(np.stack([e.embedding for e in ordered]), k=1) if len(gallery) else [[] for _ in ordered]
+        nearest = gallery.nearest_rows(np.stack([e.embedding for e in ordered]), k=1)  # rows, not aggregate scores
     for ex, hit in zip(ordered, nearest if ordered else []):
-        if hit and hit[0][0] == ex.character and hit[0][2] > policy.dedupe_cosine:
+        if hit and hit[0][0] == ex.character and hit[0][1] > policy.dedupe_cosine:
             dropped["near_duplicate_of_gallery"] += 1
             continue
         if kept_vecs[ex.character] and float(np.max(np.stack(kept_vecs[ex.character]) @ ex.embedding)) > policy.dedupe_cosine:
             dropped["near_duplicate_in_log"] += 1
             continue
-        if ex.kind == "unconfirmed" and hit and hit[0][0] != ex.character and hit[0][2] > policy.dedupe_cosine:
+        if ex.kind == "unconfirmed" and hit and hit[0][0] != ex.character and hit[0][1] > policy.dedupe_cosine:
             dropped["unconfirmed_conflicts_with_gallery"] += 1
             continue
         room = min(policy.max_added_per_character, policy.max_per_character - existing.get(ex.character, 0))

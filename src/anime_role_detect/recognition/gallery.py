@@ -90,12 +90,38 @@ def _prototypes(vectors: np.ndarray, spec: PrototypeSpec, seed: int = 0) -> tupl
     raise ConfigError(f"gallery.prototypes.method={spec.method!r}: choose all, kmeans or mean")
 
 
+def _topm_mean(scores: list[float], m: int = 3) -> float:
+    top = sorted(scores, reverse=True)[:m]
+    return float(sum(top) / len(top))
+
+
+#: Row scores of one character -> its score (the fixed-depth aggregates).
+AGGREGATORS: dict[str, Callable[[list[float]], float]] = {
+    "max": lambda s: float(max(s)),
+    "top3_mean": _topm_mean,
+    "top5_mean": lambda s: _topm_mean(s, 5),
+}
+#: `balanced`: the mean of a character's best ``max(1, round(3 n / n_ref))`` rows, ``n`` its row count and ``n_ref`` the
+#: smallest character's when the gallery was built (`Gallery.reference_rows`). Every character is scored on the same
+#: share of its rows, so one enrolled from 5 pictures is not outscored by the best of another's 300 rows; a gallery of
+#: equal characters scores as `top3_mean` (README "Why an enrolled character is rarely named").
+BALANCED = "balanced"
+BALANCED_TOP = 3  # the smallest character's depth: `balanced` is `top3_mean` on a gallery of equal characters
+#: What a gallery built from a config without `aggregate` uses: the mean of a character's best three rows named at least
+#: as many pictures right as its best row alone in every closed run measured (README "Which aggregate"). Files
+#: without one load as `max`, as they were built.
+DEFAULT_AGGREGATE = "top3_mean"
+#: How many of a character's best rows each aggregator reads (`balanced`: per character, `Gallery.depth`).
+AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}
+AGGREGATES = (*AGGREGATE_DEPTH, BALANCED)
+
+
 class Gallery:
     """Faiss index + metadata for known characters; one embedder per gallery."""
 
     def __init__(self, embedder_id: str, dim: int, embedder_config: Mapping[str, Any] | None = None,
                  index: IndexSpec | Mapping[str, Any] | None = None, prototypes: PrototypeSpec | Mapping[str, Any] | None = None,
-                 aggregate: str = "max") -> None:
+                 aggregate: str = DEFAULT_AGGREGATE) -> None:
         self.embedder_id = str(embedder_id)
         self.dim = int(dim)
         self.embedder_config = dict(embedder_config or {})
@@ -103,9 +129,10 @@ class Gallery:
         resolve_kind(self.index_spec, 0)  # a bad type is a ConfigError now, not at the first add
         keeps_vector_file("ivfpq", self.index_spec)
         self.prototype_spec = prototypes if isinstance(prototypes, PrototypeSpec) else PrototypeSpec(**dict(prototypes or {}))
-        if aggregate not in AGGREGATORS:
-            raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATORS)}")
+        if aggregate not in AGGREGATES:
+            raise ConfigError(f"gallery.aggregate={aggregate!r}: choose one of {sorted(AGGREGATES)}")
         self.aggregate = aggregate
+        self.reference_rows: int | None = None  # `balanced`: n_ref, fixed at build (None: the smallest character's now)
         self.rows = RowTable()  # row id -> character, series, source (columns; `Row` objects on demand)
         self.index: faiss.Index | None = None
         self.vectors: VectorFile | None = None  # IVF-PQ: every row's vector, by id (the codes alone lose the order of near rows)
@@ -114,6 +141,7 @@ class Gallery:
         self.tombstones: set[int] = set()  # ids still in an HNSW index whose rows were removed
         self._version = 0
         self._chars: tuple[int, list[dict]] | None = None
+        self._counts: tuple[int, int, int] | None = None
         self._skip: tuple[int, faiss.IDSelector | None, Any] | None = None
 
     # -- compatibility ------------------------------------------------------------------------
@@ -129,7 +157,7 @@ class Gallery:
     @classmethod
     def build(cls, items: Iterable[tuple[str, str, Image.Image | Callable[[], Image.Image], str]], embedder: Any,
               index: IndexSpec | Mapping[str, Any] | None = None, prototypes: PrototypeSpec | Mapping[str, Any] | None = None,
-              aggregate: str = "max", embedder_config: Mapping[str, Any] | None = None,
+              aggregate: str = DEFAULT_AGGREGATE, embedder_config: Mapping[str, Any] | None = None,
               progress: Callable[[int, int], None] | None = None) -> "Gallery":
         """Gallery from ``(character, series, image or loader, source)`` items, embedded in batches per character."""
         by_char: dict[str, list[tuple[str, Any, str]]] = defaultdict(list)
@@ -167,6 +195,7 @@ class Gallery:
         if not vecs:
             raise GalleryError("none of the images could be read; check the dataset folder")
         g._add_rows(np.concatenate(vecs), meta)
+        g.fix_reference()
         return g
 
     def add_rows(self, vectors: np.ndarray, characters: Sequence[str], series: Sequence[str] | None = None,
@@ -333,9 +362,30 @@ class Gallery:
             self._skip = (len(self.tombstones), faiss.IDSelectorNot(batch), batch)  # keep `batch` alive with its wrapper
         return self._skip[1]
 
+    def depth(self, character: str | None = None) -> int:
+        """How many of `character`'s best rows its score averages (none given: the deepest character's)."""
+        fixed = AGGREGATE_DEPTH.get(self.aggregate)
+        if fixed is not None:
+            return fixed
+        smallest, largest = self._row_count_range()
+        n = len(self.rows.members[character]) if character is not None else largest
+        return max(1, round(BALANCED_TOP * n / max(1, self.reference_rows or smallest)))
+
+    def fix_reference(self) -> None:
+        """Fix `balanced`'s n_ref at the smallest character's row count now (at build: enrolling moves no other score)."""
+        if self.rows:
+            self.reference_rows = self._row_count_range()[0]
+
+    def _row_count_range(self) -> tuple[int, int]:
+        """(fewest, most) rows of one character, cached until the gallery changes."""
+        if self._counts is None or self._counts[0] != self._version:
+            sizes = [c["prototypes"] for c in self._char_cache()] or [1]
+            self._counts = (self._version, min(sizes), max(sizes))
+        return self._counts[1], self._counts[2]
+
     def _rows_per_query(self, k: int) -> int:
         """How many nearest rows to fetch for `k` characters: all that matter for exact flat, `search_rows` otherwise."""
-        depth = AGGREGATE_DEPTH[self.aggregate]
+        depth = min(self.depth(), 64)  # `balanced`: deeper characters are re-scored on all their rows
         if self.kind == "flat":
             per_char = max((c["prototypes"] for c in self._char_cache()), default=1)
             n = max(64, k * min(per_char, 64), k * depth)
@@ -354,18 +404,41 @@ class Gallery:
         re-score only the best `index.exact_top` characters: the others' scores are upper bounds from
         the fetched rows (re-scoring every one of `k` characters costs 3-4x the search at 1M rows).
         """
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise GalleryError(f"query dimension {queries.shape[1]} does not match the gallery's {self.dim} (embedder {self.embedder_id})")
+        queries = self._queries(queries)
         if not self.rows or self.index is None:
             return [[] for _ in range(len(queries))]
         n = self._rows_per_query(k)
+        scores, ids = self._fetch_rows(queries, n)
+        return [self._rank(q, s, i, k, n) for q, s, i in zip(queries, scores, ids)]
+
+    def nearest_rows(self, queries: np.ndarray, k: int = 1) -> list[list[tuple[str, float]]]:
+        """Each query's `k` most similar stored rows as ``(character, cosine)``, best first (approximate kinds: the
+        index's rows). Near-duplicate checks compare against these, not against a character's aggregate score."""
+        queries = self._queries(queries)
+        if not self.rows or self.index is None:
+            return [[] for _ in range(len(queries))]
+        scores, ids = self._fetch_rows(queries, max(1, min(len(self.rows), k + 8)))  # slack for rows removed since
+        out = []
+        for s, i in zip(scores, ids):
+            owners = self.rows.owner[i[i >= 0]]
+            live = [(self.rows.names[c], float(v)) for c, v in zip(owners.tolist(), s[i >= 0].tolist()) if c >= 0]
+            out.append(live[:k])
+        return out
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise GalleryError(f"query dimension {queries.shape[1]} does not match the gallery's {self.dim} (embedder {self.embedder_id})")
+        return queries
+
+    def _fetch_rows(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's best `n` rows per query as (cosines, ids), best first (IVF-PQ: re-ranked on the stored vectors)."""
         fetch = n if self.vectors is None else min(len(self.rows), n * max(1, int(self.index_spec.refine_factor)))
         params = search_params(self.index, self.kind or "flat", self.index_spec, fetch, self._skip_selector())
         scores, ids = self.index.search(queries, fetch, params=params) if params is not None else self.index.search(queries, fetch)
         if self.vectors is not None:  # IVF-PQ codes fetched the rows; their order comes from the vectors
             scores, ids = rerank_on_vectors(self.vectors, queries, ids, n)
-        return [self._rank(q, s, i, k, n) for q, s, i in zip(queries, scores, ids)]
+        return scores, ids
 
     def _rank(self, query: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int, n: int) -> list[tuple[str, str, float]]:
         """One query's fetched rows -> its top `k` characters, the best `exact_top` (flat: all) with exact scores."""
@@ -374,7 +447,7 @@ class Gallery:
         codes = self.rows.owner[ids]
         live = codes >= 0
         codes, scores = codes[live], scores[live].tolist()
-        depth = AGGREGATE_DEPTH[self.aggregate]
+        depth = AGGREGATE_DEPTH.get(self.aggregate, 0)
         coded = self.vectors is not None  # IVF-PQ codes chose the rows: a character's best may be missing
         if depth == 1 and not coded:  # `max`: rows come best first, so each character's first row is its score (no re-scoring)
             best: dict[int, float] = {}
@@ -389,28 +462,26 @@ class Gallery:
         hits: dict[int, list[float]] = {}
         for c, s in zip(codes.tolist(), scores):
             hits.setdefault(c, []).append(s)
-        agg = AGGREGATORS[self.aggregate]
         entries: list[tuple[float, str, bool]] = []
         for c, ss in hits.items():
             name = self.rows.names[c]
-            need = min(depth, len(self.rows.members[name]))
+            need = min(self.depth(name), len(self.rows.members[name]))
             exact = len(ss) >= need and not coded
-            entries.append((-agg(ss if exact else ss + [floor] * (need - len(ss))), name, exact))
+            entries.append((-_topm_mean(ss if exact else ss + [floor] * (need - len(ss)), need), name, exact))
         sure = k if self.kind == "flat" else max(1, min(k, int(self.index_spec.exact_top)))
         while True:  # re-score the bounded characters among the best `sure` until those are all exact
             head = heapq.nsmallest(k, entries)
             stale = [name for _, name, exact in head[:sure] if not exact and self._rescorable(name)]
             if not stale:
                 return [(name, self.rows.series.get(name, ""), float(-neg)) for neg, name, _ in head]
-            fixed = self._exact_scores(query, stale, depth)
+            fixed = self._exact_scores(query, stale)
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
     def _rescorable(self, name: str) -> bool:
         return self._has_vectors() and len(self.rows.members[name]) <= _RESCORE_ROWS_MAX
 
-    def _exact_scores(self, query: np.ndarray, names: Sequence[str], depth: int) -> dict[str, float]:
+    def _exact_scores(self, query: np.ndarray, names: Sequence[str]) -> dict[str, float]:
         """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches."""
-        agg = AGGREGATORS[self.aggregate]
         out: dict[str, float] = {}
         batch: list[str] = []
         members = self.rows.members
@@ -421,8 +492,9 @@ class Gallery:
             sizes = [len(members[b]) for b in batch]
             sims = self._vectors(np.concatenate([self.rows.member_ids(b) for b in batch])) @ query
             for b, part in zip(batch, np.split(sims, np.cumsum(sizes)[:-1])):
+                depth = self.depth(b)
                 top = part if len(part) <= depth else np.partition(part, len(part) - depth)[-depth:]
-                out[b] = agg(top.tolist())
+                out[b] = _topm_mean(top.tolist(), depth)
             batch = []
         return out
 
@@ -446,6 +518,7 @@ class Gallery:
             "index_kind": kind_of(index),
             "prototypes": asdict(self.prototype_spec),
             "aggregate": self.aggregate,
+            "reference_rows": self.reference_rows,
             "index_sha256": index_sink.digest.hexdigest(),
             "vectors": vectors,
             "next_id": self.next_id,
@@ -474,6 +547,7 @@ class Gallery:
         g.index, g.kind = index, kind_of(index)
         g.rows = _read_rows(d, meta, meta_p)
         g.tombstones = {int(i) for i in meta.get("tombstones", [])}
+        g.reference_rows = int(meta["reference_rows"]) if meta.get("reference_rows") else None
         if meta.get("vectors"):
             g.vectors = VectorFile.open(d, meta["vectors"], g.dim)
             if len(g.vectors) != g.next_id:
@@ -530,22 +604,3 @@ def _read_index(index_p: Path, meta_p: Path, sha256: str | None) -> faiss.Index:
             return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
         except RuntimeError as exc:
             raise GalleryError(f"{index_p} is not a readable Faiss index ({str(exc).splitlines()[0][:120]}); rebuild the gallery") from None
-
-
-def _topm_mean(scores: list[float], m: int = 3) -> float:
-    top = sorted(scores, reverse=True)[:m]
-    return float(sum(top) / len(top))
-
-
-#: Row scores of one character -> its score.
-AGGREGATORS: dict[str, Callable[[list[float]], float]] = {
-    "max": lambda s: float(max(s)),
-    "top3_mean": _topm_mean,
-    "top5_mean": lambda s: _topm_mean(s, 5),
-}
-#: What a gallery built from a config without `aggregate` uses: the mean of a character's best three rows named at least
-#: as many pictures right as its best row alone in every closed run measured (README "Which aggregate"). Files
-#: without one load as `max`, as they were built.
-DEFAULT_AGGREGATE = "top3_mean"
-#: How many of a character's best rows each aggregator reads.
-AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}

@@ -150,7 +150,7 @@ def gallery_order(characters: Sequence[str]) -> np.ndarray:
 
 def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarray, embedder_id: str, dim: int,
                          embedder_config: Mapping[str, Any] | None = None, index: Any = None, prototypes: Any = None,
-                         aggregate: str = "max", progress: Callable[[int, int], None] | None = None,
+                         aggregate: str = DEFAULT_AGGREGATE, progress: Callable[[int, int], None] | None = None,
                          spill_dir: str | Path | None = None, chunk: int = 65_536) -> Gallery:
     """`Gallery.build` from precomputed vectors: ``(character, series, source)`` per row, characters sorted, rows in the
     given order within one, prototypes per character.
@@ -185,6 +185,7 @@ def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarr
                        expected_rows=n, train_sample=sample)
             if progress:
                 progress(b, n)
+        g.fix_reference()
         return g
     done = 0
     for c, group in itertools.groupby(order.tolist(), key=lambda i: rows[i][0]):  # one character at a time: its prototypes need all its vectors
@@ -193,6 +194,7 @@ def gallery_from_vectors(rows: Sequence[tuple[str, str, str]], vectors: np.ndarr
         done += len(idx)
         if progress:
             progress(done, n)
+    g.fix_reference()
     return g
 
 
