@@ -189,3 +189,23 @@ def test_blend_weight_fit_follows_the_source_that_knows_the_answer(tmp_path):
     assert 0.3 <= w <= 0.7, w
     back = OpenSetCalibration.load(OpenSetCalibration(0.05, {}, gallery_temperature=0.05, gallery_weight=w).save(tmp_path))
     assert back.gallery_weight == w
+
+
+def test_few_calibration_pictures_still_refuse_at_most_two_percent_of_new_right_answers():
+    """With 40 right answers the 2% order statistic is the lowest score, and a fresh picture falls below it 1/41 of
+    the time; the prediction bound brings new right answers refused to the 2% promised. From 250 pictures the order
+    statistic stands alone."""
+    from anime_role_detect.recognition.openset import genuine_floor
+
+    rng = np.random.default_rng(0)
+    impostor = np.linspace(0.7, 0.95, 200)  # near-twins: the 5% false-accept threshold (0.94) is above the genuine floor
+    got, order = [], []
+    for _ in range(400):
+        g = rng.normal(0.8, 0.05, 40)
+        fresh = rng.normal(0.8, 0.05, 5000)
+        got.append(float((fresh < calibrate(g, impostor, 0.05).threshold).mean()))
+        order.append(float((fresh < g.min()).mean()))
+    assert np.mean(order) > 0.023  # measured 0.024: the order statistic alone breaks the promise
+    assert np.mean(got) < 0.021, np.mean(got)  # measured 0.016
+    big = np.sort(rng.normal(0.8, 0.05, 300))
+    assert genuine_floor(big, 0.98) == big[6]  # 6 scores below it: the order statistic, unchanged

@@ -6,9 +6,9 @@ enrolled (an impostor score; the classifier's probabilities renormalised without
 the (1 - FAR) quantile of impostor scores, so about FAR of unseen characters still get a name, unless
 that would refuse more than `DEFAULT_MAX_FALSE_REJECT` (2%) of the known images the system answers
 *right* (refusing a wrong answer costs nothing; near-twins), in which case the achieved FAR is recorded
-instead. Fusion's threshold applies to the best gallery cosine (`GALLERY_COSINE`), not to its blended
-probability: a probability says which known character is likeliest, not whether the picture is one of
-them. Saved as ``calibration.json`` next to the gallery.
+instead; with few calibration pictures that share is placed by a normal prediction bound (`genuine_floor`).
+Fusion's threshold applies to the best gallery cosine (`GALLERY_COSINE`), not to its blended probability: a
+probability says which known character is likeliest, not whether the picture is one of them. Saved as ``calibration.json`` next to the gallery.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -174,6 +175,27 @@ def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise:
     return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
 
 
+#: Fewer genuine scores than this below the order statistic a threshold would take: too few to place the share of
+#: right answers refused, so the normal prediction bound may lower it (`genuine_floor`).
+ORDER_STATISTIC_MIN = 5
+
+
+def genuine_floor(genuine_sorted: np.ndarray, min_tar: float) -> float:
+    """The highest threshold expected to pass `min_tar` of *new* right answers, from sorted genuine scores.
+
+    The order statistic keeps `min_tar` of the calibration pictures; where fewer than `ORDER_STATISTIC_MIN` scores lie
+    below it (under 250 pictures at 98%) it rests on the few lowest, and fresh pictures fell below it 2-4 times as
+    often as promised (README "Which threshold"), so the lower of it and the normal prediction bound
+    ``mean - z sd sqrt(1 + 1/n)`` is taken."""
+    g = np.asarray(genuine_sorted, np.float64)
+    k = int(np.floor((1.0 - min_tar) * len(g)))
+    t = float(g[k])
+    if k < ORDER_STATISTIC_MIN and len(g) > 2:
+        z = NormalDist().inv_cdf(min_tar)
+        t = min(t, float(g.mean() - z * g.std(ddof=1) * np.sqrt(1.0 + 1.0 / len(g))))
+    return t
+
+
 def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: float = 0.05,
               min_tar: float = 1.0 - DEFAULT_MAX_FALSE_REJECT, score: str = TOP) -> ModeThreshold:
     """Threshold with at most `target_far` of impostor scores at or above it, lowered if needed so at least
@@ -187,8 +209,7 @@ def calibrate(genuine: Sequence[float], impostor: Sequence[float], target_far: f
     k = int(np.floor(target_far * len(imp)))  # impostors allowed through
     t = float(np.nextafter(imp[len(imp) - k - 1], np.inf)) if k < len(imp) else float(imp[0])
     if len(g) and min_tar > 0:
-        t_tar = float(g[int(np.floor((1.0 - min_tar) * len(g)))])  # keeps >= min_tar of genuine scores
-        t = min(t, t_tar)
+        t = min(t, genuine_floor(g, min_tar))
     far = float((imp >= t).mean())
     tar = float((g >= t).mean()) if len(g) else 0.0
     return ModeThreshold(threshold=t, false_accept_rate=round(far, 4), true_accept_rate=round(tar, 4),
