@@ -8,7 +8,8 @@ that would refuse more than `DEFAULT_MAX_FALSE_REJECT` (2%) of the known images 
 *right* (refusing a wrong answer costs nothing; near-twins), in which case the achieved FAR is recorded
 instead; with few calibration pictures that share is placed by a normal prediction bound (`genuine_floor`).
 Fusion's threshold applies to the best gallery cosine (`GALLERY_COSINE`), not to its blended probability: a
-probability says which known character is likeliest, not whether the picture is one of them. Saved as ``calibration.json`` next to the gallery.
+probability says which known character is likeliest, not whether the picture is one of them. Saved as
+``calibration.json`` next to the gallery.
 """
 
 from __future__ import annotations
@@ -184,9 +185,9 @@ def genuine_floor(genuine_sorted: np.ndarray, min_tar: float) -> float:
     """The highest threshold expected to pass `min_tar` of *new* right answers, from sorted genuine scores.
 
     The order statistic keeps `min_tar` of the calibration pictures; where fewer than `ORDER_STATISTIC_MIN` scores lie
-    below it (under 250 pictures at 98%) it rests on the few lowest, and fresh pictures fell below it 2-4 times as
-    often as promised (README "Which threshold"), so the lower of it and the normal prediction bound
-    ``mean - z sd sqrt(1 + 1/n)`` is taken."""
+    below it (under 250 pictures at 98%) it rests on the few lowest, and it refused 3.8% of right answers on
+    pictures set aside before training (README "Few calibration pictures"), so the lower of it and the normal
+    prediction bound ``mean - z sd sqrt(1 + 1/n)`` is taken."""
     g = np.asarray(genuine_sorted, np.float64)
     k = int(np.floor((1.0 - min_tar) * len(g)))
     t = float(g[k])
