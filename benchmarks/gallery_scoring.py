@@ -144,24 +144,44 @@ SCORINGS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def _fixed_at_build(name: str, rows: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """What a scoring fixes when its gallery is built, so that enrolling moves it not: the rows' centre (``+centred``)
+    or the smallest character's row count (``balanced``, ``top3_mean+few``)."""
+    if name.endswith("+centred"):
+        return {"centre": rows.mean(0)}
+    if name in ("balanced", "top3_mean+few"):
+        return {"n_ref": int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())}
+    return {}
+
+
+def score_all(rows: np.ndarray, labels: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+              enrolment: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, tuple[float, ...]]:
+    """Per scoring, top-1 (%) on `queries` of a gallery of `rows`: ``(closed,)``, or with `enrolment` = (rows, labels,
+    queries, truth) of characters enrolled after the build ``(closed, enrolled, others after enrolment)``."""
+    out: dict[str, tuple[float, ...]] = {}
+    for name, fn in SCORINGS.items():
+        kw = _fixed_at_build(name, rows, labels)
+        closed = 100 * float(np.mean(fn(rows, labels, queries, **kw) == truth))
+        if enrolment is None:
+            out[name] = (closed,)
+            continue
+        e_rows, e_labels, u_queries, u_truth = enrolment
+        after = fn(np.concatenate([rows, e_rows]), np.concatenate([labels, e_labels]), np.concatenate([u_queries, queries]), **kw)
+        out[name] = (closed, 100 * float(np.mean(after[: len(u_queries)] == u_truth)), 100 * float(np.mean(after[len(u_queries):] == truth)))
+    return out
+
+
 def run_set(s: RealSet, vecs: np.ndarray, seeds: Sequence[int], held_names: Sequence[str] | None) -> dict[str, np.ndarray]:
     """scoring -> [seeds, 3] of (closed, enrolled, others) top-1."""
     labels = np.array(s.labels)
-    out: dict[str, list[tuple[float, float, float]]] = {k: [] for k in SCORINGS}
+    out: dict[str, list[tuple[float, ...]]] = {k: [] for k in SCORINGS}
     for seed in seeds:
         held = list(held_names) if held_names else held_out(set(s.labels), seed, HELD_OUT)
         gal, test, enrol, utest = protocol(s, held, seed)
-        both = np.concatenate([gal, enrol])
-        centre = vecs[gal].mean(0)  # an enrolled character does not move the centre (the gallery's, fixed at build)
-        n_ref = int(np.bincount(np.unique(labels[gal], return_inverse=True)[1]).min())
-        for name, fn in SCORINGS.items():
-            kw = {"centre": centre} if name.endswith("+centred") else {"n_ref": n_ref} if name in ("balanced", "top3_mean+few") else {}
-            closed = float(np.mean(fn(vecs[gal], labels[gal], vecs[test], **kw) == labels[test]))
-            after = fn(vecs[both], labels[both], vecs[np.concatenate([utest, test])], **kw)
-            enrolled = float(np.mean(after[: len(utest)] == labels[utest]))
-            others = float(np.mean(after[len(utest):] == labels[test]))
-            out[name].append((closed, enrolled, others))
-    return {k: np.array(v) * 100 for k, v in out.items()}
+        got = score_all(vecs[gal], labels[gal], vecs[test], labels[test], (vecs[enrol], labels[enrol], vecs[utest], labels[utest]))
+        for name, v in got.items():
+            out[name].append(v)
+    return {k: np.array(v) for k, v in out.items()}
 
 
 def enrolment_files(set_root: Path, held: Sequence[str], seed: int) -> dict[str, list[str]]:
@@ -193,26 +213,18 @@ def score_run(d: Path) -> tuple[str, list[str]]:
     rows = embed_files(emb, [d / "pool" / f for f in split["train"]])  # the run's training pictures (hard links)
     queries = embed_files(emb, [set_root / f for f in test])  # set aside before training
     labels, truth = np.array([f.split("/")[0] for f in split["train"]]), np.array([f.split("/")[0] for f in test])
+    label = "/".join(d.parts[-4:])
     if protocol != "unseen":
-        return "/".join(d.parts[-4:]), [f"{100 * float(np.mean(fn(rows, labels, queries) == truth)):.1f}" for fn in SCORINGS.values()]
+        return label, [f"{v[0]:.1f}" for v in score_all(rows, labels, queries, truth).values()]
     from anime_role_detect.data.layout import scan_dataset
 
     held = held_out({r.character for r in scan_dataset(set_root)}, seed, HELD_OUT)
     files = enrolment_files(set_root, held, seed)
     enrol = [f for c in held for f in files[c][:SHOTS]]
     utest = [f for c in held for f in files[c][SHOTS:]]
-    e_rows, u_q = embed_files(emb, [set_root / f for f in enrol]), embed_files(emb, [set_root / f for f in utest])
-    both, both_labels = np.concatenate([rows, e_rows]), np.concatenate([labels, [f.split("/")[0] for f in enrol]])
-    u_truth = np.array([f.split("/")[0] for f in utest])
-    cells = []
-    n_ref = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
-    for name, fn in SCORINGS.items():
-        kw = {"n_ref": n_ref} if name in ("balanced", "top3_mean+few") else {}
-        closed = 100 * float(np.mean(fn(rows, labels, queries, **kw) == truth))
-        after = fn(both, both_labels, np.concatenate([u_q, queries]), **kw)
-        enrolled, others = 100 * float(np.mean(after[: len(utest)] == u_truth)), 100 * float(np.mean(after[len(utest):] == truth))
-        cells.append(f"{closed:.1f} / {enrolled:.1f} / {others:.1f}")
-    return "/".join(d.parts[-4:]), cells
+    enrolment = (embed_files(emb, [set_root / f for f in enrol]), np.array([f.split("/")[0] for f in enrol]),
+                 embed_files(emb, [set_root / f for f in utest]), np.array([f.split("/")[0] for f in utest]))
+    return label, [" / ".join(f"{x:.1f}" for x in v) for v in score_all(rows, labels, queries, truth, enrolment).values()]
 
 
 def score_runs(dirs: Sequence[Path]) -> str:
