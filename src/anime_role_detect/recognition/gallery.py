@@ -22,6 +22,7 @@ import hashlib
 import heapq
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -95,12 +96,6 @@ def _topm_mean(scores: list[float], m: int = 3) -> float:
     return float(sum(top) / len(top))
 
 
-#: Row scores of one character -> its score (the fixed-depth aggregates).
-AGGREGATORS: dict[str, Callable[[list[float]], float]] = {
-    "max": lambda s: float(max(s)),
-    "top3_mean": _topm_mean,
-    "top5_mean": lambda s: _topm_mean(s, 5),
-}
 #: `balanced`: the mean of a character's best ``max(1, round(3 n / n_ref))`` rows, ``n`` its row count and ``n_ref`` the
 #: smallest character's when the gallery was built (`Gallery.reference_rows`). Every character is scored on the same
 #: share of its rows, so one enrolled from 5 pictures is not outscored by the best of another's 300 rows; a gallery of
@@ -111,9 +106,11 @@ BALANCED_TOP = 3  # the smallest character's depth: `balanced` is `top3_mean` on
 #: as many pictures right as its best row alone in every closed run measured (README "Which aggregate"). Files
 #: without one load as `max`, as they were built.
 DEFAULT_AGGREGATE = "top3_mean"
-#: How many of a character's best rows each aggregator reads (`balanced`: per character, `Gallery.depth`).
+#: How many of a character's best rows each aggregate averages (`balanced`: per character, `Gallery.depth`).
 AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}
 AGGREGATES = (*AGGREGATE_DEPTH, BALANCED)
+#: Row scores of one character -> its score (the fixed-depth aggregates: the mean of its best `AGGREGATE_DEPTH` rows).
+AGGREGATORS: dict[str, Callable[[list[float]], float]] = {name: partial(_topm_mean, m=d) for name, d in AGGREGATE_DEPTH.items()}
 
 
 class Gallery:
