@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from anime_role_detect.fusion.featurelog import FeatureLog
+from anime_role_detect.fusion.selection import is_holdout
 from anime_role_detect.registry import Registry
 
 from .conftest import Server, start_server
@@ -233,12 +234,15 @@ def test_kill_during_an_enrolment_loses_nothing(tmp_path, registry, service_data
 # ------------------------------------------------------------------------------------------- fusion and reload
 
 
+HOLDOUT_FRACTION = 0.25  # fusion's evaluation.holdout_fraction in these tests (its shipped default)
+
+
 def run_fusion(server: Server, registry: Path, out: Path) -> dict:
     """`python -m anime_role_detect.fusion` on the server's feature log and registry; its one-line JSON report."""
     env = {**os.environ, "ARD_ROOT": str(server.workdir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "anime_role_detect.fusion", f"log_dir={server.workdir / 'featurelog'}",
-                        f"registry_dir={registry}", "force=true", "promote=true", f"hydra.run.dir={out}", f"output_dir={out}",
-                        "log.console_level=WARNING"], cwd=server.workdir, env=env, capture_output=True, text=True, timeout=600,
+                        f"registry_dir={registry}", "force=true", "promote=true", f"evaluation.holdout_fraction={HOLDOUT_FRACTION}",
+                        f"hydra.run.dir={out}", f"output_dir={out}", "log.console_level=WARNING"], cwd=server.workdir, env=env, capture_output=True, text=True, timeout=600,
                        check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
@@ -279,9 +283,10 @@ def test_kill_during_a_fusion_triggered_reload_loses_nothing(tmp_path, registry,
             traffic = Traffic(server, pictures, f"round{attempt}")
             traffic.wait_for(10)
             answers += traffic.stop()  # quiet now: only the test's own polls start the reload
-            # a correction naming a character the gallery lacks gives fusion a new example every round (a picture
-            # not corrected in an earlier round: one already fused is not a new example)
-            sha = next(a["image_sha256"] for a in reversed(answers) if a["image_sha256"] not in corrected)
+            # a correction naming a character the gallery lacks gives fusion a new example every round: a picture not
+            # corrected in an earlier round (one already fused is not new) and not one fusion holds back for its gate
+            sha = next(a["image_sha256"] for a in reversed(answers)
+                       if a["image_sha256"] not in corrected and not is_holdout(f"{a['image_sha256']}#0", HOLDOUT_FRACTION))
             corrected.add(sha)
             r = httpx.post(f"{server.url}/api/feedback", timeout=60, json={"image_sha256": sha, "correct_role": f"kill_newcomer_{attempt}"})
             assert r.status_code == 200, r.text

@@ -61,9 +61,10 @@ class Example:
 _KIND_PRIORITY = {"corrected": 0, "confirmed": 1, "unconfirmed": 2}
 
 
-def _is_holdout(source: str, fraction: float) -> bool:
-    """Deterministic split of feedback examples: the same record is always held back (or never)."""
-    h = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+def is_holdout(split_key: str, fraction: float) -> bool:
+    """Deterministic split of feedback examples by `split_key` (``"<image sha256>#<detection index>"``): the same
+    picture is always held back for the gate (or never)."""
+    h = int(hashlib.sha1(split_key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return h < fraction
 
 
@@ -130,7 +131,7 @@ def collect_examples(records: Iterable[LogRecord], embedder_id: str, dim: int, p
                 ex = Example(role, series, rec.embeddings[i], kind, 1.0, source)
                 # split by image content: the same picture logged twice never lands on both sides
                 split_key = f"{rec.image_sha256 or rec.id}#{i}"
-                (holdout if _is_holdout(split_key, holdout_fraction) else add).append(ex)
+                (holdout if is_holdout(split_key, holdout_fraction) else add).append(ex)
                 continue
             if not policy.include_unconfirmed:
                 skipped["unconfirmed_disabled"] += 1
