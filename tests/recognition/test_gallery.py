@@ -100,6 +100,13 @@ def test_corrupt_or_mismatched_files_are_clear_errors(tmp_path):
     (tmp_path / "gallery.json").write_text("{not json")
     with pytest.raises(GalleryError, match="corrupt"):
         Gallery.load(tmp_path)
+    g.save(tmp_path)
+    for key, bad in (("reference_rows", "three"), ("tombstones", ["x"]), ("tombstones", 7)):
+        meta = json.loads((tmp_path / "gallery.json").read_text())
+        (tmp_path / "gallery.json").write_text(json.dumps({**meta, key: bad}))
+        with pytest.raises(GalleryError, match="corrupt"):
+            Gallery.load(tmp_path)
+        g.save(tmp_path)
 
 
 def test_crash_during_save_never_leaves_a_gallery_that_loads_wrong(tmp_path, monkeypatch):

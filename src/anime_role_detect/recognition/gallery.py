@@ -543,8 +543,11 @@ class Gallery:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
         g.index, g.kind = index, kind_of(index)
         g.rows = _read_rows(d, meta, meta_p)
-        g.tombstones = {int(i) for i in meta.get("tombstones", [])}
-        g.reference_rows = int(meta["reference_rows"]) if meta.get("reference_rows") else None
+        try:  # hand-edited or damaged counts: a one-line error, not a ValueError from int()
+            g.tombstones = {int(i) for i in meta.get("tombstones", [])}
+            g.reference_rows = int(meta["reference_rows"]) if meta.get("reference_rows") else None
+        except (ValueError, TypeError) as exc:
+            raise GalleryError(f"{meta_p} is corrupt (tombstones / reference_rows: {exc}); rebuild the gallery") from None
         if meta.get("vectors"):
             g.vectors = VectorFile.open(d, meta["vectors"], g.dim)
             if len(g.vectors) != g.next_id:
