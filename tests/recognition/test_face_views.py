@@ -197,6 +197,20 @@ def test_a_bad_face_view_setting_is_a_one_line_error(cfg, needle):
         FaceViewSpec.from_mapping(cfg)
 
 
+def test_a_face_view_on_another_detector_gets_only_its_own_options(tmp_path):
+    """animeface's face-view defaults (min_likelihood, max_side, ...) fill in an animeface setting only: another kind
+    is built from what was written, so a YOLO face model fails on its weights, not on options it never had."""
+    from anime_role_detect.errors import WeightsError
+
+    tuned = FaceViewSpec.from_mapping({"enabled": True, "detector": {"max_side": 768}})
+    assert tuned.detector["kind"] == "animeface" and tuned.detector["max_side"] == 768 and tuned.detector["expand"] == 0.33
+    none = FaceFinder(FaceViewSpec.from_mapping({"enabled": True, "detector": {"kind": "none"}}))
+    assert none.boxes([Image.new("RGB", (64, 96))]) == [None]  # no face found: the picture keeps its figure view
+    missing = tmp_path / "faces.pt"
+    with pytest.raises(WeightsError, match=re.escape(str(missing))):
+        FaceFinder(FaceViewSpec.from_mapping({"enabled": True, "detector": {"kind": "yolo", "weights": str(missing)}}))
+
+
 def test_a_mistyped_face_view_key_fails_even_when_the_views_are_off(tmp_path):
     """`data.face_view` is checked before training whether or not it is enabled: a typo never passes silently."""
     from anime_role_detect.data.datamodule import CharacterDataModule

@@ -59,8 +59,7 @@ class FaceViewSpec:
         margin = float(cfg.get("margin", 0.1))
         if margin < 0:
             raise ConfigError(f"face_view.margin={margin} is negative; use a fraction such as 0.1")
-        detector = {**DEFAULT_FACE_DETECTOR, **dict(cfg.get("detector") or {})}
-        return cls(bool(cfg.get("enabled", False)), weight, margin, detector)
+        return cls(bool(cfg.get("enabled", False)), weight, margin, _face_detector(cfg.get("detector")))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "detector": dict(self.detector)}
@@ -69,6 +68,14 @@ class FaceViewSpec:
     def key(self) -> str:
         """Short fingerprint of how faces are found and cropped (cache files and model ids)."""
         return hashlib.sha1(json.dumps({"m": self.margin, "d": dict(self.detector)}, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _face_detector(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The face view's detector config: animeface's face-view defaults under what `given` sets; another detector kind
+    (a YOLO face model, ``none``) exactly as given, since animeface's options are not its options."""
+    given = dict(given or {})
+    named = given.get("kind") or given.get("name")  # `name`: the legacy key `build_detector` still reads
+    return {**DEFAULT_FACE_DETECTOR, **given} if named in (None, "", DEFAULT_FACE_DETECTOR["kind"]) else given
 
 
 class FaceFinder:
