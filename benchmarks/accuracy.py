@@ -61,6 +61,8 @@ RECIPES: dict[str, list[str]] = {
     "ema": ["callbacks=[default,ema]"],  # moving average of the weights, horizon a tenth of the run (training/ema.py)
     "res288": ["data.image_size=288"],  # resolution: 288 px instead of the workflow's 224 (about 1.65x the compute)
     "faceview": ["data.face_view.enabled=true"],  # also trained on each picture's face; recognised on face + figure
+    # also trained on each picture's top centre (detector `region`, a head prior); recognised on head + figure
+    "headview": ["data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
 EVAL_VARIANTS: dict[str, list[str]] = {
@@ -70,7 +72,9 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
     "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
     "max": ["gallery_build.aggregate=max"],  # a character's best row is its score (top3_mean: the mean of its best three)
-    "balanced": ["gallery_build.aggregate=balanced"],  # every character scored on the same share of its rows (recognition/gallery.py)
+    "balanced": ["gallery_build.aggregate=balanced"],
+    # the picture's top centre (detector `region`) as a second view beside the figure: a head view with no face detector
+    "headcrop": ["embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],  # every character scored on the same share of its rows (recognition/gallery.py)
 }
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2

@@ -48,12 +48,12 @@ def test_crop_box_adds_margin_and_stays_inside_the_image():
 
 
 def test_registry_builds_every_configured_detector_from_its_yaml():
-    assert set(available_detectors()) >= {"yolo", "animeface", "none"}
+    assert set(available_detectors()) >= {"yolo", "animeface", "region", "none"}
     for yaml_file in sorted(CONF_DIR.glob("*.yaml")):
         cfg = OmegaConf.load(yaml_file)
         det = build_detector(cfg)  # yolo.yaml ships with weights: null (no detector trained yet)
         assert isinstance(det, Detector) and det.name == cfg.kind == yaml_file.stem and "name" not in cfg
-    assert {p.stem for p in CONF_DIR.glob("*.yaml")} == {"yolo", "animeface", "none"}
+    assert {p.stem for p in CONF_DIR.glob("*.yaml")} == {"yolo", "animeface", "region", "none"}
 
 
 def test_no_detector_finds_nothing_so_the_whole_image_is_used():
@@ -72,7 +72,7 @@ def test_the_legacy_name_key_still_builds_a_detector_for_one_release():
 
 
 def test_bad_detector_configs_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="detector.kind='retinaface' is unknown; choose from animeface, none, yolo"):
+    with pytest.raises(ConfigError, match="detector.kind='retinaface' is unknown; choose from animeface, none, region, yolo"):
         build_detector({"kind": "retinaface"})
     with pytest.raises(ConfigError, match="disagree"):
         build_detector({"kind": "yolo", "name": "animeface"})
@@ -83,6 +83,20 @@ def test_bad_detector_configs_are_one_line_errors(tmp_path):
         build_detector({"kind": "yolo", "weights": None, "conf": 1.5})
     with pytest.raises(ConfigError, match="min_likelihood"):
         build_detector({"kind": "animeface", "min_likelihood": 2})
+    for box in ([0.5, 0.0, 0.2, 0.5], [0.0, 0.0, 1.2, 0.5], [0.1, 0.2], "top"):
+        with pytest.raises(ConfigError, match="detector.box=") as err:
+            build_detector({"kind": "region", "box": box})
+        assert "\n" not in str(err.value)
+
+
+def test_region_is_the_same_part_of_every_picture_in_its_pixels():
+    """The head prior: the top centre by default, any fractions given, scaled to each picture's own size."""
+    det = build_detector({"kind": "region"})
+    got = det.detect([Image.new("RGB", (200, 300)), Image.new("RGB", (640, 360))])
+    assert [b.as_list() for [b] in got] == [[40.0, 0.0, 160.0, 150.0], [128.0, 0.0, 512.0, 180.0]]
+    assert {b.label for [b] in got} == {"head"}
+    [[box]] = build_detector({"kind": "region", "box": [0.0, 0.5, 1.0, 1.0], "label": "legs"}).detect([Image.new("RGB", (100, 80))])
+    assert box.as_list() == [0.0, 40.0, 100.0, 80.0] and box.label == "legs"
 
 
 def test_missing_yolo_weights_name_the_file_and_how_to_make_weights(tmp_path):

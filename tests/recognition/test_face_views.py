@@ -131,6 +131,37 @@ def test_views_mix_the_figure_and_the_face_and_a_faceless_picture_keeps_its_figu
     assert views.model_id.startswith(inner.model_id + "+face") and views.dim == inner.dim
 
 
+def test_a_region_head_view_needs_no_face_detector_and_the_version_keeps_it(tmp_path, face_data, face_trained, renders):
+    """``face_view.detector: {kind: region}``: every picture gets its top centre as a second view, mixed with its figure
+    like a face (no face detector runs); the version records the setting, so it loads and answers on the same views."""
+    import json
+
+    from anime_role_detect.recognition.build import build_recognition_folder
+    from anime_role_detect.recognition.embedder import ClassifierEmbedder
+
+    spec = FaceViewSpec.from_mapping({"enabled": True, "weight": 0.5, "margin": 0.0, "detector": {"kind": "region"}})
+    assert spec.detector == {"kind": "region"}
+    inner = ClassifierEmbedder(str(face_trained[0]), device="cpu")
+    images = [img for img, _, _ in renders[:4]] + [Image.new("RGB", (SIZE, SIZE), (200, 210, 220))]
+    heads = FaceFinder(spec).faces(images)
+    assert all(h is not None and h.size == (round(0.6 * SIZE), SIZE // 2) for h in heads)  # the blank one too
+    got = FaceFigureModel(inner, spec).embed(images)
+    fig, head = inner.embed(images), inner.embed(heads)
+    mixed = 0.5 * fig + 0.5 * head
+    np.testing.assert_allclose(got, mixed / np.linalg.norm(mixed, axis=1, keepdims=True), atol=1e-5)
+
+    out = tmp_path / "v1"
+    setting = "embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"
+    build_recognition_folder(face_data, out, infer_cfg(["embedder=classifier", "tagger=none", setting]), model_ckpt=face_trained[0],
+                             val_fraction=0.25, seed=0)
+    saved = json.loads((out / "gallery.json").read_text())["embedder"]
+    assert saved["config"]["face_view"]["detector"] == {"kind": "region"} and "+face" in saved["id"]
+    rec = _recognizer(out)
+    answers = rec.recognize_batch([(img, f"{i}.png") for i, (img, _, _) in enumerate(renders)], mode="fusion")
+    assert np.mean([a.role == name for a, (_, _, name) in zip(answers, renders)]) >= 0.5  # 6 characters: chance is 17%
+    np.testing.assert_allclose(rec.embedder.embed(images[:4]), got[:4], atol=1e-5)  # loaded on the views it was built with
+
+
 def _hide_face(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """The picture with the head of its figure painted over (the generator draws it at 30% of the figure's height)."""
     x0, y0, x1, y1 = box
@@ -206,6 +237,13 @@ def test_a_face_view_on_another_detector_gets_only_its_own_options(tmp_path):
     assert tuned.detector["kind"] == "animeface" and tuned.detector["max_side"] == 768 and tuned.detector["expand"] == 0.33
     none = FaceFinder(FaceViewSpec.from_mapping({"enabled": True, "detector": {"kind": "none"}}))
     assert none.boxes([Image.new("RGB", (64, 96))]) == [None]  # no face found: the picture keeps its figure view
+    # Hydra merges a mapping override into the config's: the shipped one names only the kind, so none of animeface's
+    # options ride along into another detector
+    train_cfg = compose("train", ["data.face_view.enabled=true", "data.face_view.detector={kind:region}"])
+    from omegaconf import OmegaConf
+
+    head = FaceFinder(FaceViewSpec.from_mapping(OmegaConf.to_container(train_cfg.data.face_view)))
+    assert [b.label for b in head.boxes([Image.new("RGB", (64, 96))])] == ["head"]
     missing = tmp_path / "faces.pt"
     with pytest.raises(WeightsError, match=re.escape(str(missing))):
         FaceFinder(FaceViewSpec.from_mapping({"enabled": True, "detector": {"kind": "yolo", "weights": str(missing)}}))
