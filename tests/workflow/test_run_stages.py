@@ -80,13 +80,19 @@ def test_json_list_overrides_become_hydra_overrides():
     assert list(cfg.extra_datasets) == ["/data/it's here, [v2]"] and list(cfg.train.overrides) == ["data=folder", "~experiment"]
 
 
-@pytest.mark.parametrize("on", [False, True])
-def test_workflow_face_view_reaches_the_training_config(tmp_path, on):
-    """`train.face_view` (the workflow's one switch for face + figure views) becomes ``data.face_view.enabled``."""
+@pytest.mark.parametrize("on, kind, margin", [(False, "animeface", 0.1), (True, "animeface", 0.1), ("head", "region", 0.0)])
+def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, margin):
+    """`train.face_view` (the workflow's one switch for face + figure views) sets ``data.face_view``: off, animeface
+    faces, or the head view (detector `region`, no animeface options carried along); anything else is one line."""
+    from anime_role_detect.errors import ConfigError
     from anime_role_detect.workflow.context import RunContext
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
     cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", f"train.face_view={on}"])
     ctx = RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
     tcfg = compose_train_config(ctx, None)
-    assert tcfg.data.face_view.enabled is on and tcfg.data.face_view.detector.kind == "animeface"
+    assert tcfg.data.face_view.enabled is bool(on) and tcfg.data.face_view.margin == margin
+    assert tcfg.data.face_view.detector.kind == kind and (kind == "animeface" or set(tcfg.data.face_view.detector) == {"kind"})
+    cfg.train.face_view = "faces"
+    with pytest.raises(ConfigError, match="train.face_view='faces' is not a choice; use false, true"):
+        compose_train_config(ctx, None)

@@ -10,6 +10,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ..confutil import compose_config
+from ..errors import ConfigError
 from ..log import get_logger
 from .context import RunContext
 from .progress import Progress
@@ -53,12 +54,29 @@ def hydra_quote(value: Any) -> str:
     return "'" + str(value).replace("'", "\\'").replace("${", "\\${") + "'"
 
 
+#: `train.face_view` -> the mapping merged into the training config's ``data.face_view`` (docs/training.md)
+FACE_VIEW_SETTINGS: dict[str, str] = {
+    "false": "{enabled:false}",
+    "true": "{enabled:true}",  # each picture's animeface face
+    "head": "{enabled:true,margin:0.0,detector:{kind:region}}",  # its top centre: no detector to run
+}
+
+
+def face_view_setting(value: Any) -> str:
+    """The ``data.face_view`` override for a `train.face_view` value, or a one-line error naming the choices."""
+    key = str(value).strip().lower()  # YAML's true / false arrive as bools
+    if key not in FACE_VIEW_SETTINGS:
+        raise ConfigError(f"train.face_view={value!r} is not a choice; use false, true (animeface faces) or head "
+                          "(each picture's top centre, no face detector)")
+    return FACE_VIEW_SETTINGS[key]
+
+
 def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
     tcfg = ctx.cfg.train
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
               "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
-              "face_view": str(bool(tcfg.get("face_view", False))).lower()}
+              "face_view": face_view_setting(tcfg.get("face_view", False))}
     overrides = [str(o) for o in tcfg.get("overrides") or []]
     overrides += [str(b).format(**values) for b in tcfg.bind]
     log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
