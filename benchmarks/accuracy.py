@@ -63,6 +63,8 @@ RECIPES: dict[str, list[str]] = {
     "faceview": ["data.face_view.enabled=true"],  # also trained on each picture's face; recognised on face + figure
     # also trained on each picture's top centre (detector `region`, a head prior); recognised on head + figure
     "headview": ["data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],
+    # headview at the recipe's training cost: each picture is one sample per epoch, its head view half the time
+    "headmix": ["data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}", "data.view_sampling=either"],
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
 EVAL_VARIANTS: dict[str, list[str]] = {

@@ -27,12 +27,17 @@ from .layout import ImageRecord, class_names, scan_dataset, series_of, stratifie
 from .samplers import PKSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, check_resize
 
+Box = tuple[float, float, float, float]
 BALANCE_MODES = ("none", "class_weights", "sampler", "pk")
+#: how a training picture with a face view is sampled each epoch: ``both`` its figure and its face as two samples
+#: (twice the steps), ``either`` one sample that is its face with probability 0.5 (the cost of training without views)
+VIEW_SAMPLING = ("both", "either")
 
 
 class CharacterImageDataset(Dataset):
     """Records -> (image tensor, character index, multi-hot tag vector); a record with a crop box is that region
-    of its picture (a face view, `CharacterDataModule.add_face_views`)."""
+    of its picture (a face view, `CharacterDataModule.add_face_views`); one with an `alternate` box is that region
+    or the whole picture, drawn afresh at each load with probability `alternate_p`."""
 
     def __init__(
         self,
@@ -42,6 +47,8 @@ class CharacterImageDataset(Dataset):
         tag_to_idx: Mapping[str, int],
         transform: Callable,
         crops: Sequence[tuple[float, float, float, float] | None] | None = None,
+        alternates: Sequence[tuple[float, float, float, float] | None] | None = None,
+        alternate_p: float = 0.5,
     ) -> None:
         self.records = list(records)
         self.root = Path(root)
@@ -49,6 +56,8 @@ class CharacterImageDataset(Dataset):
         self.tag_to_idx = dict(tag_to_idx)
         self.transform = transform
         self.crops = list(crops) if crops is not None else [None] * len(self.records)
+        self.alternates = list(alternates) if alternates is not None else [None] * len(self.records)
+        self.alternate_p = float(alternate_p)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -64,6 +73,8 @@ class CharacterImageDataset(Dataset):
         rec = self.records[i]
         img = load_image(rec.path(self.root))  # verified readable at setup
         box = self.crops[i]
+        if self.alternates[i] is not None and float(torch.rand(())) < self.alternate_p:  # torch's RNG: seeded per worker
+            box = self.alternates[i]
         if box is not None:
             img = img.crop(tuple(int(round(v)) for v in box))
         return self.transform(img), self.class_to_idx[rec.character], self.tag_vector(rec)
@@ -93,10 +104,13 @@ class CharacterDataModule(L.LightningDataModule):
         resize: str = "center_crop",
         face_view: Mapping[str, Any] | None = None,
         pk_per_class: int = 4,
+        view_sampling: str = "both",
     ) -> None:
         super().__init__()
         if balance not in BALANCE_MODES:
             raise ConfigError(f"data.balance={balance!r}: choose one of {', '.join(BALANCE_MODES)}")
+        if view_sampling not in VIEW_SAMPLING:
+            raise ConfigError(f"data.view_sampling={view_sampling!r}: choose one of {', '.join(VIEW_SAMPLING)}")
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size={batch_size}: must be at least 1")
         self.root = Path(root).expanduser()
@@ -120,6 +134,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.resize = check_resize(resize)
         self.face_view_setting = dict(face_view) if face_view else None  # as configured: training checks it, on or off
         self.face_view = dict(face_view) if face_view and face_view.get("enabled") else None  # training adds the views
+        self.view_sampling = view_sampling
         self.face_crops: dict[str, tuple[float, float, float, float]] = {}
         self.class_names: list[str] = []
         self.series: dict[str, str] = {}
@@ -273,18 +288,21 @@ class CharacterDataModule(L.LightningDataModule):
         self.face_crops = {k: tuple(float(v) for v in box) for k, box in crops.items() if box is not None and k in train}  # type: ignore[misc]
         return len(self.face_crops)
 
-    def _train_items(self) -> tuple[list[ImageRecord], list[tuple[float, float, float, float] | None]]:
+    def _train_items(self) -> tuple[list[ImageRecord], list[Box | None], list[Box | None] | None]:
+        """Training records, their crop boxes and (``view_sampling=either``) the face box each may be swapped for."""
+        if self.view_sampling == "either":
+            return self.train_records, [None] * len(self.train_records), [self.face_crops.get(r.file_name) for r in self.train_records]
         faces = [r for r in self.train_records if r.file_name in self.face_crops]
-        return self.train_records + faces, [None] * len(self.train_records) + [self.face_crops[r.file_name] for r in faces]
+        return self.train_records + faces, [None] * len(self.train_records) + [self.face_crops[r.file_name] for r in faces], None
 
-    def _dataset(self, records: Sequence[ImageRecord], train: bool,
-                 crops: Sequence[tuple[float, float, float, float] | None] | None = None) -> CharacterImageDataset:
+    def _dataset(self, records: Sequence[ImageRecord], train: bool, crops: Sequence[Box | None] | None = None,
+                 alternates: Sequence[Box | None] | None = None) -> CharacterImageDataset:
         tf = (
             build_train_transform(self.image_size, self.mean, self.std, self.augment, self.resize)
             if train
             else build_eval_transform(self.image_size, self.mean, self.std, self.resize)
         )
-        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops)
+        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops, alternates)
 
     def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
@@ -299,7 +317,7 @@ class CharacterDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        records, crops = self._train_items()
+        records, crops, alternates = self._train_items()
         sampler, batch_size = None, None
         if self.balance == "pk":
             labels = [self.class_to_idx[r.character] for r in records]
@@ -309,7 +327,8 @@ class CharacterDataModule(L.LightningDataModule):
             counts = Counter(r.character for r in records)
             weights = [1.0 / max(1, counts[r.character]) for r in records]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=torch.Generator().manual_seed(self.seed))
-        return self._loader(self._dataset(records, train=True, crops=crops), shuffle=True, sampler=sampler, batch_size=batch_size)
+        return self._loader(self._dataset(records, train=True, crops=crops, alternates=alternates), shuffle=True, sampler=sampler,
+                            batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.val_records, train=False), shuffle=False)
