@@ -337,3 +337,46 @@ def test_models_wrapped_on_the_same_views_find_each_face_once(face_trained, rend
         assert calls == [4, 4]
     finally:
         gallery_side.finder.detector = real
+
+
+@pytest.mark.parametrize("bad", ["twice", ""])
+def test_a_bad_view_sampling_is_a_one_line_error(tmp_path, bad):
+    from anime_role_detect.data.datamodule import CharacterDataModule
+    from anime_role_detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.view_sampling=.*choose one of both, either"):
+        CharacterDataModule(str(tmp_path), view_sampling=bad)
+
+
+def test_either_view_sampling_trains_each_picture_once_per_epoch_as_its_figure_or_its_head(tmp_path, face_data):
+    """``data.view_sampling=either``: an epoch holds each training picture once (the steps of training without views),
+    drawn afresh as its whole figure or its head view, about half each; ``both`` (the default) holds both views."""
+    import torch
+
+    from anime_role_detect.data.datamodule import CharacterDataModule
+    from anime_role_detect.training import _add_face_views
+
+    def module(sampling: str) -> CharacterDataModule:
+        dm = CharacterDataModule(str(face_data), image_size=32, split_dir=str(tmp_path / "splits"), resize="squash",
+                                 augment={"scale": None, "hflip": 0, "rotation": 0, "color_jitter": None}, seed=0,
+                                 face_view={"enabled": True, "margin": 0.0, "detector": {"kind": "region"}}, view_sampling=sampling)
+        dm.prepare_data()
+        dm.setup("fit")
+        _add_face_views(dm)
+        return dm
+
+    either, both = module("either"), module("both")
+    n = len(either.train_records)
+    assert len(either.face_crops) == n  # the region view exists for every picture
+    assert len(either.train_dataloader().dataset) == n and len(both.train_dataloader().dataset) == 2 * n
+    ref = both.train_dataloader().dataset  # deterministic transform: items [0, n) figures, [n, 2n) their heads
+    ds = either.train_dataloader().dataset
+    torch.manual_seed(0)
+    heads = 0
+    for _ in range(3):
+        for i in range(n):
+            x = ds[i][0]
+            is_figure, is_head = torch.allclose(x, ref[i][0], atol=1e-5), torch.allclose(x, ref[n + i][0], atol=1e-5)
+            assert is_figure != is_head, f"picture {i} was loaded as neither its figure nor its head view"
+            heads += is_head
+    assert 0.35 < heads / (3 * n) < 0.65, heads / (3 * n)
