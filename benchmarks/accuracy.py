@@ -51,8 +51,11 @@ from anime_role_detect.fsutil import atomic_write_json
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
 SYNTHETIC = "sameface"
 #: recipe name -> train.py overrides on top of the workflow's training recipe
+HEAD = "data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"
+TEN_EPOCHS = ["trainer.max_epochs=10", "callbacks.early_stopping.patience=4"]
 RECIPES: dict[str, list[str]] = {
-    "recipe": [],
+    "recipe": [],  # the workflow's: head + figure views, 6 epochs (conf/workflow.yaml train.face_view: head)
+    "figure": ["data.face_view={enabled:false}", *TEN_EPOCHS],  # figure only, 10 epochs: the workflow's recipe before head views
     "identity": ["model.embedding.dim=256"],
     "supcon": ["model.embedding.dim=256", "model.embedding.loss=supcon", "data.balance=pk"],  # in-batch, P x K batches
     "letterbox": ["data.resize=letterbox"],
@@ -60,11 +63,11 @@ RECIPES: dict[str, list[str]] = {
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
     "ema": ["callbacks=[default,ema]"],  # moving average of the weights, horizon a tenth of the run (training/ema.py)
     "res288": ["data.image_size=288"],  # resolution: 288 px instead of the workflow's 224 (about 1.65x the compute)
-    "faceview": ["data.face_view.enabled=true"],  # also trained on each picture's face; recognised on face + figure
-    # also trained on each picture's top centre (detector `region`, a head prior); recognised on head + figure
-    "headview": ["data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],
-    # headview at the recipe's training cost: each picture is one sample per epoch, its head view half the time
-    "headmix": ["data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}", "data.view_sampling=either"],
+    # the animeface face instead of the head view (Hydra merges the mapping: margin and detector are set again)
+    "faceview": ["data.face_view={enabled:true,weight:0.5,margin:0.1,detector:{kind:animeface}}", *TEN_EPOCHS],
+    "headview": [HEAD, *TEN_EPOCHS],  # head + figure views, 10 epochs (about 1.7x the recipe's training)
+    # head + figure at the figure-only run's cost: each picture is one sample per epoch, its head view half the time
+    "headmix": [HEAD, "data.view_sampling=either", *TEN_EPOCHS],
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
 EVAL_VARIANTS: dict[str, list[str]] = {
@@ -161,10 +164,13 @@ def set_aside_test(root: Path, seed: int, fraction: float, cache: Path) -> tuple
 
 # -- train / build / evaluate -----------------------------------------------------------------------
 def workflow_recipe() -> list[str]:
-    """The training overrides the workflow uses today (conf/workflow.yaml train.overrides)."""
+    """The training overrides the workflow uses today: conf/workflow.yaml's face-view schedule, train.overrides and
+    face view, in the order `workflow.training_bridge.compose_train_config` applies them."""
     from anime_role_detect.confutil import compose_plain
+    from anime_role_detect.workflow.training_bridge import face_view_schedule, face_view_setting
 
-    return list(compose_plain("workflow")["train"]["overrides"])
+    tcfg = compose_plain("workflow")["train"]
+    return [*face_view_schedule(tcfg), *tcfg["overrides"], f"data.face_view={face_view_setting(tcfg.get('face_view', False))}"]
 
 
 def cpu_seconds() -> float:

@@ -96,3 +96,32 @@ def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, marg
     cfg.train.face_view = "faces"
     with pytest.raises(ConfigError, match="train.face_view='faces' is not a choice; use false, true"):
         compose_train_config(ctx, None)
+
+
+@pytest.mark.parametrize("on, epochs, patience", [(False, 10, 4), (True, 10, 4), ("head", 6, 3)])
+def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_path, on, epochs, patience):
+    """`train.face_view_overrides`: a head view doubles the samples of an epoch, so it trains 6 epochs where figure-only
+    training takes 10 (about the same passes over the pictures); an epoch count in `train.overrides` still wins."""
+    from anime_role_detect.workflow.context import RunContext
+    from anime_role_detect.workflow.training_bridge import compose_train_config
+
+    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", f"train.face_view={on}"])
+    cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]  # conf's, no schedule
+    ctx = RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
+    tcfg = compose_train_config(ctx, None)
+    assert (tcfg.trainer.max_epochs, tcfg.callbacks.early_stopping.patience) == (epochs, patience)
+    cfg.train.overrides = [*cfg.train.overrides, "trainer.max_epochs=2"]
+    assert compose_train_config(ctx, None).trainer.max_epochs == 2
+
+
+def test_the_workflow_trains_on_head_views_by_default(tmp_path):
+    """With no options the workflow trains (and its versions recognise) on each picture's head view beside its figure,
+    the best recipe measured within its training budget (README "Head views")."""
+    from anime_role_detect.workflow.context import RunContext
+    from anime_role_detect.workflow.training_bridge import compose_train_config
+
+    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}"])
+    cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]  # conf's, no schedule
+    tcfg = compose_train_config(RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[]), None)
+    assert tcfg.data.face_view.enabled is True and dict(tcfg.data.face_view.detector) == {"kind": "region"}
+    assert tcfg.trainer.max_epochs == 6

@@ -62,13 +62,25 @@ FACE_VIEW_SETTINGS: dict[str, str] = {
 }
 
 
-def face_view_setting(value: Any) -> str:
-    """The ``data.face_view`` override for a `train.face_view` value, or a one-line error naming the choices."""
+def face_view_key(value: Any) -> str:
+    """`train.face_view` as its `FACE_VIEW_SETTINGS` key, or a one-line error naming the choices."""
     key = str(value).strip().lower()  # YAML's true / false arrive as bools
     if key not in FACE_VIEW_SETTINGS:
         raise ConfigError(f"train.face_view={value!r} is not a choice; use false, true (animeface faces) or head "
                           "(each picture's top centre, no face detector)")
-    return FACE_VIEW_SETTINGS[key]
+    return key
+
+
+def face_view_setting(value: Any) -> str:
+    """The ``data.face_view`` override for a `train.face_view` value, or a one-line error naming the choices."""
+    return FACE_VIEW_SETTINGS[face_view_key(value)]
+
+
+def face_view_schedule(tcfg: Any) -> list[str]:
+    """The training overrides `train.face_view_overrides` gives the chosen face view (its measured schedule: a head view
+    doubles the samples of an epoch, so it trains fewer epochs); `train.overrides` come after them and win."""
+    table = tcfg.get("face_view_overrides") or {}
+    return [str(o) for o in table.get(face_view_key(tcfg.get("face_view", False))) or []]
 
 
 def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
@@ -77,7 +89,7 @@ def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfi
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
               "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
               "face_view": face_view_setting(tcfg.get("face_view", False))}
-    overrides = [str(o) for o in tcfg.get("overrides") or []]
+    overrides = face_view_schedule(tcfg) + [str(o) for o in tcfg.get("overrides") or []]
     overrides += [str(b).format(**values) for b in tcfg.bind]
     log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
     if log_dir:  # training logs where the workflow logs, at the same console level
