@@ -167,10 +167,10 @@ def workflow_recipe() -> list[str]:
     """The training overrides the workflow uses today: conf/workflow.yaml's face-view schedule, train.overrides and
     face view, in the order `workflow.training_bridge.compose_train_config` applies them."""
     from anime_role_detect.confutil import compose_plain
-    from anime_role_detect.workflow.training_bridge import face_view_schedule, face_view_setting
+    from anime_role_detect.workflow.training_bridge import face_view_setting, recipe_overrides
 
     tcfg = compose_plain("workflow")["train"]
-    return [*face_view_schedule(tcfg), *tcfg["overrides"], f"data.face_view={face_view_setting(tcfg.get('face_view', False))}"]
+    return [*recipe_overrides(tcfg), f"data.face_view={face_view_setting(tcfg.get('face_view', False))}"]
 
 
 def cpu_seconds() -> float:

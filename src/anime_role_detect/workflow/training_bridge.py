@@ -83,13 +83,18 @@ def face_view_schedule(tcfg: Any) -> list[str]:
     return [str(o) for o in table.get(face_view_key(tcfg.get("face_view", False))) or []]
 
 
+def recipe_overrides(tcfg: Any) -> list[str]:
+    """The workflow's training recipe before the run's bindings: the face view's schedule, then `train.overrides`."""
+    return face_view_schedule(tcfg) + [str(o) for o in tcfg.get("overrides") or []]
+
+
 def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfig:
     """``conf/train.yaml`` + ``train.overrides`` + the bindings to this run's dataset, split and folders."""
     tcfg = ctx.cfg.train
     values = {"dataset": hydra_quote(ctx.dataset_dir.resolve()), "train_dir": hydra_quote(ctx.train_dir.resolve()),
               "val_fraction": float(ctx.cfg.split.val_fraction), "seed": int(ctx.cfg.split.seed),
               "face_view": face_view_setting(tcfg.get("face_view", False))}
-    overrides = face_view_schedule(tcfg) + [str(o) for o in tcfg.get("overrides") or []]
+    overrides = recipe_overrides(tcfg)
     overrides += [str(b).format(**values) for b in tcfg.bind]
     log_dir = OmegaConf.select(ctx.cfg, "log.dir", default=None)
     if log_dir:  # training logs where the workflow logs, at the same console level
