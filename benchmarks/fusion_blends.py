@@ -1,0 +1,127 @@
+"""Fusion's blend rules on the versions `accuracy.py` built: which rule names the set-aside pictures best, and
+whether the version's own held-out pictures could have told.
+
+Each version (`<work>/<set>/closed/s<seed>/t<fraction>/version-<recipe>`) answers its set-aside pictures and its
+own held-out (validation) pictures in clip mode (gallery cosine per character) and model mode (classifier
+probability per character), through the real `Recognizer`. The rules are then applied to those scores:
+
+- ``half``: what fusion answers today (``0.5 x softmax(cosine / T) + 0.5 x classifier``, T the version's);
+- ``fitw``: the weight `openset.fit_gallery_weight` fits on the held-out pictures (``fusion.fit_gallery_weight``);
+- ``acc-fit``: the weight with the best held-out top-1, moved off 0.5 only when that beats 0.5 by the margin
+  `auto` demands of a mode (`evalset.best_mode`: two binomial standard errors, at least 1.5 pictures);
+- ``sharp``: half and half after a temperature fitted to the classifier's held-out probabilities;
+- ``w=0.3``: a fixed lean towards the classifier.
+
+    python benchmarks/fusion_blends.py --work outputs/benchmarks/accuracy/work --sets newgame_full newgame_faces
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import data_dir, quiet
+from accuracy import answers, load
+
+RULES = ("clip", "model", "half", "fitw", "acc-fit", "sharp", "w=0.3")
+
+
+def score_matrix(rec, items, mode: str, names: list[str]) -> np.ndarray:
+    """[pictures, characters] scores of `mode` (every character ranked: the recognizer's top-k is widened)."""
+    col = {n: i for i, n in enumerate(names)}
+    m = np.zeros((len(items), len(names)))
+    for r, a in enumerate(answers(rec, items, mode)):
+        for t in a.detections[0].topk:
+            m[r, col[t.role]] = t.score
+    return m
+
+
+def scores(version: Path, parts: dict[str, tuple[Path, list[str]]], cache: Path) -> dict[str, np.ndarray]:
+    """Clip and model score matrices and labels of each part (val, test), cached beside the version."""
+    if cache.is_file():
+        return dict(np.load(cache))
+    from anime_role_detect.recognition.pipeline import Recognizer
+
+    rec = Recognizer.from_version(version, {"detector": None, "cache_size": 0, "rerank": False, "topk": 1000,
+                                            "openset": {"enabled": False}})
+    names = sorted(c["name"] for c in rec.characters())
+    out: dict[str, np.ndarray] = {"T": np.array(rec.gallery_temperature() or 0.0)}
+    for part, (root, files) in parts.items():
+        items = load(root, files)
+        out[f"{part}_y"] = np.array([names.index(f.split("/")[0]) for f in files])
+        for mode in ("clip", "model"):
+            out[f"{part}_{mode}"] = score_matrix(rec, items, mode, names)
+    np.savez(cache, **out)
+    return out
+
+
+def blends(s: dict[str, np.ndarray]) -> dict[str, float]:
+    """Top-1 (%) of every rule on the set-aside pictures; the fitted rules fit on the held-out ones."""
+    from anime_role_detect.recognition.evalset import best_mode
+    from anime_role_detect.recognition.openset import (
+        fit_gallery_weight,
+        fit_temperature,
+        gallery_probabilities,
+    )
+
+    T = float(s["T"]) or None
+    g = {p: np.stack([gallery_probabilities(r, T) for r in s[f"{p}_clip"]]) for p in ("val", "test")}
+    m = {p: s[f"{p}_model"] for p in ("val", "test")}
+    yv, yt = s["val_y"], s["test_y"]
+
+    def top1(w: float, part: str = "test", model: np.ndarray | None = None) -> float:
+        p = w * g[part] + (1 - w) * (m[part] if model is None else model)
+        return float(np.mean(p.argmax(1) == (yt if part == "test" else yv)))
+
+    grid = np.round(np.linspace(0, 1, 21), 2)
+    val = {float(w): top1(w, "val") for w in grid}
+    best_w = max(val, key=lambda w: (val[w], -abs(w - 0.5)))
+    # the same "clearly better" margin as `auto`'s choice of mode: a weight is a mode of its own here
+    acc_w = best_w if best_mode(["fusion", "model"], {"fusion": val[0.5], "model": val[best_w]}, False, len(yv)) == "model" else 0.5
+    tm = fit_temperature(np.log(np.clip(m["val"], 1e-9, None)), yv, np.geomspace(0.05, 20.0, 81))
+    lt = np.log(np.clip(m["test"], 1e-9, None)) / tm
+    sharp = np.exp(lt - lt.max(1, keepdims=True))
+    sharp /= sharp.sum(1, keepdims=True)
+    got = {"clip": top1(1.0), "model": top1(0.0), "half": top1(0.5),
+           "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv)), "acc-fit": top1(acc_w),
+           "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3)}
+    return {k: 100 * v for k, v in got.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="accuracy.py's --work folder")
+    ap.add_argument("--sets", nargs="+", default=["newgame_full", "newgame_faces", "faces6", "mixed5"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--recipe", default="recipe")
+    ap.add_argument("--test-fraction", type=float, default=0.2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = ap.parse_args(argv)
+    quiet(args.threads)
+    print(f"# fusion blends of version-{args.recipe}; load average {os.getloadavg()[0]:.2f}; top-1 % on set-aside pictures")
+    print("| set | seed | " + " | ".join(RULES) + " |\n|---|---|" + "---|" * len(RULES))
+    per_set: dict[str, list[dict[str, float]]] = {}
+    for name in args.sets:
+        for seed in args.seeds:
+            run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
+            version, trained = run / f"version-{args.recipe}", run / args.recipe / "accuracy_run.json"
+            if not (version / "gallery.json").is_file() or not trained.is_file():
+                print(f"skip {run}: no version-{args.recipe} (run benchmarks/accuracy.py first)", file=sys.stderr)
+                continue
+            split = json.loads(Path(json.loads(trained.read_text())["split_path"]).read_text())
+            parts = {"val": (run / "pool", split["val"]), "test": (data_dir() / name, json.loads((run / "test_split.json").read_text())["test"])}
+            got = blends(scores(version, parts, run / f"blend-scores-{args.recipe}.npz"))
+            per_set.setdefault(name, []).append(got)
+            print(f"| {name} | {seed} | " + " | ".join(f"{got[r]:.1f}" for r in RULES) + " |", flush=True)
+    for name, runs in per_set.items():
+        print(f"| {name} | mean of {len(runs)} | " + " | ".join(f"{np.mean([r[k] for r in runs]):.1f}" for k in RULES) + " |")
+    print(f"# load average at end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
