@@ -55,7 +55,10 @@ def scores(version: Path, parts: dict[str, tuple[Path, list[str]]], cache: Path)
         out[f"{part}_y"] = np.array([names.index(f.split("/")[0]) for f in files])
         for mode in ("clip", "model"):
             out[f"{part}_{mode}"] = score_matrix(rec, items, mode, names)
-    np.savez(cache, **out)
+    tmp = cache.with_suffix(".part")
+    with open(tmp, "wb") as f:  # a killed run leaves no half-written cache for the next one to read
+        np.savez(f, **out)
+    os.replace(tmp, cache)
     return out
 
 
