@@ -47,15 +47,16 @@ import numpy as np
 from _common import REPO, data_dir, held_out, quiet
 
 from anime_role_detect.fsutil import atomic_write_json
+from anime_role_detect.workflow.training_bridge import FACE_VIEW_SETTINGS
 
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
 SYNTHETIC = "sameface"
-HEAD = "data.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"  # head + figure views
+HEAD = f"data.face_view={FACE_VIEW_SETTINGS['head']}"  # head + figure views, as the workflow sets them
 TEN_EPOCHS = ["trainer.max_epochs=10", "callbacks.early_stopping.patience=4"]  # the schedule before head views
 #: recipe name -> train.py overrides on top of the workflow's training recipe
 RECIPES: dict[str, list[str]] = {
     "recipe": [],  # the workflow's: head + figure views, 6 epochs (conf/workflow.yaml train.face_view: head)
-    "figure": ["data.face_view={enabled:false}", *TEN_EPOCHS],  # figure only, 10 epochs: the workflow's recipe before head views
+    "figure": [f"data.face_view={FACE_VIEW_SETTINGS['false']}", *TEN_EPOCHS],  # figure only, 10 epochs: the workflow's recipe before head views
     "identity": ["model.embedding.dim=256"],
     "supcon": ["model.embedding.dim=256", "model.embedding.loss=supcon", "data.balance=pk"],  # in-batch, P x K batches
     "letterbox": ["data.resize=letterbox"],

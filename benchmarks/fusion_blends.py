@@ -86,9 +86,7 @@ def blends(s: dict[str, np.ndarray]) -> dict[str, float]:
     # the same "clearly better" margin as `auto`'s choice of mode: a weight is a mode of its own here
     acc_w = best_w if best_mode(["fusion", "model"], {"fusion": val[0.5], "model": val[best_w]}, False, len(yv)) == "model" else 0.5
     tm = fit_temperature(np.log(np.clip(m["val"], 1e-9, None)), yv, np.geomspace(0.05, 20.0, 81))
-    lt = np.log(np.clip(m["test"], 1e-9, None)) / tm
-    sharp = np.exp(lt - lt.max(1, keepdims=True))
-    sharp /= sharp.sum(1, keepdims=True)
+    sharp = np.stack([gallery_probabilities(r, tm) for r in np.log(np.clip(m["test"], 1e-9, None))])  # softmax(log p / tm)
     got = {"clip": top1(1.0), "model": top1(0.0), "half": top1(0.5),
            "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv)), "acc-fit": top1(acc_w),
            "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3)}
