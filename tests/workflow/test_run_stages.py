@@ -80,16 +80,26 @@ def test_json_list_overrides_become_hydra_overrides():
     assert list(cfg.extra_datasets) == ["/data/it's here, [v2]"] and list(cfg.train.overrides) == ["data=folder", "~experiment"]
 
 
+def local_run_context(tmp_path, *overrides, schedule_free: bool = False):
+    """A local-collector workflow config and its run context, as the training bridge sees them; `schedule_free` puts
+    conf/workflow.yaml's `train.overrides` back in place of the tests' tiny training (which sets the epochs), so the
+    face view's schedule applies."""
+    from anime_role_detect.workflow.context import RunContext
+
+    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", *overrides])
+    if schedule_free:
+        cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]
+    return cfg, RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
+
+
 @pytest.mark.parametrize("on, kind, margin", [(False, "animeface", 0.1), (True, "animeface", 0.1), ("head", "region", 0.0)])
 def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, margin):
     """`train.face_view` (the workflow's one switch for face + figure views) sets ``data.face_view``: off, animeface
     faces, or the head view (detector `region`, no animeface options carried along); anything else is one line."""
     from anime_role_detect.errors import ConfigError
-    from anime_role_detect.workflow.context import RunContext
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
-    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", f"train.face_view={on}"])
-    ctx = RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
+    cfg, ctx = local_run_context(tmp_path, f"train.face_view={on}")
     tcfg = compose_train_config(ctx, None)
     assert tcfg.data.face_view.enabled is bool(on) and tcfg.data.face_view.margin == margin
     assert tcfg.data.face_view.detector.kind == kind and (kind == "animeface" or set(tcfg.data.face_view.detector) == {"kind"})
@@ -102,12 +112,9 @@ def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, marg
 def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_path, on, epochs, patience):
     """`train.face_view_overrides`: a head view doubles the samples of an epoch, so it trains 6 epochs where figure-only
     training takes 10 (about the same passes over the pictures); an epoch count in `train.overrides` still wins."""
-    from anime_role_detect.workflow.context import RunContext
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
-    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", f"train.face_view={on}"])
-    cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]  # conf's, no schedule
-    ctx = RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
+    cfg, ctx = local_run_context(tmp_path, f"train.face_view={on}", schedule_free=True)
     tcfg = compose_train_config(ctx, None)
     assert (tcfg.trainer.max_epochs, tcfg.callbacks.early_stopping.patience) == (epochs, patience)
     cfg.train.overrides = [*cfg.train.overrides, "trainer.max_epochs=2"]
@@ -117,11 +124,9 @@ def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_p
 def test_the_workflow_trains_on_head_views_by_default(tmp_path):
     """With no options the workflow trains (and its versions recognise) on each picture's head view beside its figure,
     the best recipe measured within its training budget (README "Head views")."""
-    from anime_role_detect.workflow.context import RunContext
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
-    cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}"])
-    cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]  # conf's, no schedule
-    tcfg = compose_train_config(RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[]), None)
+    _, ctx = local_run_context(tmp_path, schedule_free=True)
+    tcfg = compose_train_config(ctx, None)
     assert tcfg.data.face_view.enabled is True and dict(tcfg.data.face_view.detector) == {"kind": "region"}
     assert tcfg.trainer.max_epochs == 6
