@@ -84,11 +84,12 @@ def local_run_context(tmp_path, *overrides, schedule_free: bool = False):
     """A local-collector workflow config and its run context, as the training bridge sees them; `schedule_free` puts
     conf/workflow.yaml's `train.overrides` back in place of the tests' tiny training (which sets the epochs), so the
     face view's schedule applies."""
+    from anime_role_detect.confutil import compose_plain
     from anime_role_detect.workflow.context import RunContext
 
     cfg = workflow_config(tmp_path, None, [{"name": "a"}], ["collector=local", f"collector.root={tmp_path}", *overrides])
     if schedule_free:
-        cfg.train.overrides = ["data=folder", "~experiment", "model=efficientnet_lite0", "logger=csv"]
+        cfg.train.overrides = list(compose_plain("workflow")["train"]["overrides"])
     return cfg, RunContext(cfg=cfg, progress=Progress(), run_dir=tmp_path / "run", queries=[])
 
 
