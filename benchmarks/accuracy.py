@@ -96,6 +96,7 @@ class Run:
     recipe: str
     protocol: str
     test_fraction: float = 0.0  # share of pictures set aside before training and scored (0: the version's own val)
+    pool: str = "raw"  # what trained and built the version: "raw" (every pool picture) or "clean" (the workflow's clean stage)
     top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 on known characters' val pictures
     default_mode: str = ""
     false_reject: float = float("nan")  # known pictures answered unknown (default mode, open-set on)
@@ -145,6 +146,19 @@ def subset(root: Path, drop: Sequence[str], out: Path, keep_files: set[str] | No
         for r in scan_dataset(root):
             if r.character not in drop and (keep_files is None or r.file_name in keep_files):
                 link_or_copy(r.path(root), out / r.file_name)
+    return out
+
+
+def clean_pool(root: Path, out: Path) -> Path:
+    """`root` through the workflow's own clean stage (conf/workflow.yaml `clean:`): what a workflow run trains on.
+    Drops pictures filed under two characters (booru pictures of several characters) and near-duplicate copies."""
+    from anime_role_detect.confutil import compose_plain
+    from anime_role_detect.data.layout import METADATA_FILE, scan_dataset
+    from anime_role_detect.workflow.clean import CleanConfig, clean_dataset
+
+    if not (out / METADATA_FILE).is_file():  # clean_dataset writes it last
+        kept, report = clean_dataset(scan_dataset(root), root, out, CleanConfig.from_mapping(compose_plain("workflow")["clean"]))
+        print(f"  cleaned {root}: kept {len(kept)}, dropped {len(report.rejected)}", file=sys.stderr, flush=True)
     return out
 
 
@@ -314,7 +328,7 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
 
 
 def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
-            extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0) -> list[Run]:
+            extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0, pool_kind: str = "clean") -> list[Run]:
     """The recipe's run and the frozen baseline on the same split: [baseline, recipe, recipe+variant...]."""
     held = held_out_characters(root, seed) if protocol == "unseen" else []
     known_root = subset(root, held, work / f"{name}-minus-{'-'.join(held)}") if held else root
@@ -323,7 +337,11 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     if test_fraction:
         pool, test = set_aside_test(known_root, seed, test_fraction, work / tag / "test_split.json")
         train_root = subset(known_root, [], work / tag / "pool", keep_files=set(pool))
-    result = train_run(train_root, seed, [*RECIPES[recipe], *extra], work / tag / recipe, threads)
+    runs_dir = work / tag
+    if pool_kind == "clean":  # the set-aside pictures stay as they are: they stand for a user's uploads
+        runs_dir = work / tag / "clean"
+        train_root = clean_pool(train_root, runs_dir / "pool")
+    result = train_run(train_root, seed, [*RECIPES[recipe], *extra], runs_dir / recipe, threads)
     cpu_min = result.cpu_min
     split = json.loads(Path(result.split_path).read_text())
     sp = (split["train"], split["val"])
@@ -332,8 +350,8 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
               *((f"{recipe}+{v}", result.ckpt_path, EVAL_VARIANTS[v]) for v in variants)]
     for rname, ckpt, infer_overrides in builds:
-        run = Run(name, seed, rname, protocol, test_fraction, train_cpu_min=0.0 if ckpt is None else cpu_min)
-        version = build_version(train_root, work / tag / f"version-{rname}", sp, ckpt, infer_overrides)
+        run = Run(name, seed, rname, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
+        version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides)
         if protocol == "closed":
             evaluate_closed(run, version, known_root, scored)
         else:
@@ -353,8 +371,8 @@ def mean_sd(xs: Sequence[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(xs):.{d}f}" + (f" ± {scale * statistics.stdev(xs):.{d}f}" if len(xs) > 1 else "")
 
 
-def scored_on(test_fraction: float) -> str:
-    return f"test {100 * test_fraction:.0f}%" if test_fraction else "version's val"
+def scored_on(test_fraction: float, pool: str = "clean") -> str:
+    return (f"test {100 * test_fraction:.0f}%" if test_fraction else "version's val") + (", raw pool" if pool == "raw" else "")
 
 
 def table(runs: list[Run]) -> str:
@@ -362,11 +380,11 @@ def table(runs: list[Run]) -> str:
              "| CPU min/run | ms/image |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda k: (k[0], k[2], k[1] != "baseline", k[1])  # noqa: E731
-    for key in sorted({(r.set, r.recipe, r.test_fraction) for r in runs if r.protocol == "closed"}, key=order):
-        rs = [r for r in runs if (r.set, r.recipe, r.test_fraction) == key and r.protocol == "closed"]
+    for key in sorted({(r.set, r.recipe, r.test_fraction, r.pool) for r in runs if r.protocol == "closed"}, key=order):
+        rs = [r for r in runs if (r.set, r.recipe, r.test_fraction, r.pool) == key and r.protocol == "closed"]
         modes = "/".join(sorted({r.default_mode for r in rs}))
         cols = [mean_sd([r.top1.get(m, float("nan")) for r in rs]) for m in (*MODES, "default")]
-        lines.append(f"| {key[0]} | {scored_on(key[2])} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
+        lines.append(f"| {key[0]} | {scored_on(key[2], key[3])} | {key[1]} | {len(rs)} | {' | '.join(cols[:3])} | {cols[3]} ({modes}) | "
                      f"{mean_sd([r.false_reject for r in rs])} | {mean_sd([r.refused_right for r in rs])} / {mean_sd([r.refused_wrong for r in rs])} | "
                      f"{statistics.mean(r.train_cpu_min for r in rs):.1f} | "
                      f"{statistics.mean(r.ms_per_image for r in rs):.0f} |")
@@ -375,11 +393,11 @@ def table(runs: list[Run]) -> str:
         lines += ["", f"Unseen characters ({HELD_OUT} held out of training; enrolled from {ENROL_SHOTS} pictures each):", "",
                   "| set | scored on | recipe | seeds | enrolled top-1 clip / fusion | others after enrolment clip / fusion | unseen refused before enrolment | known refused | AUROC |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for key in sorted({(r.set, r.recipe, r.test_fraction) for r in unseen}, key=order):
-            rs = [r for r in unseen if (r.set, r.recipe, r.test_fraction) == key]
+        for key in sorted({(r.set, r.recipe, r.test_fraction, r.pool) for r in unseen}, key=order):
+            rs = [r for r in unseen if (r.set, r.recipe, r.test_fraction, r.pool) == key]
             e = " / ".join(mean_sd([r.enrolled_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
             o = " / ".join(mean_sd([r.others_top1.get(m, float("nan")) for r in rs]) for m in ("clip", "fusion"))
-            lines.append(f"| {key[0]} | {scored_on(key[2])} | {key[1]} | {len(rs)} | {e} | {o} | {mean_sd([r.unseen_rejected for r in rs])} | "
+            lines.append(f"| {key[0]} | {scored_on(key[2], key[3])} | {key[1]} | {len(rs)} | {e} | {o} | {mean_sd([r.unseen_rejected for r in rs])} | "
                          f"{mean_sd([r.false_reject for r in rs])} | {mean_sd([r.auroc for r in rs], 1.0)} |")
     return "\n".join(lines)
 
@@ -447,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--override", action="append", default=[], help="extra train.py override for every run (e.g. trainer.max_epochs=6)")
     ap.add_argument("--test-fraction", type=float, default=0.2,
                     help="share of each known character's pictures set aside before training and scored (0: score on the version's own val)")
+    ap.add_argument("--pool", choices=["clean", "raw"], default="clean",
+                    help="train on the pool after the workflow's clean stage (what a workflow run gets) or on every pool picture")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
@@ -459,12 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     load0, t0 = os.getloadavg(), time.perf_counter()
-    print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, scored on {scored_on(args.test_fraction)}, "
+    print(f"# accuracy: sets {args.sets}, seeds {args.seeds}, recipes {args.recipes}, protocols {args.protocols}, scored on {scored_on(args.test_fraction, args.pool)}, "
           f"overrides {args.override}; workflow recipe {workflow_recipe()}; load average at start {load0[0]:.2f}")
     saved = args.out / "runs.json"
     runs: list[Run] = [Run(**r) for r in json.loads(saved.read_text())] if saved.is_file() and not args.fresh else []
-    done = {(r.set, r.seed, r.recipe, r.protocol, r.test_fraction) for r in runs}
-    tf = args.test_fraction
+    tf, pk = args.test_fraction, args.pool
+    done = {(r.set, r.seed, r.recipe, r.protocol, r.test_fraction, r.pool) for r in runs}
     if runs:
         print(f"# {len(runs)} runs already in {saved} are kept and not run again (--fresh starts over)")
     for name in args.sets:
@@ -475,11 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 for recipe in args.recipes:
                     variants = args.variants
-                    if all((name, seed, n, protocol, tf) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
+                    if all((name, seed, n, protocol, tf, pk) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
                         continue
-                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf)
-                    runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol, tf) not in done]  # one baseline per split
-                    done |= {(r.set, r.seed, r.recipe, r.protocol, tf) for r in got}
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf, pk)
+                    runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol, tf, pk) not in done]  # one baseline per split
+                    done |= {(r.set, r.seed, r.recipe, r.protocol, tf, pk) for r in got}
                     atomic_write_json(saved, [asdict(r) for r in runs])  # hours of runs: never a half-written file
     print(table(runs))
     for p in pictures(runs, args.out):
