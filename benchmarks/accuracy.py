@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 from _common import REPO, data_dir, held_out, quiet
 
-from anime_role_detect.fsutil import atomic_write_json
+from anime_role_detect.fsutil import atomic_write_json, fingerprint
 from anime_role_detect.workflow.training_bridge import FACE_VIEW_SETTINGS
 
 REAL_SETS = ("newgame_full", "newgame_faces", "faces6", "mixed5")
@@ -149,16 +149,23 @@ def subset(root: Path, drop: Sequence[str], out: Path, keep_files: set[str] | No
     return out
 
 
-def clean_pool(root: Path, out: Path) -> Path:
-    """`root` through the workflow's own clean stage (conf/workflow.yaml `clean:`): what a workflow run trains on.
-    Drops pictures filed under two characters (booru pictures of several characters) and near-duplicate copies."""
+def workflow_clean() -> dict[str, Any]:
+    """conf/workflow.yaml's `clean:` options: what the workflow's clean stage does to collected pictures."""
     from anime_role_detect.confutil import compose_plain
+
+    return dict(compose_plain("workflow")["clean"])
+
+
+def clean_pool(root: Path, out: Path, options: dict[str, Any]) -> Path:
+    """`root` through the workflow's own clean stage: what a workflow run trains on (near-duplicate copies removed,
+    pictures filed under several characters kept or dropped as `clean.ambiguous` says)."""
     from anime_role_detect.data.layout import METADATA_FILE, scan_dataset
     from anime_role_detect.workflow.clean import CleanConfig, clean_dataset
 
     if not (out / METADATA_FILE).is_file():  # clean_dataset writes it last
-        kept, report = clean_dataset(scan_dataset(root), root, out, CleanConfig.from_mapping(compose_plain("workflow")["clean"]))
-        print(f"  cleaned {root}: kept {len(kept)}, dropped {len(report.rejected)}", file=sys.stderr, flush=True)
+        kept, report = clean_dataset(scan_dataset(root), root, out, CleanConfig.from_mapping(options))
+        print(f"  cleaned {root}: kept {len(kept)}, rejected {len(report.rejected)} ({report.reasons}), "
+              f"{report.multi_character_pictures} pictures under several characters", file=sys.stderr, flush=True)
     return out
 
 
@@ -339,8 +346,9 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
         train_root = subset(known_root, [], work / tag / "pool", keep_files=set(pool))
     runs_dir = work / tag
     if pool_kind == "clean":  # the set-aside pictures stay as they are: they stand for a user's uploads
-        runs_dir = work / tag / "clean"
-        train_root = clean_pool(train_root, runs_dir / "pool")
+        options = workflow_clean()
+        runs_dir = work / tag / f"clean-{fingerprint(options)[:8]}"  # another clean setting trains and builds anew
+        train_root = clean_pool(train_root, runs_dir / "pool", options)
     result = train_run(train_root, seed, [*RECIPES[recipe], *extra], runs_dir / recipe, threads)
     cpu_min = result.cpu_min
     split = json.loads(Path(result.split_path).read_text())

@@ -59,3 +59,21 @@ def test_crop_with_the_anime_face_detector_on_real_illustrations(shared_data, tm
         assert crop.size[0] * crop.size[1] < original.size[0] * original.size[1]
     assert report["reasons"].get("no character found by the detector", 0) + len(meta) + sum(
         v for k, v in report["reasons"].items() if k != "no character found by the detector") == 24
+
+
+def test_real_group_pictures_are_kept_for_each_character_on_the_training_side(shared_data, tmp_path):
+    """newgame_full files 28 booru pictures under both toyama_rin and yagami_kou: the workflow trains on each under both."""
+    names = ["toyama_rin", "yagami_kou"]
+    cfg = workflow_config(tmp_path, None, [{"name": n} for n in names],
+                          ["collector=local", f"collector.root={shared_data / 'newgame_full'}", "stop_after=split"])
+    run_dir = Path(run_workflow(cfg, Progress(log=False)).run_dir)
+    report = json.loads((run_dir / "clean_report.json").read_text())
+    assert report["multi_character_pictures"] >= 20 and "ambiguous" not in report["reasons"]
+    meta = read_metadata(run_dir / "dataset")
+    split = Split.load(run_dir / "dataset" / "split.json")
+    groups: dict[str, set[str]] = {}
+    for r in meta.values():
+        groups.setdefault(r.group_key, set()).add(r.character)
+    shared = {f for f, r in meta.items() if len(groups[r.group_key]) > 1}
+    assert len(shared) >= 40 and shared <= set(split.train)
+    assert {f.split("/")[0] for f in split.val} == set(names)
