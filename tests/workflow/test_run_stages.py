@@ -27,7 +27,7 @@ def test_same_command_same_run_folder_and_caps_do_not_move_it(tmp_path, specs):
 
 
 def test_changed_clean_setting_redoes_clean_and_later_stages_only(tmp_path, booru, specs):
-    cfg = workflow_config(tmp_path, booru.base_url, _chars(specs), ["stop_after=split"])
+    cfg = workflow_config(tmp_path, booru.base_url, _chars(specs), ["stop_after=split", "clean.near_duplicates=remove"])
     first = run_workflow(cfg, Progress(log=False))
     assert first.resumed_stages == []
     requests = dict(booru.image_requests)

@@ -160,8 +160,7 @@ def stratified_group_split(records: Sequence[ImageRecord], val_fraction: float =
 
     Groups are assigned greedily (largest first, shuffled by `seed`) to val until the character's
     val share reaches `val_fraction`; every character with 2+ groups gets at least one val group.
-    A group spanning characters (one picture filed under several, kept by the workflow's clean) always
-    trains: one answer cannot be right for every label of it, so it would only blur validation.
+    A group spanning characters is placed by its first member's character.
     """
     if not 0.0 < val_fraction < 1.0:
         from ..errors import ConfigError
@@ -172,13 +171,10 @@ def stratified_group_split(records: Sequence[ImageRecord], val_fraction: float =
     for r in sorted(records, key=lambda r: r.file_name):
         groups[r.group_key].append(r)
     by_char: dict[str, list[str]] = defaultdict(list)
+    for g, members in groups.items():
+        by_char[members[0].character].append(g)
     train: list[str] = []
     val: list[str] = []
-    for g, members in groups.items():
-        if len({r.character for r in members}) > 1:
-            train.extend(r.file_name for r in members)
-        else:
-            by_char[members[0].character].append(g)
     for char in sorted(by_char):
         gids = sorted(by_char[char])
         rng.shuffle(gids)

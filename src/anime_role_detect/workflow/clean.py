@@ -1,10 +1,10 @@
 """Cleaning collected images into a training-ready dataset folder.
 
-Rejects files that are not images, are corrupt, or are too small; removes exact duplicates
-(content hash) and perceptual near-duplicates (pHash within ``max_distance`` bits) keeping the
-largest copy (or, with ``near_duplicates=group``, keeps them all in one split group). A picture
+Rejects files that are not images, are corrupt, or are too small; puts exact duplicates (content
+hash) and perceptual near-duplicates (pHash within ``max_distance`` bits) in one split group, so no
+copy leaks across the split (``near_duplicates=remove`` keeps only the largest copy). A picture
 found under several characters (a booru picture of a group) is kept under each of them in one split
-group, which always trains (``ambiguous=keep``), or dropped (``drop``). Optionally crops each image to
+group (``ambiguous=keep``), or dropped (``drop``). Optionally crops each image to
 the character the detector finds. The dataset is written to a temporary folder and renamed into place.
 """
 
@@ -29,7 +29,7 @@ from .progress import Progress
 _log = get_logger("system")
 
 NEAR_DUPLICATE_MODES = ("remove", "group")
-#: keep: one copy per character, grouped so the split trains on it; drop: reject every copy.
+#: keep: one copy per character, all in one split group; drop: reject every copy.
 #: keep is the default: on newgame_full (262 of 756 pictures filed under 2+ characters) dropping them cost 6 points
 #: of top-1 on set-aside pictures (README "Pictures of several characters").
 AMBIGUOUS_MODES = ("keep", "drop")
@@ -41,8 +41,8 @@ class CleanConfig:
 
     min_side: int = 64  # px; smaller images carry too little of the character
     max_distance: int = 6  # pHash bits for near-duplicates (0 = exact copies only)
-    near_duplicates: str = "remove"  # remove: keep the largest copy; group: keep all, same split side
-    ambiguous: str = "keep"  # a picture under several characters: keep (under each, training side) | drop
+    near_duplicates: str = "group"  # group: keep all, same split side; remove: keep the largest copy
+    ambiguous: str = "keep"  # a picture under several characters: keep (under each, one split group) | drop
     crop: Mapping[str, Any] | None = None  # {enabled, detector: {...}, margin, keep_uncropped}
 
     @classmethod
@@ -181,7 +181,7 @@ def clean_dataset(
             shared = [_keep_copies([it for it in group if it.record.character == c], cfg, report) for c in chars]
             gid = f"multi:{min(it.record.file_name for it in group)}"
             for it in (it for copies in shared for it in copies):
-                it.record.group = gid  # one split side for every character's copy: the split trains on it
+                it.record.group = gid  # every character's copy on one side of the split
                 kept.append(it)
             continue
         kept.extend(_keep_copies(group, cfg, report))
