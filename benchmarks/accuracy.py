@@ -96,7 +96,8 @@ class Run:
     recipe: str
     protocol: str
     test_fraction: float = 0.0  # share of pictures set aside before training and scored (0: the version's own val)
-    pool: str = "raw"  # what trained and built the version: "raw" (every pool picture) or "clean" (the workflow's clean stage)
+    pool: str = "raw"  # what trained and built the version: "raw" (every pool picture) or "clean" (the workflow's clean
+    #                    stage); runs saved before --pool existed were all raw
     top1: dict[str, float] = field(default_factory=dict)  # mode -> top-1 on known characters' val pictures
     default_mode: str = ""
     false_reject: float = float("nan")  # known pictures answered unknown (default mode, open-set on)
@@ -157,8 +158,8 @@ def workflow_clean() -> dict[str, Any]:
 
 
 def clean_pool(root: Path, out: Path, options: dict[str, Any]) -> Path:
-    """`root` through the workflow's own clean stage: what a workflow run trains on (near-duplicate copies removed,
-    pictures filed under several characters kept or dropped as `clean.ambiguous` says)."""
+    """`root` through the workflow's own clean stage: what a workflow run trains on (near-duplicate copies and
+    pictures filed under several characters kept or dropped as `clean.near_duplicates` / `clean.ambiguous` say)."""
     from anime_role_detect.data.layout import METADATA_FILE, scan_dataset
     from anime_role_detect.workflow.clean import CleanConfig, clean_dataset
 
