@@ -282,11 +282,18 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
     return got
 
 
-def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = ()) -> Path:
+def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = (),
+                  rebuild: bool = False) -> Path:
+    """The version the workflow would build from `ckpt` (the frozen baseline without one); reused when built before,
+    unless `rebuild` (the same checkpoint through the code checked out now)."""
+    import shutil
+
     from anime_role_detect.confutil import compose_plain
     from anime_role_detect.recognition.build import build_recognition_folder
 
     cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none", *overrides])
+    if rebuild and out.is_dir():
+        shutil.rmtree(out)
     if not (out / "gallery.json").is_file():
         build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=False)
     return out
@@ -397,7 +404,8 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
 
 
 def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
-            extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0, pool_kind: str = "clean") -> list[Run]:
+            extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0, pool_kind: str = "clean",
+            rebuild: bool = False) -> list[Run]:
     """The recipe's run and the frozen baseline on the same split: [baseline, recipe, recipe+variant...]."""
     held = held_out_characters(root, seed) if protocol == "unseen" else []
     distance = int(workflow_clean().get("max_distance", 6))
@@ -426,7 +434,7 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
               *((f"{recipe}+{v}", result.ckpt_path, EVAL_VARIANTS[v]) for v in variants)]
     for rname, ckpt, infer_overrides in builds:
         run = Run(name, seed, rname, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
-        version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides)
+        version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides, rebuild)
         if protocol == "closed":
             evaluate_closed(run, version, known_root, scored, pics)
         else:
@@ -547,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on the pool after the workflow's clean stage (what a workflow run gets) or on every pool picture")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="build every version again from its cached checkpoint (version-building code changed since)")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
                     help="also build each run's version these ways (same checkpoint), e.g. noflip")
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
@@ -575,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                     variants = args.variants
                     if all((name, seed, n, protocol, tf, pk) in done for n in (recipe, *(f"{recipe}+{v}" for v in variants))):
                         continue
-                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf, pk)
+                    got = one_run(name, root, seed, recipe, protocol, args.work, threads, args.override, variants, tf, pk, args.rebuild)
                     runs += [r for r in got if (r.set, r.seed, r.recipe, r.protocol, tf, pk) not in done]  # one baseline per split
                     done |= {(r.set, r.seed, r.recipe, r.protocol, tf, pk) for r in got}
                     atomic_write_json(saved, [asdict(r) for r in runs])  # hours of runs: never a half-written file

@@ -10,8 +10,10 @@ from PIL import Image
 
 from anime_role_detect.data.dedupe import assign_duplicate_groups
 from anime_role_detect.data.layout import (
+    MULTI_GROUP_PREFIX,
     ImageRecord,
     Split,
+    filed_characters,
     read_metadata,
     scan_dataset,
     stratified_group_split,
@@ -64,6 +66,27 @@ def test_split_never_cuts_a_group(tmp_path):
     assert Split.load(path) == s
     with pytest.raises(ConfigError):
         stratified_group_split(recs, 1.5)
+
+
+def test_a_group_picture_is_filed_under_every_character_it_was_collected_for(tmp_path):
+    """Copies with the same bytes in two folders, or one `multi:` group the clean stage wrote, name all their characters;
+    a picture of one character alone names that one (a re-encoded copy under one character stays its own)."""
+    def save(name: str, colour: tuple[int, int, int]) -> None:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+
+    save("a/group.png", (200, 0, 0))
+    save("b/group.png", (200, 0, 0))  # the same bytes: one booru post tagged a and b
+    save("a/alone.png", (0, 200, 0))
+    save("b/alone.png", (0, 0, 200))
+    save("c/tagged.png", (9, 9, 9))
+    save("b/tagged.png", (9, 9, 10))  # different bytes, but the clean stage grouped them as one picture
+    recs = [ImageRecord(file_name=f, character=f.split("/")[0]) for f in ("a/group.png", "b/group.png", "a/alone.png", "b/alone.png")]
+    recs += [ImageRecord(file_name=f, character=f.split("/")[0], group=f"{MULTI_GROUP_PREFIX}b/tagged.png") for f in ("c/tagged.png", "b/tagged.png")]
+    shows = filed_characters(recs, tmp_path)
+    assert shows["a/group.png"] == shows["b/group.png"] == {"a", "b"}
+    assert shows["a/alone.png"] == {"a"} and shows["b/alone.png"] == {"b"}
+    assert shows["c/tagged.png"] == shows["b/tagged.png"] == {"b", "c"}
 
 
 def test_planted_near_duplicates_share_a_group_and_one_side(tmp_path, synthetic_root):

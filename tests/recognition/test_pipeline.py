@@ -389,6 +389,27 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     assert abs(gallery_probabilities([cos], t)[0] - 1.0) < 1e-9  # (one character alone has all the mass)
 
 
+def test_a_group_picture_named_as_another_character_it_shows_counts_as_right(version_dir, test_images):
+    """A booru group picture is filed under each character tagged on it. The version's own figures (top-1 per mode, the
+    right answers open-set keeps) read it as a picture of all of them: half the pictures filed under a second
+    character, which is their label, score as well as the true labels do, not as the wrong labels."""
+    from anime_role_detect.recognition.build import evaluate_split
+
+    rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
+    images, truth = [im for im, _ in test_images], [y for _, y in test_images]
+    names = sorted(set(truth))
+    other = [names[(names.index(y) + 1) % len(names)] for y in truth]
+    labels = [o if i % 2 == 0 else y for i, (y, o) in enumerate(zip(truth, other))]
+    filed = [{y, o} if i % 2 == 0 else {y} for i, (y, o) in enumerate(zip(truth, other))]
+    plain = evaluate_split(rec, images, truth, ["clip", "model"], tune=False)
+    wrong = evaluate_split(rec, images, labels, ["clip", "model"], tune=False)
+    grouped = evaluate_split(rec, images, labels, ["clip", "model"], tune=False, filed=filed)
+    for mode in ("clip", "model"):
+        assert grouped.top1[mode] >= plain.top1[mode] > wrong.top1[mode] + 0.3, (mode, plain.top1, wrong.top1, grouped.top1)
+        right = {k: e.calibration.modes[mode].n_genuine for k, e in (("plain", plain), ("wrong", wrong), ("grouped", grouped))}
+        assert right["grouped"] >= right["plain"] > right["wrong"], right
+
+
 def test_fusion_on_an_approximate_gallery_asks_for_its_best_characters_not_all(version_dir, onnx_tagger, test_images, tmp_path):
     """A big (HNSW) gallery is searched for the best few characters in fusion, with the flat gallery's answers."""
     hnsw_dir = tmp_path / "v_hnsw"

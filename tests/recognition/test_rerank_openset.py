@@ -114,6 +114,40 @@ def test_leave_one_out_scores():
     assert np.isclose(imp[0], 0.75)
 
 
+def test_a_group_picture_is_no_impostor_for_the_characters_it_shows():
+    """A picture filed under characters 0 and 1: leaving 0 out, character 1 is still in it, so its impostor score is the
+    best character it does not show; its genuine score is the best of those it shows (and renormalised without both)."""
+    s = np.array([[0.6, 0.9, 0.2], [0.2, 0.7, 0.6]])
+    filed = np.array([[True, True, False], [False, True, False]])
+    g, imp = leave_one_out_scores(s, [0, 1], filed=filed)
+    assert g.tolist() == [0.9, 0.7] and imp.tolist() == [0.2, 0.6]
+    assert leave_one_out_scores(s, [0, 1])[1].tolist() == [0.9, 0.6]  # without `filed`: the label alone, as before
+    p = np.array([[0.5, 0.3, 0.2]])
+    _, imp = leave_one_out_scores(p, [0], renormalise=True, filed=np.array([[True, True, False]]))
+    assert np.isclose(imp[0], 1.0)  # 0.2 / (1 - 0.5 - 0.3)
+
+
+def test_temperature_fit_reads_a_group_picture_named_as_another_of_its_characters_as_right():
+    """Half the pictures show two characters and the gallery names the other one: scored on the label alone the gallery
+    looks wrong on them and the fit flattens it; scored on every character the picture is filed under it keeps the
+    sharpness the labels were drawn with."""
+    rng = np.random.default_rng(1)
+    cos = rng.uniform(0.6, 0.95, size=(3000, 8))
+    p = np.exp(cos / 0.05)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(8, p=row) for row in p])
+    filed = np.zeros_like(cos, bool)
+    filed[np.arange(len(y)), y] = True
+    label = y.copy()
+    group = np.arange(len(y)) % 2 == 0
+    label[group] = (y[group] + 1) % 8  # filed under another character too, and that one is the label
+    filed[np.flatnonzero(group), label[group]] = True
+    t_label = fit_temperature(cos, label)
+    t_filed = fit_temperature(cos, label, filed=filed)
+    assert 0.04 < t_filed < 0.0625 and t_label > 2 * t_filed, (t_label, t_filed)
+    assert fit_temperature(cos, y, filed=np.eye(8, dtype=bool)[y]) == fit_temperature(cos, y)
+
+
 def test_a_threshold_on_the_gallery_cosine_reads_that_score_and_round_trips(tmp_path):
     """Fusion's threshold applies to the best gallery cosine, not its blended probability; a file written before the
     score kind existed keeps comparing the mode's top score."""

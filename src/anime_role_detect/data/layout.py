@@ -19,6 +19,8 @@ from ..imageio import IMAGE_SUFFIXES
 
 METADATA_FILE = "metadata.jsonl"
 SPLIT_FILE = "split.json"
+#: `ImageRecord.group` prefix of a picture filed under several characters (the clean stage's `ambiguous: keep`)
+MULTI_GROUP_PREFIX = "multi:"
 
 
 @dataclass
@@ -153,6 +155,20 @@ class Split:
     def load(cls, path: str | Path) -> "Split":
         obj = read_json(path)
         return cls(train=list(obj["train"]), val=list(obj["val"]), seed=int(obj["seed"]), val_fraction=float(obj["val_fraction"]))
+
+
+def filed_characters(records: Sequence[ImageRecord], root: str | Path) -> dict[str, frozenset[str]]:
+    """File name -> every character its picture is filed under. A booru group picture is collected once per character
+    tagged on it: its copies share bytes, or one `MULTI_GROUP_PREFIX` group the clean stage wrote. Naming any of them
+    names someone the picture shows."""
+    from ..fsutil import file_sha256
+
+    root = Path(root)
+    keys = {r.file_name: (r.group if r.group.startswith(MULTI_GROUP_PREFIX) else file_sha256(root / r.file_name)) for r in records}
+    chars: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        chars[keys[r.file_name]].add(r.character)
+    return {f: frozenset(chars[k]) for f, k in keys.items()}
 
 
 def stratified_group_split(records: Sequence[ImageRecord], val_fraction: float = 0.2, seed: int = 42) -> Split:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -79,12 +79,16 @@ class SplitEvaluation:
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
                    target_far: float = 0.05, tune: bool = True, max_false_reject: float = DEFAULT_MAX_FALSE_REJECT,
-                   tag_truth: Sequence[Sequence[str]] | None = None) -> SplitEvaluation:
+                   tag_truth: Sequence[Sequence[str]] | None = None,
+                   filed: Sequence[Collection[str]] | None = None) -> SplitEvaluation:
     """Top-1 with/without reranking per mode on labelled images, open-set thresholds, tuned rerank weights.
 
     Each threshold refuses at most `max_false_reject` of the pictures its mode answers right (`openset.calibrate`).
-    With `tag_truth` (the images' metadata tags) the reranker first learns the tagger's noise per tag.
+    With `tag_truth` (the images' metadata tags) the reranker first learns the tagger's noise per tag. `filed` gives
+    each picture every character it is filed under (`data.layout.filed_characters`: a group picture's copies): an
+    answer naming any of them is right, and leaving its label out leaves them all out.
     """
+    filed = [frozenset(f) | {y} for f, y in zip(filed, labels)] if filed is not None else [frozenset((y,)) for y in labels]
     top1: dict[str, float] = {}
     calib = OpenSetCalibration(target_far=target_far)
     weights: dict[str, float] = {}
@@ -101,13 +105,14 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
         scored = rec._score(images, mode, need_tags, False)
         if mode == "clip":
             embeddings = scored.embeddings
-        top1[mode] = float(np.mean([bool(c) and c[0][0] == y for c, y in zip(scored.candidates, labels)]))
+        top1[mode] = float(np.mean([bool(c) and c[0][0] in f for c, f in zip(scored.candidates, filed)]))
         known = [i for i, y in enumerate(labels) if y in names]
         if len(set(labels)) >= 2:
             m = _score_matrix(scored.candidates, names)
             y_idx = [names.index(labels[i]) for i in known]
+            mask = np.array([[n in filed[i] for n in names] for i in known], bool).reshape(len(known), len(names))
             if mode == "clip":  # fusion below is scored, thresholded and chosen with the temperature it will answer with
-                calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx)
+                calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx, filed=mask)
                 probs["clip"] = np.stack([gallery_probabilities(row, calib.gallery_temperature) for row in m[known]])
                 probs["labels"] = np.asarray(y_idx)
                 cosines = m[known]
@@ -115,8 +120,8 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 probs["model"] = np.clip(m[known], 0.0, None)  # -1 marks a character the classifier does not know
             # fusion's gate is the best gallery cosine (`openset` docstring), on the pictures fusion answers right
             kind = GALLERY_COSINE if mode == "fusion" and cosines is not None else TOP
-            g, imp = leave_one_out_scores(cosines if kind == GALLERY_COSINE else m[known], y_idx, renormalise=(mode == "model"))
-            right = m[known].argmax(1) == np.asarray(y_idx)  # refusing a wrong answer costs nothing: only right ones count
+            g, imp = leave_one_out_scores(cosines if kind == GALLERY_COSINE else m[known], y_idx, renormalise=(mode == "model"), filed=mask)
+            right = mask[np.arange(len(known)), m[known].argmax(1)]  # refusing a wrong answer costs nothing: only right ones count
             calib.modes[mode] = calibrate(g[right] if right.any() else g, imp, target_far, 1.0 - max_false_reject, score=kind)
         if need_tags and scored.tag_probs is not None:
             aligned = rec.reranker.align(scored.tag_probs, rec.tagger.tag_names)
@@ -127,7 +132,7 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             if tune:
                 weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, default=DEFAULT_WEIGHTS.get(mode, 0.03))
             w = weights.get(mode, rec.reranker.weight_for(mode))
-            hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] == y for c, a, y in zip(scored.candidates, aligned, labels) if c]
+            hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))
     return SplitEvaluation(top1, calib, weights, embeddings)
 
@@ -144,7 +149,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     exports the folder's networks for ONNX Runtime (what `runtime: auto` then uses). Open-set thresholds aim at
     `target_far` of unseen characters named, refusing at most `max_false_reject` of known pictures answered right.
     """
-    from ..data.layout import scan_dataset, stratified_group_split
+    from ..data.layout import filed_characters, scan_dataset, stratified_group_split
     from .embedder import build_embedder
 
     max_false_reject = check_max_false_reject(max_false_reject)  # before minutes of embedding, not after
@@ -197,8 +202,11 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
         rec = Recognizer.from_version(out, rcfg)
         modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
+        # a group picture answered with another character it shows is right (its copies are all on the val side:
+        # splits keep a group together)
+        shows = filed_characters([r for _, r in loaded], root)
         ev = evaluate_split(rec, vimgs, vlabels, modes, target_far, max_false_reject=max_false_reject,
-                            tag_truth=[r.tags for _, r in loaded])
+                            tag_truth=[r.tags for _, r in loaded], filed=[shows[r.file_name] for _, r in loaded])
         top1, calib, weights = ev.top1, ev.calibration, ev.weights
         calib.save(out)
         report.top1, report.rerank_weights = top1, weights

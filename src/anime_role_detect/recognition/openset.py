@@ -116,16 +116,28 @@ class OpenSetCalibration:
                        None if t is None else float(t), None if w is None else float(w))
 
 
-def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[float] | None = None) -> float:
+def filed_mask(labels: Sequence[int], n_classes: int, filed: np.ndarray | None = None) -> np.ndarray:
+    """``[N, C]`` booleans: the characters each picture is filed under (`filed`, a picture of several), else its label."""
+    if filed is not None:
+        return np.asarray(filed, bool)
+    mask = np.zeros((len(labels), n_classes), bool)
+    mask[np.arange(len(labels)), np.asarray(labels, int)] = True
+    return mask
+
+
+def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[float] | None = None,
+                    filed: np.ndarray | None = None) -> float:
     """Temperature scaling (Guo et al. 2017) of gallery cosines ``[N, C]``: the T whose ``softmax(cos / T)`` gives the
-    true characters the highest mean log-probability. Fusion mixes that probability with the classifier's."""
+    true characters the highest mean log-probability (a picture of several: their summed probability, `filed_mask`).
+    Fusion mixes that probability with the classifier's."""
     s = np.asarray(scores, np.float64)
-    y = np.asarray(labels, int)
+    mask = filed_mask(labels, s.shape[1], filed)
     grid = np.geomspace(1e-3, 1.0, 61) if grid is None else np.asarray(grid, np.float64)
 
     def nll(t: float) -> float:
         z = (s - s.max(1, keepdims=True)) / t
-        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+        right = np.where(mask, z, -np.inf).max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - right[:, 0] - np.log(np.exp(np.where(mask, z - right, -np.inf)).sum(1))))
 
     return float(min(grid, key=nll))
 
@@ -158,21 +170,21 @@ def gallery_probabilities(cosines: Sequence[float], temperature: float | None) -
     return e / e.sum()
 
 
-def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def leave_one_out_scores(scores: np.ndarray, labels: Sequence[int], renormalise: bool = False,
+                         filed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Genuine and impostor scores from a ``[N, C]`` score matrix and true class indices.
 
     With ``renormalise`` (softmax probabilities) the impostor is ``max_{j!=c} p_j / (1 - p_c)``: what
-    the classifier would say if class c did not exist.
+    the classifier would say if class c did not exist. A picture filed under several characters (`filed`,
+    `filed_mask`) scores its best of them as genuine, and as impostor what is left when none of them exists: with only
+    its own label left out, a character it also shows would count as an unseen one named.
     """
     s = np.asarray(scores, np.float64)
-    y = np.asarray(labels, int)
-    rows = np.arange(len(y))
-    genuine = s[rows, y]
-    other = s.copy()
-    other[rows, y] = -np.inf
-    impostor = other.max(1)
+    mask = filed_mask(labels, s.shape[1], filed)
+    genuine = np.where(mask, s, -np.inf).max(1)
+    impostor = np.where(mask, -np.inf, s).max(1)
     if renormalise:
-        impostor = impostor / np.maximum(1.0 - genuine, 1e-9)
+        impostor = impostor / np.maximum(1.0 - np.where(mask, s, 0.0).sum(1), 1e-9)
     return genuine, np.clip(impostor, -1.0, 1.0) if not renormalise else np.minimum(impostor, 1.0)
 
 

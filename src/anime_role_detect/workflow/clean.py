@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from PIL import Image
 
 from ..data.dedupe import assign_duplicate_groups, near_duplicate_clusters, perceptual_hash
-from ..data.layout import ImageRecord, write_metadata
+from ..data.layout import MULTI_GROUP_PREFIX, ImageRecord, write_metadata
 from ..errors import ConfigError, ImageError
 from ..fsutil import file_sha256, link_or_copy
 from ..imageio import ImageLimits, load_image
@@ -179,7 +179,7 @@ def clean_dataset(
                     _reject(report, it, f"ambiguous: the same picture is collected for {', '.join(chars)}")
                 continue
             shared = [_keep_copies([it for it in group if it.record.character == c], cfg, report) for c in chars]
-            gid = f"multi:{min(it.record.file_name for it in group)}"
+            gid = f"{MULTI_GROUP_PREFIX}{min(it.record.file_name for it in group)}"
             for it in (it for copies in shared for it in copies):
                 it.record.group = gid  # every character's copy on one side of the split
                 kept.append(it)
