@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.evalset import EvalSet, compare_versions, score_gallery
+from anime_role_detect.recognition.evalset import EvalSet, compare_versions, filed_by_hash, score_answers, score_gallery
 from anime_role_detect.registry import Registry
 from anime_role_detect.registry.__main__ import main as registry_main
 
@@ -81,6 +81,19 @@ def test_compare_shows_the_worse_version_on_the_same_pictures(two_versions, caps
     assert f"{removed}" in out and "<- B worse" in out
     assert registry_main(["--root", str(reg.root), "compare", a, b, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["b_scores"]["clip"]["per_character"][removed] == 0.0
+
+
+def test_a_group_picture_answered_as_another_character_it_shows_is_right():
+    """Copies of one picture filed under a and b (one content hash, two labels): naming b is right for the copy labelled a
+    too; a picture of a alone answered b stays wrong, and without hashes every copy counts against its label only."""
+    labels, shas = ["a", "b", "a", "c"], ["h1", "h1", "h2", ""]
+    assert filed_by_hash(labels, shas) == [{"a", "b"}, {"a", "b"}, {"a"}, {"c"}]
+    answers = [("b", 0.9), ("b", 0.9), ("b", 0.8), ("c", 0.7)]
+    grouped = score_answers(labels, answers, threshold=0.75, sha256=shas)
+    plain = score_answers(labels, answers, threshold=0.75)
+    assert grouped["top1"] == 0.75 and plain["top1"] == 0.5
+    assert grouped["per_character"] == {"a": 0.5, "b": 1.0, "c": 1.0}
+    assert grouped["top1_open_set"] == 0.5 and grouped["false_reject"] == 0.25  # c's right answer falls under 0.75
 
 
 def test_compare_without_an_eval_set_is_a_one_line_error(tmp_path, capsys):

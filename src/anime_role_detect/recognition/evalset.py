@@ -112,12 +112,25 @@ def gallery_scores(gallery: Any, embeddings: np.ndarray) -> list[tuple[str, floa
     return [(h[0][0], float(h[0][2])) if h else ("", 0.0) for h in hits]
 
 
-def score_answers(labels: Sequence[str], answers: Sequence[tuple[str, float]], threshold: float | None = None) -> dict[str, Any]:
-    """top-1, per-character top-1 and open-set false rejects (known pictures scored below `threshold`)."""
+def filed_by_hash(labels: Sequence[str], sha256: Sequence[str]) -> list[frozenset[str]]:
+    """Each picture's characters: every label its content hash is filed under (a booru group picture is collected once
+    per character tagged on it, so its copies carry one hash and several labels); a picture without a hash, its own."""
+    by_hash: dict[str, set[str]] = {}
+    for y, h in zip(labels, sha256):
+        if h:
+            by_hash.setdefault(h, set()).add(y)
+    return [frozenset(by_hash[h]) if h else frozenset((y,)) for y, h in zip(labels, sha256)]
+
+
+def score_answers(labels: Sequence[str], answers: Sequence[tuple[str, float]], threshold: float | None = None,
+                  sha256: Sequence[str] | None = None) -> dict[str, Any]:
+    """top-1, per-character top-1 and open-set false rejects (known pictures scored below `threshold`). With the
+    pictures' `sha256`, an answer naming any character a picture's copies are filed under is right (`filed_by_hash`)."""
     n = len(labels)
     if not n:
         return {"n": 0, "top1": None, "per_character": {}, "false_reject": None}
-    right = np.array([a == y for (a, _), y in zip(answers, labels)])
+    filed = filed_by_hash(labels, sha256) if sha256 is not None else [frozenset((y,)) for y in labels]
+    right = np.array([a in f for (a, _), f in zip(answers, filed)])
     per: dict[str, list[bool]] = {}
     for y, r in zip(labels, right):
         per.setdefault(y, []).append(bool(r))
@@ -133,7 +146,7 @@ def score_gallery(gallery: Any, evalset: EvalSet, threshold: float | None = None
     if len(evalset) and evalset.embedder_id != gallery.embedder_id:
         raise GalleryError(f"the evaluation set was embedded by {evalset.embedder_id}, the gallery by {gallery.embedder_id}; "
                            "re-embed its pictures with the gallery's embedder")
-    return score_answers(evalset.labels, gallery_scores(gallery, evalset.embeddings), threshold)
+    return score_answers(evalset.labels, gallery_scores(gallery, evalset.embeddings), threshold, evalset.sha256)
 
 
 def pictures(*sets: EvalSet | None) -> list[tuple[str, str, str]]:
@@ -161,7 +174,7 @@ def score_recognizer(recognizer: Any, items: Sequence[tuple[str, str, str]], mod
             got = recognizer.recognize_batch([(img, f"eval{i + j}") for j, (img, _) in enumerate(batch)], mode=mode)
             answers += [(a.role, a.similarity) for a in got]
         labels = [y for _, y in images]
-        res = score_answers(labels, answers)
+        res = score_answers(labels, answers, sha256=[h for _, _, h in items])
         res["false_reject"] = round(float(np.mean([a == "unknown" for a, _ in answers])), 4) if answers else None
         out[mode] = res
     return out
