@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.evalset import EvalSet, compare_versions, filed_by_hash, score_answers, score_gallery
+from anime_role_detect.data.layout import characters_per_key
+from anime_role_detect.recognition.evalset import EvalSet, compare_versions, score_answers, score_gallery
 from anime_role_detect.registry import Registry
 from anime_role_detect.registry.__main__ import main as registry_main
 
@@ -87,7 +88,7 @@ def test_a_group_picture_answered_as_another_character_it_shows_is_right():
     """Copies of one picture filed under a and b (one content hash, two labels): naming b is right for the copy labelled a
     too; a picture of a alone answered b stays wrong, and without hashes every copy counts against its label only."""
     labels, shas = ["a", "b", "a", "c"], ["h1", "h1", "h2", ""]
-    assert filed_by_hash(labels, shas) == [{"a", "b"}, {"a", "b"}, {"a"}, {"c"}]
+    assert characters_per_key(labels, shas) == [{"a", "b"}, {"a", "b"}, {"a"}, {"c"}]
     answers = [("b", 0.9), ("b", 0.9), ("b", 0.8), ("c", 0.7)]
     grouped = score_answers(labels, answers, threshold=0.75, sha256=shas)
     plain = score_answers(labels, answers, threshold=0.75)

@@ -20,6 +20,7 @@ from anime_role_detect.data.layout import (
     tag_vocabulary,
 )
 from anime_role_detect.errors import ConfigError, DatasetError
+from anime_role_detect.fsutil import file_sha256
 
 
 def test_scan_reads_folders_and_metadata(synthetic_root):
@@ -83,7 +84,7 @@ def test_a_group_picture_is_filed_under_every_character_it_was_collected_for(tmp
     save("b/tagged.png", (9, 9, 10))  # different bytes, but the clean stage grouped them as one picture
     recs = [ImageRecord(file_name=f, character=f.split("/")[0]) for f in ("a/group.png", "b/group.png", "a/alone.png", "b/alone.png")]
     recs += [ImageRecord(file_name=f, character=f.split("/")[0], group=f"{MULTI_GROUP_PREFIX}b/tagged.png") for f in ("c/tagged.png", "b/tagged.png")]
-    shows = filed_characters(recs, tmp_path)
+    shows = filed_characters(recs, [file_sha256(tmp_path / r.file_name) for r in recs])
     assert shows["a/group.png"] == shows["b/group.png"] == {"a", "b"}
     assert shows["a/alone.png"] == {"a"} and shows["b/alone.png"] == {"b"}
     assert shows["c/tagged.png"] == shows["b/tagged.png"] == {"b", "c"}

@@ -157,18 +157,21 @@ class Split:
         return cls(train=list(obj["train"]), val=list(obj["val"]), seed=int(obj["seed"]), val_fraction=float(obj["val_fraction"]))
 
 
-def filed_characters(records: Sequence[ImageRecord], root: str | Path) -> dict[str, frozenset[str]]:
-    """File name -> every character its picture is filed under. A booru group picture is collected once per character
-    tagged on it: its copies share bytes, or one `MULTI_GROUP_PREFIX` group the clean stage wrote. Naming any of them
-    names someone the picture shows."""
-    from ..fsutil import file_sha256
+def characters_per_key(labels: Sequence[str], keys: Sequence[str]) -> list[frozenset[str]]:
+    """Each item's characters: every label filed under its key (one picture's content hash or group); an empty key,
+    its own label. A booru group picture is collected once per character tagged on it: one key, several labels."""
+    by_key: dict[str, set[str]] = defaultdict(set)
+    for y, k in zip(labels, keys):
+        if k:
+            by_key[k].add(y)
+    return [frozenset(by_key[k]) if k else frozenset((y,)) for y, k in zip(labels, keys)]
 
-    root = Path(root)
-    keys = {r.file_name: (r.group if r.group.startswith(MULTI_GROUP_PREFIX) else file_sha256(root / r.file_name)) for r in records}
-    chars: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        chars[keys[r.file_name]].add(r.character)
-    return {f: frozenset(chars[k]) for f, k in keys.items()}
+
+def filed_characters(records: Sequence[ImageRecord], sha256: Sequence[str]) -> dict[str, frozenset[str]]:
+    """File name -> every character its picture is filed under: its copies share bytes (`sha256`, one per record), or
+    one `MULTI_GROUP_PREFIX` group the clean stage wrote. Naming any of them names someone the picture shows."""
+    keys = [r.group if r.group.startswith(MULTI_GROUP_PREFIX) else h for r, h in zip(records, sha256)]
+    return {r.file_name: c for r, c in zip(records, characters_per_key([r.character for r in records], keys))}
 
 
 def stratified_group_split(records: Sequence[ImageRecord], val_fraction: float = 0.2, seed: int = 42) -> Split:

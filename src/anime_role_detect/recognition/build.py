@@ -150,6 +150,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     `target_far` of unseen characters named, refusing at most `max_false_reject` of known pictures answered right.
     """
     from ..data.layout import filed_characters, scan_dataset, stratified_group_split
+    from ..fsutil import file_sha256
     from .embedder import build_embedder
 
     max_false_reject = check_max_false_reject(max_false_reject)  # before minutes of embedding, not after
@@ -204,7 +205,8 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
         # a group picture answered with another character it shows is right (its copies are all on the val side:
         # splits keep a group together)
-        shows = filed_characters([r for _, r in loaded], root)
+        val_shas = [file_sha256(r.path(root)) for _, r in loaded]
+        shows = filed_characters([r for _, r in loaded], val_shas)
         ev = evaluate_split(rec, vimgs, vlabels, modes, target_far, max_false_reject=max_false_reject,
                             tag_truth=[r.tags for _, r in loaded], filed=[shows[r.file_name] for _, r in loaded])
         top1, calib, weights = ev.top1, ev.calibration, ev.weights
@@ -215,7 +217,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             rec.reranker.mode_weights.update(weights)
             rec.reranker.save(out)
         vemb = ev.embeddings if ev.embeddings is not None else embedder.embed(vimgs)  # same embedder, same images
-        save_eval_set(out, gallery, [r for _, r in loaded], root, vemb, calib, top1)
+        save_eval_set(out, gallery, [r for _, r in loaded], root, vemb, calib, top1, val_shas)
         if include_val:  # thresholds are set; the final gallery also learns from the held-out images
             for character in sorted(set(vlabels)):
                 idx = [i for i, y in enumerate(vlabels) if y == character]
@@ -231,17 +233,17 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
 
 
 def save_eval_set(out: Path, gallery: Gallery, records: Sequence[Any], root: Path, embeddings: Any, calib: Any,
-                  top1: Mapping[str, Any]) -> None:
-    """The version's evaluation set (the held-out pictures, their embeddings, hashes and paths) and its own figures
-    on it before the held-out pictures join the gallery: top-1 per mode, per character and open-set false rejects."""
+                  top1: Mapping[str, Any], sha256: Sequence[str]) -> None:
+    """The version's evaluation set (the held-out pictures, their embeddings, content hashes `sha256` and paths) and its
+    own figures on it before the held-out pictures join the gallery: top-1 per mode, per character and open-set false
+    rejects."""
     from ..fsutil import atomic_write_json
-    from ..imageio import content_hash
     from ..versionfiles import EVAL_METRICS
     from .evalset import EvalSet, score_gallery
 
     paths = [r.path(root) for r in records]
     evalset = EvalSet(embeddings, [r.character for r in records], gallery.embedder_id,
-                      sha256=[content_hash(p.read_bytes()) for p in paths], paths=[str(p.resolve()) for p in paths])
+                      sha256=list(sha256), paths=[str(p.resolve()) for p in paths])
     evalset.save(out)
     clip = score_gallery(gallery, evalset, calib.threshold("clip") if calib is not None else None)
     atomic_write_json(out / EVAL_METRICS, {"pictures": len(evalset), "top1": dict(top1), "clip": clip})

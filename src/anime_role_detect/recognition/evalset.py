@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..data.layout import characters_per_key
 from ..errors import GalleryError
 from ..fsutil import atomic_write_bytes
 from ..versionfiles import CALIBRATION, VAL_EMBEDDINGS
@@ -112,24 +113,15 @@ def gallery_scores(gallery: Any, embeddings: np.ndarray) -> list[tuple[str, floa
     return [(h[0][0], float(h[0][2])) if h else ("", 0.0) for h in hits]
 
 
-def filed_by_hash(labels: Sequence[str], sha256: Sequence[str]) -> list[frozenset[str]]:
-    """Each picture's characters: every label its content hash is filed under (a booru group picture is collected once
-    per character tagged on it, so its copies carry one hash and several labels); a picture without a hash, its own."""
-    by_hash: dict[str, set[str]] = {}
-    for y, h in zip(labels, sha256):
-        if h:
-            by_hash.setdefault(h, set()).add(y)
-    return [frozenset(by_hash[h]) if h else frozenset((y,)) for y, h in zip(labels, sha256)]
-
-
 def score_answers(labels: Sequence[str], answers: Sequence[tuple[str, float]], threshold: float | None = None,
                   sha256: Sequence[str] | None = None) -> dict[str, Any]:
     """top-1, per-character top-1 and open-set false rejects (known pictures scored below `threshold`). With the
-    pictures' `sha256`, an answer naming any character a picture's copies are filed under is right (`filed_by_hash`)."""
+    pictures' `sha256`, an answer naming any character a picture's copies are filed under is right (a group picture's
+    copies carry one hash and several labels: `data.layout.characters_per_key`)."""
     n = len(labels)
     if not n:
         return {"n": 0, "top1": None, "per_character": {}, "false_reject": None}
-    filed = filed_by_hash(labels, sha256) if sha256 is not None else [frozenset((y,)) for y in labels]
+    filed = characters_per_key(labels, sha256) if sha256 is not None else [frozenset((y,)) for y in labels]
     right = np.array([a in f for (a, _), f in zip(answers, filed)])
     per: dict[str, list[bool]] = {}
     for y, r in zip(labels, right):

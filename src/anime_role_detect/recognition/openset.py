@@ -134,10 +134,13 @@ def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[fl
     mask = filed_mask(labels, s.shape[1], filed)
     grid = np.geomspace(1e-3, 1.0, 61) if grid is None else np.asarray(grid, np.float64)
 
-    def nll(t: float) -> float:
-        z = (s - s.max(1, keepdims=True)) / t
-        right = np.where(mask, z, -np.inf).max(1, keepdims=True)
-        return float(np.mean(np.log(np.exp(z).sum(1)) - right[:, 0] - np.log(np.exp(np.where(mask, z - right, -np.inf)).sum(1))))
+    def logsumexp(z: np.ndarray) -> np.ndarray:  # per row, -inf entries left out
+        top = z.max(1, keepdims=True)
+        return top[:, 0] + np.log(np.exp(z - top).sum(1))
+
+    def nll(t: float) -> float:  # -log of the probability the filed characters hold together
+        z = s / t
+        return float(np.mean(logsumexp(z) - logsumexp(np.where(mask, z, -np.inf))))
 
     return float(min(grid, key=nll))
 
