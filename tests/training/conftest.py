@@ -86,3 +86,34 @@ def compose_cfg():
 def train_py():
     """`run_train_py(args, cwd, timeout, env)` as a fixture."""
     return run_train_py
+
+
+@pytest.fixture(scope="session")
+def group_picture_root(tmp_path_factory) -> dict:
+    """A dataset folder holding a booru group picture's copies: 4 pictures of char_00 also filed (same bytes) under
+    char_01, 2 pictures of char_01 and char_02 tied by the clean stage's ``multi:`` group (different bytes), and
+    a resized re-encode of a char_02 picture filed under char_03 (a near-duplicate: another picture, not a copy)."""
+    import json
+
+    from PIL import Image
+
+    from anime_role_detect.data.layout import MULTI_GROUP_PREFIX
+    from anime_role_detect.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("groups") / "chars"
+    generate_dataset(root, n_characters=4, images_per_character=12, size=96, seed=5, twin_fraction=0.0)
+    same_bytes = []
+    for k, src in enumerate(sorted((root / "char_00").glob("*.png"))[:4]):
+        dst = root / "char_01" / f"group_{k}.png"
+        dst.write_bytes(src.read_bytes())
+        same_bytes.append((f"char_00/{src.name}", f"char_01/{dst.name}"))
+    multi = [max((root / c).glob("default_*.png")).relative_to(root).as_posix() for c in ("char_01", "char_02")]
+    lines = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines() if x.strip()]
+    for line in lines:
+        if line["file_name"] in multi:
+            line["group"] = f"{MULTI_GROUP_PREFIX}post-7"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    src = min((root / "char_02").glob("*.png"))
+    Image.open(src).convert("RGB").resize((90, 90)).save(root / "char_03" / "reencoded.jpg", quality=90)
+    return {"root": root, "same_bytes": same_bytes, "multi": multi,
+            "near_duplicate": (f"char_02/{src.name}", "char_03/reencoded.jpg")}

@@ -79,7 +79,7 @@ def test_unreadable_image_skipped_and_reported_or_error(synthetic_root, tmp_path
     dm = _dm(root, tmp_path / "a")
     assert len(dm.unreadable) == 1 and dm.unreadable[0].startswith("char_00/broken.png")
     assert "char_00/broken.png" not in {r.file_name for r in dm.train_records + dm.val_records}
-    x, y, tags = next(iter(dm.train_dataloader()))  # loading never meets the broken file
+    x, y, tags, _ = next(iter(dm.train_dataloader()))  # loading never meets the broken file
     assert x.shape[1:] == (3, 64, 64)
     with pytest.raises(DatasetError, match=r"broken\.png.*skip_unreadable"):
         _dm(root, tmp_path / "b", skip_unreadable=False)
@@ -99,11 +99,40 @@ def test_missing_and_empty_folders_are_one_line_errors(synthetic_root, tmp_path)
 
 def test_batches_carry_labels_and_tags(synthetic_root, tmp_path):
     dm = _dm(synthetic_root, tmp_path, batch_size=8)
-    x, y, tags = next(iter(dm.val_dataloader()))
+    x, y, tags, filed = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 64, 64) and y.dtype == torch.long
+    assert torch.equal(filed, torch.nn.functional.one_hot(y, len(dm.class_names)).bool())  # no group pictures here
     assert tags.shape == (8, len(dm.tag_names)) and len(dm.tag_names) > 5
     assert "1girl" in dm.tag_names and tags.sum() > 8  # identity tags from metadata.jsonl reach the batch
     assert set(dm.series.values()) <= {"series_a", "series_b", "series_c"}
+
+
+def _with_val(dm: CharacterDataModule, names, tmp_path: Path) -> CharacterDataModule:
+    """The same folder with `names` moved to the validation side of its saved split (a new data module reads it)."""
+    manifest = json.loads(dm.split_path.read_text())
+    manifest["train"] = [n for n in manifest["train"] if n not in names]
+    manifest["val"] = sorted(set(manifest["val"]) | set(names))
+    dm.split_path.write_text(json.dumps(manifest))
+    return _dm(dm.root, tmp_path, batch_size=64)
+
+
+def test_val_batches_mark_every_character_a_group_picture_is_filed_under(group_picture_root, tmp_path):
+    """`val/acc` counts naming any character a group picture shows: same bytes or one `multi:` group file a picture
+    under each character; a near-duplicate under another character (another picture) stays its own."""
+    g = group_picture_root
+    cases = [n for pair in g["same_bytes"] for n in pair] + list(g["multi"]) + list(g["near_duplicate"])
+    dm = _with_val(_dm(g["root"], tmp_path), cases, tmp_path)
+    filed = dict(zip((r.file_name for r in dm.val_records), dm.val_filed))
+    assert set(cases) <= set(filed)
+    for a, b in g["same_bytes"]:
+        assert filed[a] == filed[b] == {"char_00", "char_01"}, (a, filed[a])
+    assert filed[g["multi"][0]] == filed[g["multi"][1]] == {"char_01", "char_02"}
+    for name in g["near_duplicate"]:
+        assert filed[name] == {name.split("/")[0]}, (name, filed[name])
+    assert sum(len(c) > 1 for c in filed.values()) == 2 * len(g["same_bytes"]) + 2  # every other picture: its label
+    _, y, _, mask = next(iter(dm.val_dataloader()))
+    want = torch.tensor([[c in filed[r.file_name] for c in dm.class_names] for r in dm.val_records])
+    assert torch.equal(mask, want) and all(mask[i, int(y[i])] for i in range(len(y)))
 
 
 def test_balancing_modes(synthetic_root, tmp_path):

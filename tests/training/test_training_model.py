@@ -76,6 +76,72 @@ def test_write_report_files(tmp_path):
     assert rows[0].startswith("character,images,correct,accuracy") and rows[1].startswith("a,2,1,0.5,b")
 
 
+def test_filed_accuracy_counts_any_character_a_picture_is_filed_under():
+    """A group picture's copy named as another character it shows is right (top-1 and top-k); per character by label."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from anime_role_detect.models.filed_accuracy import FiledAccuracy
+
+    logits = torch.tensor([[5.0, 1, 0, 0], [5.0, 1, 0, 0], [0, 5.0, 1, 0], [0, 0, 1, 5.0]])
+    y = torch.tensor([0, 1, 2, 2])
+    filed = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]]).bool()  # rows 0-1: one picture's copies
+    metric = FiledAccuracy(4, top_k=2)
+    metric.update(logits, y, filed)
+    out = metric.compute()
+    assert out["acc"].item() == 0.5 and out["acc_top_k"].item() == 1.0
+    assert out["per_class"][:3].tolist() == [1.0, 1.0, 0.0] and torch.isnan(out["per_class"][3])
+    assert MulticlassAccuracy(num_classes=4, average="micro")(logits, y).item() == 0.25  # each copy on its label
+    plain = FiledAccuracy(4, top_k=2)
+    plain.update(logits, y)  # without a mask: the label alone
+    assert plain.compute()["acc"].item() == 0.25
+
+
+def test_validation_accuracy_reads_group_pictures_as_the_version_does(group_picture_root, tmp_path, compose_cfg, tiny):
+    """A run whose validation side holds a group picture's copies (same bytes, filed under char_00 and char_01):
+    `val/acc`, the checkpoint it picks and metrics.json count naming either character as right; `accuracy_strict`
+    scores each copy on its own label."""
+    import numpy as np
+
+    from anime_role_detect.data.datamodule import CharacterDataModule
+    from anime_role_detect.training import train
+    from anime_role_detect.training.evaluation import predict_loader, read_epoch_metrics
+
+    torch.set_num_threads(1)
+    g = group_picture_root
+    dm = CharacterDataModule(str(g["root"]), image_size=64, split_dir=str(tmp_path / "splits"), seed=42, val_fraction=0.2)
+    dm.setup("fit")
+    copies = [n for pair in g["same_bytes"] for n in pair]
+    manifest = json.loads(dm.split_path.read_text())
+    manifest["train"] = [n for n in manifest["train"] if n not in copies]
+    manifest["val"] = sorted(set(manifest["val"]) | set(copies))
+    dm.split_path.write_text(json.dumps(manifest))
+    cfg = compose_cfg(tiny(tmp_path, g["root"], epochs=4) + [f"paths.output_dir={tmp_path / 'out'}", "model.optimizer.lr=3e-3",
+                                                              f"data.split_dir={tmp_path / 'splits'}", "data.seed=42", "data.val_fraction=0.2"])
+    result = train(cfg)
+    m = result.metrics
+    model = CharacterClassifier.load_from_checkpoint(result.ckpt_path, map_location="cpu")
+    dm = CharacterDataModule(str(g["root"]), image_size=64, split_dir=str(tmp_path / "splits"), seed=42, val_fraction=0.2,
+                             mean=model.mean, std=model.std)
+    dm.setup("fit")
+    pred = predict_loader(model, dm.val_dataloader())
+    names = [r.file_name for r in dm.val_records]
+    assert set(copies) <= set(names)
+    at = {n: i for i, n in enumerate(names)}
+    pair_preds = [(int(pred["y_pred"][at[a]]), int(pred["y_pred"][at[b]])) for a, b in g["same_bytes"]]
+    assert all(p == q for p, q in pair_preds)  # one picture, one answer
+    named_either = sum(p in (0, 1) for p, _ in pair_preds)
+    assert named_either >= 1, pair_preds  # a run this short still names char_00's own pictures as char_00 or char_01
+    strict = float(np.mean(pred["y_true"] == pred["y_pred"]))
+    n = len(names)
+    assert m["accuracy_strict"] == pytest.approx(strict, abs=1e-6)
+    # each copy pair named as either character: both copies right, where the label alone counts one of them
+    assert m["accuracy"] == pytest.approx(strict + named_either / n, abs=1e-6) and m["val/acc"] == m["accuracy"]
+    curves = read_epoch_metrics(next(Path(result.output_dir).rglob("metrics.csv")))
+    val_acc = [e["val/acc"] for e in curves.values() if "val/acc" in e]
+    assert len(val_acc) >= 2 and all("val/acc_strict" in e for e in curves.values() if "val/acc" in e)
+    assert max(val_acc) == pytest.approx(m["accuracy"], abs=1e-4)  # the checkpoint kept is the best by this reading
+
+
 def test_ema_callback_saves_the_averaged_weights(tmp_path, synthetic_root, compose_cfg, tiny):
     """`callbacks=[default,ema]`: the checkpoint's state_dict (what evaluation, the gallery and the registry load) holds
     the moving average of the weights, the raw weights stay beside it, and the run still learns."""

@@ -12,18 +12,27 @@ import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from ..errors import ConfigError, DatasetError, ImageError
-from ..fsutil import atomic_write_json, read_json
+from ..fsutil import atomic_write_json, file_sha256, read_json
 from ..imageio import load_image
 from ..log import training_log
 from .dedupe import assign_duplicate_groups
-from .layout import ImageRecord, class_names, scan_dataset, series_of, stratified_group_split, tag_vocabulary
+from .layout import (
+    ImageRecord,
+    characters_per_key,
+    class_names,
+    filed_characters,
+    scan_dataset,
+    series_of,
+    stratified_group_split,
+    tag_vocabulary,
+)
 from .samplers import PKSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, check_resize
 
@@ -35,9 +44,10 @@ VIEW_SAMPLING = ("both", "either")
 
 
 class CharacterImageDataset(Dataset):
-    """Records -> (image tensor, character index, multi-hot tag vector); a record with a crop box is that region
-    of its picture (a face view, `CharacterDataModule.add_face_views`); one with an `alternate` box is that region
-    or the whole picture, drawn afresh at each load with probability `alternate_p`."""
+    """Records -> (image tensor, character index, multi-hot tag vector, mask of the characters its picture is filed
+    under); a record with a crop box is that region of its picture (a face view, `CharacterDataModule.add_face_views`);
+    one with an `alternate` box is that region or the whole picture, drawn afresh at each load with probability
+    `alternate_p`. `filed` lists each record's characters (a group picture's copies: all of them; default its own)."""
 
     def __init__(
         self,
@@ -49,6 +59,7 @@ class CharacterImageDataset(Dataset):
         crops: Sequence[tuple[float, float, float, float] | None] | None = None,
         alternates: Sequence[tuple[float, float, float, float] | None] | None = None,
         alternate_p: float = 0.5,
+        filed: Sequence[Collection[str]] | None = None,
     ) -> None:
         self.records = list(records)
         self.root = Path(root)
@@ -58,6 +69,7 @@ class CharacterImageDataset(Dataset):
         self.crops = list(crops) if crops is not None else [None] * len(self.records)
         self.alternates = list(alternates) if alternates is not None else [None] * len(self.records)
         self.alternate_p = float(alternate_p)
+        self.filed = list(filed) if filed is not None else [(r.character,) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -69,7 +81,13 @@ class CharacterImageDataset(Dataset):
                 vec[self.tag_to_idx[t]] = 1.0
         return vec
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def filed_vector(self, i: int) -> torch.Tensor:
+        vec = torch.zeros(len(self.class_to_idx), dtype=torch.bool)
+        vec[[self.class_to_idx[c] for c in self.filed[i] if c in self.class_to_idx]] = True
+        vec[self.class_to_idx[self.records[i].character]] = True
+        return vec
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
         rec = self.records[i]
         img = load_image(rec.path(self.root))  # verified readable at setup
         box = self.crops[i]
@@ -77,7 +95,7 @@ class CharacterImageDataset(Dataset):
             box = self.alternates[i]
         if box is not None:
             img = img.crop(tuple(int(round(v)) for v in box))
-        return self.transform(img), self.class_to_idx[rec.character], self.tag_vector(rec)
+        return self.transform(img), self.class_to_idx[rec.character], self.tag_vector(rec), self.filed_vector(i)
 
 
 class CharacterDataModule(L.LightningDataModule):
@@ -141,6 +159,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.tag_names: list[str] = []
         self.train_records: list[ImageRecord] = []
         self.val_records: list[ImageRecord] = []
+        self.val_filed: list[frozenset[str]] = []  # per val record: every character its picture is filed under
         self.unreadable: list[str] = []
         self.split_path: Path | None = None
         self._ready = False
@@ -234,6 +253,7 @@ class CharacterDataModule(L.LightningDataModule):
                 )
             training_log.warning(f"skipping {len(self.unreadable)} unreadable image(s): {'; '.join(self.unreadable[:5])}")
         groups = m.get("groups", {})
+        metadata_groups = {r.file_name: r.group for r in records}  # the clean stage's `multi:` groups, before the split's
         by_name = {r.file_name: r for r in records}
         for name, g in groups.items():
             if name in by_name:
@@ -252,7 +272,18 @@ class CharacterDataModule(L.LightningDataModule):
             raise DatasetError(f"the validation split of {self.root} is empty; add images (2+ per character) or raise data.val_fraction")
         self.series = series_of(records)
         self.tag_names = tag_vocabulary(self.train_records, self.min_tag_count)
+        self.val_filed = self._filed_characters(self.val_records, metadata_groups)
         self._ready = True
+
+    def _filed_characters(self, records: Sequence[ImageRecord], metadata_groups: Mapping[str, str]) -> list[frozenset[str]]:
+        """Each record's characters as the version build reads them (`data.layout.filed_characters`: same bytes or the
+        clean stage's group); only records whose split group spans several characters can be such copies, so only
+        they are hashed."""
+        spans = characters_per_key([r.character for r in records], [r.group for r in records])
+        shared = [ImageRecord(**{**r.to_json(), "group": metadata_groups.get(r.file_name, "")})
+                  for r, chars in zip(records, spans) if len(chars) > 1]
+        filed = filed_characters(shared, [file_sha256(r.path(self.root)) for r in shared])
+        return [filed.get(r.file_name, frozenset((r.character,))) for r in records]
 
     # -- loaders ----------------------------------------------------------------------------
     @property
@@ -296,13 +327,14 @@ class CharacterDataModule(L.LightningDataModule):
         return self.train_records + faces, [None] * len(self.train_records) + [self.face_crops[r.file_name] for r in faces], None
 
     def _dataset(self, records: Sequence[ImageRecord], train: bool, crops: Sequence[Box | None] | None = None,
-                 alternates: Sequence[Box | None] | None = None) -> CharacterImageDataset:
+                 alternates: Sequence[Box | None] | None = None,
+                 filed: Sequence[Collection[str]] | None = None) -> CharacterImageDataset:
         tf = (
             build_train_transform(self.image_size, self.mean, self.std, self.augment, self.resize)
             if train
             else build_eval_transform(self.image_size, self.mean, self.std, self.resize)
         )
-        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops, alternates)
+        return CharacterImageDataset(records, self.root, self.class_to_idx, self.tag_to_idx, tf, crops, alternates, filed=filed)
 
     def _loader(self, ds: Dataset, shuffle: bool, sampler: Any = None, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
@@ -331,7 +363,9 @@ class CharacterDataModule(L.LightningDataModule):
                             batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset(self.val_records, train=False), shuffle=False)
+        """Validation pictures; each batch's 4th item marks every character a picture is filed under (what
+        `val/acc` counts as right)."""
+        return self._loader(self._dataset(self.val_records, train=False, filed=self.val_filed), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

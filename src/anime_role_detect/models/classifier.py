@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, UserError, WeightsError
 from .backbones import backbone_data_config, create_backbone
+from .filed_accuracy import FiledAccuracy
 from .metric import EmbeddingSpec, IdentityHead
 
 #: optimizer name -> constructor(params, lr, weight_decay)
@@ -197,14 +198,13 @@ class CharacterClassifier(L.LightningModule):
     def _build_metrics(self) -> None:
         n = len(self.class_names)
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc_top5 = MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro")
+        self.val_acc = FiledAccuracy(n, top_k=5)  # val/acc: right when naming any character the picture is filed under
+        self.val_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")  # each copy on its own label
         self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.val_acc_per_class = MulticlassAccuracy(num_classes=n, average=None)
         self.val_tag_ap = MultilabelAveragePrecision(num_labels=len(self.tag_names), average=None) if self.tag_names else None
 
     def _losses(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y, tags = batch
+        x, y, tags = batch[:3]  # a 4th item, when there, is the filed-characters mask validation scores with
         feats = self.features(x)
         char_logits, tag_logits = self.heads(feats)
         char_loss = F.cross_entropy(char_logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
@@ -233,25 +233,28 @@ class CharacterClassifier(L.LightningModule):
         out = self._losses(batch)
         logits, y = out["char_logits"], batch[1]
         bs = batch[0].shape[0]
-        for metric in (self.val_acc, self.val_acc_top5, self.val_f1, self.val_acc_per_class):
+        self.val_acc.update(logits, y, batch[3] if len(batch) > 3 else None)
+        for metric in (self.val_acc_strict, self.val_f1):
             metric.update(logits, y)
         if self.val_tag_ap is not None:
             self.val_tag_ap.update(out["tag_logits"].sigmoid(), batch[2].long())
         self.log("val/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/acc", self.val_acc.compute(), prog_bar=True, sync_dist=False)
-        self.log("val/acc_top5", self.val_acc_top5.compute())
+        acc = self.val_acc.compute()
+        self.log("val/acc", acc["acc"], prog_bar=True, sync_dist=False)
+        self.log("val/acc_top5", acc["acc_top_k"])
+        self.log("val/acc_strict", self.val_acc_strict.compute())
         self.log("val/f1_macro", self.val_f1.compute())
-        per_class = self.val_acc_per_class.compute()
-        for name, acc in zip(self.class_names, per_class):
-            self.log(f"val_class_acc/{name}", acc)
+        for name, value in zip(self.class_names, acc["per_class"]):
+            if not torch.isnan(value):  # a character with no validation picture has no accuracy
+                self.log(f"val_class_acc/{name}", value)
         if self.val_tag_ap is not None:
             ap = self.val_tag_ap.compute()
             ap = ap[~torch.isnan(ap)] if ap.numel() else ap
             self.log("val/tag_map", ap.mean() if ap.numel() else torch.tensor(0.0))
             self.val_tag_ap.reset()
-        for metric in (self.val_acc, self.val_acc_top5, self.val_f1, self.val_acc_per_class):
+        for metric in (self.val_acc, self.val_acc_strict, self.val_f1):
             metric.reset()
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_path, atomic_write_json, atomic_write_text
+from ..models.filed_accuracy import filed_targets
 from ..versionfiles import METRICS
 
 
@@ -27,12 +28,13 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: in
     return cm
 
 
-def per_character_table(class_names: Sequence[str], cm: np.ndarray) -> list[dict[str, Any]]:
-    """One row per character: images, correct, accuracy, most frequent confusion."""
+def per_character_table(class_names: Sequence[str], cm: np.ndarray, correct_per_class: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """One row per character: images, correct (`correct_per_class`, else the diagonal), accuracy, most frequent
+    confusion."""
     rows = []
     for i, name in enumerate(class_names):
         total = int(cm[i].sum())
-        correct = int(cm[i, i])
+        correct = int(cm[i, i] if correct_per_class is None else correct_per_class[i])
         off = cm[i].copy()
         off[i] = 0
         confused = class_names[int(off.argmax())] if off.sum() else ""
@@ -169,15 +171,21 @@ def write_report(
     y_true: Sequence[int],
     y_pred: Sequence[int],
     extra_metrics: Mapping[str, Any] | None = None,
+    right: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``per_character.csv``/``.md`` and ``confusion_matrix.png``; return the metrics."""
+    """Write ``metrics.json``, ``per_character.csv``/``.md`` and ``confusion_matrix.png``; return the metrics.
+
+    `right` marks the answers that count as right (a group picture named as another character it shows), else
+    prediction == label; the confusion matrix always plots labels against predictions."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(class_names)
     cm = confusion_matrix(y_true, y_pred, len(names))
     n = int(cm.sum())
-    acc = float(np.trace(cm) / n) if n else 0.0
-    rows = per_character_table(names, cm)
+    hits = np.asarray(y_true) == np.asarray(y_pred) if right is None else np.asarray(right, bool)
+    acc = float(hits.mean()) if n else 0.0
+    correct = np.bincount(np.asarray(y_true, np.int64), weights=hits.astype(float), minlength=len(names)).astype(int) if n else None
+    rows = per_character_table(names, cm, correct)
     per_class = [r["accuracy"] for r in rows if r["accuracy"] is not None]
     metrics: dict[str, Any] = {
         "accuracy": round(acc, 6),
@@ -208,16 +216,19 @@ def _jsonable(v: Any) -> Any:
 
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader: Any, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
-    """Run a classifier over a (x, y, tags) loader: labels, predictions, probabilities, tag targets/probs."""
+    """Run a classifier over a (x, y, tags[, filed]) loader: labels, predictions, probabilities, tag targets/probs,
+    and ``filed`` (bool [n, classes]: the characters each picture is filed under; its own label when the loader has none)."""
     was_training = model.training
     model.eval().to(device)
-    ys, probs, tag_true, tag_prob = [], [], [], []
-    for x, y, tags in loader:
+    ys, probs, tag_true, tag_prob, filed = [], [], [], [], []
+    for batch in loader:
+        x, y, tags = batch[:3]
         char_logits, tag_logits = model(x.to(device))
         ys.append(y.numpy())
         probs.append(char_logits.softmax(-1).cpu().numpy())
         tag_true.append(tags.numpy())
         tag_prob.append(tag_logits.sigmoid().cpu().numpy())
+        filed.append(filed_targets(y, char_logits.shape[1], batch[3] if len(batch) > 3 else None).numpy())
     model.train(was_training)
     probs_a = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
     return {
@@ -226,16 +237,20 @@ def predict_loader(model: torch.nn.Module, loader: Any, device: str | torch.devi
         "probs": probs_a,
         "tag_true": np.concatenate(tag_true) if tag_true else np.zeros((0, 0)),
         "tag_probs": np.concatenate(tag_prob) if tag_prob else np.zeros((0, 0)),
+        "filed": np.concatenate(filed) if filed else np.zeros((0, 0), bool),
     }
 
 
-def topk_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the k most probable classes."""
+def topk_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int, filed: np.ndarray | None = None) -> float:
+    """Fraction of rows whose label (with `filed`, bool [n, classes]: any character the picture is filed under) is
+    among the k most probable classes."""
     if not len(y_true):
         return 0.0
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
-    return float(np.mean([t in row for t, row in zip(y_true, top)]))
+    if filed is None:
+        return float(np.mean([t in row for t, row in zip(y_true, top)]))
+    return float(np.take_along_axis(filed, top, axis=1).any(axis=1).mean())
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
