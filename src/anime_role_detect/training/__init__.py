@@ -179,15 +179,14 @@ def evaluate_checkpoint(model: Any, datamodule: Any, out_dir: Path, extra: dict[
     pred = predict_loader(model, datamodule.val_dataloader())
     n = len(model.class_names)
     tmap = tag_map(pred["tag_true"], pred["tag_probs"])
-    right = pred["filed"][np.arange(len(pred["y_pred"])), pred["y_pred"]] if len(pred["y_pred"]) else np.zeros(0, bool)
     extra = {
         **extra,
-        "accuracy_strict": round(float(np.mean(pred["y_true"] == pred["y_pred"])) if len(right) else 0.0, 6),
+        "accuracy_strict": round(float(np.mean(pred["y_true"] == pred["y_pred"])) if len(pred["y_true"]) else 0.0, 6),
         "top5_accuracy": round(topk_accuracy(pred["y_true"], pred["probs"], 5, pred["filed"]), 6),
         "macro_f1": round(macro_f1(pred["y_true"], pred["y_pred"], n), 6),
         "tag_map": None if tmap is None else round(tmap, 6),
     }
-    metrics = write_report(out_dir, model.class_names, pred["y_true"].tolist(), pred["y_pred"].tolist(), extra, right=right.tolist())
+    metrics = write_report(out_dir, model.class_names, pred["y_true"].tolist(), pred["y_pred"].tolist(), extra, right=pred["right"].tolist())
     metrics["_pred"] = pred
     return metrics
 

@@ -217,7 +217,8 @@ def _jsonable(v: Any) -> Any:
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader: Any, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
     """Run a classifier over a (x, y, tags[, filed]) loader: labels, predictions, probabilities, tag targets/probs,
-    and ``filed`` (bool [n, classes]: the characters each picture is filed under; its own label when the loader has none)."""
+    ``filed`` (bool [n, classes]: the characters each picture is filed under; its own label when the loader has none)
+    and ``right`` (the prediction is one of them)."""
     was_training = model.training
     model.eval().to(device)
     ys, probs, tag_true, tag_prob, filed = [], [], [], [], []
@@ -231,13 +232,16 @@ def predict_loader(model: torch.nn.Module, loader: Any, device: str | torch.devi
         filed.append(filed_targets(y, char_logits.shape[1], batch[3] if len(batch) > 3 else None).numpy())
     model.train(was_training)
     probs_a = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+    y_pred = probs_a.argmax(-1) if len(probs_a) else np.zeros(0, np.int64)
+    filed_a = np.concatenate(filed) if filed else np.zeros((0, 0), bool)
     return {
         "y_true": np.concatenate(ys) if ys else np.zeros(0, np.int64),
-        "y_pred": probs_a.argmax(-1) if len(probs_a) else np.zeros(0, np.int64),
+        "y_pred": y_pred,
         "probs": probs_a,
         "tag_true": np.concatenate(tag_true) if tag_true else np.zeros((0, 0)),
         "tag_probs": np.concatenate(tag_prob) if tag_prob else np.zeros((0, 0)),
-        "filed": np.concatenate(filed) if filed else np.zeros((0, 0), bool),
+        "filed": filed_a,
+        "right": filed_a[np.arange(len(y_pred)), y_pred] if len(y_pred) else np.zeros(0, bool),
     }
 
 
