@@ -104,10 +104,12 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     return _save_png(fig, path)
 
 
-# (column, label) per panel; val/f1_macro shares the accuracy panel since it is on the same 0..1 scale
+# (column, label) per panel; val/f1_macro shares the accuracy panel since it is on the same 0..1 scale, and so does
+# val/acc_strict (under val/acc when the validation side holds group pictures)
 _CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("loss", (("train/loss", "train"), ("val/loss", "val"))),
-    ("accuracy", (("train/acc", "train"), ("val/acc", "val"), ("val/f1_macro", "val macro F1"))),
+    ("accuracy", (("train/acc", "train"), ("val/acc", "val"), ("val/acc_strict", "val, each copy on its label"),
+                  ("val/f1_macro", "val macro F1"))),
 )
 
 
@@ -155,7 +157,7 @@ def plot_learning_curves(metrics_csv: Path, path: Path) -> Path | None:
             points = [(e, m[col]) for e, m in epochs.items() if col in m]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", linestyle="--" if "f1" in col else "-", label=label)
+                ax.plot(xs, ys, marker="o", linestyle="--" if "f1" in col or "strict" in col else "-", label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
