@@ -260,15 +260,20 @@ class Trained:
     ckpt_path: str
     split_path: str
     cpu_min: float
+    overrides: list[str] = field(default_factory=list)  # everything the run was composed with beyond its paths
 
 
 def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, threads: int) -> Trained:
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.training import train
 
+    recipe = [*workflow_recipe(), *overrides]
     cached = out / "accuracy_run.json"
     if cached.is_file():
         got = Trained(**json.loads(cached.read_text()))
+        if got.overrides != recipe:  # e.g. the workflow's recipe changed since: its checkpoint is not this recipe's
+            raise SystemExit(f"{out} was trained with {got.overrides or 'overrides not recorded'}, not {recipe}: "
+                             "give another --work folder (or delete that run) to train it again")
         if Path(got.ckpt_path).is_file():
             return got
 
@@ -279,7 +284,7 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
                                    *overrides])
     t0 = cpu_seconds()
     result = train(cfg)
-    got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60)
+    got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60, recipe)
     atomic_write_json(cached, asdict(got))
     return got
 
