@@ -267,7 +267,8 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.training import train
 
-    recipe = [*workflow_recipe(), *overrides]
+    workflow = workflow_recipe()
+    recipe = [*workflow, *overrides]
     cached = out / "accuracy_run.json"
     if cached.is_file():
         got = Trained(**json.loads(cached.read_text()))
@@ -277,7 +278,7 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
         if Path(got.ckpt_path).is_file():
             return got
 
-    cfg = compose_config("train", [*workflow_recipe(), f"data.root={root}", f"data.split_dir={out}/splits", f"data.seed={seed}",
+    cfg = compose_config("train", [*workflow, f"data.root={root}", f"data.split_dir={out}/splits", f"data.seed={seed}",
                                    f"seed={seed}", f"paths.root_dir={REPO}", f"paths.output_dir={out}", f"paths.data_dir={out}",
                                    "register=false", "evaluate=false", "logger=csv", "~callbacks.progress_bar",
                                    "+trainer.enable_progress_bar=false", f"threads={threads}", "log.console_level=WARNING",
