@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,25 @@ def test_fast_dev_run_end_to_end(tmp_path, synthetic_root, tiny, train_py):
     assert len(split) == 1  # the split manifest lives under paths.data_dir, not in the user's folder
 
 
+def test_last_ckpt_holds_the_final_epoch_and_the_run_returns_the_best(tmp_path, synthetic_root, tiny, compose_cfg):
+    """last.ckpt is what an interrupted run resumes from: the newest epoch, not a copy of the best one (Lightning's
+    own save_last only copies a new best). The "best" here is the first epoch (monitor: epoch, min), so the two differ."""
+    import torch
+
+    from anime_role_detect.training import train
+
+    out = tmp_path / "out"
+    cfg = compose_cfg(tiny(tmp_path, synthetic_root, epochs=3) + [
+        f"paths.output_dir={out}", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "evaluate=false",
+        "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"])
+    result = train(cfg)
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(result.ckpt_path, map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 3)  # the end of the third epoch
+    assert best["epoch"] == 0 and Path(result.ckpt_path).name.startswith("epoch_000"), result.ckpt_path
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [Path(result.ckpt_path).name, "last.ckpt"]
+
+
 def test_logger_none_trains_with_default_callbacks(tmp_path, synthetic_root, tiny, train_py):
     # The default callbacks include an LR monitor, which Lightning refuses to run without a logger.
     args = tiny(tmp_path, synthetic_root) + [
@@ -55,7 +75,7 @@ def test_ddp_two_cpu_processes_one_checkpoint(tmp_path, synthetic_root, tiny, tr
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=2",
-        "callbacks.model_checkpoint.save_last=false",
+        "~callbacks.last_checkpoint",
     ]
     proc = train_py(args, cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -156,6 +156,14 @@ def _instantiate_list(cfg: DictConfig | None, what: str) -> list[Any]:
     return out
 
 
+def best_checkpoint(trainer: Any) -> str:
+    """The path of the checkpoint a run returns: the best of a callback that monitors a metric (val/acc), else the
+    newest one a checkpoint callback saved (`last_checkpoint` alone), else "" (none saved)."""
+    saved = [cb for cb in trainer.checkpoint_callbacks if cb.best_model_path]
+    saved.sort(key=lambda cb: cb.monitor is None)  # a monitored best first; the every-epoch last.ckpt only without one
+    return saved[0].best_model_path if saved else ""
+
+
 def _drop_logger_only_callbacks(callbacks: list[Any], has_logger: bool) -> list[Any]:
     """Drop callbacks that need a logger (LR monitor) when ``logger=none``, instead of failing at fit."""
     if has_logger:
@@ -334,8 +342,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_s = time.perf_counter() - t0
 
-    ckpt_cb = trainer.checkpoint_callback
-    ckpt_path = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else ""
+    ckpt_path = best_checkpoint(trainer)
     if not ckpt_path:
         ckpt_path = str(out_dir / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(ckpt_path)  # fast_dev_run / no checkpoint callback: still leave a model
