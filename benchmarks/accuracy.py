@@ -91,6 +91,10 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     # the picture's top centre (detector `region`) as a second view beside the figure: a head view with no face detector
     "headcrop": ["embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],  # every character scored on the same share of its rows (recognition/gallery.py)
 }
+#: evaluation variant -> the checkpoint file next to the best one that its version is built from instead
+CHECKPOINT_VARIANTS: dict[str, str] = {
+    "final": "last.ckpt",  # the weights at the end of the schedule, not the epoch with the best val/acc
+}
 MODES = ("clip", "model", "fusion")
 HELD_OUT = 2
 ENROL_SHOTS = 5
@@ -412,6 +416,22 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
         run.others_top1[m] = top1(answers(rec, known_items, m), known_labels)
 
 
+def variant_checkpoint(best: str, variant: str) -> str:
+    """The checkpoint `variant`'s version is built from: the best one, or its neighbour in `CHECKPOINT_VARIANTS`."""
+    if variant not in CHECKPOINT_VARIANTS:
+        return best
+    path = Path(best).parent / CHECKPOINT_VARIANTS[variant]
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: variant {variant} needs it beside {best}; train the run again with another --work")
+    import torch
+
+    states = torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {})
+    if not any("'monitor': None" in k for k in states):  # before conf/callbacks' last_checkpoint: a copy of the best
+        raise SystemExit(f"{path} was written by Lightning's save_last (a copy of the best epoch), not the final epoch: "
+                         "train the run again with another --work")
+    return str(path)
+
+
 def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: Path, threads: int,
             extra: Sequence[str], variants: Sequence[str] = (), test_fraction: float = 0.0, pool_kind: str = "clean",
             rebuild: bool = False) -> list[Run]:
@@ -440,7 +460,7 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     scored = test if test is not None else sp[1]
     out = []
     builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
-              *((f"{recipe}+{v}", result.ckpt_path, EVAL_VARIANTS[v]) for v in variants)]
+              *((f"{recipe}+{v}", variant_checkpoint(result.ckpt_path, v), EVAL_VARIANTS.get(v, [])) for v in variants)]
     for rname, ckpt, infer_overrides in builds:
         run = Run(name, seed, rname, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
         version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides, rebuild)
@@ -566,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
     ap.add_argument("--rebuild", action="store_true",
                     help="build every version again from its cached checkpoint (version-building code changed since)")
-    ap.add_argument("--variants", nargs="*", default=[], choices=list(EVAL_VARIANTS),
-                    help="also build each run's version these ways (same checkpoint), e.g. noflip")
+    ap.add_argument("--variants", nargs="*", default=[], choices=[*EVAL_VARIANTS, *CHECKPOINT_VARIANTS],
+                    help="also build each run's version these ways: infer overrides on the same checkpoint (e.g. noflip), or final (its last.ckpt)")
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy")
     args = ap.parse_args(argv)
