@@ -109,11 +109,12 @@ def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, marg
         compose_train_config(ctx, None)
 
 
-@pytest.mark.parametrize("on, epochs, patience, lr", [(False, 10, 4, 3e-4), (True, 10, 4, 3e-4), ("head", 6, 3, 1e-3)])
+@pytest.mark.parametrize("on, epochs, patience, lr", [(False, 10, 4, 3e-4), (True, 10, 4, 3e-4), ("head", 6, 6, 1e-3)])
 def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_path, on, epochs, patience, lr):
     """`train.face_view_overrides`: a head view doubles the samples of an epoch, so it trains 6 epochs where figure-only
     training takes 10 (about the same passes over the pictures), its Lite0 body at lr 1e-3 (measured: README "Learning
-    rate"); an epoch count or a learning rate in `train.overrides` still wins."""
+    rate") and no early stop before its last epoch (README "Early stopping"); an epoch count or a learning rate in
+    `train.overrides` still wins, and the head schedule's patience follows the epoch count."""
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
     cfg, ctx = local_run_context(tmp_path, f"train.face_view={on}", schedule_free=True)
@@ -123,6 +124,7 @@ def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_p
     cfg.train.overrides = [*cfg.train.overrides, "trainer.max_epochs=2", "model.optimizer.lr=5e-4"]
     tcfg = compose_train_config(ctx, None)
     assert tcfg.trainer.max_epochs == 2 and tcfg.model.optimizer.lr == pytest.approx(5e-4)
+    assert tcfg.callbacks.early_stopping.patience == (2 if on == "head" else patience)
 
 
 def test_the_workflow_trains_on_head_views_by_default(tmp_path):
