@@ -112,8 +112,8 @@ def test_workflow_face_view_reaches_the_training_config(tmp_path, on, kind, marg
 @pytest.mark.parametrize("on, epochs, patience, lr", [(False, 10, 4, 3e-4), (True, 10, 4, 3e-4), ("head", 6, 6, 1e-3)])
 def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_path, on, epochs, patience, lr):
     """`train.face_view_overrides`: a head view doubles the samples of an epoch, so it trains 6 epochs where figure-only
-    training takes 10 (about the same passes over the pictures), its Lite0 body at lr 1e-3 (measured: README "Learning
-    rate") and no early stop before its last epoch (README "Early stopping"); an epoch count or a learning rate in
+    training takes 10 (about the same passes over the pictures), its Lite0 body at lr 1e-3 (measured: docs/accuracy.md "Learning
+    rate") and no early stop before its last epoch (docs/accuracy.md "Early stopping"); an epoch count or a learning rate in
     `train.overrides` still wins, and the head schedule's patience follows the epoch count."""
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
@@ -129,7 +129,7 @@ def test_each_face_view_trains_on_its_own_schedule_and_train_overrides_win(tmp_p
 
 def test_the_workflow_trains_on_head_views_by_default(tmp_path):
     """With no options the workflow trains (and its versions recognise) on each picture's head view beside its figure,
-    the best recipe measured within its training budget (README "Head views")."""
+    the best recipe measured within its training budget (docs/accuracy.md "Head views")."""
     from anime_role_detect.workflow.training_bridge import compose_train_config
 
     _, ctx = local_run_context(tmp_path, schedule_free=True)

@@ -44,7 +44,7 @@ class FusionOptions:
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
     raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` fits the blend on those pictures too
     when a version is built (`openset.fit_gallery_weight`); measured, it named no more pictures than half and
-    half and enrolled fewer, so it is an option (README "Telling look-alikes apart")."""
+    half and enrolled fewer, so it is an option (docs/accuracy.md "The fitted blend")."""
 
     gallery_weight: float | None = None  # None: the version's (its fitted weight, else 0.5); a number overrides it
     fit_gallery_weight: bool = False  # building a version: fit the weight on its held-out pictures (calibration.json)

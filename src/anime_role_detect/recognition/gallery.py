@@ -99,11 +99,11 @@ def _topm_mean(scores: list[float], m: int = 3) -> float:
 #: `balanced`: the mean of a character's best ``max(1, round(3 n / n_ref))`` rows, ``n`` its row count and ``n_ref`` the
 #: smallest character's when the gallery was built (`Gallery.reference_rows`). Every character is scored on the same
 #: share of its rows, so one enrolled from 5 pictures is not outscored by the best of another's 300 rows; a gallery of
-#: equal characters scores as `top3_mean` (README "Why an enrolled character is rarely named").
+#: equal characters scores as `top3_mean` (docs/accuracy.md "Why an enrolled character is rarely named").
 BALANCED = "balanced"
 BALANCED_TOP = 3  # the smallest character's depth: `balanced` is `top3_mean` on a gallery of equal characters
 #: What a gallery built from a config without `aggregate` uses: the mean of a character's best three rows named at least
-#: as many pictures right as its best row alone in every closed run measured (README "Which aggregate"). Files
+#: as many pictures right as its best row alone in every closed run measured (docs/accuracy.md "Which aggregate"). Files
 #: without one load as `max`, as they were built.
 DEFAULT_AGGREGATE = "top3_mean"
 #: How many of a character's best rows each aggregate averages (`balanced`: per character, `Gallery.depth`).

@@ -201,7 +201,7 @@ def genuine_floor(genuine_sorted: np.ndarray, min_tar: float) -> float:
 
     The order statistic keeps `min_tar` of the calibration pictures; where fewer than `ORDER_STATISTIC_MIN` scores lie
     below it (under 250 pictures at 98%) it rests on the few lowest, and it refused 3.8% of right answers on
-    pictures set aside before training (README "Few calibration pictures"), so the lower of it and the normal
+    pictures set aside before training (docs/accuracy.md "Few calibration pictures"), so the lower of it and the normal
     prediction bound ``mean - z sd sqrt(1 + 1/n)`` is taken."""
     g = np.asarray(genuine_sorted, np.float64)
     k = int(np.floor((1.0 - min_tar) * len(g)))

@@ -31,7 +31,7 @@ _log = get_logger("system")
 NEAR_DUPLICATE_MODES = ("remove", "group")
 #: keep: one copy per character, all in one split group; drop: reject every copy.
 #: keep is the default: newgame_full files 262 of its 756 pictures under 2+ characters, and dropping them cost the
-#: workflow's version about 9 points of top-1 on set-aside pictures (README "Pictures of several characters").
+#: workflow's version about 9 points of top-1 on set-aside pictures (docs/accuracy.md "Pictures of several characters").
 AMBIGUOUS_MODES = ("keep", "drop")
 
 

@@ -3,7 +3,7 @@
 In a full-figure illustration the head sits at the top centre. ``region`` returns that part (fractions of the
 picture's width and height) as a box at no detector cost, so a face + figure view (`recognition/views.py`,
 ``face_view.detector: {kind: region}``) adds a zoomed head view for one more forward pass, where animeface costs
-about 0.2-0.4 s per picture (README "Telling look-alikes apart").
+about 0.2-0.4 s per picture (docs/accuracy.md "Head views").
 """
 
 from __future__ import annotations
