@@ -74,6 +74,8 @@ RECIPES: dict[str, list[str]] = {
     "lr3e4": ["model.optimizer.lr=3.0e-4"],  # the body's learning rate before 2026-12-05 (Lite0's own; the recipe's is 1e-3)
     # all 6 epochs: at 1e-3 val/acc can peak in epoch 0 and patience 3 ended the schedule (the workflow's since 2026-12-05)
     "noearlystop": ["~callbacks.early_stopping"],
+    # between the two: does it keep 1e-3's gain on the look-alike sets without its mixed5 and enrolment losses?
+    "lr6e4": ["model.optimizer.lr=6.0e-4"],
     "lr2e3": ["model.optimizer.lr=2.0e-3"],  # twice the recipe's body learning rate (heads 10x it), same 6 epochs
     # a longer weight average (about the last third of the run) against seed-to-seed swings at 1e-3; `ema` is a tenth
     "ema30": ["callbacks=[default,ema]", "callbacks.ema.horizon=0.3", "callbacks.ema.start_fraction=0.3"],
