@@ -76,6 +76,9 @@ RECIPES: dict[str, list[str]] = {
     "noearlystop": ["~callbacks.early_stopping"],
     # between the two: does it keep 1e-3's gain on the look-alike sets without its mixed5 and enrolment losses?
     "lr6e4": ["model.optimizer.lr=6.0e-4"],
+    # layer-wise rate decay: Lite0's top layer at the recipe's 1e-3, each of its 16 layers below 0.85x the one above
+    # (the stem at 7%): keep the early, generic features mixed5 and enrolment lean on, adapt the late ones
+    "ld85": ["model.optimizer.layer_decay=0.85"],
     "lr2e3": ["model.optimizer.lr=2.0e-3"],  # twice the recipe's body learning rate (heads 10x it), same 6 epochs
     # a longer weight average (about the last third of the run) against seed-to-seed swings at 1e-3; `ema` is a tenth
     "ema30": ["callbacks=[default,ema]", "callbacks.ema.horizon=0.3", "callbacks.ema.start_fraction=0.3"],

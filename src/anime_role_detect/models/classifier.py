@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay
 from torch import nn
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -92,6 +93,9 @@ class CharacterClassifier(L.LightningModule):
         spec = EmbeddingSpec.from_mapping(_plain(embedding))
         if str(optimizer["name"]).lower() not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name={optimizer['name']!r}: choose one of {', '.join(OPTIMIZERS)}")
+        decay = optimizer.get("layer_decay")
+        if decay is not None and not 0.0 < float(decay) <= 1.0:
+            raise ConfigError(f"model.optimizer.layer_decay={decay}: give a factor in (0, 1] (or null for one rate over the body)")
         self.save_hyperparameters(
             {
                 "class_names": class_names,
@@ -268,8 +272,9 @@ class CharacterClassifier(L.LightningModule):
         o = dict(self.hparams.optimizer)
         name, lr, wd = str(o.pop("name")).lower(), float(o.pop("lr")), float(o.pop("weight_decay"))
         head_mult = float(o.pop("head_lr_multiplier", 1.0))
+        decay = o.pop("layer_decay", None)
         heads = [p for head in (self.char_head, self.tag_head, self.identity) if head is not None for p in head.parameters()]
-        groups = [{"params": list(self.backbone.parameters()), "lr": lr}, {"params": heads, "lr": lr * head_mult}]
+        groups = [*self._body_param_groups(lr, wd, decay), {"params": heads, "lr": lr * head_mult}]
         opt = OPTIMIZERS[name](groups, lr=lr, weight_decay=wd, **o)
         s = self.hparams.scheduler
         if str(s.get("name", "cosine")).lower() in ("none", "constant"):
@@ -289,6 +294,19 @@ class CharacterClassifier(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def _body_param_groups(self, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+        """The backbone's optimizer groups: one at ``lr``, or with ``layer_decay`` timm's per-layer groups.
+
+        Layer-wise decay gives the top layer ``lr`` and each layer below ``layer_decay`` times the one above, so the
+        early, generic layers move least (timm's grouping; bias and norm parameters then take no weight decay)."""
+        if layer_decay is None:
+            return [{"params": list(self.backbone.parameters()), "lr": lr}]
+        if not hasattr(self.backbone, "group_matcher"):
+            raise ConfigError(f"model.optimizer.layer_decay: backbone {type(self.backbone).__name__} has no timm "
+                              "group_matcher to number its layers; set model.optimizer.layer_decay=null")
+        groups = param_groups_layer_decay(self.backbone, weight_decay=weight_decay, layer_decay=float(layer_decay))
+        return [{"params": g["params"], "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"]} for g in groups]
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
