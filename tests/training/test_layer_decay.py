@@ -52,3 +52,14 @@ def test_without_layer_decay_the_body_is_one_group_at_the_configured_rate() -> N
 def test_a_decay_outside_zero_to_one_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"layer_decay=1.5: give a factor in \(0, 1\]"):
         _optimizer(1.5)
+
+
+def test_a_backbone_timm_cannot_number_is_refused_when_the_model_is_built() -> None:
+    from anime_role_detect.models.backbones import BACKBONE_REGISTRY
+
+    BACKBONE_REGISTRY["plain_conv"] = lambda **_: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))
+    try:
+        with pytest.raises(ConfigError, match="has no timm group_matcher.*layer_decay=null"):
+            CharacterClassifier(["a", "b"], backbone={"name": "plain_conv"}, optimizer={"layer_decay": 0.8})
+    finally:
+        del BACKBONE_REGISTRY["plain_conv"]

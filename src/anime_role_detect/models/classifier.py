@@ -41,6 +41,17 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adamw", "lr": 5e-5, "weight_decay"
 DEFAULT_SCHEDULER: dict[str, Any] = {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01}
 
 
+def _check_layer_decay(decay: Any, backbone: nn.Module) -> None:
+    """Refuse a ``model.optimizer.layer_decay`` the optimizer could not apply, at construction rather than at fit."""
+    if decay is None:
+        return
+    if not 0.0 < float(decay) <= 1.0:
+        raise ConfigError(f"model.optimizer.layer_decay={decay}: give a factor in (0, 1] (or null for one rate over the body)")
+    if not hasattr(backbone, "group_matcher"):
+        raise ConfigError(f"model.optimizer.layer_decay: backbone {type(backbone).__name__} has no timm "
+                          "group_matcher to number its layers; set model.optimizer.layer_decay=null")
+
+
 def _copy_rows(head: nn.Linear, state: Mapping[str, torch.Tensor], prefix: str, old_names: Sequence[str], new_names: Sequence[str]) -> int:
     """Copy the weight/bias rows of names present in both heads (by name, so a reordered or grown head still matches)."""
     w, b = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
@@ -93,9 +104,6 @@ class CharacterClassifier(L.LightningModule):
         spec = EmbeddingSpec.from_mapping(_plain(embedding))
         if str(optimizer["name"]).lower() not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name={optimizer['name']!r}: choose one of {', '.join(OPTIMIZERS)}")
-        decay = optimizer.get("layer_decay")
-        if decay is not None and not 0.0 < float(decay) <= 1.0:
-            raise ConfigError(f"model.optimizer.layer_decay={decay}: give a factor in (0, 1] (or null for one rate over the body)")
         self.save_hyperparameters(
             {
                 "class_names": class_names,
@@ -119,6 +127,7 @@ class CharacterClassifier(L.LightningModule):
         )
         bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
         self.backbone = create_backbone(backbone["name"], bool(backbone["pretrained"]), backbone["weights_path"], **bb_kw)
+        _check_layer_decay(optimizer.get("layer_decay"), self.backbone)
         data_cfg = backbone_data_config(self.backbone)
         self.class_names: list[str] = class_names
         self.tag_names: list[str] = list(tag_names)
@@ -302,9 +311,6 @@ class CharacterClassifier(L.LightningModule):
         early, generic layers move least (timm's grouping; bias and norm parameters then take no weight decay)."""
         if layer_decay is None:
             return [{"params": list(self.backbone.parameters()), "lr": lr}]
-        if not hasattr(self.backbone, "group_matcher"):
-            raise ConfigError(f"model.optimizer.layer_decay: backbone {type(self.backbone).__name__} has no timm "
-                              "group_matcher to number its layers; set model.optimizer.layer_decay=null")
         groups = param_groups_layer_decay(self.backbone, weight_decay=weight_decay, layer_decay=float(layer_decay))
         return [{"params": g["params"], "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"]} for g in groups]
 
