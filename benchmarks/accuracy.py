@@ -96,10 +96,15 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
     "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
     "max": ["gallery_build.aggregate=max"],  # a character's best row is its score (top3_mean: the mean of its best three)
+    # every character scored on the same share of its rows (recognition/gallery.py)
     "balanced": ["gallery_build.aggregate=balanced"],
+    "top3": ["gallery_build.aggregate=top3_mean"],  # the default, named: a character's best three rows, whatever its row count
     # the picture's top centre (detector `region`) as a second view beside the figure: a head view with no face detector
-    "headcrop": ["embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],  # every character scored on the same share of its rows (recognition/gallery.py)
+    "headcrop": ["embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],
 }
+#: evaluation variants the frozen baseline is built with too: how a gallery scores its rows is the protocol, so the
+#: baseline beside a variant is scored the same way (`baseline+max` ...)
+BASELINE_VARIANTS = ("max", "balanced", "top3")
 #: evaluation variant -> the checkpoint file next to the best one that its version is built from instead
 CHECKPOINT_VARIANTS: dict[str, str] = {
     "final": "last.ckpt",  # the weights at the end of the schedule, not the epoch with the best val/acc
@@ -306,19 +311,42 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
 
 def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = (),
                   rebuild: bool = False) -> Path:
-    """The version the workflow would build from `ckpt` (the frozen baseline without one); reused when built before,
-    unless `rebuild` (the same checkpoint through the code checked out now)."""
+    """The version the workflow would build from `ckpt` (the frozen baseline without one); reused when built before
+    with the same infer config, else (or with `rebuild`: the same checkpoint through the code checked out now) built
+    again. A version is minutes to build, so a config change (e.g. conf/infer.yaml's default aggregate) rebuilds it."""
     import shutil
 
     from anime_role_detect.confutil import compose_plain
     from anime_role_detect.recognition.build import build_recognition_folder
 
     cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none", *overrides])
-    if rebuild and out.is_dir():
+    built_with = {"checkpoint": ckpt and str(ckpt).replace(str(REPO), "<repo>"), "config": build_fingerprint(cfg)}
+    if out.is_dir() and (rebuild or not built_as(out, built_with, cfg)):
         shutil.rmtree(out)
     if not (out / "gallery.json").is_file():
         build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=False)
+        atomic_write_json(out / BUILD_RECORD, built_with)
     return out
+
+
+def built_as(out: Path, built_with: dict[str, Any], cfg: dict[str, Any]) -> bool:
+    """Whether the version in `out` was built as `built_with` says. One built before the record existed is trusted
+    when its gallery scores rows as `cfg` asks (the one build setting whose default has changed since)."""
+    record = out / BUILD_RECORD
+    if record.is_file():
+        return json.loads(record.read_text()) == built_with
+    meta = out / "gallery.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("aggregate") == cfg["gallery_build"]["aggregate"]
+
+
+#: what a cached version was built with (its checkpoint and `build_fingerprint`), beside its files
+BUILD_RECORD = "accuracy_build.json"
+
+
+def build_fingerprint(cfg: dict[str, Any]) -> str:
+    """The infer config's hash without what names the checkout (its paths), so worktrees share cached versions."""
+    kept = {k: v for k, v in cfg.items() if k != "paths"}
+    return fingerprint(json.loads(json.dumps(kept, sort_keys=True, default=str).replace(str(REPO), "<repo>")))
 
 
 def load(root: Path, files: Sequence[str]) -> list[tuple[Any, str]]:
@@ -469,6 +497,7 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     scored = test if test is not None else sp[1]
     out = []
     builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
+              *((f"baseline+{v}", None, EVAL_VARIANTS[v]) for v in variants if v in BASELINE_VARIANTS),
               *((f"{recipe}+{v}", variant_checkpoint(result.ckpt_path, v), EVAL_VARIANTS.get(v, [])) for v in variants)]
     for rname, ckpt, infer_overrides in builds:
         run = Run(name, seed, rname, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
