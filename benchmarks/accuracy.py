@@ -309,6 +309,10 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
     return got
 
 
+#: what a cached version was built with (its checkpoint and `build_fingerprint`), beside its files
+BUILD_RECORD = "accuracy_build.json"
+
+
 def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = (),
                   rebuild: bool = False) -> Path:
     """The version the workflow would build from `ckpt` (the frozen baseline without one); reused when built before
@@ -337,10 +341,6 @@ def built_as(out: Path, built_with: dict[str, Any], cfg: dict[str, Any]) -> bool
         return json.loads(record.read_text()) == built_with
     meta = out / "gallery.json"
     return meta.is_file() and json.loads(meta.read_text()).get("aggregate") == cfg["gallery_build"]["aggregate"]
-
-
-#: what a cached version was built with (its checkpoint and `build_fingerprint`), beside its files
-BUILD_RECORD = "accuracy_build.json"
 
 
 def build_fingerprint(cfg: dict[str, Any]) -> str:
