@@ -551,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inter", type=float, default=0.30, help="mean cosine of rows of two characters")
     ap.add_argument("--alpha", type=float, default=1.0, help="spectrum decay: variance of component i ~ i^-alpha")
     ap.add_argument("--rank", type=int, default=256, help="components drawn exactly (the rest: isotropic noise)")
-    ap.add_argument("--aggregates", nargs="+", default=["top3_mean", "max"],
-                    help="gallery search aggregates, one line each (infer.yaml builds top3_mean, the workflow max)")
+    ap.add_argument("--aggregates", nargs="+", default=["balanced", "max"],
+                    help="gallery search aggregates, one line each (balanced: every gallery's default; max: the cheapest)")
     ap.add_argument("--indexes", nargs="+", default=["hnsw", "ivfpq"], choices=["hnsw", "ivfpq"],
                     help="approximate indexes to build next to the flat baseline (sizes up to --full-max)")
     ap.add_argument("--hnsw-m", type=int, nargs="+", default=[IndexSpec.hnsw_m], help="graph width(s) (default: the gallery's)")

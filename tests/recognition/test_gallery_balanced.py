@@ -1,6 +1,7 @@
 """The `balanced` aggregate on real Faiss: exact scores at every index kind, a 5-row character enrolled into a gallery
 of big ones is named on its own pictures (where `top3_mean` names its big look-alike), and the reference row count
-is fixed at build and saved, so enrolling moves no other character's score."""
+is fixed at build and saved, so enrolling moves no other character's score; so is each character's depth, so rows added
+later (log fusion's feedback) do not deepen it."""
 
 from __future__ import annotations
 
@@ -96,3 +97,29 @@ def test_a_gallery_of_equal_characters_scores_as_top3_mean():
     rows = {f"c{i}": unit(rng.normal(size=(1, DIM)) + 0.3 * rng.normal(size=(20, DIM))) for i in range(4)}
     q = unit(rng.normal(size=(10, DIM)))
     assert built(BALANCED, rows).search(q, k=4) == built("top3_mean", rows).search(q, k=4)
+
+
+def test_rows_added_after_build_do_not_deepen_a_character(tmp_path):
+    """Log fusion adds a few feedback rows (a new style) to a trained character: its depth stays the one fixed at build,
+    so they count among its best rows instead of being averaged with more of its old ones; saved and loaded with it."""
+    rows, enrol, queries = look_alikes(4)
+    g = built(BALANCED, rows)
+    assert g.depths == {"big": round(3 * 300 / 40), "other": 3}
+    rng = np.random.default_rng(5)
+    style = unit(rng.normal(size=(1, DIM)))[0]  # pictures of `other` in a style the gallery never saw
+    s = 0.5 / np.sqrt(DIM)
+    added = unit(style + s * rng.normal(size=(40, DIM)))
+    g.add("other", "s", added)  # as many rows again: with depth from its rows now it would average its best 6
+    assert g.depth("other") == 3
+    probe = unit(style + s * rng.normal(size=(1, DIM)))[0]
+    best = np.sort(np.vstack([rows["other"], added]) @ probe)[::-1]
+    score = {c: v for c, _, v in g.search(probe[None], k=2)[0]}["other"]
+    assert score == pytest.approx(float(best[:3].mean()), abs=1e-5) and score > float(best[:6].mean()) + 1e-4
+    g.add("new", "s", enrol)  # enrolled after build: its depth follows its rows until the gallery is fixed again
+    assert g.depth("new") == 1 and "new" not in g.depths
+    g.fix_reference()  # what log fusion does before it adds: every character's depth fixed, n_ref kept
+    assert g.depths["new"] == 1 and g.reference_rows == 40
+    g.save(tmp_path / "g")
+    loaded = Gallery.load(tmp_path / "g")
+    assert loaded.depths == g.depths and loaded.search(queries, k=3) == g.search(queries, k=3)
+    assert loaded.remove("new") == 5 and "new" not in loaded.depths

@@ -84,8 +84,10 @@ def regression_culprits(gallery: Gallery, val_x: np.ndarray, val_y: Sequence[str
 
 
 def gallery_with(base_dir: Path, examples: Sequence[Example]) -> Gallery:
-    """The live gallery plus `examples` (one call to `Gallery.add` per character)."""
+    """The live gallery plus `examples` (one call to `Gallery.add` per character); the live characters' `balanced` depths
+    are fixed first, so a few feedback rows in a new style count among a character's best instead of deepening it."""
     gallery = Gallery.load(base_dir)
+    gallery.fix_reference()
     by_char: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
         by_char[ex.character].append(ex)
