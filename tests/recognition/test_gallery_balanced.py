@@ -123,3 +123,11 @@ def test_rows_added_after_build_do_not_deepen_a_character(tmp_path):
     loaded = Gallery.load(tmp_path / "g")
     assert loaded.depths == g.depths and loaded.search(queries, k=3) == g.search(queries, k=3)
     assert loaded.remove("new") == 5 and "new" not in loaded.depths
+
+
+def test_depths_fixed_under_another_aggregate_are_balanced_ones():
+    """A gallery built `top3_mean` and switched to `balanced` (a config change) scores as one built `balanced`."""
+    rows, enrol, queries = look_alikes(6)
+    g = built("top3_mean", rows)
+    g.aggregate = BALANCED
+    assert g.depths == built(BALANCED, rows).depths and g.search(queries, k=2) == built(BALANCED, rows).search(queries, k=2)

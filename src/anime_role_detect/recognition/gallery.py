@@ -370,10 +370,12 @@ class Gallery:
             return fixed
         if character is not None and character in self.depths:
             return self.depths[character]
-        smallest, largest = self._row_count_range()
-        n = len(self.rows.members[character]) if character is not None else largest
-        live = max(1, round(BALANCED_TOP * n / max(1, self.reference_rows or smallest)))
+        live = self._balanced_depth(len(self.rows.members[character]) if character is not None else self._row_count_range()[1])
         return live if character is not None else max(live, *self.depths.values(), 1)
+
+    def _balanced_depth(self, n: int) -> int:
+        """`balanced`'s depth for a character of `n` rows: ``max(1, round(3 n / n_ref))``."""
+        return max(1, round(BALANCED_TOP * n / max(1, self.reference_rows or self._row_count_range()[0])))
 
     def fix_reference(self) -> None:
         """Fix `balanced`'s n_ref (the smallest character's row count, once) and the depth of every character now in the
@@ -382,9 +384,9 @@ class Gallery:
             return
         if self.reference_rows is None:
             self.reference_rows = self._row_count_range()[0]
-        for c in self.rows.members:
+        for c, ids in self.rows.members.items():  # whatever `aggregate` says now: the depths are `balanced`'s
             if c not in self.depths:
-                self.depths[c] = self.depth(c)
+                self.depths[c] = self._balanced_depth(len(ids))
 
     def _row_count_range(self) -> tuple[int, int]:
         """(fewest, most) rows of one character, cached until the gallery changes."""
