@@ -237,6 +237,7 @@ class SizeRun:
             build += time.perf_counter() - t
             log(f"  {spec['type']} {start + len(x):,}/{self.rows:,} rows, {build:.0f}s in the index")
             del x, c, names
+        g.fix_reference()  # as every build does: `balanced`'s n_ref and each character's depth
         return g, build, rss_mb() - rss0
 
     def measure_index(self, res: Result, index: Any, params: Any) -> np.ndarray:

@@ -142,6 +142,7 @@ class Gallery:
         self._version = 0
         self._chars: tuple[int, list[dict]] | None = None
         self._counts: tuple[int, int, int] | None = None
+        self._needs: tuple[tuple, dict[str, int]] | None = None  # `_rank`'s rows needed per character, until the gallery changes
         self._skip: tuple[int, faiss.IDSelector | None, Any] | None = None
 
     # -- compatibility ------------------------------------------------------------------------
@@ -370,8 +371,12 @@ class Gallery:
             return fixed
         if character is not None and character in self.depths:
             return self.depths[character]
-        live = self._balanced_depth(len(self.rows.members[character]) if character is not None else self._row_count_range()[1])
-        return live if character is not None else max(live, *self.depths.values(), 1)
+        if character is not None:
+            return self._balanced_depth(len(self.rows.members[character]))
+        memo = self._rows_needed()  # the deepest character's, once per gallery state (not a pass over every depth per query)
+        if "" not in memo:
+            memo[""] = max(self._balanced_depth(self._row_count_range()[1]), max(self.depths.values(), default=1))
+        return memo[""]
 
     def _balanced_depth(self, n: int) -> int:
         """`balanced`'s depth for a character of `n` rows: ``max(1, round(3 n / n_ref))``."""
@@ -475,9 +480,12 @@ class Gallery:
         for c, s in zip(codes.tolist(), scores):
             hits.setdefault(c, []).append(s)
         entries: list[tuple[float, str, bool]] = []
+        needs = self._rows_needed()
         for c, ss in hits.items():
             name = self.rows.names[c]
-            need = min(self.depth(name), len(self.rows.members[name]))
+            need = needs.get(name)
+            if need is None:
+                need = needs[name] = min(self.depth(name), len(self.rows.members[name]))
             exact = len(ss) >= need and not coded
             entries.append((-_topm_mean(ss if exact else ss + [floor] * (need - len(ss)), need), name, exact))
         sure = k if self.kind == "flat" else max(1, min(k, int(self.index_spec.exact_top)))
@@ -488,6 +496,14 @@ class Gallery:
                 return [(name, self.rows.series.get(name, ""), float(-neg)) for neg, name, _ in head]
             fixed = self._exact_scores(query, stale)
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
+
+    def _rows_needed(self) -> dict[str, int]:
+        """Memo of ``min(depth, row count)`` per character (and under ``""`` the deepest character's depth), kept while
+        rows, aggregate and depths stay as they are (`balanced`'s depths are otherwise worked out again every query)."""
+        key = (self._version, self.aggregate, self.reference_rows, len(self.depths))
+        if self._needs is None or self._needs[0] != key:
+            self._needs = (key, {})
+        return self._needs[1]
 
     def _rescorable(self, name: str) -> bool:
         return self._has_vectors() and len(self.rows.members[name]) <= _RESCORE_ROWS_MAX
