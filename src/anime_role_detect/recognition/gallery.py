@@ -369,10 +369,8 @@ class Gallery:
         fixed = AGGREGATE_DEPTH.get(self.aggregate)
         if fixed is not None:
             return fixed
-        if character is not None and character in self.depths:
-            return self.depths[character]
         if character is not None:
-            return self._balanced_depth(len(self.rows.members[character]))
+            return self.depths.get(character) or self._balanced_depth(len(self.rows.members[character]))
         memo = self._rows_needed()  # the deepest character's, once per gallery state (not a pass over every depth per query)
         if "" not in memo:
             memo[""] = max(self._balanced_depth(self._row_count_range()[1]), max(self.depths.values(), default=1))
@@ -392,6 +390,7 @@ class Gallery:
         for c, ids in self.rows.members.items():  # whatever `aggregate` says now: the depths are `balanced`'s
             if c not in self.depths:
                 self.depths[c] = self._balanced_depth(len(ids))
+        self._version += 1  # scores may change: `_rank`'s memo starts again
 
     def _row_count_range(self) -> tuple[int, int]:
         """(fewest, most) rows of one character, cached until the gallery changes."""
@@ -498,9 +497,10 @@ class Gallery:
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
     def _rows_needed(self) -> dict[str, int]:
-        """Memo of ``min(depth, row count)`` per character (and under ``""`` the deepest character's depth), kept while
-        rows, aggregate and depths stay as they are (`balanced`'s depths are otherwise worked out again every query)."""
-        key = (self._version, self.aggregate, self.reference_rows, len(self.depths))
+        """Memo of ``min(depth, row count)`` per character (and under ``""`` the deepest character's depth), kept while the
+        gallery (rows, n_ref, depths: `_version`) and its aggregate stay as they are (`balanced`'s depths are otherwise
+        worked out again every query)."""
+        key = (self._version, self.aggregate)
         if self._needs is None or self._needs[0] != key:
             self._needs = (key, {})
         return self._needs[1]
