@@ -102,6 +102,11 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     # the picture's top centre (detector `region`) as a second view beside the figure: a head view with no face detector
     "headcrop": ["embedder.face_view={enabled:true,weight:0.5,margin:0.0,detector:{kind:region}}"],
 }
+#: answer variant -> recognizer settings the recipe's own version is asked with (nothing is built again)
+ANSWER_VARIANTS: dict[str, dict[str, Any]] = {
+    # fusion's rule for an enrolled character before 2026-12-06: blended with the classifier's 1 - top probability
+    "leftover": {"fusion": {"untrained": "leftover"}},
+}
 #: evaluation variants the frozen baseline is built with too: how a gallery scores its rows is the protocol, so the
 #: baseline beside a variant is scored the same way (`baseline+max` ...)
 BASELINE_VARIANTS = ("max", "balanced", "top3")
@@ -355,10 +360,12 @@ def load(root: Path, files: Sequence[str]) -> list[tuple[Any, str]]:
     return [(load_image(root / f), f) for f in files]
 
 
-def recognizer(version: Path, openset: bool) -> Any:
+def recognizer(version: Path, openset: bool, settings: dict[str, Any] | None = None) -> Any:
+    """The version as `infer.py` answers with it (no detector: the pictures are the crops), plus an answer variant's settings."""
     from anime_role_detect.recognition.pipeline import Recognizer
 
-    return Recognizer.from_version(version, {"detector": None, "cache_size": 0, "rerank": False, "openset": {"enabled": openset}})
+    return Recognizer.from_version(version, {"detector": None, "cache_size": 0, "rerank": False, "openset": {"enabled": openset},
+                                             **(settings or {})})
 
 
 def answers(rec: Any, items: list[tuple[Any, str]], mode: str | None) -> list[Any]:
@@ -391,12 +398,13 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n)))
 
 
-def evaluate_closed(run: Run, version: Path, root: Path, val: list[str], pics: dict[str, Picture]) -> None:
+def evaluate_closed(run: Run, version: Path, root: Path, val: list[str], pics: dict[str, Picture],
+                    settings: dict[str, Any] | None = None) -> None:
     items = load(root, val)
     labels = [f.split("/")[0] for f in val]
     filed = [pics[f].characters for f in val]
     run.ceiling = strict_ceiling(val, pics)
-    closed = recognizer(version, openset=False)
+    closed = recognizer(version, openset=False, settings=settings)
     answers(closed, items[:2], closed.mode)  # load the networks before timing
     for mode in closed.supported_modes():
         t0 = time.perf_counter()
@@ -412,21 +420,22 @@ def evaluate_closed(run: Run, version: Path, root: Path, val: list[str], pics: d
     run.default_mode = closed.mode
     run.top1["default"] = run.top1[closed.mode]
     run.top1_any["default"] = run.top1_any[closed.mode]
-    opened = recognizer(version, openset=True)
+    opened = recognizer(version, openset=True, settings=settings)
     refused = np.array([a.unknown for a in answers(opened, items, None)], bool)
     run.false_reject = float(refused.mean())
     run.refused_right = float(refused[right].mean()) if right.any() else float("nan")
     run.refused_wrong = float(refused[~right].mean()) if (~right).any() else float("nan")
 
 
-def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], held: list[str], pics: dict[str, Picture]) -> None:
+def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], held: list[str], pics: dict[str, Picture],
+                    settings: dict[str, Any] | None = None) -> None:
     """Before enrolment: are the unseen characters refused? After 5-shot enrolment: are they named? Only their pictures
     that show no trained character count as unseen (a group picture with a trained one is that one's picture too)."""
     known_items = load(full_root, val)
     known_labels = [f.split("/")[0] for f in val]
     unseen = {c: sorted(f for f, p in pics.items() if f.split("/")[0] == c and p.characters <= set(held)) for c in held}
     run.unseen_pictures = sum(len(fs) for fs in unseen.values())
-    opened = recognizer(version, openset=True)
+    opened = recognizer(version, openset=True, settings=settings)
     mode = opened.mode if opened.mode != "model" else "fusion"  # the classifier alone cannot name an enrolled character
     k_ans = answers(opened, known_items, mode)
     u_items = [it for c in held for it in load(full_root, unseen[c])]
@@ -436,7 +445,7 @@ def evaluate_unseen(run: Run, version: Path, full_root: Path, val: list[str], he
     run.scores = {"known": [gate_score(a) for a in k_ans], "unseen": [gate_score(a) for a in u_ans]}
     run.threshold = opened.calibration.threshold(mode) if opened.calibration is not None else None
     run.auroc = auroc(run.scores["known"], run.scores["unseen"])
-    rec = recognizer(version, openset=False)
+    rec = recognizer(version, openset=False, settings=settings)
     rng = np.random.default_rng(run.seed)
     test_items, test_labels = [], []
     for c in held:
@@ -498,17 +507,20 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
     out = []
     builds = [("baseline", None, []), (recipe, result.ckpt_path, []),
               *((f"baseline+{v}", None, EVAL_VARIANTS[v]) for v in variants if v in BASELINE_VARIANTS),
-              *((f"{recipe}+{v}", variant_checkpoint(result.ckpt_path, v), EVAL_VARIANTS.get(v, [])) for v in variants)]
+              *((f"{recipe}+{v}", variant_checkpoint(result.ckpt_path, v), EVAL_VARIANTS.get(v, [])) for v in variants
+                if v not in ANSWER_VARIANTS)]
+    asked = [(f"{recipe}+{v}", ANSWER_VARIANTS[v]) for v in variants if v in ANSWER_VARIANTS]
     for rname, ckpt, infer_overrides in builds:
-        run = Run(name, seed, rname, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
         version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides, rebuild)
-        if protocol == "closed":
-            evaluate_closed(run, version, known_root, scored, pics)
-        else:
-            evaluate_unseen(run, version, root, scored, held, pics)
-        out.append(run)
-        print(f"  {tag} {rname}: " + json.dumps({k: v for k, v in asdict(run).items() if k not in ("scores", "confusion", "per_character")}),
-              file=sys.stderr, flush=True)
+        for label, settings in [(rname, None), *(asked if rname == recipe else [])]:  # answer variants: the recipe's version
+            run = Run(name, seed, label, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
+            if protocol == "closed":
+                evaluate_closed(run, version, known_root, scored, pics, settings)
+            else:
+                evaluate_unseen(run, version, root, scored, held, pics, settings)
+            out.append(run)
+            print(f"  {tag} {label}: " + json.dumps({k: v for k, v in asdict(run).items() if k not in ("scores", "confusion", "per_character")}),
+                  file=sys.stderr, flush=True)
     return out
 
 
@@ -624,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="forget the runs already in --out/runs.json")
     ap.add_argument("--rebuild", action="store_true",
                     help="build every version again from its cached checkpoint (version-building code changed since)")
-    ap.add_argument("--variants", nargs="*", default=[], choices=[*EVAL_VARIANTS, *CHECKPOINT_VARIANTS],
-                    help="also build each run's version these ways: infer overrides on the same checkpoint (e.g. noflip), or final (its last.ckpt)")
+    ap.add_argument("--variants", nargs="*", default=[], choices=[*EVAL_VARIANTS, *CHECKPOINT_VARIANTS, *ANSWER_VARIANTS],
+                    help="also build each run's version these ways: infer overrides on the same checkpoint (e.g. noflip), or final (its "
+                         "last.ckpt); or ask the recipe's own version with other recognizer settings (e.g. leftover)")
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy" / "work")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "accuracy")
     args = ap.parse_args(argv)

@@ -20,6 +20,8 @@ AUTO = "auto"  # the best mode the version measured on its own evaluation set (`
 def modes_for(has_gallery: bool, has_classifier: bool) -> list[str]:
     """The modes a set of parts can serve: clip needs a gallery, model a classifier, fusion both."""
     return [m for m, ok in (("clip", has_gallery), ("model", has_classifier), ("fusion", has_gallery and has_classifier)) if ok]
+#: How fusion scores a character the classifier was not trained on (`FusionOptions.untrained`).
+UNTRAINED_RULES = ("gallery", "leftover")
 #: Backends for the networks: auto = ONNX Runtime when the version has exported files (recognition/runtime.py), else torch.
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
@@ -44,11 +46,16 @@ class FusionOptions:
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
     raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` fits the blend on those pictures too
     when a version is built (`openset.fit_gallery_weight`); measured, it named no more pictures than half and
-    half and enrolled fewer, so it is an option (docs/accuracy.md "The fitted blend")."""
+    half and enrolled fewer, so it is an option (docs/accuracy.md "The fitted blend").
+
+    ``untrained`` scores a character the classifier was never trained on (enrolled after training): ``gallery`` takes
+    its gallery probability alone and blends the trained characters within the gallery's mass on them, so the fused
+    scores stay one distribution; ``leftover`` (before 2026-12-06) blends in the classifier's 1 - top probability."""
 
     gallery_weight: float | None = None  # None: the version's (its fitted weight, else 0.5); a number overrides it
     fit_gallery_weight: bool = False  # building a version: fit the weight on its held-out pictures (calibration.json)
     gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
+    untrained: str = "gallery"  # gallery | leftover: how fusion scores a character only the gallery knows (`UNTRAINED_RULES`)
 
 
 @dataclass
@@ -97,6 +104,9 @@ class RecognizerConfig:
         t = self.fusion.gallery_temperature
         if t is not None and not float(t) > 0:
             raise ConfigError(f"fusion.gallery_temperature={t}: must be above 0 (e.g. 0.02), or null for the version's calibrated one")
+        if self.fusion.untrained not in UNTRAINED_RULES:
+            raise ConfigError(f"fusion.untrained={self.fusion.untrained!r}: choose gallery (its gallery probability) or leftover "
+                              "(the classifier's 1 - top probability blended in)")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)} (onnx needs python -m anime_role_detect.export)")
 

@@ -87,6 +87,7 @@ class Recognizer(VersionParts):
         self.batch_size = c.batch_size
         self.fusion_weight = c.fusion.gallery_weight  # None: the version's fitted one
         self.fusion_temperature = c.fusion.gallery_temperature  # None: the version's calibrated one
+        self.fusion_untrained = c.fusion.untrained  # how fusion scores a character the classifier was not trained on
         self.openset_enabled = c.openset.enabled
         self.cache = LRUCache(c.cache_size)
         self.sinks: list[AnswerSink] = []
@@ -267,23 +268,32 @@ class Recognizer(VersionParts):
         return 0.5 if w is None else float(w)
 
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
-        """Blend gallery probability (`gallery_probabilities`) and classifier probability per character. A character only the gallery knows (enrolled
-        after training) takes, in place of a probability, the mass the classifier gives to none of its own characters
-        (1 - its top probability): the same scale as the others, so an enrolled character neither wins every picture
-        (its raw cosine would beat every blend) nor can never win."""
+        """Blend gallery probability (`gallery_probabilities`) and classifier probability per character.
+
+        A character only the gallery knows (enrolled after training; `FusionOptions.untrained`): under ``gallery`` it
+        keeps its gallery probability and the classifier shares out only the gallery's mass on trained characters, so
+        the scores stay one distribution and an enrolled character is named where the gallery would name it; under
+        ``leftover`` (and for versions calibrated before the temperature, whose gallery score is a raw cosine) it takes
+        the classifier's 1 - top probability in place of one."""
         names, series = self.classifier.class_names, self.classifier.series
         col = {n: i for i, n in enumerate(names)}
         w, t = self.gallery_weight(), self.gallery_temperature()
+        shared = self.fusion_untrained == "gallery" and t is not None
         out = []
         for g, row in zip(gal, probs):
             scores: dict[str, tuple[str, float]] = {}
+            p_gal = gallery_probabilities([sim for _, _, sim in g], t)
+            trained_mass = float(sum(p for (c, _, _), p in zip(g, p_gal) if c in col)) if shared else 1.0
             none_of_mine = 1.0 - float(row.max()) if len(row) else 1.0
-            for (c, s, _), p in zip(g, gallery_probabilities([sim for _, _, sim in g], t)):
-                scores[c] = (s, w * p + (1 - w) * (float(row[col[c]]) if c in col else none_of_mine))
+            for (c, s, _), p in zip(g, p_gal):
+                if c in col:
+                    scores[c] = (s, w * p + (1 - w) * trained_mass * float(row[col[c]]))
+                else:
+                    scores[c] = (s, float(p) if shared else w * p + (1 - w) * none_of_mine)
             for i in np.argsort(-row)[: self.n_candidates]:
                 c = names[i]
                 if c not in scores:
-                    scores[c] = (series.get(c, ""), (1 - w) * float(row[i]))
+                    scores[c] = (series.get(c, ""), (1 - w) * trained_mass * float(row[i]))
             ranked = sorted(scores.items(), key=lambda kv: -kv[1][1])[: self.n_candidates]
             out.append([(c, s, float(v)) for c, (s, v) in ranked])
         return out
