@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from anime_role_detect.data.synthetic import CharacterSpec, load_characters, render_character
-from anime_role_detect.errors import GalleryError, ImageError, WeightsError
+from anime_role_detect.errors import ConfigError, GalleryError, ImageError, WeightsError
 from anime_role_detect.recognition.device import resolve_device
 from anime_role_detect.recognition.gallery import BALANCED, Gallery
+from anime_role_detect.recognition.openset import gallery_probabilities
 from anime_role_detect.recognition.pipeline import Recognizer
 from anime_role_detect.recognition.schema import UNKNOWN, Answer
 
@@ -154,9 +155,8 @@ def test_enroll_and_remove_without_retraining(version_dir, tmp_path, rec_data, t
     assert np.mean([any(t.role == "stranger" for t in a.detections[0].topk[:3]) for a in after]) >= 0.85
     assert all(a.series == "series_z" for a in after if a.role == "stranger")
     # fusion: the enrolled character (unknown to the classifier) is named on its pictures and does not take the
-    # trained characters' pictures (its score is on the blend's scale, not a raw cosine above every blend)
-    # (measured on this fixture: stranger named on 3/8 of its pictures, 3 of 64 known pictures taken; with its raw
-    # cosine it was named on 8/8 but took 16 of the 64 known pictures)
+    # trained characters' pictures (its score is its gallery probability, on the blend's scale, not a raw cosine above
+    # every blend: with its raw cosine it took 16 of the 64 known pictures; test_fusion_scores_an_enrolled_character...)
     fused = rec.recognize_batch(probe, mode="fusion", rerank=False)
     assert np.mean([a.role == "stranger" for a in fused]) >= 0.25
     known = rec.recognize_batch(test_images, mode="fusion", rerank=False)
@@ -446,3 +446,34 @@ def test_fusion_on_an_approximate_gallery_asks_for_its_best_characters_not_all(v
     assert set(asked["flat"]) == {len(flat.characters())} and len(flat.characters()) > rec.n_candidates
     agree = np.mean([a == b for a, b in zip(answers["flat"], answers["hnsw"])])
     assert agree >= 0.95, agree
+
+
+def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, tmp_path, rec_data, test_images):
+    """A character enrolled after training has no classifier probability: under the default ``untrained: gallery``
+    fusion keeps its gallery probability and blends the trained characters within the gallery's mass on them, so the
+    scores stay one distribution over every character, the enrolled one included; it is named on its pictures and
+    takes no trained character's pictures (``leftover``, the rule before, is still asked for by name)."""
+    folder = tmp_path / "v"
+    shutil.copytree(version_dir, folder)
+    stranger = _stranger(load_characters(rec_data))
+    rng = random.Random(11)
+    shots = [render_character(stranger, rng, 96)[0] for _ in range(12)]
+    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(16)]
+    named, taken = {}, {}
+    for rule in ("gallery", "leftover"):
+        rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}, "fusion": {"untrained": rule}})
+        rec.enroll("stranger", "series_z", shots)
+        named[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(probe, mode="fusion", rerank=False)])
+        taken[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(test_images, mode="fusion", rerank=False)])
+        fused = dict((c, s) for c, _, s in rec._score([probe[0][0]], "fusion", False, False).candidates[0])
+        g = rec.gallery.search(rec.embedder.embed([probe[0][0]]), k=rec.gallery.n_characters)[0]
+        p_gal = dict(zip([c for c, _, _ in g], gallery_probabilities([s for _, _, s in g], rec.gallery_temperature())))
+        if rule == "gallery":
+            assert len(fused) == rec.gallery.n_characters and abs(sum(fused.values()) - 1.0) < 1e-6  # one distribution
+            assert abs(fused["stranger"] - p_gal["stranger"]) < 1e-5  # the gallery's own probability
+        else:
+            assert fused["stranger"] > p_gal["stranger"] * rec.gallery_weight() + 1e-6  # plus 1 - the classifier's top
+    # measured on this fixture: named on 15/16 (leftover 16/16), none of the 64 trained pictures taken by either
+    assert named["gallery"] >= 0.75 and taken["gallery"] <= 0.05, (named, taken)
+    with pytest.raises(ConfigError, match="fusion.untrained"):
+        Recognizer.from_version(folder, {**infer_cfg(), "fusion": {"untrained": "classifier"}})
