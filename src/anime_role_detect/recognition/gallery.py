@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -115,6 +115,16 @@ AGGREGATES = (*AGGREGATE_DEPTH, BALANCED)
 AGGREGATORS: dict[str, Callable[[list[float]], float]] = {name: partial(_topm_mean, m=d) for name, d in AGGREGATE_DEPTH.items()}
 
 
+@dataclass
+class _DepthMemo:
+    """`Gallery._rank`'s depths for one gallery state (`key`: its version and aggregate), so `balanced`'s per-character
+    depths are not worked out again every query."""
+
+    key: tuple[int, str]
+    needed: dict[str, int] = field(default_factory=dict)  # character -> min(depth, row count): rows its score averages
+    deepest: int | None = None  # the deepest character's depth (how many rows a query fetches per character)
+
+
 class Gallery:
     """Faiss index + metadata for known characters; one embedder per gallery."""
 
@@ -142,7 +152,7 @@ class Gallery:
         self._version = 0
         self._chars: tuple[int, list[dict]] | None = None
         self._counts: tuple[int, int, int] | None = None
-        self._needs: tuple[tuple, dict[str, int]] | None = None  # `_rank`'s rows needed per character, until the gallery changes
+        self._memo: _DepthMemo | None = None  # `_rank`'s depths, until the gallery or its aggregate changes
         self._skip: tuple[int, faiss.IDSelector | None, Any] | None = None
 
     # -- compatibility ------------------------------------------------------------------------
@@ -371,10 +381,10 @@ class Gallery:
             return fixed
         if character is not None:
             return self.depths.get(character) or self._balanced_depth(len(self.rows.members[character]))
-        memo = self._rows_needed()  # the deepest character's, once per gallery state (not a pass over every depth per query)
-        if "" not in memo:
-            memo[""] = max(self._balanced_depth(self._row_count_range()[1]), max(self.depths.values(), default=1))
-        return memo[""]
+        memo = self._depth_memo()  # the deepest character's, once per gallery state (not a pass over every depth per query)
+        if memo.deepest is None:
+            memo.deepest = max(self._balanced_depth(self._row_count_range()[1]), max(self.depths.values(), default=1))
+        return memo.deepest
 
     def _balanced_depth(self, n: int) -> int:
         """`balanced`'s depth for a character of `n` rows: ``max(1, round(3 n / n_ref))``."""
@@ -479,7 +489,7 @@ class Gallery:
         for c, s in zip(codes.tolist(), scores):
             hits.setdefault(c, []).append(s)
         entries: list[tuple[float, str, bool]] = []
-        needs = self._rows_needed()
+        needs = self._depth_memo().needed
         for c, ss in hits.items():
             name = self.rows.names[c]
             need = needs.get(name)
@@ -496,14 +506,12 @@ class Gallery:
             fixed = self._exact_scores(query, stale)
             entries = [(-fixed[e[1]], e[1], True) if e[1] in fixed else e for e in entries]
 
-    def _rows_needed(self) -> dict[str, int]:
-        """Memo of ``min(depth, row count)`` per character (and under ``""`` the deepest character's depth), kept while the
-        gallery (rows, n_ref, depths: `_version`) and its aggregate stay as they are (`balanced`'s depths are otherwise
-        worked out again every query)."""
+    def _depth_memo(self) -> _DepthMemo:
+        """The memo of depths for the gallery as it is now (rows, n_ref, depths: `_version`) and its aggregate."""
         key = (self._version, self.aggregate)
-        if self._needs is None or self._needs[0] != key:
-            self._needs = (key, {})
-        return self._needs[1]
+        if self._memo is None or self._memo.key != key:
+            self._memo = _DepthMemo(key)
+        return self._memo
 
     def _rescorable(self, name: str) -> bool:
         return self._has_vectors() and len(self.rows.members[name]) <= _RESCORE_ROWS_MAX
