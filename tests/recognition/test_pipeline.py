@@ -367,7 +367,8 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     t = calib["gallery_temperature"]
     assert 0 < t < 1 and "gallery_weight" not in calib  # the blend is fitted only when asked
     rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
-    assert rec.gallery_weight() == 0.5 and rec.describe()["calibration"]["fusion"] == {"gallery_weight": 0.5, "gallery_temperature": t}
+    assert rec.gallery_weight() == 0.5 and rec.describe()["calibration"]["fusion"] == {"gallery_weight": 0.5, "gallery_temperature": t,
+                                                                                           "untrained": "gallery"}
     fitting = Recognizer.from_version(version_dir, {**infer_cfg(), "fusion": {"fit_gallery_weight": True}, "openset": {"enabled": False}})
     ev = evaluate_split(fitting, [im for im, _ in test_images], [y for _, y in test_images], ["clip", "model", "fusion"], tune=False)
     w = ev.calibration.gallery_weight
