@@ -98,6 +98,14 @@ def _stranger(known: list[CharacterSpec]) -> CharacterSpec:
     return CharacterSpec("stranger", "series_z", hair, "yellow", "twintails", "hat", outfit)
 
 
+def _stranger_pictures(rec_data, seed: int, n_shots: int, n_probes: int, prefix: str = "p") -> tuple[list[Image.Image], list[tuple[Image.Image, str]]]:
+    """Pictures of `_stranger` drawn from one seed: `n_shots` to enrol it from, then `n_probes` named probes."""
+    stranger = _stranger(load_characters(rec_data))
+    rng = random.Random(seed)
+    shots = [render_character(stranger, rng, 96)[0] for _ in range(n_shots)]
+    return shots, [(render_character(stranger, rng, 96)[0], f"{prefix}{i}.png") for i in range(n_probes)]
+
+
 @pytest.mark.parametrize("mode", ["clip", "fusion"])
 def test_unseen_character_is_answered_unknown(recognizer, rec_data, test_images, mode):
     """Known characters are rarely refused (the threshold keeps 98% of the held-out pictures answered right) and an
@@ -108,9 +116,7 @@ def test_unseen_character_is_answered_unknown(recognizer, rec_data, test_images,
     How often the stranger is refused depends on where the lowest right answers of the calibration pictures lie (the
     threshold keeps 98% of them): measured 17% of 36 pictures on this CPU, 33-42% on 12 of them (CPU and CUDA), so the
     share asserted is only "more than the 5% of known pictures the threshold may refuse"; the separation is AUROC's."""
-    stranger = _stranger(load_characters(rec_data))
-    rng = random.Random(5)
-    unseen = [(render_character(stranger, rng, 96)[0], f"s{i}.png") for i in range(36)]
+    _, unseen = _stranger_pictures(rec_data, 5, 0, 36, prefix="s")
     answers = recognizer.recognize_batch(unseen, mode=mode, rerank=False)
     unknown = np.mean([a.unknown and a.role == UNKNOWN for a in answers])
     known = recognizer.recognize_batch([(im, "k.png") for im, _ in test_images], mode=mode, rerank=False)
@@ -142,10 +148,7 @@ def test_enroll_and_remove_without_retraining(version_dir, tmp_path, rec_data, t
     folder = tmp_path / "v"
     shutil.copytree(version_dir, folder)
     rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}})
-    stranger = _stranger(load_characters(rec_data))
-    rng = random.Random(11)
-    shots = [render_character(stranger, rng, 96)[0] for _ in range(12)]
-    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(8)]
+    shots, probe = _stranger_pictures(rec_data, 11, 12, 8)
     before = rec.recognize_batch(probe, mode="clip", rerank=False)
     assert not any(a.role == "stranger" for a in before)
     assert rec.enroll("stranger", "series_z", shots) == 12
@@ -182,10 +185,7 @@ def test_five_shot_enrolment_beats_the_frozen_imagenet_baseline(version_dir, tmp
     build_recognition_folder(rec_data, frozen, infer_cfg(["embedder=lite0", "tagger=none"]), val_fraction=0.25, seed=0)
     trained = tmp_path / "trained"
     shutil.copytree(version_dir, trained)
-    stranger = _stranger(load_characters(rec_data))
-    rng = random.Random(21)
-    shots = [render_character(stranger, rng, 96)[0] for _ in range(5)]
-    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(24)]
+    shots, probe = _stranger_pictures(rec_data, 21, 5, 24)
     top1 = {}
     for name, folder in (("frozen", frozen), ("trained", trained)):
         rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False, "cache_size": 0})
@@ -456,17 +456,14 @@ def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, t
     takes no trained character's pictures (``leftover``, the rule before, is still asked for by name)."""
     folder = tmp_path / "v"
     shutil.copytree(version_dir, folder)
-    stranger = _stranger(load_characters(rec_data))
-    rng = random.Random(11)
-    shots = [render_character(stranger, rng, 96)[0] for _ in range(12)]
-    probe = [(render_character(stranger, rng, 96)[0], f"p{i}.png") for i in range(16)]
+    shots, probe = _stranger_pictures(rec_data, 11, 12, 16)
     named, taken = {}, {}
     for rule in ("gallery", "leftover"):
         rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}, "fusion": {"untrained": rule}})
         rec.enroll("stranger", "series_z", shots)
         named[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(probe, mode="fusion", rerank=False)])
         taken[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(test_images, mode="fusion", rerank=False)])
-        fused = dict((c, s) for c, _, s in rec._score([probe[0][0]], "fusion", False, False).candidates[0])
+        fused = {c: s for c, _, s in rec._score([probe[0][0]], "fusion", False, False).candidates[0]}
         g = rec.gallery.search(rec.embedder.embed([probe[0][0]]), k=rec.gallery.n_characters)[0]
         p_gal = dict(zip([c for c, _, _ in g], gallery_probabilities([s for _, _, s in g], rec.gallery_temperature())))
         if rule == "gallery":
