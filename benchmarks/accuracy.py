@@ -65,7 +65,7 @@ RECIPES: dict[str, list[str]] = {
     "figure": [f"data.face_view={FACE_VIEW_SETTINGS['false']}", *TEN_EPOCHS],  # figure only, 10 epochs: the workflow's recipe before head views
     "identity": ["model.embedding.dim=256"],
     "supcon": ["model.embedding.dim=256", "model.embedding.loss=supcon", "data.balance=pk"],  # in-batch, P x K batches
-    "letterbox": ["data.resize=letterbox"],
+    "letterbox": ["data.resize=letterbox"],  # the whole picture padded to a square; measured 2026-12-06, not adopted
     "hue_jitter": ["data.augment.color_jitter=[0.2,0.2,0.2,0.02]"],  # the augmentation before issue 11
     "long": ["trainer.max_epochs=20", "callbacks.early_stopping.patience=8"],
     "ema": ["callbacks=[default,ema]"],  # moving average of the weights, horizon a tenth of the run (training/ema.py)
@@ -80,10 +80,8 @@ RECIPES: dict[str, list[str]] = {
     # (the stem at 7%): keep the early, generic features mixed5 and enrolment lean on, adapt the late ones
     "ld85": ["model.optimizer.layer_decay=0.85"],
     "lr2e3": ["model.optimizer.lr=2.0e-3"],  # twice the recipe's body learning rate (heads 10x it), same 6 epochs
-    # no label smoothing (Lite0's config sets 0.1): the recipe under-fits in its 6 epochs (train top-1 ~0.7 at the end)
+    # no label smoothing (Lite0's config sets 0.1); measured 2026-12-06, not adopted (docs/accuracy.md "Framing and label smoothing")
     "nosmooth": ["model.label_smoothing=0.0"],
-    # milder crops and no rotation: the same under-fitting, answered by showing more of the picture each step
-    "mildaug": ["data.augment.scale=[0.8,1.0]", "data.augment.rotation=0.0"],
     # a longer weight average (about the last third of the run) against seed-to-seed swings at 1e-3; `ema` is a tenth
     "ema30": ["callbacks=[default,ema]", "callbacks.ema.horizon=0.3", "callbacks.ema.start_fraction=0.3"],
     # the animeface face instead of the head view (Hydra merges the mapping: margin and detector are set again)
