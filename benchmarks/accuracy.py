@@ -82,6 +82,9 @@ RECIPES: dict[str, list[str]] = {
     "lr2e3": ["model.optimizer.lr=2.0e-3"],  # twice the recipe's body learning rate (heads 10x it), same 6 epochs
     # no label smoothing (Lite0's config sets 0.1); measured 2026-12-06, not adopted (docs/accuracy.md "Framing and label smoothing")
     "nosmooth": ["model.label_smoothing=0.0"],
+    # a group picture (filed under every character it shows) trains towards any of them, not each copy towards its own
+    # label; the other real sets hold no such pictures, so only newgame_full can move
+    "partial": ["model.partial_labels=true"],
     # a longer weight average (about the last third of the run) against seed-to-seed swings at 1e-3; `ema` is a tenth
     "ema30": ["callbacks=[default,ema]", "callbacks.ema.horizon=0.3", "callbacks.ema.start_fraction=0.3"],
     # the animeface face instead of the head view (Hydra merges the mapping: margin and detector are set again)

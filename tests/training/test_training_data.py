@@ -215,3 +215,25 @@ def test_letterbox_keeps_the_whole_figure_and_travels_with_the_checkpoint(tmp_pa
     assert torch.allclose(_classifier_transform(model)(tall), box)
     with pytest.raises(ConfigError, match="data.resize"):
         build_eval_transform(32, mean, std, "stretch")
+
+
+def test_train_batches_mark_group_pictures_too(group_picture_root, tmp_path):
+    """Training samples carry the same filed-characters mask as validation (what `model.partial_labels` trains on),
+    a group copy's face view included; every other picture: its own label alone."""
+    g = group_picture_root
+    copies = [n for pair in g["same_bytes"] for n in pair]
+    dm = _dm(g["root"], tmp_path)
+    manifest = json.loads(dm.split_path.read_text())
+    manifest["val"] = [n for n in manifest["val"] if n not in copies]
+    manifest["train"] = sorted(set(manifest["train"]) | set(copies))
+    dm.split_path.write_text(json.dumps(manifest))
+    dm = _dm(g["root"], tmp_path)
+    filed = dict(zip((r.file_name for r in dm.train_records), dm.train_filed))
+    assert all(filed[n] == {"char_00", "char_01"} for n in copies)
+    assert dm.add_face_views({copies[0]: [0.0, 0.0, 48.0, 48.0]}) == 1
+    ds = dm.train_dataloader().dataset
+    assert len(ds) == len(dm.train_records) + 1 and ds.crops[-1] is not None
+    for i, r in enumerate(ds.records):
+        want = torch.tensor([c in filed[r.file_name] for c in dm.class_names])
+        assert torch.equal(ds.filed_vector(i), want), r.file_name
+    assert sum(len(f) > 1 for f in filed.values()) >= len(copies)

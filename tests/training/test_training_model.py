@@ -96,6 +96,29 @@ def test_filed_accuracy_counts_any_character_a_picture_is_filed_under():
     assert plain.compute()["acc"].item() == 0.25
 
 
+def test_partial_label_loss_asks_only_for_one_of_the_filed_characters():
+    """`filed_cross_entropy`: a picture filed under one character is plain cross-entropy (class weights and label
+    smoothing included, the same number); a group picture's copy answered as another character it shows costs little,
+    where its own label alone would cost a lot."""
+    import torch.nn.functional as F
+
+    from anime_role_detect.models.filed_accuracy import filed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, y, w = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]), torch.rand(4) + 0.5
+    one = F.one_hot(y, 4).bool()
+    for weight in (None, w):
+        for smoothing in (0.0, 0.1):
+            assert torch.equal(filed_cross_entropy(logits, y, one, weight, smoothing), F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing))
+    group = one.clone()
+    group[0, 1] = True  # row 0 is filed under characters 0 and 1
+    p = logits.softmax(-1)
+    want = (-(p[0, 0] + p[0, 1]).log() - sum(p[i, y[i]].log() for i in range(1, 6))) / 6
+    assert filed_cross_entropy(logits, y, group).item() == pytest.approx(want.item(), rel=1e-5)
+    sure = torch.tensor([[-8.0, 8.0, -8.0, -8.0]])  # the copy filed under 0 and 1, named 1
+    assert filed_cross_entropy(sure, y[:1], group[:1]).item() < 1e-3 and F.cross_entropy(sure, y[:1]).item() > 10
+
+
 def test_validation_accuracy_reads_group_pictures_as_the_version_does(group_picture_root, tmp_path, compose_cfg, tiny):
     """A run whose validation side holds a group picture's copies (same bytes, filed under char_00 and char_01):
     `val/acc`, the checkpoint it picks and metrics.json count naming either character as right; `accuracy_strict`

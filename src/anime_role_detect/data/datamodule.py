@@ -160,6 +160,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.train_records: list[ImageRecord] = []
         self.val_records: list[ImageRecord] = []
         self.val_filed: list[frozenset[str]] = []  # per val record: every character its picture is filed under
+        self.train_filed: list[frozenset[str]] = []  # the same per training record (model.partial_labels' loss reads it)
         self.unreadable: list[str] = []
         self.split_path: Path | None = None
         self._ready = False
@@ -273,6 +274,7 @@ class CharacterDataModule(L.LightningDataModule):
         self.series = series_of(records)
         self.tag_names = tag_vocabulary(self.train_records, self.min_tag_count)
         self.val_filed = self._filed_characters(self.val_records, metadata_groups)
+        self.train_filed = self._filed_characters(self.train_records, metadata_groups)
         self._ready = True
 
     def _filed_characters(self, records: Sequence[ImageRecord], metadata_groups: Mapping[str, str]) -> list[frozenset[str]]:
@@ -359,8 +361,9 @@ class CharacterDataModule(L.LightningDataModule):
             counts = Counter(r.character for r in records)
             weights = [1.0 / max(1, counts[r.character]) for r in records]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=torch.Generator().manual_seed(self.seed))
-        return self._loader(self._dataset(records, train=True, crops=crops, alternates=alternates), shuffle=True, sampler=sampler,
-                            batch_size=batch_size)
+        filed = dict(zip((r.file_name for r in self.train_records), self.train_filed))
+        ds = self._dataset(records, train=True, crops=crops, alternates=alternates, filed=[filed[r.file_name] for r in records])
+        return self._loader(ds, shuffle=True, sampler=sampler, batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """Validation pictures; each batch's 4th item marks every character a picture is filed under (what

@@ -26,7 +26,7 @@ from torchmetrics.classification import (
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, UserError, WeightsError
 from .backbones import backbone_data_config, create_backbone
-from .filed_accuracy import FiledAccuracy
+from .filed_accuracy import FiledAccuracy, filed_cross_entropy
 from .metric import EmbeddingSpec, IdentityHead
 
 #: optimizer name -> constructor(params, lr, weight_decay)
@@ -93,6 +93,7 @@ class CharacterClassifier(L.LightningModule):
         embedding: Mapping[str, Any] | None = None,
         eval_resize: str = "center_crop",
         face_view: Mapping[str, Any] | None = None,
+        partial_labels: bool = False,
     ) -> None:
         super().__init__()
         class_names = list(class_names)
@@ -123,6 +124,7 @@ class CharacterClassifier(L.LightningModule):
                 "embedding": dict(spec.__dict__),
                 "eval_resize": str(eval_resize),
                 "face_view": _plain(face_view),
+                "partial_labels": bool(partial_labels),
             }
         )
         bb_kw = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "weights_path")}
@@ -135,6 +137,7 @@ class CharacterClassifier(L.LightningModule):
         self.image_size: int = int(image_size)
         self.eval_resize: str = str(eval_resize)  # how evaluation and recognition frame a picture (data.resize)
         self.face_view: dict[str, Any] | None = dict(_plain(face_view)) if face_view else None  # trained on face views too (data.face_view)
+        self.partial_labels: bool = bool(partial_labels)  # a group picture trains towards any character it is filed under
         self.mean: tuple[float, ...] = tuple(float(x) for x in (mean if mean is not None else data_cfg["mean"]))
         self.std: tuple[float, ...] = tuple(float(x) for x in (std if std is not None else data_cfg["std"]))
         self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)
@@ -217,10 +220,11 @@ class CharacterClassifier(L.LightningModule):
         self.val_tag_ap = MultilabelAveragePrecision(num_labels=len(self.tag_names), average=None) if self.tag_names else None
 
     def _losses(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y, tags = batch[:3]  # a 4th item, when there, is the filed-characters mask validation scores with
+        x, y, tags = batch[:3]  # a 4th item, when there, is the filed-characters mask (val/acc; partial_labels' loss)
+        filed = batch[3] if self.partial_labels and len(batch) > 3 else None
         feats = self.features(x)
         char_logits, tag_logits = self.heads(feats)
-        char_loss = F.cross_entropy(char_logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
+        char_loss = filed_cross_entropy(char_logits, y, filed, self.class_weights, self.hparams.label_smoothing)
         tag_loss = F.binary_cross_entropy_with_logits(tag_logits, tags) if tag_logits.shape[1] else char_loss.new_zeros(())
         id_loss = self.identity.loss(self.identity(feats), y, self.class_weights) if self.identity is not None else char_loss.new_zeros(())
         loss = char_loss + self.hparams.tag_loss_weight * tag_loss + self.identity_weight * id_loss

@@ -1,13 +1,16 @@
-"""`FiledAccuracy`: top-1 / top-5 accuracy where an answer is right when it names any character the picture is filed under.
+"""`FiledAccuracy` and `filed_cross_entropy`: accuracy and loss where naming any character a picture is filed under is right.
 
 A booru group picture is collected once per character it shows; scored on each copy's own label, naming another
 character it shows counts as wrong, and a validation side holding such copies understates (and, for checkpoint choice,
 mis-ranks) what the version will answer. The recognition side reads them the same way (`recognition.build`).
+Trained on each copy's own label the same picture pulls towards several answers at once; the partial-label loss asks
+only that the answer be one of them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 
 
@@ -16,6 +19,30 @@ def filed_targets(y: torch.Tensor, n_classes: int, filed: torch.Tensor | None = 
     mask = torch.zeros(len(y), n_classes, dtype=torch.bool, device=y.device) if filed is None else filed.to(y.device).bool().clone()
     mask[torch.arange(len(y), device=y.device), y] = True
     return mask
+
+
+def filed_cross_entropy(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    filed: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy whose own-label term, for a picture filed under several characters, is -log of the probability on
+    all of them (partial-label learning); a batch without such pictures gets exactly `F.cross_entropy`."""
+    loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+    if filed is None:
+        return loss
+    mask = filed_targets(y, logits.shape[1], filed)
+    several = mask.sum(1) > 1
+    if not bool(several.any()):
+        return loss
+    logp = logits.float().log_softmax(-1)
+    own = logp.gather(1, y[:, None]).squeeze(1)
+    any_filed = logp.masked_fill(~mask, float("-inf")).logsumexp(1)
+    w = weight[y].float() if weight is not None else torch.ones_like(own)
+    relief = ((any_filed - own) * w)[several].sum() / w.sum()  # F.cross_entropy's mean divides by the labels' weights
+    return loss - (1.0 - float(label_smoothing)) * relief.to(loss.dtype)
 
 
 class FiledAccuracy(Metric):
