@@ -164,6 +164,8 @@ def test_validation_accuracy_reads_group_pictures_as_the_version_does(group_pict
     val_acc = [e["val/acc"] for e in curves.values() if "val/acc" in e]
     assert len(val_acc) >= 2 and all("val/acc_strict" in e for e in curves.values() if "val/acc" in e)
     assert max(val_acc) == pytest.approx(m["accuracy"], abs=1e-4)  # the checkpoint kept is the best by this reading
+    train_acc = [(e["train/acc"], e["train/acc_strict"]) for e in curves.values() if "train/acc" in e]
+    assert len(train_acc) >= 2 and all(a >= s for a, s in train_acc)  # the training side's multi: pair read the same way
 
 
 def test_ema_callback_saves_the_averaged_weights(tmp_path, synthetic_root, compose_cfg, tiny):

@@ -213,7 +213,8 @@ class CharacterClassifier(L.LightningModule):
     # -- metrics ----------------------------------------------------------------------------
     def _build_metrics(self) -> None:
         n = len(self.class_names)
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.train_acc = FiledAccuracy(n, top_k=1)  # train/acc: read as val/acc is (any character the picture is filed under)
+        self.train_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = FiledAccuracy(n, top_k=5)  # val/acc: right when naming any character the picture is filed under
         self.val_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")  # each copy on its own label
         self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
@@ -237,14 +238,21 @@ class CharacterClassifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self._losses(batch)
-        self.train_acc(out["char_logits"].detach(), batch[1])
+        logits = out["char_logits"].detach()
+        self.train_acc.update(logits, batch[1], batch[3] if len(batch) > 3 else None)
+        self.train_acc_strict.update(logits, batch[1])
         bs = batch[0].shape[0]
         self.log("train/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train/tag_loss", out["tag_loss"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         if self.identity is not None:
             self.log("train/id_loss", out["id_loss"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         return out["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc.compute()["acc"], prog_bar=True, sync_dist=False)
+        self.log("train/acc_strict", self.train_acc_strict.compute())
+        for metric in (self.train_acc, self.train_acc_strict):
+            metric.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self._losses(batch)

@@ -105,10 +105,11 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
 
 
 # (column, label) per panel; val/f1_macro shares the accuracy panel since it is on the same 0..1 scale, and so does
-# val/acc_strict (under val/acc when the validation side holds group pictures)
+# the strict readings (under train/acc and val/acc when a side holds group pictures)
 _CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("loss", (("train/loss", "train"), ("val/loss", "val"))),
-    ("accuracy", (("train/acc", "train"), ("val/acc", "val"), ("val/acc_strict", "val, each copy on its label"),
+    ("accuracy", (("train/acc", "train"), ("train/acc_strict", "train, each copy on its label"), ("val/acc", "val"),
+                  ("val/acc_strict", "val, each copy on its label"),
                   ("val/f1_macro", "val macro F1"))),
 )
 
