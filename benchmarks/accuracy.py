@@ -290,6 +290,19 @@ class Trained:
     split_path: str
     cpu_min: float
     overrides: list[str] = field(default_factory=list)  # everything the run was composed with beyond its paths
+    config: str | None = None  # `training_fingerprint` of the composed config (None: recorded before 2026-12-06)
+
+
+def training_fingerprint(cfg: Any, out: Path, root: Path) -> str:
+    """What a training run was composed with (model, data, trainer, callbacks; its own folders left out): a changed
+    default in conf/ (not only a changed override) makes a cached run another recipe's."""
+    from omegaconf import OmegaConf
+
+    text = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "trainer", "callbacks") if k in cfg},
+                      sort_keys=True, default=str)
+    for path, name in sorted(((str(out), "<run>"), (str(root), "<data>"), (str(REPO), "<repo>")), key=lambda p: -len(p[0])):
+        text = text.replace(path, name)
+    return fingerprint(json.loads(text))
 
 
 def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, threads: int) -> Trained:
@@ -298,23 +311,26 @@ def train_run(root: Path, seed: int, overrides: Sequence[str], out: Path, thread
 
     workflow = workflow_recipe()
     recipe = [*workflow, *overrides]
-    cached = out / "accuracy_run.json"
-    if cached.is_file():
-        got = Trained(**json.loads(cached.read_text()))
-        if got.overrides != recipe:  # e.g. the workflow's recipe changed since: its checkpoint is not this recipe's
-            raise SystemExit(f"{out} was trained with {got.overrides or 'overrides not recorded'}, not {recipe}: "
-                             "give another --work folder (or delete that run) to train it again")
-        if Path(got.ckpt_path).is_file():
-            return got
-
     cfg = compose_config("train", [*workflow, f"data.root={root}", f"data.split_dir={out}/splits", f"data.seed={seed}",
                                    f"seed={seed}", f"paths.root_dir={REPO}", f"paths.output_dir={out}", f"paths.data_dir={out}",
                                    "register=false", "evaluate=false", "logger=csv", "~callbacks.progress_bar",
                                    "+trainer.enable_progress_bar=false", f"threads={threads}", "log.console_level=WARNING",
                                    *overrides])
+    composed = training_fingerprint(cfg, out, root)
+    cached = out / "accuracy_run.json"
+    if cached.is_file():
+        got = Trained(**json.loads(cached.read_text()))
+        if got.overrides != recipe or got.config not in (None, composed):  # the recipe or a conf/ default changed since
+            raise SystemExit(f"{out} was trained with {got.overrides or 'overrides not recorded'} (config {got.config}), not "
+                             f"{recipe} (config {composed}): give another --work folder (or delete that run) to train it again")
+        if got.config is None:
+            print(f"  {out}: trained before accuracy.py recorded configs; reused on its overrides alone", flush=True)
+        if Path(got.ckpt_path).is_file():
+            return got
+
     t0 = cpu_seconds()
     result = train(cfg)
-    got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60, recipe)
+    got = Trained(str(result.ckpt_path), str(result.split_path), (cpu_seconds() - t0) / 60, recipe, composed)
     atomic_write_json(cached, asdict(got))
     return got
 
