@@ -144,6 +144,7 @@ def test_validation_accuracy_reads_group_pictures_as_the_version_does(group_pict
     result = train(cfg)
     m = result.metrics
     model = CharacterClassifier.load_from_checkpoint(result.ckpt_path, map_location="cpu")
+    assert model.partial_labels  # the default: the training side's multi: pair trains towards either character
     dm = CharacterDataModule(str(g["root"]), image_size=64, split_dir=str(tmp_path / "splits"), seed=42, val_fraction=0.2,
                              mean=model.mean, std=model.std)
     dm.setup("fit")
