@@ -93,7 +93,7 @@ class CharacterClassifier(L.LightningModule):
         embedding: Mapping[str, Any] | None = None,
         eval_resize: str = "center_crop",
         face_view: Mapping[str, Any] | None = None,
-        partial_labels: bool = False,
+        partial_labels: bool = True,
     ) -> None:
         super().__init__()
         class_names = list(class_names)
