@@ -84,7 +84,8 @@ RECIPES: dict[str, list[str]] = {
     "nosmooth": ["model.label_smoothing=0.0"],
     # a group picture (filed under every character it shows) trains towards any of them, not each copy towards its own
     # label; the other real sets hold no such pictures, so only newgame_full can move
-    "partial": ["model.partial_labels=true"],
+    "partial": ["model.partial_labels=true"],  # the default since 2026-12-06 (docs/accuracy.md "Group pictures ...")
+    "ownlabel": ["model.partial_labels=false"],  # each group copy towards its own label: the recipe before that
     # a longer weight average (about the last third of the run) against seed-to-seed swings at 1e-3; `ema` is a tenth
     "ema30": ["callbacks=[default,ema]", "callbacks.ema.horizon=0.3", "callbacks.ema.start_fraction=0.3"],
     # the animeface face instead of the head view (Hydra merges the mapping: margin and detector are set again)
