@@ -299,10 +299,16 @@ def training_fingerprint(cfg: Any, out: Path, root: Path) -> str:
     default in conf/ (not only a changed override) makes a cached run another recipe's."""
     from omegaconf import OmegaConf
 
-    text = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "trainer", "callbacks") if k in cfg},
-                      sort_keys=True, default=str)
-    for path, name in sorted(((str(out), "<run>"), (str(root), "<data>"), (str(REPO), "<repo>")), key=lambda p: -len(p[0])):
-        text = text.replace(path, name)
+    kept = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "trainer", "callbacks") if k in cfg}
+    return path_free_fingerprint(kept, {out: "<run>", root: "<data>"})
+
+
+def path_free_fingerprint(obj: Any, paths: dict[Path, str] | None = None) -> str:
+    """`fingerprint` of a JSON-able object with the checkout's path (and `paths`, longest first) written as names, so
+    worktrees and work folders share what they cached."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    for path, name in sorted({**(paths or {}), REPO: "<repo>"}.items(), key=lambda p: -len(str(p[0]))):
+        text = text.replace(str(path), name)
     return fingerprint(json.loads(text))
 
 
@@ -372,8 +378,7 @@ def built_as(out: Path, built_with: dict[str, Any], cfg: dict[str, Any]) -> bool
 
 def build_fingerprint(cfg: dict[str, Any]) -> str:
     """The infer config's hash without what names the checkout (its paths), so worktrees share cached versions."""
-    kept = {k: v for k, v in cfg.items() if k != "paths"}
-    return fingerprint(json.loads(json.dumps(kept, sort_keys=True, default=str).replace(str(REPO), "<repo>")))
+    return path_free_fingerprint({k: v for k, v in cfg.items() if k != "paths"})
 
 
 def load(root: Path, files: Sequence[str]) -> list[tuple[Any, str]]:
