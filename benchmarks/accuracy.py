@@ -100,7 +100,8 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "figure": ["embedder.face_view={enabled:false}"],  # a faceview checkpoint recognising the figure view alone
     "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)
-    "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (default: half and half)
+    "fitw": ["fusion.fit_gallery_weight=true"],  # fusion's blend fitted on the version's held-out pictures (the default since 2026-12-06)
+    "half": ["fusion.fit_gallery_weight=false"],  # fusion half and half: the default before 2026-12-06
     "max": ["gallery_build.aggregate=max"],  # a character's best row is its score (top3_mean: the mean of its best three)
     # every character scored on the same share of its rows (recognition/gallery.py)
     "balanced": ["gallery_build.aggregate=balanced"],

@@ -354,9 +354,11 @@ def test_auto_mode_answers_in_the_mode_the_version_measured_best(version_dir, tm
 
 
 def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_images):
-    """The version carries a gallery temperature fitted on its held-out pictures (and, when asked, the blend weight);
-    fusion mixes softmax(cosine / T) with the classifier's probability (gallery weight 1 answers as clip does), so its score is a probability and it is never far below the better of the two modes.
-    A version calibrated before the temperature existed still blends the raw cosine, so its saved thresholds hold."""
+    """The version carries a gallery temperature and a blend weight fitted on its held-out pictures
+    (`fusion.fit_gallery_weight`, the default; ``false`` keeps half and half); fusion mixes softmax(cosine / T) with
+    the classifier's probability (gallery weight 1 answers as clip does), so its score is a probability and it is never
+    far below the better of the two modes. A version calibrated before the temperature existed still blends the raw
+    cosine half and half, so its saved thresholds hold."""
     import json
 
     from anime_role_detect.recognition.openset import gallery_probabilities
@@ -364,15 +366,18 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     from anime_role_detect.recognition.build import evaluate_split
 
     calib = json.loads((version_dir / "calibration.json").read_text())
-    t = calib["gallery_temperature"]
-    assert 0 < t < 1 and "gallery_weight" not in calib  # the blend is fitted only when asked
+    t, w = calib["gallery_temperature"], calib["gallery_weight"]
+    assert 0 < t < 1 and 0 <= w <= 1  # both fitted when the version was built, with no option asked
     rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
-    assert rec.gallery_weight() == 0.5 and rec.describe()["calibration"]["fusion"] == {"gallery_weight": 0.5, "gallery_temperature": t,
-                                                                                           "untrained": "gallery"}
-    fitting = Recognizer.from_version(version_dir, {**infer_cfg(), "fusion": {"fit_gallery_weight": True}, "openset": {"enabled": False}})
-    ev = evaluate_split(fitting, [im for im, _ in test_images], [y for _, y in test_images], ["clip", "model", "fusion"], tune=False)
-    w = ev.calibration.gallery_weight
-    assert w is not None and 0 <= w <= 1 and fitting.gallery_weight() == w  # fusion was scored with the fitted blend
+    assert rec.gallery_weight() == w and rec.describe()["calibration"]["fusion"] == {"gallery_weight": w, "gallery_temperature": t,
+                                                                                         "untrained": "gallery"}
+    fitting = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}})
+    pics, names = [im for im, _ in test_images], [y for _, y in test_images]
+    ev = evaluate_split(fitting, pics, names, ["clip", "model", "fusion"], tune=False)
+    fitted = ev.calibration.gallery_weight
+    assert fitted is not None and 0 <= fitted <= 1 and fitting.gallery_weight() == fitted  # fusion was scored with the fitted blend
+    halves = Recognizer.from_version(version_dir, {**infer_cfg(), "fusion": {"fit_gallery_weight": False}, "openset": {"enabled": False}})
+    assert evaluate_split(halves, pics, names, ["clip", "model", "fusion"], tune=False).calibration.gallery_weight is None
     forced = Recognizer.from_version(version_dir, {**infer_cfg(), "fusion": {"gallery_weight": 1.0}, "openset": {"enabled": False}})
     assert forced.gallery_weight() == 1.0  # a number in the config wins over the version's
     f_top = [c[0][0] for c in forced._score([im for im, _ in test_images[:6]], "fusion", False, False).candidates]
@@ -387,7 +392,7 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     gal = rec._score([test_images[0][0]], "clip", False, False).candidates[0]
     old = tmp_path / "old"
     shutil.copytree(version_dir, old)
-    del calib["gallery_temperature"]
+    del calib["gallery_temperature"], calib["gallery_weight"]
     (old / "calibration.json").write_text(json.dumps(calib))
     before = Recognizer.from_version(old, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
     assert before.gallery_temperature() is None and before.gallery_weight() == 0.5

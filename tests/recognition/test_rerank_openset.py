@@ -221,6 +221,15 @@ def test_blend_weight_fit_follows_the_source_that_knows_the_answer(tmp_path):
     assert fit_gallery_weight(guess, good, y) <= 0.1
     w = fit_gallery_weight(source(0.7), source(0.7), y)
     assert 0.3 <= w <= 0.7, w
+    # a group picture is read as filed (as the temperature is): a gallery that names another character the picture
+    # shows is right; with each copy on its own label alone that gallery looks like a guesser
+    other = (y + 1) % c
+    filed = np.zeros((n, c), bool)
+    filed[np.arange(n), y] = filed[np.arange(n), other] = True
+    names_other = np.full((n, c), 0.02)
+    names_other[np.arange(n), other] = 1 - 0.02 * (c - 1)
+    assert fit_gallery_weight(names_other, source(0.5), y) <= 0.1
+    assert fit_gallery_weight(names_other, source(0.5), y, filed=filed) >= 0.7
     back = OpenSetCalibration.load(OpenSetCalibration(0.05, {}, gallery_temperature=0.05, gallery_weight=w).save(tmp_path))
     assert back.gallery_weight == w
 

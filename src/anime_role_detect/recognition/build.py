@@ -100,7 +100,8 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     fit = rec.config.fusion.fit_gallery_weight and rec.fusion_weight is None
     for mode in modes:
         if mode == "fusion" and fit and {"clip", "model"} <= probs.keys():  # scored with the blend it will answer with
-            calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs["model"], probs["labels"])
+            calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs["model"], probs["labels"],
+                                                                               filed=probs["filed"])
         need_tags = rec.reranker is not None and rec.tagger is not None
         scored = rec._score(images, mode, need_tags, False)
         if mode == "clip":
@@ -114,7 +115,7 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             if mode == "clip":  # fusion below is scored, thresholded and chosen with the temperature it will answer with
                 calib.gallery_temperature = rec.fusion_temperature = fit_temperature(m[known], y_idx, filed=mask)
                 probs["clip"] = np.stack([gallery_probabilities(row, calib.gallery_temperature) for row in m[known]])
-                probs["labels"] = np.asarray(y_idx)
+                probs["labels"], probs["filed"] = np.asarray(y_idx), mask
                 cosines = m[known]
             elif mode == "model":
                 probs["model"] = np.clip(m[known], 0.0, None)  # -1 marks a character the classifier does not know

@@ -44,16 +44,16 @@ class FusionOptions:
     The gallery probability is a softmax of the characters' gallery cosines at a temperature calibrated on the
     version's held-out pictures (``calibration.json``), so both terms are probabilities; a raw cosine (0.9 for every
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
-    raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` fits the blend on those pictures too
-    when a version is built (`openset.fit_gallery_weight`); measured, it named no more pictures than half and
-    half and enrolled fewer, so it is an option (docs/accuracy.md "The fitted blend").
+    raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` (the default since 2026-12-06) fits the
+    blend on those pictures too when a version is built (`openset.fit_gallery_weight`): the half that is sharper on
+    them gets more say (docs/accuracy.md "Fusion's blend fitted per version"); ``false`` keeps half and half.
 
     ``untrained`` scores a character the classifier was never trained on (enrolled after training): ``gallery`` takes
     its gallery probability alone and blends the trained characters within the gallery's mass on them, so the fused
     scores stay one distribution; ``leftover`` (before 2026-12-06) blends in the classifier's 1 - top probability."""
 
     gallery_weight: float | None = None  # None: the version's (its fitted weight, else 0.5); a number overrides it
-    fit_gallery_weight: bool = False  # building a version: fit the weight on its held-out pictures (calibration.json)
+    fit_gallery_weight: bool = True  # building a version: fit the weight on its held-out pictures (calibration.json)
     gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
     untrained: str = "gallery"  # gallery | leftover: how fusion scores a character only the gallery knows (`UNTRAINED_RULES`)
 

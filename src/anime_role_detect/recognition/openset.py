@@ -146,18 +146,18 @@ def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[fl
 
 
 def fit_gallery_weight(gallery_probs: np.ndarray, model_probs: np.ndarray, labels: Sequence[int],
-                       grid: Sequence[float] | None = None) -> float:
+                       grid: Sequence[float] | None = None, filed: np.ndarray | None = None) -> float:
     """Fusion's blend, fitted like the temperature: the w whose ``w * gallery + (1 - w) * classifier`` probability
-    ``[N, C]`` gives the true characters the highest mean log-probability (ties go to the w nearest 0.5). A gallery
-    that is sharper than the classifier on the version's held-out pictures gets more say, and a weaker one less,
-    instead of a fixed half each."""
+    ``[N, C]`` gives the true characters the highest mean log-probability (a picture of several: their summed
+    probability, `filed_mask`; ties go to the w nearest 0.5). A gallery that is sharper than the classifier on the
+    version's held-out pictures gets more say, and a weaker one less, instead of a fixed half each."""
     g, m = np.asarray(gallery_probs, np.float64), np.asarray(model_probs, np.float64)
-    y = np.asarray(labels, int)
+    mask = filed_mask(labels, g.shape[1], filed)
+    g_true, m_true = np.where(mask, g, 0.0).sum(1), np.where(mask, m, 0.0).sum(1)
     grid = np.linspace(0.0, 1.0, 21) if grid is None else np.asarray(grid, np.float64)
-    rows = np.arange(len(y))
 
     def nll(w: float) -> float:
-        p = w * g[rows, y] + (1.0 - w) * m[rows, y]
+        p = w * g_true + (1.0 - w) * m_true
         return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
 
     return float(min(grid, key=lambda w: (round(nll(w), 9), abs(w - 0.5))))
