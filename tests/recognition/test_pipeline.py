@@ -458,14 +458,21 @@ def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, t
     """A character enrolled after training has no classifier probability: under the default ``untrained: gallery``
     fusion keeps its gallery probability and blends the trained characters within the gallery's mass on them, so the
     scores stay one distribution over every character, the enrolled one included; it is named on its pictures and
-    takes no trained character's pictures (``leftover``, the rule before, is still asked for by name)."""
+    takes no trained character's pictures (``leftover``, the rule before, is still asked for by name). The version's
+    fitted gallery weight gives way to half and half once the gallery holds a character the classifier never saw."""
+    import json
+
     folder = tmp_path / "v"
     shutil.copytree(version_dir, folder)
+    calib = json.loads((folder / "calibration.json").read_text())
+    (folder / "calibration.json").write_text(json.dumps({**calib, "gallery_weight": 0.8}))  # a fitted lean to the gallery
     shots, probe = _stranger_pictures(rec_data, 11, 12, 16)
     named, taken = {}, {}
     for rule in ("gallery", "leftover"):
         rec = Recognizer.from_version(folder, {**infer_cfg(), "openset": {"enabled": False}, "fusion": {"untrained": rule}})
+        assert rec.gallery_weight() == 0.8
         rec.enroll("stranger", "series_z", shots)
+        assert rec.gallery_weight() == 0.5  # the weight was fitted on the trained characters alone: half again
         named[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(probe, mode="fusion", rerank=False)])
         taken[rule] = np.mean([a.role == "stranger" for a in rec.recognize_batch(test_images, mode="fusion", rerank=False)])
         fused = {c: s for c, _, s in rec._score([probe[0][0]], "fusion", False, False).candidates[0]}

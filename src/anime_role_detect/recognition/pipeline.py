@@ -260,12 +260,17 @@ class Recognizer(VersionParts):
         return calib.gallery_temperature if calib is not None else None
 
     def gallery_weight(self) -> float:
-        """Fusion's gallery share: the config's, else the version's fitted one (`fusion.fit_gallery_weight`), else half."""
+        """Fusion's gallery share: the config's, else the version's fitted one (`fusion.fit_gallery_weight`), else half.
+
+        The fitted weight holds for the characters it was fitted on: once the gallery names one the classifier never
+        trained on (enrolled later) the share is half again, since the classifier's say is what keeps a trained
+        character's picture from a new look-alike (the fitted weight named 1-2 points fewer there, docs/accuracy.md
+        "Fusion's blend fitted per version")."""
         if self.fusion_weight is not None:
             return float(self.fusion_weight)
         calib = self.calibration
         w = calib.gallery_weight if calib is not None else None
-        return 0.5 if w is None else float(w)
+        return 0.5 if w is None or self._gallery_only_characters() else float(w)
 
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
         """Blend gallery probability (`gallery_probabilities`) and classifier probability per character.
