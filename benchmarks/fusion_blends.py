@@ -5,8 +5,9 @@ Each version (`<work>/<set>/closed/s<seed>/t<fraction>/version-<recipe>`) answer
 own held-out (validation) pictures in clip mode (gallery cosine per character) and model mode (classifier
 probability per character), through the real `Recognizer`. The rules are then applied to those scores:
 
-- ``half``: what fusion answers today (``0.5 x softmax(cosine / T) + 0.5 x classifier``, T the version's);
-- ``fitw``: the weight `openset.fit_gallery_weight` fits on the held-out pictures (``fusion.fit_gallery_weight``);
+- ``half``: fusion before 2026-12-06 (``0.5 x softmax(cosine / T) + 0.5 x classifier``, T the version's);
+- ``fitw``: the weight `openset.fit_gallery_weight` fits on the held-out pictures (``fusion.fit_gallery_weight``, the
+  default since 2026-12-06: the version's own weight when it was built with one);
 - ``acc-fit``: the weight with the best held-out top-1, moved off 0.5 only when that beats 0.5 by the margin
   `auto` demands of a mode (`evalset.best_mode`: two binomial standard errors, at least 1.5 pictures);
 - ``sharp``: half and half after a temperature fitted to the classifier's held-out probabilities;
@@ -62,8 +63,10 @@ def scores(version: Path, parts: dict[str, tuple[Path, list[str]]], cache: Path)
     return out
 
 
-def blends(s: dict[str, np.ndarray]) -> dict[str, float]:
-    """Top-1 (%) of every rule on the set-aside pictures; the fitted rules fit on the held-out ones."""
+def blends(s: dict[str, np.ndarray], built_w: float | None = None) -> dict[str, float]:
+    """Top-1 (%) of every rule on the set-aside pictures; the fitted rules fit on the held-out ones. ``fitw`` is the
+    weight the version was built with (`built_w`, fitted before its held-out pictures joined the gallery) when it has
+    one: scored here, those pictures find themselves in the gallery and every fit leans to it."""
     from anime_role_detect.recognition.evalset import best_mode
     from anime_role_detect.recognition.openset import (
         fit_gallery_weight,
@@ -88,7 +91,7 @@ def blends(s: dict[str, np.ndarray]) -> dict[str, float]:
     tm = fit_temperature(np.log(np.clip(m["val"], 1e-9, None)), yv, np.geomspace(0.05, 20.0, 81))
     sharp = np.stack([gallery_probabilities(r, tm) for r in np.log(np.clip(m["test"], 1e-9, None))])  # softmax(log p / tm)
     got = {"clip": top1(1.0), "model": top1(0.0), "half": top1(0.5),
-           "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv)), "acc-fit": top1(acc_w),
+           "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv) if built_w is None else built_w), "acc-fit": top1(acc_w),
            "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3)}
     return {k: 100 * v for k, v in got.items()}
 
@@ -109,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets:
         for seed in args.seeds:
             run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
-            version, trained = run / f"version-{args.recipe}", run / args.recipe / "accuracy_run.json"
+            # accuracy.py keeps each clean setting's runs in clean-<hash>/ (runs before the clean pool: in `run` itself)
+            runs = next((d for d in (*sorted(run.glob("clean-*")), run) if (d / f"version-{args.recipe}" / "gallery.json").is_file()), run)
+            version, trained = runs / f"version-{args.recipe}", runs / args.recipe / "accuracy_run.json"
             if not (version / "gallery.json").is_file() or not trained.is_file():
                 print(f"skip {run}: no version-{args.recipe} (run benchmarks/accuracy.py first)", file=sys.stderr)
                 continue
             split = json.loads(Path(json.loads(trained.read_text())["split_path"]).read_text())
-            parts = {"val": (run / "pool", split["val"]), "test": (data_dir() / name, json.loads((run / "test_split.json").read_text())["test"])}
-            got = blends(scores(version, parts, run / f"blend-scores-{args.recipe}.npz"))
+            parts = {"val": (runs / "pool", split["val"]), "test": (data_dir() / name, json.loads((run / "test_split.json").read_text())["test"])}
+            built_w = json.loads((version / "calibration.json").read_text()).get("gallery_weight")
+            got = blends(scores(version, parts, runs / f"blend-scores-{args.recipe}.npz"), built_w)
             per_set.setdefault(name, []).append(got)
             print(f"| {name} | {seed} | " + " | ".join(f"{got[r]:.1f}" for r in RULES) + " |", flush=True)
     for name, runs in per_set.items():

@@ -264,7 +264,7 @@ class Recognizer(VersionParts):
 
         The fitted weight holds for the characters it was fitted on: once the gallery names one the classifier never
         trained on (enrolled later) the share is half again, since the classifier's say is what keeps a trained
-        character's picture from a new look-alike (the fitted weight named 1-2 points fewer there, docs/accuracy.md
+        character's picture from a new look-alike (the fitted weight enrolled 0.8-1.2 points fewer, docs/accuracy.md
         "Fusion's blend fitted per version")."""
         if self.fusion_weight is not None:
             return float(self.fusion_weight)
