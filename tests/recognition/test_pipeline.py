@@ -483,6 +483,8 @@ def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, t
             assert abs(fused["stranger"] - p_gal["stranger"]) < 1e-5  # the gallery's own probability
         else:
             assert fused["stranger"] > p_gal["stranger"] * rec.gallery_weight() + 1e-6  # plus 1 - the classifier's top
+        rec.remove("stranger")
+        assert rec.gallery_weight() == 0.8  # no character only the gallery knows: the version's fitted weight again
     # measured on this fixture: named on 15/16 (leftover 16/16), none of the 64 trained pictures taken by either
     assert named["gallery"] >= 0.75 and taken["gallery"] <= 0.05, (named, taken)
     with pytest.raises(ConfigError, match="fusion.untrained"):

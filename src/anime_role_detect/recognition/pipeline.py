@@ -93,6 +93,7 @@ class Recognizer(VersionParts):
         self.sinks: list[AnswerSink] = []
         self._lock = threading.RLock()
         self._generation = 0
+        self._gallery_only: tuple[int, bool] | None = None  # (generation, `_gallery_only_characters`)
         self._loaded: dict[str, Any] = {}
         for sink in sinks:
             self.add_sink(sink)
@@ -160,8 +161,12 @@ class Recognizer(VersionParts):
         return self._mode
 
     def _gallery_only_characters(self) -> bool:
-        known = set(self.classifier.class_names)
-        return any(c["name"] not in known for c in self.characters())
+        """True when the gallery names a character the classifier never trained on (enrolled later). Kept per gallery
+        generation: fusion asks it for every batch (`gallery_weight`), and the answer only moves with an enrolment."""
+        if self._gallery_only is None or self._gallery_only[0] != self._generation:
+            known = set(self.classifier.class_names)
+            self._gallery_only = (self._generation, any(c["name"] not in known for c in self.characters()))
+        return self._gallery_only[1]
 
     def supported_modes(self) -> list[str]:
         """clip needs a gallery, model a classifier, fusion both."""
