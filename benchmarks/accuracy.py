@@ -113,6 +113,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
 ANSWER_VARIANTS: dict[str, dict[str, Any]] = {
     # fusion's rule for an enrolled character before 2026-12-06: blended with the classifier's 1 - top probability
     "leftover": {"fusion": {"untrained": "leftover"}},
+    "nomirror": {"enrol": {"mirror": False}},  # enrolment from the pictures alone, before 2026-12-06 (no mirror-image rows)
 }
 #: evaluation variants the frozen baseline is built with too: how a gallery scores its rows is the protocol, so the
 #: baseline beside a variant is scored the same way (`baseline+max` ...)
@@ -377,9 +378,14 @@ def built_as(out: Path, built_with: dict[str, Any], cfg: dict[str, Any]) -> bool
     return meta.is_file() and json.loads(meta.read_text()).get("aggregate") == cfg["gallery_build"]["aggregate"]
 
 
+#: infer.yaml keys read only when a version answers or enrols, never when it is built: changing them builds nothing anew
+ANSWER_ONLY_KEYS = ("enrol",)
+
+
 def build_fingerprint(cfg: dict[str, Any]) -> str:
-    """The infer config's hash without what names the checkout (its paths), so worktrees share cached versions."""
-    return path_free_fingerprint({k: v for k, v in cfg.items() if k != "paths"})
+    """The infer config's hash without what names the checkout (its paths) or only answers (`ANSWER_ONLY_KEYS`), so
+    worktrees share cached versions."""
+    return path_free_fingerprint({k: v for k, v in cfg.items() if k != "paths" and k not in ANSWER_ONLY_KEYS})
 
 
 def load(root: Path, files: Sequence[str]) -> list[tuple[Any, str]]:

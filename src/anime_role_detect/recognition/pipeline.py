@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..fsutil import read_json
@@ -34,6 +34,8 @@ from .schema import UNKNOWN, Answer, Detection, Rerank, TagScore, TopK, VideoAns
 from .sinks import AnswerSink
 
 _log = get_logger("inference")
+#: Appended to an enrolled picture's source for the row of its mirror image (`EnrolOptions.mirror`).
+MIRROR_SUFFIX = "#mirror"
 
 
 @dataclass
@@ -435,12 +437,19 @@ class Recognizer(VersionParts):
 
     # -- enrollment ---------------------------------------------------------------------------
     def enroll(self, character: str, series: str, images: Sequence[Image.Image], sources: Sequence[str] | None = None) -> int:
-        """Add a character to the gallery from a few images, without retraining; returns prototype rows added."""
+        """Add a character to the gallery from a few images, without retraining; returns prototype rows added.
+
+        With ``enrol.mirror`` (the default) each image's mirror image is a row too (`EnrolOptions`), its source the
+        image's with ``MIRROR_SUFFIX``."""
         if not images:
             raise GalleryError(f"no images given to enroll {character!r}; give at least one")
-        emb = self.embedder.embed(list(images))
+        shots, names = list(images), list(sources) if sources is not None else None
+        if self.config.enrol.mirror:
+            shots += [ImageOps.mirror(im) for im in images]
+            names = None if names is None else names + [f"{s}{MIRROR_SUFFIX}" for s in names]
+        emb = self.embedder.embed(shots)
         with self._lock:
-            n = self.gallery.add(character, series, emb, sources, embedder_id=self.embedder.model_id)
+            n = self.gallery.add(character, series, emb, names, embedder_id=self.embedder.model_id)
             self._generation += 1
             self.cache.clear()
             if self.config.mode == AUTO:
