@@ -22,7 +22,8 @@ read from conf/workflow.yaml so "recipe" is always what the workflow trains toda
 
 **Test pictures** (`--test-fraction`, default 0.2): before training, a leak-free share of each known character's
 pictures (near-duplicates kept together, by the data module's own pHash grouping) is set aside; the run trains,
-early-stops, calibrates its open-set threshold and picks its default mode on the rest, and every closed-set figure,
+early-stops, calibrates its open-set threshold and picks its default mode on the rest (whose val pictures then join
+the gallery, as in every version the workflow builds), and every closed-set figure,
 known-refused share and "others" figure is scored on the set-aside pictures only, which no step of building the
 version has seen. `--test-fraction 0` scores on the version's own held-out pictures (the protocol before this
 option: there the default mode is chosen on the pictures it is scored on).
@@ -349,21 +350,24 @@ BUILD_RECORD = "accuracy_build.json"
 
 
 def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckpt: str | None, overrides: Sequence[str] = (),
-                  rebuild: bool = False) -> Path:
+                  rebuild: bool = False, include_val: bool = False) -> Path:
     """The version the workflow would build from `ckpt` (the frozen baseline without one); reused when built before
     with the same infer config, else (or with `rebuild`: the same checkpoint through the code checked out now) built
-    again. A version is minutes to build, so a config change (e.g. conf/infer.yaml's default aggregate) rebuilds it."""
+    again. A version is minutes to build, so a config change (e.g. conf/infer.yaml's default aggregate) rebuilds it.
+    `include_val`: the val pictures join the gallery once the thresholds are set, as the workflow's versions do (scored
+    on pictures set aside before training); without it the val pictures stay out, to score the version on them."""
     import shutil
 
     from anime_role_detect.confutil import compose_plain
     from anime_role_detect.recognition.build import build_recognition_folder
 
     cfg = compose_plain("infer", ["embedder=classifier" if ckpt else "embedder=lite0", "tagger=none", *overrides])
-    built_with = {"checkpoint": ckpt and str(ckpt).replace(str(REPO), "<repo>"), "config": build_fingerprint(cfg)}
+    built_with = {"checkpoint": ckpt and str(ckpt).replace(str(REPO), "<repo>"), "config": build_fingerprint(cfg),
+                  **({"include_val": True} if include_val else {})}  # versions recorded before it kept val out
     if out.is_dir() and (rebuild or not built_as(out, built_with, cfg)):
         shutil.rmtree(out)
     if not (out / "gallery.json").is_file():
-        build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=False)
+        build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=include_val)
         atomic_write_json(out / BUILD_RECORD, built_with)
     return out
 
@@ -545,7 +549,7 @@ def one_run(name: str, root: Path, seed: int, recipe: str, protocol: str, work: 
                 if v not in ANSWER_VARIANTS)]
     asked = [(f"{recipe}+{v}", ANSWER_VARIANTS[v]) for v in variants if v in ANSWER_VARIANTS]
     for rname, ckpt, infer_overrides in builds:
-        version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides, rebuild)
+        version = build_version(train_root, runs_dir / f"version-{rname}", sp, ckpt, infer_overrides, rebuild, include_val=test is not None)
         for label, settings in [(rname, None), *(asked if rname == recipe else [])]:  # answer variants: the recipe's version
             run = Run(name, seed, label, protocol, test_fraction, pool_kind, train_cpu_min=0.0 if ckpt is None else cpu_min)
             if protocol == "closed":
