@@ -85,7 +85,11 @@ def test_gallery_command_add_list_remove(version_dir, tmp_path, folder):
     p = run(cli + ["add", "--gallery", str(g), "--character", "newbie", "--series", "s9", str(shots)], cwd=tmp_path)
     assert p.returncode == 0 and "enrolled newbie" in p.stdout, p.stderr[-1500:]
     p = run(cli + ["list", "--gallery", str(g)], cwd=tmp_path)
-    assert "newbie\ts9\t3" in p.stdout
+    assert "newbie\ts9\t6" in p.stdout  # each picture and its mirror image (enrol.mirror)
+    p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)
+    assert p.returncode == 0 and "removed newbie: 6" in p.stdout
+    p = run(cli + ["add", "--gallery", str(g), "--character", "newbie", "--no-mirror", str(shots)], cwd=tmp_path)
+    assert p.returncode == 0 and "enrolled newbie: 3 row(s) from 3 image(s)" in p.stdout, p.stderr[-1500:]
     p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)
     assert p.returncode == 0 and "removed newbie: 3" in p.stdout
     p = run(cli + ["remove", "--gallery", str(g), "--character", "newbie"], cwd=tmp_path)

@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--gallery", required=True)
     a.add_argument("--character", required=True)
     a.add_argument("--series", default="")
+    a.add_argument("--no-mirror", action="store_true",
+                   help="add the pictures alone (default: each picture and its mirror image, recognizer enrol.mirror)")
     a.add_argument("images", nargs="+", help="image files or folders")
     r = sub.add_parser("remove", help="delete a character")
     r.add_argument("--gallery", required=True)
@@ -100,11 +102,11 @@ def _list(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     """Enrol a character from image files/folders into the gallery (no retraining)."""
-    rec = Recognizer.from_version(args.gallery, {"detector": None})
+    rec = Recognizer.from_version(args.gallery, {"detector": None, "enrol": {"mirror": not args.no_mirror}})
     items = _images_from(args.images)
     n = rec.enroll(args.character, args.series, [im for im, _ in items], [name for _, name in items])
     rec.save_gallery()
-    print(f"enrolled {args.character}: {n} prototype(s) from {len(items)} image(s)")
+    print(f"enrolled {args.character}: {n} row(s) from {len(items)} image(s)" + ("" if args.no_mirror else ", mirror images included"))
     return 0
 
 
