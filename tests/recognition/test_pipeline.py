@@ -208,7 +208,8 @@ def test_five_shot_enrolment_beats_the_frozen_imagenet_baseline(version_dir, tmp
 
 def test_enrolment_adds_each_pictures_mirror_image(version_dir, tmp_path, rec_data, test_images):
     """5-shot enrolment adds each picture and its mirror image as rows (sources marked), so the enrolled character is
-    named at least as often as from the pictures alone and the trained characters keep their answers;
+    named at least as often as from the pictures alone and the trained characters keep their answers (measured on
+    this fixture: 0.79 both ways, every trained answer the same; the gain is on real data, docs/accuracy.md);
     ``enrol.mirror=false`` adds the pictures alone."""
     shots, probe = _stranger_pictures(rec_data, 21, 5, 24)
     names = [f"shot{i}.png" for i in range(len(shots))]
@@ -223,7 +224,6 @@ def test_enrolment_adds_each_pictures_mirror_image(version_dir, tmp_path, rec_da
         assert sorted(rows) == sorted(names + ([f"{n}{MIRROR_SUFFIX}" for n in names] if mirror else []))
         top1[mirror] = float(np.mean([a.role == "stranger" for a in rec.recognize_batch(probe, mode="clip", rerank=False)]))
         known[mirror] = [a.role for a in rec.recognize_batch(test_images, mode="clip", rerank=False)]
-    print(top1, np.mean([a == b for a, b in zip(known[False], known[True])]))
     assert top1[True] >= top1[False], top1
     assert np.mean([a == b for a, b in zip(known[False], known[True])]) >= 0.95
 
