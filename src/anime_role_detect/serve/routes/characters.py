@@ -40,8 +40,9 @@ class EnrollResult(BaseModel):
 
     name: str = Field(description="Character enrolled.")
     series: str = Field(description="Its series.")
-    added: int = Field(description="Gallery vectors added: two per image used, the image and its mirror image (recognizer "
-                                   "enrol.mirror, the default), else one.")
+    added: int = Field(description="Gallery vectors added. With the recognizer's enrol.mirror (the default) each image "
+                                   "used is embedded with its mirror image, so a gallery keeping every sample (prototypes "
+                                   "`all`, the default) gains two rows per image.")
     images: int = Field(description="Images received.")
     held_out: int = Field(default=0, description="Images kept out of the gallery to evaluate the character on "
                                                    "(one in five from five images on, when edits are saved as versions).")
