@@ -11,8 +11,11 @@ characters (another series): a stranger the gallery was never shown.
 **Rules** (what a version's fusion threshold is): the score, how its leave-one-out impostors are made and how many
 of the val pictures answered right it may refuse. ``before`` is fusion's rule until 2026-12-04 (the fused
 probability, the left-out character's classifier mass kept, 95% kept); ``now`` is `recognition.build`'s (the best
-gallery cosine, 98% kept, with `openset.genuine_floor`'s prediction bound for few pictures). Per rule and run: known pictures refused (all, and of those fusion names right), the
-default answer's top-1 counting a refusal as wrong, unseen and foreign pictures refused.
+gallery cosine, 98% kept, with `openset.genuine_floor`'s prediction bound for few pictures), its val pictures scored
+against the train pictures' rows as the build calibrates them; the last rule scores them against the final gallery
+(val rows in, each picture's own copies out), as a new picture meets a workflow-built version. Per rule and run: known
+pictures refused (all, and of those fusion names right), the default answer's top-1 counting a refusal as wrong, unseen
+and foreign pictures refused.
 
 Per score and run: AUROC (known set-aside pictures against the unseen characters' pictures); the share of unseen
 pictures refused and of known pictures refused at the threshold the version's calibration rule gives on its val
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -70,15 +74,28 @@ SCORES: dict[str, Score] = {
 }
 
 
-#: rule name -> (score, leave-one-out renormalises the classifier, share of right answers kept[, "order"]). A rule
-#: marked "order" keeps that share of the val pictures' right answers by their order statistic alone (the rule until
-#: `openset.genuine_floor` added the normal prediction bound for few pictures, 2026-12-04).
-RULES: dict[str, tuple] = {
-    "before: fused_max, mass kept, 95%": ("fused_max", False, 0.95, "order"),
-    "fused_max, renormalised, 98%": ("fused_max", True, 0.98, "order"),
-    "cosine_max, 95%": ("cosine_max", True, 0.95, "order"),
-    "cosine_max, 98%, order statistic": ("cosine_max", True, 0.98, "order"),
-    "now: cosine_max, 98%, prediction bound": ("cosine_max", True, 0.98),
+@dataclass(frozen=True)
+class Rule:
+    """How a version's fusion threshold is set: the score, whether leave-one-out renormalises the classifier, the share
+    of val right answers kept, by the order statistic alone or with `openset.genuine_floor`'s prediction bound (the
+    rule until 2026-12-04 was the order statistic), and which gallery the val pictures are scored against: the one
+    `recognition.build` calibrates on (the train pictures' rows; the val rows join after), or the final gallery with
+    each val picture's own copies left out (what a new picture meets once the val rows have joined)."""
+
+    score: str
+    renormalise: bool
+    keep: float
+    order_only: bool = False
+    val_gallery: str = "calibrated"  # calibrated | final
+
+
+RULES: dict[str, Rule] = {
+    "before: fused_max, mass kept, 95%": Rule("fused_max", False, 0.95, True),
+    "fused_max, renormalised, 98%": Rule("fused_max", True, 0.98, True),
+    "cosine_max, 95%": Rule("cosine_max", True, 0.95, True),
+    "cosine_max, 98%, order statistic": Rule("cosine_max", True, 0.98, True),
+    "now: cosine_max, 98%, prediction bound": Rule("cosine_max", True, 0.98),
+    "cosine_max, 98%, prediction bound, val in the final gallery": Rule("cosine_max", True, 0.98, val_gallery="final"),
 }
 
 
@@ -93,20 +110,46 @@ def rule_threshold(right: np.ndarray, impostor: np.ndarray, keep: float, order_o
     return min(t, float(g[int(np.floor((1.0 - keep) * len(g)))])) if len(g) else t
 
 
-def matrices(rec, root: Path, files: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Gallery cosine and classifier probability of every picture for every character, in `names` order."""
+def matrices(rec, root: Path, files: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gallery cosine and classifier probability of every picture for every character, in `names` order, and the
+    pictures' gallery embeddings."""
     images = [im for im, _ in acc.load(root, files)]
     col = {n: i for i, n in enumerate(names)}
     rec.n_candidates = len(names)
     g, p = np.full((len(images), len(names)), -1.0), np.zeros((len(images), len(names)))
+    embs = []
     for i in range(0, len(images), 32):
         batch = images[i : i + 32]
         for mode, m in (("clip", g), ("model", p)):
-            for r, cands in enumerate(rec._score(batch, mode, False, False).candidates):
+            scored = rec._score(batch, mode, False, mode == "clip")
+            if mode == "clip":
+                embs.append(scored.embeddings)
+            for r, cands in enumerate(scored.candidates):
                 for c, _, s in cands:
                     if c in col:
                         m[i + r, col[c]] = s
-    return g, p
+    return g, p, np.concatenate(embs) if embs else np.zeros((0, rec.gallery.dim), np.float32)
+
+
+def cosines_leaving_out(emb: np.ndarray, gallery, names: list[str], left_out: list[set[str]]) -> np.ndarray:
+    """Each picture's score per character in `names` as `gallery` aggregates it (the mean of the character's best
+    `gallery.depth(c)` rows), leaving out the rows whose source is in the picture's `left_out` set: the val pictures
+    as the version was calibrated on them (every val row out) or as a new picture meets the final gallery (its own
+    copies out)."""
+    from anime_role_detect.recognition.gallery import _topm_mean
+
+    ids = gallery._live_ids()
+    vectors = gallery._vectors(ids)
+    owner = np.array([gallery.rows.names[c] for c in gallery.rows.owner[ids]])
+    sources = np.array([gallery.rows[int(i)].source for i in ids])
+    out = np.full((len(emb), len(names)), -1.0)
+    for i, (e, drop) in enumerate(zip(emb, left_out)):
+        sims, kept = vectors @ e, ~np.isin(sources, list(drop))
+        for j, name in enumerate(names):
+            s = np.sort(sims[(owner == name) & kept])[::-1]
+            if len(s):
+                out[i, j] = _topm_mean(s.tolist(), min(gallery.depth(name), len(s)))
+    return out
 
 
 def leave_one_out(g: np.ndarray, p: np.ndarray, y: np.ndarray, f: Score, w: float, t: float, renormalise: bool = True) -> np.ndarray:
@@ -134,26 +177,41 @@ def _path(p: str) -> Path:
     return Path(p) if Path(p).is_absolute() else REPO / p
 
 
-def study(tag: Path, name: str, protocol: str, seed: int, foreign_pictures: int, version: str = "recipe") -> dict:
+def val_scores(rec, run: Path, tag: Path, name: str, val: list[str], names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The val pictures' (gallery cosines, classifier probabilities) per `Rule.val_gallery`: as calibrated (every val
+    row left out: a version the workflow built holds them) and against the final gallery (own copies left out)."""
+    _, p, emb = matrices(rec, run / "pool", val, names)
+    distance = int(acc.workflow_clean().get("max_distance", 6))
+    pics = acc.pictures_of(acc.set_root(name, tag), tag.parents[3] / f"{name}-pictures-d{distance}.json", distance)
+    cluster = {f: pics[f].cluster if f in pics else f for f in val}
+    copies = {f: {v for v in val if cluster[v] == cluster[f]} | {f} for f in val}
+    return {"calibrated": (cosines_leaving_out(emb, rec.gallery, names, [set(val)] * len(val)), p),
+            "final": (cosines_leaving_out(emb, rec.gallery, names, [copies[f] for f in val]), p)}
+
+
+def study(run: Path, tag: Path, name: str, protocol: str, seed: int, foreign_pictures: int, version: str = "recipe") -> dict:
+    """One run's scores and rules; `run` holds its versions, pool and training (`tag` itself, or its clean-* folder
+    since accuracy.py trains on the cleaned pool), `tag` the set-aside split."""
     from anime_role_detect.data.layout import scan_dataset
     from anime_role_detect.recognition.openset import calibrate
 
     full = acc.set_root(name, tag)
-    rec = acc.recognizer(tag / f"version-{version}", openset=False)
+    rec = acc.recognizer(run / f"version-{version}", openset=False)
     w, t = rec.gallery_weight(), float(rec.gallery_temperature() or 1.0)
     names = [c["name"] for c in rec.characters()]
     test = json.loads((tag / "test_split.json").read_text())["test"]
-    trained = json.loads((tag / "recipe" / "accuracy_run.json").read_text())
+    trained = json.loads((run / "recipe" / "accuracy_run.json").read_text())
     val = json.loads(_path(trained["split_path"]).read_text())["val"]
     unseen = sorted(r.file_name for r in scan_dataset(full) if r.character not in names)
-    gv, pv = matrices(rec, tag / "pool", val, names)
+    by_gallery = val_scores(rec, run, tag, name, val, names)
+    gv, pv = by_gallery["calibrated"]
     yv = np.array([names.index(f.split("/")[0]) for f in val])
-    gt, pt = matrices(rec, full, test, names)
+    gt, pt, _ = matrices(rec, full, test, names)
     yt = np.array([names.index(f.split("/")[0]) for f in test])
-    gu, pu = matrices(rec, full, unseen, names)
+    gu, pu, _ = matrices(rec, full, unseen, names)
     froot = acc.set_root(FOREIGN[name], tag) if name in FOREIGN else None
     ffiles = sorted(r.file_name for r in scan_dataset(froot))[::3][:foreign_pictures] if froot is not None else []
-    gf, pf = matrices(rec, froot, ffiles, names) if ffiles else (np.zeros((0, len(names))),) * 2
+    gf, pf = matrices(rec, froot, ffiles, names)[:2] if ffiles else (np.zeros((0, len(names))),) * 2
     right = fused(gv, pv, w, t).argmax(1) == yv
     test_right = fused(gt, pt, w, t).argmax(1) == yt
     scores, rules = {}, {}
@@ -164,9 +222,11 @@ def study(tag: Path, name: str, protocol: str, seed: int, foreign_pictures: int,
                          "best_unseen_refused_at_2pct_known": refused(other, np.quantile(known, 0.02)),
                          "best_unseen_refused_at_5pct_known": refused(other, np.quantile(known, 0.05)),
                          "foreign_auroc": acc.auroc(known, f(gf, pf, w, t))}
-    for rname, (sname, renorm, keep, *order) in RULES.items():
-        f = SCORES[sname]
-        th = rule_threshold(f(gv, pv, w, t)[right], leave_one_out(gv, pv, yv, f, w, t, renorm), keep, bool(order))
+    for rname, rule in RULES.items():
+        f = SCORES[rule.score]
+        g, p = by_gallery[rule.val_gallery]
+        ok = fused(g, p, w, t).argmax(1) == yv
+        th = rule_threshold(f(g, p, w, t)[ok], leave_one_out(g, p, yv, f, w, t, rule.renormalise), rule.keep, rule.order_only)
         known = f(gt, pt, w, t)
         rules[rname] = {"known_refused": refused(known, th), "right_refused": refused(known[test_right], th),
                         "top1_with_refusals": float((test_right & (known >= th)).mean()),
@@ -222,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     tags = [tag for work in args.work for tag in sorted(work.glob("*/*/s*/t*"))]
     for tag in tags:
-        if not (tag / f"version-{args.version}" / "eval_metrics.json").is_file() or not (tag / "test_split.json").is_file():
-            continue  # a finished version (its eval set is written last) and set-aside pictures to score
-        name, protocol, seed = tag.parts[-4], tag.parts[-3], int(tag.parts[-2][1:])
-        runs.append(study(tag, name, protocol, seed, args.foreign_pictures, args.version))
+        for run in [tag, *sorted(tag.glob("clean-*"))]:  # the run's folder: clean-<options> since accuracy.py cleans its pool
+            if not (run / f"version-{args.version}" / "eval_metrics.json").is_file() or not (tag / "test_split.json").is_file():
+                continue  # a finished version (its eval set is written last) and set-aside pictures to score
+            name, protocol, seed = tag.parts[-4], tag.parts[-3], int(tag.parts[-2][1:])
+            runs.append(study(run, tag, name, protocol, seed, args.foreign_pictures, args.version))
         print(f"  {name} {protocol} seed {seed}: " + ", ".join(f"{k}: top-1 {v['top1_with_refusals']:.3f}, unseen refused "
                                                                f"{v['unseen_refused']:.3f}" for k, v in runs[-1]["rules"].items()),
               file=sys.stderr, flush=True)
