@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import accuracy as acc
@@ -39,14 +39,6 @@ SCORES: dict[str, PerCharacter] = {
         lambda s, c, mu, sd, gen, s2: np.array([(gen[ci] <= si).mean() for ci, si in zip(c, s)]) + 1e-3 * s,  # ties by cosine
     "margin over the second character": lambda s, c, mu, sd, gen, s2: s - s2,
 }
-
-
-def runs_of(work: Path) -> Iterator[tuple[Path, Path]]:
-    """(tag, run folder) of every finished unseen-protocol run with set-aside pictures under `work`."""
-    for tag in sorted(work.glob("*/unseen/s*/t*")):
-        for run in [tag, *sorted(tag.glob("clean-*"))]:
-            if (run / "version-recipe" / "eval_metrics.json").is_file() and (tag / "test_split.json").is_file():
-                yield tag, run
 
 
 def embeddings(rec, root: Path, files: list[str]) -> np.ndarray:
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     results = []
     for work in args.work:
-        for tag, run in runs_of(work):
+        for tag, run in osc.finished_runs(work, protocol="unseen"):
             results.append(study(tag, run))
             print(f"  {results[-1]['set']} seed {results[-1]['seed']}: " + ", ".join(
                 f"{k}: {v['auroc']:.3f}" for k, v in results[-1]["scores"].items()), file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from _common import REPO, quiet
@@ -235,6 +235,16 @@ def study(run: Path, tag: Path, name: str, protocol: str, seed: int, foreign_pic
             "foreign_pictures": len(ffiles), "fusion_top1": float(test_right.mean()), "scores": scores, "rules": rules}
 
 
+def finished_runs(work: Path, version: str = "recipe", protocol: str = "*") -> Iterator[tuple[Path, Path]]:
+    """(tag, run folder) of every run under accuracy.py's `work` with a finished `version` (its eval set is written last)
+    and set-aside pictures (``tag/test_split.json``); the run folder is the tag itself, or its ``clean-<options>``
+    folder since accuracy.py cleans its pool."""
+    for tag in sorted(work.glob(f"*/{protocol}/s*/t*")):
+        for run in [tag, *sorted(tag.glob("clean-*"))]:
+            if (run / f"version-{version}" / "eval_metrics.json").is_file() and (tag / "test_split.json").is_file():
+                yield tag, run
+
+
 def _pm(xs: list[float], scale: float = 100.0, digits: int = 1) -> str:
     xs = [x for x in xs if not np.isnan(x)]
     return "-" if not xs else f"{scale * np.mean(xs):.{digits}f} ± {scale * np.std(xs):.{digits}f}"
@@ -280,16 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     load0 = os.getloadavg()
     runs = []
-    tags = [tag for work in args.work for tag in sorted(work.glob("*/*/s*/t*"))]
-    for tag in tags:
-        for run in [tag, *sorted(tag.glob("clean-*"))]:  # the run's folder: clean-<options> since accuracy.py cleans its pool
-            if not (run / f"version-{args.version}" / "eval_metrics.json").is_file() or not (tag / "test_split.json").is_file():
-                continue  # a finished version (its eval set is written last) and set-aside pictures to score
+    for work in args.work:
+        for tag, run in finished_runs(work, args.version):
             name, protocol, seed = tag.parts[-4], tag.parts[-3], int(tag.parts[-2][1:])
             runs.append(study(run, tag, name, protocol, seed, args.foreign_pictures, args.version))
-        print(f"  {name} {protocol} seed {seed}: " + ", ".join(f"{k}: top-1 {v['top1_with_refusals']:.3f}, unseen refused "
-                                                               f"{v['unseen_refused']:.3f}" for k, v in runs[-1]["rules"].items()),
-              file=sys.stderr, flush=True)
+            print(f"  {name} {protocol} seed {seed}: " + ", ".join(f"{k}: top-1 {v['top1_with_refusals']:.3f}, unseen refused "
+                                                                   f"{v['unseen_refused']:.3f}" for k, v in runs[-1]["rules"].items()),
+                  file=sys.stderr, flush=True)
     if not runs:
         print(f"error: no versions with set-aside pictures under {args.work}; run benchmarks/accuracy.py first", file=sys.stderr)
         return 2
