@@ -74,13 +74,14 @@ class _StepTimer(L.Callback):
             self.t1 = time.perf_counter()
 
 
-def lightning_loop(model: CharacterClassifier, loader: DataLoader, warmup: int) -> float:
-    """images/s of `Trainer.fit` training steps (after `warmup` batches)."""
+def lightning_loop(model: CharacterClassifier, loader: DataLoader, warmup: int, precision: str = "32-true",
+                   callbacks: list[L.Callback] | None = None) -> float:
+    """images/s of `Trainer.fit` training steps (after `warmup` batches), at `precision` with extra `callbacks`."""
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[timer],
+        limit_val_batches=0, callbacks=[*(callbacks or []), timer], precision=precision,
     )
     trainer.fit(model, train_dataloaders=loader)
     return timer.seen / (timer.t1 - timer.t0)

@@ -64,7 +64,25 @@ def test_loggers_and_callbacks_instantiate(compose_cfg, tmp_path, monkeypatch):
     loggers = [instantiate(c) for c in cfg.logger.values()]
     assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "WandbLogger"}
     callbacks = {type(instantiate(c)).__name__ for c in cfg.callbacks.values()}
-    assert callbacks == {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "TQDMProgressBar"}
+    assert callbacks == {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "TQDMProgressBar", "ChannelsLast"}
+    assert "channels_last" not in compose_cfg(["~callbacks.channels_last"]).callbacks  # how a user turns it off
+
+
+def test_channels_last_moves_the_weights_not_their_values():
+    """`ChannelsLast` lays a network's 4-D weights out channels-last before a fit; its outputs stay the same."""
+    import torch
+
+    from anime_role_detect.training.formats import ChannelsLast, native_bf16
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = net(x)
+    ChannelsLast().setup(None, net, "fit")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in net.parameters() if p.ndim == 4)
+    assert torch.allclose(net(x), before, atol=1e-5)
+    assert isinstance(native_bf16(), bool)
 
 
 def test_group_override_check():
