@@ -26,6 +26,23 @@ def test_offline_lite0_embeddings_are_unit_float32_and_batch_independent():
     assert e.embed([]).shape == (0, 1280)
 
 
+def test_cpu_networks_run_channels_last_with_the_same_embeddings():
+    """A torch embedder's network runs channels-last on CPU (oneDNN's faster layout); its embeddings are the NCHW ones."""
+    import torch
+
+    e = build_embedder({"kind": "timm", "model_name": "efficientnet_lite0_offline", "pretrained": True, "image_size": 96})
+    convs = [p for p in e.model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)
+    x = e.embed(imgs(3))
+    e.model.to(memory_format=torch.contiguous_format)
+    try:
+        assert all(p.is_contiguous() for p in e.model.parameters())
+        assert np.allclose(e.embed(imgs(3)), x, atol=1e-5)
+    finally:
+        e.model.to(memory_format=torch.channels_last)  # the network is shared per process
+
+
 def test_flip_tta_is_mirror_invariant():
     e = build_embedder({"kind": "timm", "model_name": "resnet10t", "pretrained": False, "image_size": 64, "flip_tta": True})
     im = imgs(1)[0].resize((48, 48))  # square: letterbox padding is symmetric too

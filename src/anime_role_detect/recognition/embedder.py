@@ -177,9 +177,18 @@ class TorchEmbedder:
         return l2_normalise(np.concatenate(out))
 
 
+def ready(model: nn.Module, device: str) -> nn.Module:
+    """`model` in eval mode on `device`, its 4-D weights channels-last on CPU and CUDA, the layout oneDNN's convolutions
+    run fastest in (docs/recognition.md "Inference device"); the values are unchanged."""
+    model = model.to(device).eval()
+    if str(device).split(":")[0] in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _on(device: str, loader: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """`loader` whose network ends up in eval mode on `device`."""
-    return lambda: loader().to(device).eval()
+    """`loader` whose network ends up ready for inference on `device`."""
+    return lambda: ready(loader(), device)
 
 
 # -- timm -----------------------------------------------------------------------------------------
@@ -330,7 +339,7 @@ class OpenClipEmbedder(TorchEmbedder):
 
 
 def _on_pair(device: str, loaded: tuple[nn.Module, str]) -> tuple[nn.Module, str]:
-    return loaded[0].to(device).eval(), loaded[1]
+    return ready(loaded[0], device), loaded[1]
 
 
 # -- the fine-tuned classifier --------------------------------------------------------------------
@@ -348,7 +357,7 @@ def load_classifier(ckpt_path: str | Path, device: str | None = "auto") -> nn.Mo
             model = CharacterClassifier.load_from_checkpoint(str(p), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - torch/lightning raise many types for a bad file
             raise WeightsError(f"classifier checkpoint {p} could not be loaded ({type(exc).__name__}: {exc}); is it a train.py checkpoint?") from None
-        return model.to(device).eval()
+        return ready(model, device)
 
     return shared_model(("classifier", str(p.resolve()), p.stat().st_mtime_ns, device), _load)
 
