@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from anime_role_detect.models.classifier import CharacterClassifier
 
 
-def make_model(backbone: str, n_classes: int, n_tags: int, seed: int) -> CharacterClassifier:
+def make_model(backbone: str, n_classes: int, n_tags: int, seed: int, pretrained: bool = False) -> CharacterClassifier:
     torch.manual_seed(seed)
     return CharacterClassifier(
         class_names=[f"c{i}" for i in range(n_classes)],
         tag_names=[f"t{i}" for i in range(n_tags)],
-        backbone={"name": backbone, "pretrained": False},
+        backbone={"name": backbone, "pretrained": pretrained},
         optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "head_lr_multiplier": 1.0},
         scheduler={"name": "none"},
     )
