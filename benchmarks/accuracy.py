@@ -367,7 +367,7 @@ def build_version(root: Path, out: Path, split: tuple[list[str], list[str]], ckp
     if out.is_dir() and (rebuild or not built_as(out, built_with, cfg)):
         shutil.rmtree(out)
     if not (out / "gallery.json").is_file():
-        build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=include_val)
+        build_recognition_folder(root, out, cfg, model_ckpt=ckpt, split=split, include_val=include_val, onnx=True)  # as the workflow
         atomic_write_json(out / BUILD_RECORD, built_with)
     return out
 

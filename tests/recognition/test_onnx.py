@@ -234,7 +234,12 @@ def test_an_attention_embedder_exports_and_matches(tmp_path):
     from torch import nn
 
     from anime_role_detect.recognition.embedder import TorchEmbedder
-    from anime_role_detect.recognition.runtime import OnnxEmbedder, export_embedder, open_session, quantize_int8
+    from anime_role_detect.recognition.runtime import (
+        OnnxEmbedder,
+        export_embedder,
+        open_session,
+        quantize_int8,
+    )
 
     class TinyViT(nn.Module):
         def __init__(self) -> None:
@@ -264,3 +269,43 @@ def test_an_attention_embedder_exports_and_matches(tmp_path):
         onnx = OnnxEmbedder(open_session(tmp_path / name, "cpu"), entry, batch_size=4, flip_tta=True)
         assert onnx.model_id == emb.model_id and onnx.dim == emb.dim
         assert np.sum(onnx.embed(images) * ref, axis=1).min() >= floor, name
+
+
+def test_a_build_with_onnx_embeds_its_gallery_on_onnx_runtime(tmp_path, rec_data, trained_ckpt, version_dir, onnx_tagger):
+    """The workflow's build (``onnx=True``, the version's classifier as gallery embedder) exports the classifier first
+    and embeds the gallery and the val pictures with that export: the same rows, vectors and thresholds as the torch
+    build of the same checkpoint and split (`version_dir`), and one export in the end."""
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.recognition.build import (
+        _export_classifier_first,
+        build_recognition_folder,
+    )
+    from anime_role_detect.recognition.embedder import build_embedder
+    from anime_role_detect.recognition.gallery import Gallery
+    from anime_role_detect.recognition.openset import OpenSetCalibration
+    from anime_role_detect.recognition.views import bare_network
+
+    cfg = infer_cfg(["embedder=classifier", "embedder.flip_tta=false", *onnx_tagger])
+    ecfg = {**cfg["embedder"], "ckpt_path": "model.ckpt"}
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    shutil.copy2(trained_ckpt, probe / "model.ckpt")
+    torch_emb = build_embedder(ecfg, base_dir=probe, device="cpu")
+    meta, twin = _export_classifier_first(probe, ecfg, torch_emb)
+    assert type(bare_network(twin)).__name__ == "OnnxClassifier" and twin.model_id == torch_emb.model_id
+    assert set(meta["networks"]) == {"classifier"}
+
+    out = tmp_path / "v"
+    report = build_recognition_folder(rec_data, out, cfg, model_ckpt=trained_ckpt, val_fraction=0.25, seed=0, target_far=0.05, onnx=True)
+    assert report.onnx is not None and set(report.onnx["networks"]) == {"classifier"}
+    ours, theirs = Gallery.load(out), Gallery.load(version_dir)
+    ids = ours.rows.live_ids()
+    assert ours.embedder_id == theirs.embedder_id and np.array_equal(ids, theirs.rows.live_ids())
+    assert [ours.rows[i].source for i in ids] == [theirs.rows[i].source for i in ids]
+    assert np.sum(ours._vectors(ids) * theirs._vectors(ids), axis=1).min() >= COSINE_TOLERANCE
+    mine, torch_calib = OpenSetCalibration.load(out), OpenSetCalibration.load(version_dir)
+    for mode, t in torch_calib.modes.items():
+        assert mine.modes[mode].threshold == pytest.approx(t.threshold, abs=1e-3), mode
+    with pytest.raises(ConfigError, match=r"gallery_build.runtime='onnx-gpu': choose one of auto, torch"):
+        build_recognition_folder(rec_data, tmp_path / "bad", {**cfg, "gallery_build": {"runtime": "onnx-gpu"}}, onnx=True)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -20,7 +20,7 @@ from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError
 from ..imageio import load_image
 from ..log import get_logger
-from ..versionfiles import MODEL
+from ..versionfiles import GALLERY_META, MODEL
 from .gallery import DEFAULT_AGGREGATE, Gallery
 from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, check_max_false_reject, fit_gallery_weight,
                       fit_temperature, gallery_probabilities, leave_one_out_scores)
@@ -28,6 +28,9 @@ from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 
 _log = get_logger("system")
+#: ``gallery_build.runtime``: auto embeds a version's gallery and val pictures on ONNX Runtime when the build exports the
+#: classifier that embeds them (`_export_classifier_first`); torch keeps torch.
+BUILD_RUNTIMES = ("auto", "torch")
 
 
 def _safe_loader(path: Path) -> Callable[[], Image.Image | None]:
@@ -156,6 +159,11 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
 
     max_false_reject = check_max_false_reject(max_false_reject)  # before minutes of embedding, not after
     cfg = dict(_plain(cfg) or {})
+    gcfg = dict(cfg.get("gallery_build") or {})
+    embed_runtime = str(gcfg.get("runtime", "auto"))
+    if embed_runtime not in BUILD_RUNTIMES:
+        raise ConfigError(f"gallery_build.runtime={embed_runtime!r}: choose one of {', '.join(BUILD_RUNTIMES)} (auto embeds on "
+                          "ONNX Runtime when the build exports the version's classifier)")
     root, out = Path(data_root), Path(out_dir).resolve()  # absolute: the version folder's relative file names resolve once
     records = scan_dataset(root)
     if split is not None:
@@ -183,10 +191,13 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             raise ConfigError("embedder=classifier needs --model-ckpt (or embedder.ckpt_path)")
         ecfg["ckpt_path"] = MODEL if (out / MODEL).is_file() else str(Path(ecfg["ckpt_path"]).resolve())
     embedder = build_embedder(ecfg, base_dir=out)
-    gcfg = dict(cfg.get("gallery_build") or {})
+    distributed = bool(gcfg.get("distributed") or gcfg.get("trainer"))
+    exported = _export_classifier_first(out, ecfg, embedder) if onnx and embed_runtime == "auto" and not distributed else None
+    if exported is not None:
+        embedder = exported[1]
     items = [(r.character, r.series, _safe_loader(r.path(root)), r.file_name) for r in train]
     saved_cfg = {k: v for k, v in ecfg.items() if k != "device"}  # where it ran is not part of the gallery: it loads anywhere
-    if gcfg.get("distributed") or gcfg.get("trainer"):  # Lightning predict, over processes/GPUs/nodes with a DDP trainer
+    if distributed:  # Lightning predict, over processes/GPUs/nodes with a DDP trainer
         from .predict import build_gallery_predicted
 
         gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress)
@@ -229,8 +240,28 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     if onnx:
         from .runtime import export_into, manifest_entry
 
-        report.onnx = manifest_entry(export_into(out))
+        report.onnx = manifest_entry(exported[0] if exported is not None else export_into(out))
     return report
+
+
+def _export_classifier_first(out: Path, ecfg: Mapping[str, Any], embedder: Any) -> tuple[dict[str, Any], Any] | None:
+    """When the gallery embedder is the version's own classifier on the CPU: export it now (``onnx.json`` content) and
+    return it with the embedder that runs that export on ONNX Runtime (same model id, views and embeddings), so the
+    gallery and the val pictures are embedded 1.7x faster than by torch (docs/recognition.md); None otherwise."""
+    from .runtime import OnnxVersion, export_into
+    from .views import bare_network
+
+    network = bare_network(embedder)
+    if (ecfg.get("kind") != "classifier" or ecfg.get("ckpt_path") != MODEL or str(getattr(network, "device", "")) != "cpu"
+            or (out / GALLERY_META).is_file()):  # a gallery already there would join the export: export at the end
+        return None
+    meta = export_into(out)  # the folder holds model.ckpt alone yet: the export is the classifier's, as at the end
+    ort = OnnxVersion.load(out, device="cpu")
+    twin = ort.wrapped_embedder(ecfg, embedder.model_id, out / MODEL, getattr(network, "model", None)) if ort is not None else None
+    if twin is None:
+        _log.warning("the exported classifier does not reproduce the gallery embedder; embedding with torch")
+        return None
+    return meta, twin
 
 
 def save_eval_set(out: Path, gallery: Gallery, records: Sequence[Any], root: Path, embeddings: Any, calib: Any,

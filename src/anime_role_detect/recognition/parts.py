@@ -72,8 +72,6 @@ class VersionParts:
     @property
     def embedder(self) -> Any:
         from .embedder import build_embedder
-        from .colour import with_colour
-        from .views import base_model_id, face_view_for, with_face_view
 
         def load() -> Any:
             ort = self.onnx
@@ -84,11 +82,9 @@ class VersionParts:
                     own = self.version_dir / own
                 if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
-                emb = ort.embedder(cfg, base_model_id(self.gallery.embedder_id), self.model_ckpt) if ort is not None else None
-                if emb is not None:  # the exported network on the same views the gallery was built with, else torch
-                    trained = self.classifier if cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
-                    emb = with_face_view(with_colour(emb, cfg.get("colour")), face_view_for(cfg.get("face_view"), trained))
-                    emb = emb if emb.model_id == self.gallery.embedder_id else None
+                # the exported network on the same views the gallery was built with, else torch
+                trained = self.classifier if ort is not None and cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
+                emb = ort.wrapped_embedder(cfg, self.gallery.embedder_id, self.model_ckpt, trained) if ort is not None else None
                 emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:
                 emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)

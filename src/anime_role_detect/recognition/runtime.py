@@ -477,6 +477,20 @@ class OnnxVersion:
             return OnnxEmbedder(self._open(entry), entry, **opts)
         return None
 
+    def wrapped_embedder(self, cfg: Mapping[str, Any], model_id: str, model_ckpt: Path | None = None,
+                         trained: Any = None) -> Any | None:
+        """The torch embedder `cfg` describes, model id `model_id` (its face + figure views and colour included), run on
+        the exported network; None when the export does not hold that network. `trained` is the classifier whose
+        training decides the views when `cfg` does not (`views.face_view_for`)."""
+        from .colour import with_colour
+        from .views import base_model_id, face_view_for, with_face_view
+
+        emb = self.embedder(cfg, base_model_id(model_id), model_ckpt)
+        if emb is None:
+            return None
+        emb = with_face_view(with_colour(emb, cfg.get("colour")), face_view_for(cfg.get("face_view"), trained))
+        return emb if emb.model_id == model_id else None
+
     def classifier(self, model_ckpt: Path | None, batch_size: int = 32) -> OnnxClassifier | None:
         """The exported classifier when `model_ckpt` is still the checkpoint it came from; else None."""
         entry = self._classifier_entry(model_ckpt)
