@@ -146,3 +146,23 @@ def test_hot_reloading_many_classifier_versions_keeps_few_loaded(tmp_path, train
     probs, tags = emb.heads(imgs)
     assert probs.shape == (4, len(emb.model.class_names)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert tags is not None and tags.shape == (4, len(emb.model.tag_names)) and ((tags >= 0) & (tags <= 1)).all()
+
+
+def test_a_classifier_card_says_what_the_built_classifier_says(tmp_path, trained_ckpt):
+    """`read_classifier_card` reads names, series and views from the checkpoint alone, as the network has them; a file
+    that is not a checkpoint is a one-line `WeightsError` naming it."""
+    from anime_role_detect.recognition.embedder import (
+        load_classifier,
+        read_classifier_card,
+    )
+
+    card, model = read_classifier_card(trained_ckpt), load_classifier(trained_ckpt, device="cpu")
+    assert card.class_names == model.class_names and len(card.class_names) >= 2
+    assert card.series == model.series and card.tag_names == model.tag_names and card.face_view == model.face_view
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=r"could not be read .*is it a train.py checkpoint") as err:
+        read_classifier_card(bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    with pytest.raises(WeightsError, match="not found"):
+        read_classifier_card(tmp_path / "missing.ckpt")

@@ -309,3 +309,38 @@ def test_a_build_with_onnx_embeds_its_gallery_on_onnx_runtime(tmp_path, rec_data
     with pytest.raises(ConfigError, match=r"gallery_build.runtime='onnx-gpu': choose one of auto, torch"):
         build_recognition_folder(rec_data, tmp_path / "bad", {**cfg, "gallery_build": {"runtime": "onnx-gpu"}}, onnx=True)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_an_onnx_version_answers_every_mode_without_building_the_torch_classifier(exported, parity_images, tmp_path):
+    """A fresh process answering on ONNX Runtime reads the classifier's names and views from its checkpoint
+    (`parts.classifier_card`) instead of building the torch network: the same answers as torch, and Lightning, whose
+    import was 4 of a cold first answer's 6 seconds on this CPU, is never imported."""
+    import json
+    import subprocess
+    import sys
+
+    version = exported[1].version_dir
+    cfg = {**infer_cfg(), "runtime": "onnx", "cache_size": 0}
+    pictures = []
+    for i, (image, _) in enumerate(parity_images[:: len(parity_images) // 6][:6]):
+        pictures.append(str(tmp_path / f"{i}.png"))
+        image.save(pictures[-1])
+    code = """
+import json, sys
+from anime_role_detect.imageio import load_image
+from anime_role_detect.recognition.pipeline import Recognizer
+version, cfg, pictures = json.loads(sys.argv[1])
+rec = Recognizer.from_version(version, cfg)
+answers = {m: [a.role for a in rec.recognize_batch([(load_image(p), p) for p in pictures], mode=m)] for m in ("clip", "model", "fusion")}
+print(json.dumps({"answers": answers, "lightning": "lightning" in sys.modules, "embedder": type(rec.embedder).__name__}))
+"""
+    run = subprocess.run([sys.executable, "-c", code, json.dumps([str(version), cfg, pictures])], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["lightning"] is False and got["embedder"] == "OnnxClassifier", got
+    from anime_role_detect.imageio import load_image
+
+    torch_rec = _recognizer(version, "torch")
+    for mode, roles in got["answers"].items():
+        assert roles == [a.role for a in torch_rec.recognize_batch([(load_image(p), p) for p in pictures], mode=mode)], mode

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -360,6 +361,40 @@ def load_classifier(ckpt_path: str | Path, device: str | None = "auto") -> nn.Mo
         return ready(model, device)
 
     return shared_model(("classifier", str(p.resolve()), p.stat().st_mtime_ns, device), _load)
+
+
+@dataclass(frozen=True)
+class ClassifierCard:
+    """What a classifier checkpoint says about itself, as `CharacterClassifier` reads it: enough to name its outputs
+    and pick its views without building the network (an ONNX Runtime recognizer then never imports Lightning)."""
+
+    class_names: list[str]
+    series: dict[str, str]
+    tag_names: list[str]
+    face_view: dict[str, Any] | None
+
+
+def read_classifier_card(ckpt_path: str | Path) -> ClassifierCard:
+    """`ClassifierCard` of a Lightning checkpoint (its hyper-parameters only), once per process and file version."""
+    p = Path(ckpt_path)
+    if not p.is_file():
+        raise WeightsError(f"classifier checkpoint {p} not found; train one (python train.py) or fix the path / version")
+
+    def _read() -> ClassifierCard:
+        from ..confutil import to_plain
+
+        try:
+            hp = dict(torch.load(str(p), map_location="cpu", weights_only=False)["hyper_parameters"])
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+            why = " ".join(str(exc).split())[:300]  # one line, whatever the unpickler said
+            raise WeightsError(f"classifier checkpoint {p} could not be read ({type(exc).__name__}: {why}); is it a train.py checkpoint?") from None
+        names = [str(c) for c in hp.get("class_names") or []]
+        series = dict(to_plain(hp.get("series")) or {})
+        face_view = hp.get("face_view")
+        return ClassifierCard(names, {c: str(series.get(c, "")) for c in names}, [str(t) for t in hp.get("tag_names") or []],
+                              dict(to_plain(face_view)) if face_view else None)
+
+    return shared_model(("classifier-card", str(p.resolve()), p.stat().st_mtime_ns), _read)
 
 
 def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor] | None:

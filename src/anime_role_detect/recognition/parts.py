@@ -83,7 +83,7 @@ class VersionParts:
                 if cfg.get("kind") == "classifier" and self.model_ckpt is not None and not own.is_file():
                     cfg["ckpt_path"] = str(self.model_ckpt)
                 # the exported network on the same views the gallery was built with, else torch
-                trained = self.classifier if ort is not None and cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
+                trained = self.classifier_card if ort is not None and cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
                 emb = ort.wrapped_embedder(cfg, self.gallery.embedder_id, self.model_ckpt, trained) if ort is not None else None
                 emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
             else:
@@ -106,12 +106,26 @@ class VersionParts:
         return self._part("classifier", load)
 
     @property
+    def classifier_card(self) -> Any:
+        """The classifier's class and tag names, series and views (`embedder.ClassifierCard`), read from its checkpoint
+        without building the network: what recognition needs of it besides its outputs (those come from
+        `classifier_transform`, on ONNX Runtime when the version has the export)."""
+        from .embedder import read_classifier_card
+
+        def load() -> Any:
+            if self.model_ckpt is None:
+                raise ConfigError(NO_CLASSIFIER)
+            return read_classifier_card(self.model_ckpt)
+
+        return self._part("classifier_card", load)
+
+    @property
     def face_view(self) -> Any:
         """The version's face + figure views (`views.FaceViewSpec`): its gallery's ``face_view`` setting, else the classifier's training."""
         from .views import face_view_for
 
         setting = self.gallery.embedder_config.get("face_view") if self._file(GALLERY_META) is not None else None
-        return face_view_for(setting, self.classifier if self.model_ckpt is not None else None)
+        return face_view_for(setting, self.classifier_card if self.model_ckpt is not None else None)
 
     @property
     def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
@@ -137,7 +151,7 @@ class VersionParts:
             tcfg = dict(self.config.tagger or {"kind": "auto"})
             if tcfg.get("kind") == "auto":  # the classifier's tag head when it has one (data without tags: no tagger)
                 names = ort.tag_names(self.model_ckpt) if ort is not None else None
-                has_head = self.model_ckpt is not None and bool(names if names is not None else getattr(self.classifier, "tag_names", None))
+                has_head = self.model_ckpt is not None and bool(names if names is not None else self.classifier_card.tag_names)
                 tcfg = {"kind": "classifier"} if has_head else {"kind": "none"}
             if tcfg.get("kind") == "classifier" and self.model_ckpt is not None:
                 tcfg["ckpt_path"] = str(self.model_ckpt)
@@ -193,7 +207,7 @@ class VersionParts:
         if mode in ("clip", "fusion"):
             _ = self.embedder
         if mode in ("model", "fusion"):
-            _ = self.classifier
+            _ = self.classifier_card, self.classifier_transform
         _ = self.detector, self.reranker, self.calibration
         if self.rerank_default and self.reranker is not None:
             _ = self.tagger

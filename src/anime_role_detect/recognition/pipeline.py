@@ -166,7 +166,7 @@ class Recognizer(VersionParts):
         """True when the gallery names a character the classifier never trained on (enrolled later). Kept per gallery
         generation: fusion asks it for every batch (`gallery_weight`), and the answer only moves with an enrolment."""
         if self._gallery_only is None or self._gallery_only[0] != self._generation:
-            known = set(self.classifier.class_names)
+            known = set(self.classifier_card.class_names)
             self._gallery_only = (self._generation, any(c["name"] not in known for c in self.characters()))
         return self._gallery_only[1]
 
@@ -208,7 +208,7 @@ class Recognizer(VersionParts):
         return hasattr(emb, "embed_with_heads") and ckpt is not None and Path(ckpt).resolve() == self.model_ckpt.resolve()
 
     def _model_candidates(self, probs: np.ndarray) -> list[list[Candidate]]:
-        names, series = self.classifier.class_names, self.classifier.series
+        names, series = self.classifier_card.class_names, self.classifier_card.series
         out = []
         for row in probs:
             idx = np.argsort(-row)[: self.n_candidates]
@@ -287,7 +287,7 @@ class Recognizer(VersionParts):
         the scores stay one distribution and an enrolled character is named where the gallery would name it; under
         ``leftover`` (and for versions calibrated before the temperature, whose gallery score is a raw cosine) it takes
         the classifier's 1 - top probability in place of one."""
-        names, series = self.classifier.class_names, self.classifier.series
+        names, series = self.classifier_card.class_names, self.classifier_card.series
         col = {n: i for i, n in enumerate(names)}
         w, t = self.gallery_weight(), self.gallery_temperature()
         shared = self.fusion_untrained == "gallery" and t is not None
@@ -493,7 +493,7 @@ class Recognizer(VersionParts):
         if self._file(GALLERY_META) is not None:
             return self.gallery.characters()
         if self.model_ckpt is not None:
-            m = self.classifier
+            m = self.classifier_card
             return [{"name": c, "series": m.series.get(c, ""), "prototypes": 0} for c in m.class_names]
         return []
 
