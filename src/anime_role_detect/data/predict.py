@@ -1,5 +1,8 @@
 """Decode image files in DataLoader worker processes: for Lightning ``predict`` (gallery embedding) and ``infer.py`` folders.
 
+Lightning is not imported here (its import is seconds of an ``infer.py`` start): the predict DataModule over these
+loaders is `data.predict_module.ImageFolderPredictData`.
+
 `DecodeDataset` reads and decodes one file per ``__getitem__`` (`imageio.decode_image`, the one safe decode path),
 so with ``num_workers > 0`` decoding runs in other processes and overlaps the forward pass. An unreadable file
 is an item with ``error`` set, never an exception: one bad file does not stop the folder.
@@ -11,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -70,16 +72,3 @@ def decode_loader(items: Sequence[tuple[str, str | Path]], batch_size: int = 16,
     extra: dict[str, Any] = {"prefetch_factor": max(1, int(prefetch_factor)), "persistent_workers": False} if workers else {}
     return DataLoader(DecodeDataset(items, keep_bytes), batch_size=max(1, int(batch_size)), shuffle=False,
                       num_workers=workers, collate_fn=collate_decoded, **extra)
-
-
-class ImageFolderPredictData(L.LightningDataModule):
-    """A list of ``(id, path)`` images as a predict DataModule; under DDP Lightning gives each rank its own slice."""
-
-    def __init__(self, items: Sequence[tuple[str, str | Path]], batch_size: int = 32, num_workers: int = 2) -> None:
-        super().__init__()
-        self.items = [(str(i), str(p)) for i, p in items]
-        self.batch_size = max(1, int(batch_size))
-        self.num_workers = max(0, int(num_workers))
-
-    def predict_dataloader(self) -> DataLoader:
-        return decode_loader(self.items, self.batch_size, self.num_workers)

@@ -1,6 +1,6 @@
 """Gallery embedding as a Lightning ``predict``: one process or many (DDP over processes, GPUs, nodes, SLURM).
 
-Each rank embeds its slice of the images (`data.predict.ImageFolderPredictData`) with the configured embedder
+Each rank embeds its slice of the images (`data.predict_module.ImageFolderPredictData`) with the configured embedder
 (`EmbedModule`, the same ``embed`` as the in-process path) and `ShardWriter` writes what it made as atomic
 shard files ``rank-00003-part-0000.npz`` (ids + unit vectors) plus ``rank-00003.done.json`` (`recognition.shards`).
 `gallery_from_shards` then builds the `Gallery` the way `Gallery.build` does (characters sorted, rows in dataset
@@ -125,7 +125,7 @@ def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Ma
     `trainer_cfg` holds Trainer arguments (``accelerator``, ``devices``, ``strategy``, ``num_nodes``; a Hydra
     ``_target_`` is ignored). Under DDP every rank runs this call; merge after it on rank 0 only.
     """
-    from ..data.predict import ImageFolderPredictData
+    from ..data.predict_module import ImageFolderPredictData
 
     tcfg = {k: v for k, v in dict(trainer_cfg or {}).items() if not str(k).startswith("_") and k in _TRAINER_KEYS}
     tcfg.setdefault("accelerator", "cpu")
