@@ -152,6 +152,7 @@ def test_a_classifier_card_says_what_the_built_classifier_says(tmp_path, trained
     """`read_classifier_card` reads names, series and views from the checkpoint alone, as the network has them; a file
     that is not a checkpoint is a one-line `WeightsError` naming it."""
     from anime_role_detect.recognition.embedder import (
+        _MODELS,
         load_classifier,
         read_classifier_card,
     )
@@ -159,6 +160,8 @@ def test_a_classifier_card_says_what_the_built_classifier_says(tmp_path, trained
     card, model = read_classifier_card(trained_ckpt), load_classifier(trained_ckpt, device="cpu")
     assert card.class_names == model.class_names and len(card.class_names) >= 2
     assert card.series == model.series and card.tag_names == model.tag_names and card.face_view == model.face_view
+    assert read_classifier_card(trained_ckpt) is card  # read once; and no slot of the few networks shared_model keeps:
+    assert not any(isinstance(m, type(card)) for m in list(_MODELS.values()))
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match=r"could not be read .*is it a train.py checkpoint") as err:

@@ -10,6 +10,7 @@ head never load the same checkpoint twice, and hot reloads of new versions do no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -375,26 +376,29 @@ class ClassifierCard:
 
 
 def read_classifier_card(ckpt_path: str | Path) -> ClassifierCard:
-    """`ClassifierCard` of a Lightning checkpoint (its hyper-parameters only), once per process and file version."""
+    """`ClassifierCard` of a Lightning checkpoint (its hyper-parameters only), read once per process and file version.
+    Cards are kept apart from `shared_model`'s networks, whose few slots they would otherwise take."""
     p = Path(ckpt_path)
     if not p.is_file():
         raise WeightsError(f"classifier checkpoint {p} not found; train one (python train.py) or fix the path / version")
+    return _read_card(str(p.resolve()), p.stat().st_mtime_ns)
 
-    def _read() -> ClassifierCard:
-        from ..confutil import to_plain
 
-        try:
-            hp = dict(torch.load(str(p), map_location="cpu", weights_only=False)["hyper_parameters"])
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-            why = " ".join(str(exc).split())[:300]  # one line, whatever the unpickler said
-            raise WeightsError(f"classifier checkpoint {p} could not be read ({type(exc).__name__}: {why}); is it a train.py checkpoint?") from None
-        names = [str(c) for c in hp.get("class_names") or []]
-        series = dict(to_plain(hp.get("series")) or {})
-        face_view = hp.get("face_view")
-        return ClassifierCard(names, {c: str(series.get(c, "")) for c in names}, [str(t) for t in hp.get("tag_names") or []],
-                              dict(to_plain(face_view)) if face_view else None)
+@functools.lru_cache(maxsize=256)
+def _read_card(path: str, mtime_ns: int) -> ClassifierCard:
+    """The card of `path` as it was at `mtime_ns` (the key: a rewritten checkpoint is read again)."""
+    from ..confutil import to_plain
 
-    return shared_model(("classifier-card", str(p.resolve()), p.stat().st_mtime_ns), _read)
+    try:
+        hp = dict(torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"])
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        why = " ".join(str(exc).split())[:300]  # one line, whatever the unpickler said
+        raise WeightsError(f"classifier checkpoint {path} could not be read ({type(exc).__name__}: {why}); is it a train.py checkpoint?") from None
+    names = [str(c) for c in hp.get("class_names") or []]
+    series = dict(to_plain(hp.get("series")) or {})
+    face_view = hp.get("face_view")
+    return ClassifierCard(names, {c: str(series.get(c, "")) for c in names}, [str(t) for t in hp.get("tag_names") or []],
+                          dict(to_plain(face_view)) if face_view else None)
 
 
 def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor] | None:
