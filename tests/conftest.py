@@ -6,7 +6,6 @@ Area-specific fixtures live in each area's own conftest (tests/<area>/conftest.p
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,8 @@ def log_dir(tmp_path) -> Path:
     return setup_logging({"dir": str(tmp_path / "logs"), "console_level": "WARNING"})
 
 
-def train_tiny_classifier(root: Path, data: Path, epochs: int, size: int = 64, overrides: Sequence[str] = ()) -> Path:
-    """A tiny random-init classifier trained on `data` by the real `training.train` (plus `overrides`); returns its checkpoint."""
+def train_tiny_classifier(root: Path, data: Path, epochs: int, size: int = 64) -> Path:
+    """A tiny random-init classifier trained on `data` by the real `training.train`; returns its checkpoint."""
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.training import train
 
@@ -60,7 +59,7 @@ def train_tiny_classifier(root: Path, data: Path, epochs: int, size: int = 64, o
         f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", "data=folder", f"data.root={data}", "~experiment",
         f"data.image_size={size}", "data.batch_size=16", "data.num_workers=0", "model=tiny", "trainer=cpu",
         f"trainer.max_epochs={epochs}", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
-        "log.console_level=WARNING", "evaluate=false", "seed=0", *overrides,
+        "log.console_level=WARNING", "evaluate=false", "seed=0",
     ])
     return Path(train(cfg).ckpt_path)
 
