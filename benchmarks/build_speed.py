@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     quiet(args.threads)
-    print(f"# gallery stage on {args.data} ({sum(1 for _ in args.data.rglob('*.*'))} files); load average {os.getloadavg()[0]:.2f}")
+    from anime_role_detect.data.layout import scan_dataset
+
+    print(f"# gallery stage on {args.data} ({len(scan_dataset(args.data))} pictures); load average {os.getloadavg()[0]:.2f}")
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ard-build-speed-") as tmp:
         for r in range(args.rounds):
