@@ -136,7 +136,7 @@ def cosines_leaving_out(emb: np.ndarray, gallery, names: list[str], left_out: li
     `gallery.depth(c)` rows), leaving out the rows whose source is in the picture's `left_out` set: the val pictures
     as the version was calibrated on them (every val row out) or as a new picture meets the final gallery (its own
     copies out)."""
-    from anime_role_detect.recognition.gallery import _topm_mean
+    from anime_role_detect.recognition.aggregate import topm_mean as _topm_mean
 
     ids = gallery._live_ids()
     vectors = gallery._vectors(ids)

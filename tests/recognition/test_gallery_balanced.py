@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anime_role_detect.recognition.gallery import BALANCED, Gallery
+from anime_role_detect.recognition.aggregate import BALANCED
+from anime_role_detect.recognition.gallery import Gallery
 
 DIM = 32
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from anime_role_detect.errors import ConfigError, GalleryError
-from anime_role_detect.recognition.gallery import AGGREGATORS, Gallery
+from anime_role_detect.recognition.aggregate import AGGREGATORS
+from anime_role_detect.recognition.gallery import Gallery
 
 DIM = 64
 TIERS = {"type": "auto", "flat_below": 2_000, "hnsw_below": 10_000}

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anime_role_detect.recognition.gallery import BALANCED, Gallery
+from anime_role_detect.recognition.aggregate import BALANCED
+from anime_role_detect.recognition.gallery import Gallery
 
 from .test_gallery_balanced import DIM, built, look_alikes
 

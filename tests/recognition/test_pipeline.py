@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anime_role_detect.data.synthetic import CharacterSpec, load_characters, render_character
+from anime_role_detect.data.synthetic import (
+    CharacterSpec,
+    load_characters,
+    render_character,
+)
 from anime_role_detect.errors import ConfigError, GalleryError, ImageError, WeightsError
+from anime_role_detect.recognition.aggregate import BALANCED
 from anime_role_detect.recognition.device import resolve_device
-from anime_role_detect.recognition.gallery import BALANCED, Gallery
+from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.openset import gallery_probabilities
 from anime_role_detect.recognition.pipeline import MIRROR_SUFFIX, Recognizer
 from anime_role_detect.recognition.schema import UNKNOWN, Answer
@@ -385,9 +390,8 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     cosine half and half, so its saved thresholds hold."""
     import json
 
-    from anime_role_detect.recognition.openset import gallery_probabilities
-
     from anime_role_detect.recognition.build import evaluate_split
+    from anime_role_detect.recognition.openset import gallery_probabilities
 
     calib = json.loads((version_dir / "calibration.json").read_text())
     t, w = calib["gallery_temperature"], calib["gallery_weight"]

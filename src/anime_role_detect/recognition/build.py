@@ -21,9 +21,20 @@ from ..errors import ConfigError, ImageError
 from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import GALLERY_META, MODEL
-from .gallery import DEFAULT_AGGREGATE, Gallery
-from .openset import (DEFAULT_MAX_FALSE_REJECT, GALLERY_COSINE, TOP, OpenSetCalibration, calibrate, check_max_false_reject, fit_gallery_weight,
-                      fit_temperature, gallery_probabilities, leave_one_out_scores)
+from .aggregate import DEFAULT_AGGREGATE
+from .gallery import Gallery
+from .openset import (
+    DEFAULT_MAX_FALSE_REJECT,
+    GALLERY_COSINE,
+    TOP,
+    OpenSetCalibration,
+    calibrate,
+    check_max_false_reject,
+    fit_gallery_weight,
+    fit_temperature,
+    gallery_probabilities,
+    leave_one_out_scores,
+)
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
 

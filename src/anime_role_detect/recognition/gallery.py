@@ -12,17 +12,15 @@ vectors it keeps; fast), compressed ``ivfpq`` (128-byte codes in memory, for gal
 in it; the rows the codes fetch are re-ranked on half-precision vectors kept in ``gallery.vectors``,
 memory-mapped, `VectorFile`). ``auto`` picks by row count
 (`IndexSpec.flat_below`, `hnsw_below`) and moves a growing gallery up a kind, rebuilt from its
-stored vectors. How each kind is built, trained and searched lives in `faiss_index`; this module
-owns the rows, the aggregation to characters and the files.
+stored vectors. How each kind is built, trained and searched lives in `faiss_index`, how rows become a character's
+score in `aggregate`, the files' bytes and checks in `gallery_files`; this module owns the rows and applies the rest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -31,8 +29,17 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..fsutil import HashingWriter, atomic_path, atomic_write_json, file_sha256, read_json
+from ..fsutil import atomic_write_json
 from ..log import get_logger
+from .aggregate import (
+    AGGREGATE_DEPTH,
+    AGGREGATES,
+    BALANCED_TOP,
+    DEFAULT_AGGREGATE,
+    PrototypeSpec,
+    prototype_rows,
+    topm_mean,
+)
 from .faiss_index import (
     KIND_ORDER,
     IndexSpec,
@@ -46,73 +53,25 @@ from .faiss_index import (
     train_index,
     train_rows,
 )
+from .gallery_files import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    read_index,
+    read_meta,
+    read_rows,
+    write_index,
+)
 from .rows import FILE as ROWS_FILE
 from .rows import RowTable
 from .vector_file import VectorFile
 
-INDEX_FILE = "gallery.faiss"
-META_FILE = "gallery.json"
-FORMAT_VERSION = 1
 _log = get_logger("system")
-
-
-@dataclass
-class PrototypeSpec:
-    """How a character's images become gallery rows: ``all`` samples, ``kmeans`` centres (``k`` each) or one ``mean``."""
-
-    method: str = "all"
-    k: int = 8
 
 
 #: Kinds that keep every vector exactly (exact re-scoring, rebuilds and migrations read them back).
 _EXACT_KINDS = frozenset({"flat", "hnsw"})
 _RESCORE_ROWS_MAX = 8192
-
-
-def _prototypes(vectors: np.ndarray, spec: PrototypeSpec, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """A character's sample vectors -> its prototype rows and a label per row (which samples it stands for)."""
-    if spec.method == "all" or len(vectors) <= 1:
-        return vectors, [""] * len(vectors)
-    if spec.method == "mean":
-        m = vectors.mean(0, keepdims=True)
-        return m / max(float(np.linalg.norm(m)), 1e-12), [f"mean of {len(vectors)}"]
-    if spec.method == "kmeans":
-        k = max(1, min(int(spec.k), len(vectors)))
-        if k == len(vectors):
-            return vectors, [""] * len(vectors)
-        km = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        _, assign = km.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-        counts = np.bincount(assign[:, 0], minlength=k)
-        keep = counts > 0
-        c = km.centroids[keep]
-        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        return c.astype(np.float32), [f"kmeans centre of {n}" for n in counts[keep]]
-    raise ConfigError(f"gallery.prototypes.method={spec.method!r}: choose all, kmeans or mean")
-
-
-def _topm_mean(scores: list[float], m: int = 3) -> float:
-    top = sorted(scores, reverse=True)[:m]
-    return float(sum(top) / len(top))
-
-
-#: `balanced`: the mean of a character's best ``max(1, round(3 n / n_ref))`` rows, ``n`` its row count and ``n_ref`` the
-#: smallest character's when the gallery was built (`Gallery.reference_rows`). Every character is scored on the same
-#: share of its rows, so one enrolled from 5 pictures is not outscored by the best of another's 300 rows; a gallery of
-#: equal characters scores as `top3_mean` (docs/accuracy.md "Why an enrolled character is rarely named"). A character's
-#: depth is fixed once the gallery is built (`Gallery.fix_reference`, which log fusion also calls before it adds): rows
-#: added later, e.g. a few feedback pictures in a new style, are not averaged away among the old rows.
-BALANCED = "balanced"
-BALANCED_TOP = 3  # the smallest character's depth: `balanced` is `top3_mean` on a gallery of equal characters
-#: What a gallery built from a config without `aggregate` uses: `balanced` named more pictures right than `top3_mean` on
-#: newgame_full (79.7 vs 77.2) and enrolled unseen characters far better (56.5 vs 38.9), the other sets within a picture
-#: (docs/accuracy.md "`balanced` as the default"). Files without one load as `max`, as they were built.
-DEFAULT_AGGREGATE = BALANCED
-#: How many of a character's best rows each aggregate averages (`balanced`: per character, `Gallery.depth`).
-AGGREGATE_DEPTH: dict[str, int] = {"max": 1, "top3_mean": 3, "top5_mean": 5}
-AGGREGATES = (*AGGREGATE_DEPTH, BALANCED)
-#: Row scores of one character -> its score (the fixed-depth aggregates: the mean of its best `AGGREGATE_DEPTH` rows).
-AGGREGATORS: dict[str, Callable[[list[float]], float]] = {name: partial(_topm_mean, m=d) for name, d in AGGREGATE_DEPTH.items()}
 
 
 @dataclass
@@ -198,7 +157,7 @@ class Gallery:
             if not emb:
                 continue
             e = np.concatenate(emb)
-            protos, labels = _prototypes(e, g.prototype_spec)
+            protos, labels = prototype_rows(e, g.prototype_spec)
             series = next((s for s, _, _ in kept if s), "")
             for j, lab in enumerate(labels):
                 meta.append((character, series, lab or kept[j][2]))
@@ -309,7 +268,7 @@ class Gallery:
             raise GalleryError(f"no embeddings given for {character!r}; enroll at least one image")
         if embedder_id is not None or embeddings.shape[1] != self.dim:
             self.check_embedder(embedder_id or "<unknown>", embeddings.shape[1], "the gallery")
-        protos, labels = _prototypes(embeddings, self.prototype_spec)
+        protos, labels = prototype_rows(embeddings, self.prototype_spec)
         srcs = list(sources or [""] * len(embeddings))
         meta = [(character, series, lab or (srcs[j] if j < len(srcs) else "")) for j, lab in enumerate(labels)]
         self._add_rows(protos, meta)
@@ -496,7 +455,7 @@ class Gallery:
             if need is None:
                 need = needs[name] = min(self.depth(name), len(self.rows.members[name]))
             exact = len(ss) >= need and not coded
-            entries.append((-_topm_mean(ss if exact else ss + [floor] * (need - len(ss)), need), name, exact))
+            entries.append((-topm_mean(ss if exact else ss + [floor] * (need - len(ss)), need), name, exact))
         sure = k if self.kind == "flat" else max(1, min(k, int(self.index_spec.exact_top)))
         while True:  # re-score the bounded characters among the best `sure` until those are all exact
             head = heapq.nsmallest(k, entries)
@@ -530,7 +489,7 @@ class Gallery:
             for b, part in zip(batch, np.split(sims, np.cumsum(sizes)[:-1])):
                 depth = self.depth(b)
                 top = part if len(part) <= depth else np.partition(part, len(part) - depth)[-depth:]
-                out[b] = _topm_mean(top.tolist(), depth)
+                out[b] = topm_mean(top.tolist(), depth)
             batch = []
         return out
 
@@ -542,9 +501,7 @@ class Gallery:
         d.mkdir(parents=True, exist_ok=True)
         index = self.index if self.index is not None else make_index("flat", self.index_spec, self.dim, 0)
         vectors = self.vectors.save(d) if self.vectors is not None else None  # first: the json written last names it
-        with atomic_path(d / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
-            index_sink = HashingWriter(fh)
-            faiss.write_index(index, faiss.PyCallbackIOWriter(index_sink.write))  # streamed: no second copy of a big index in memory
+        index_sha256 = write_index(index, d / INDEX_FILE)
         _, rows_sha256 = self.rows.save(d)
         rows = {"file": ROWS_FILE, "rows": len(self.rows), "sha256": rows_sha256}
         atomic_write_json(d / META_FILE, {
@@ -556,7 +513,7 @@ class Gallery:
             "aggregate": self.aggregate,
             "reference_rows": self.reference_rows,
             "depths": dict(sorted(self.depths.items())),
-            "index_sha256": index_sink.digest.hexdigest(),
+            "index_sha256": index_sha256,
             "vectors": vectors,
             "next_id": self.next_id,
             "tombstones": sorted(self.tombstones),
@@ -569,20 +526,14 @@ class Gallery:
     def load(cls, directory: str | Path, embedder_id: str | None = None, dim: int | None = None) -> "Gallery":
         """Read a saved gallery; with `embedder_id`/`dim` given, refuse one built by another embedder."""
         d = Path(directory)
-        meta_p, index_p = d / META_FILE, d / INDEX_FILE
-        if not meta_p.is_file() or not index_p.is_file():
-            raise GalleryError(f"no gallery in {d} ({META_FILE} + {INDEX_FILE} expected); build one with `ard-gallery build`")
-        try:
-            meta = read_json(meta_p)
-            emb = meta["embedder"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GalleryError(f"{meta_p} is corrupt ({exc}); rebuild the gallery") from None
-        index = _read_index(index_p, meta_p, meta.get("index_sha256"))
+        meta, meta_p, index_p = read_meta(d)
+        emb = meta["embedder"]
+        index = read_index(index_p, meta_p, meta.get("index_sha256"))
         g = cls(emb["id"], int(emb["dim"]), emb.get("config"), meta.get("index"), meta.get("prototypes"), meta.get("aggregate", "max"))
         if embedder_id is not None or dim is not None:
             g.check_embedder(embedder_id or g.embedder_id, dim if dim is not None else g.dim, f"gallery {d}")
         g.index, g.kind = index, kind_of(index)
-        g.rows = _read_rows(d, meta, meta_p)
+        g.rows = read_rows(d, meta, meta_p)
         try:  # hand-edited or damaged counts: a one-line error, not a ValueError from int()
             g.tombstones = {int(i) for i in meta.get("tombstones", [])}
             g.reference_rows = int(meta["reference_rows"]) if meta.get("reference_rows") else None
@@ -610,38 +561,3 @@ def _index_spec(cfg: Mapping[str, Any] | None) -> IndexSpec:
     if unknown:
         raise ConfigError(f"gallery index option(s) {unknown} unknown; use {[f.name for f in fields(IndexSpec)]}")
     return IndexSpec(**cfg)
-
-
-def _read_rows(d: Path, meta: Mapping[str, Any], meta_p: Path) -> RowTable:
-    """The rows `gallery.json` names: its row file (checked against the recorded hash), or the row list it held before."""
-    entry = meta.get("rows")
-    if isinstance(entry, list):  # saved before the row file: one JSON object per row
-        return RowTable.from_rows(entry, int(meta.get("next_id", max((int(r["id"]) for r in entry), default=-1) + 1)))
-    if not isinstance(entry, Mapping):
-        raise GalleryError(f"{meta_p} lists no rows; rebuild the gallery")
-    path = d / str(entry.get("file", ROWS_FILE))
-    if not path.is_file():
-        raise GalleryError(f"{path} is missing but {meta_p} names it; copy the whole gallery folder or rebuild it")
-    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-        raise GalleryError(f"{path} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
-    table = RowTable.load(path)
-    next_id = int(meta.get("next_id", table.next_id))
-    if table.next_id != next_id or len(table) != int(entry.get("rows", len(table))):
-        raise GalleryError(f"{path} holds {len(table)} of {table.next_id} row ids but {meta_p} lists {entry.get('rows')} of {next_id}; rebuild the gallery")
-    return table
-
-
-def _read_index(index_p: Path, meta_p: Path, sha256: str | None) -> faiss.Index:
-    """Read `index_p` once from one open file: check its hash (when recorded), then let Faiss parse it."""
-    with open(index_p, "rb") as fh:
-        if sha256:
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-            if digest.hexdigest() != sha256:
-                raise GalleryError(f"{index_p} does not match {meta_p} (interrupted save or edited file); rebuild the gallery")
-            fh.seek(0)
-        try:
-            return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
-        except RuntimeError as exc:
-            raise GalleryError(f"{index_p} is not a readable Faiss index ({str(exc).splitlines()[0][:120]}); rebuild the gallery") from None

@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from ..errors import GalleryError
 from ..fsutil import atomic_write_json
 from ..log import get_logger
+from .aggregate import DEFAULT_AGGREGATE
 from .faiss_index import resolve_kind, train_rows
-from .gallery import DEFAULT_AGGREGATE, Gallery
+from .gallery import Gallery
 from .shards import DONE_GLOB, PART_GLOB, ShardSet, done_name, part_name, save_part
 
 _log = get_logger("system")
