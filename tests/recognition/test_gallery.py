@@ -101,7 +101,8 @@ def test_corrupt_or_mismatched_files_are_clear_errors(tmp_path):
     with pytest.raises(GalleryError, match="corrupt"):
         Gallery.load(tmp_path)
     g.save(tmp_path)
-    for key, bad in (("reference_rows", "three"), ("tombstones", ["x"]), ("tombstones", 7), ("depths", {"a": "deep"}), ("depths", [3])):
+    for key, bad in (("reference_rows", "three"), ("tombstones", ["x"]), ("tombstones", 7), ("depths", {"a": "deep"}), ("depths", [3]),
+                     ("embedder", {}), ("embedder", {"id": "x", "dim": "wide"}), ("embedder", "x")):
         meta = json.loads((tmp_path / "gallery.json").read_text())
         (tmp_path / "gallery.json").write_text(json.dumps({**meta, key: bad}))
         with pytest.raises(GalleryError, match="corrupt"):
