@@ -53,6 +53,42 @@ def test_last_ckpt_holds_the_final_epoch_and_the_run_returns_the_best(tmp_path, 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [Path(result.ckpt_path).name, "last.ckpt"]
 
 
+@pytest.mark.parametrize("budget, epochs", [([], 4), (["epoch_budget.max_steps=2"], 2),
+                                            (["epoch_budget.max_steps=2", "epoch_budget.min_epochs=3"], 3)])
+def test_epoch_budget_ends_the_schedule_where_its_steps_run_out(tmp_path, synthetic_root, tiny, compose_cfg, budget, epochs):
+    """`epoch_budget`: trainer.max_epochs cut to the epochs that fit max_steps optimizer steps (one a epoch here), never
+    below min_epochs; the run stops there and its cosine learning rate reaches its floor at that last epoch, not part-way."""
+    import torch
+
+    from anime_role_detect.training import train
+
+    out = tmp_path / "out"
+    cfg = compose_cfg(tiny(tmp_path, synthetic_root, epochs=4) + [
+        f"paths.output_dir={out}", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "evaluate=false", *budget])
+    train(cfg)
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (epochs - 1, epochs)
+    sched = last["lr_schedulers"][0]
+    assert sched["_last_lr"][0] / sched["base_lrs"][0] == pytest.approx(cfg.model.scheduler.min_lr_ratio)
+
+
+def test_epoch_budget_counts_each_process_share_of_the_batches():
+    """The steps an epoch takes per process (DDP splits the batches, ``limit_train_batches`` caps or scales them) decide
+    how many epochs fit; a bad budget is a one-line ConfigError."""
+    from anime_role_detect.errors import ConfigError
+    from anime_role_detect.training import apply_epoch_budget, batches_per_epoch, budgeted_epochs
+
+    assert batches_per_epoch(182, 1.0) == 182 and batches_per_epoch(182, 1.0, world_size=2) == 91
+    assert batches_per_epoch(182, 10) == 10 and batches_per_epoch(182, 0.5) == 91
+    # the workflow's recipe: 8 epochs within 1,200 steps, never below 6
+    assert [budgeted_epochs(8, spe, 1200, 6) for spe in (62, 150, 171, 182, 400)] == [8, 8, 7, 6, 6]
+    assert budgeted_epochs(8, 182, None, 6) == 8
+    with pytest.raises(ConfigError, match="epoch_budget: unknown key"):
+        apply_epoch_budget(None, None, {"steps": 5})
+    with pytest.raises(ConfigError, match="not a mapping"):
+        apply_epoch_budget(None, None, 1200)
+
+
 def test_logger_none_trains_with_default_callbacks(tmp_path, synthetic_root, tiny, train_py):
     # The default callbacks include an LR monitor, which Lightning refuses to run without a logger.
     args = tiny(tmp_path, synthetic_root) + [
