@@ -87,6 +87,9 @@ def test_epoch_budget_counts_each_process_share_of_the_batches():
         apply_epoch_budget(None, None, {"steps": 5})
     with pytest.raises(ConfigError, match="not a mapping"):
         apply_epoch_budget(None, None, 1200)
+    for bad in ({"max_steps": "many"}, {"max_steps": -5}, {"max_steps": 100, "min_epochs": 0}):
+        with pytest.raises(ConfigError, match="must be positive whole numbers"):
+            apply_epoch_budget(None, None, bad)
 
 
 def test_logger_none_trains_with_default_callbacks(tmp_path, synthetic_root, tiny, train_py):

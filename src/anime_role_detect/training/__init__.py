@@ -255,7 +255,7 @@ def log_media_to_wandb(loggers: Sequence[Any], out_dir: Path, metrics: dict[str,
 
 # -- main -----------------------------------------------------------------------------------
 def batches_per_epoch(n_batches: int, limit: float | None, world_size: int = 1) -> int:
-    """The optimizer steps one process takes per epoch: its share of `n_batches`, after Lightning's
+    """The training steps (batches) one process runs per epoch: its share of `n_batches`, after Lightning's
     ``limit_train_batches`` (an int caps the count, a float takes that fraction)."""
     per_rank = -(-int(n_batches) // max(1, int(world_size)))
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
@@ -264,7 +264,7 @@ def batches_per_epoch(n_batches: int, limit: float | None, world_size: int = 1) 
 
 
 def budgeted_epochs(max_epochs: int, steps_per_epoch: int, max_steps: int | None, min_epochs: int = 1) -> int:
-    """`max_epochs`, shortened to the epochs that fit `max_steps` optimizer steps but never below `min_epochs`: a small
+    """`max_epochs`, shortened to the epochs that fit `max_steps` training steps but never below `min_epochs`: a small
     set runs the whole schedule, a big one keeps the time its steps take (`epoch_budget` in conf/train.yaml)."""
     if not max_steps or steps_per_epoch <= 0 or max_epochs <= 0:
         return max_epochs
@@ -280,17 +280,21 @@ def apply_epoch_budget(trainer: Any, datamodule: Any, budget: Mapping[str, Any] 
     unknown = sorted(set(budget) - {"max_steps", "min_epochs"})
     if unknown:
         raise ConfigError(f"epoch_budget: unknown key(s) {', '.join(unknown)}; choose from max_steps, min_epochs")
+    try:
+        max_steps, min_epochs = (int(budget["max_steps"]) if budget.get("max_steps") else None), int(1 if budget.get("min_epochs") is None else budget["min_epochs"])
+    except (TypeError, ValueError):
+        max_steps = min_epochs = 0
+    if (max_steps is not None and max_steps < 1) or min_epochs < 1:
+        raise ConfigError(f"epoch_budget={budget}: max_steps and min_epochs must be positive whole numbers (max_steps: null for no budget)")
     planned = trainer.max_epochs
-    if not budget.get("max_steps") or not planned or planned < 0 or getattr(trainer, "fast_dev_run", False):
+    if max_steps is None or not planned or planned < 0 or getattr(trainer, "fast_dev_run", False):
         return planned
-    if int(budget["max_steps"]) < 1 or int(budget.get("min_epochs") or 1) < 1:
-        raise ConfigError(f"epoch_budget={budget}: max_steps and min_epochs must be positive (or max_steps: null for no budget)")
     steps = batches_per_epoch(len(datamodule.train_dataloader()), trainer.limit_train_batches, trainer.world_size)
-    epochs = budgeted_epochs(planned, steps, int(budget["max_steps"]), int(budget.get("min_epochs") or 1))
+    epochs = budgeted_epochs(planned, steps, max_steps, min_epochs)
     if epochs != planned:
         trainer.fit_loop.max_epochs = epochs
         training_log.info(f"epoch budget: {epochs} of trainer.max_epochs={planned} epochs ({steps} steps each, "
-                          f"epoch_budget.max_steps={budget['max_steps']}, min_epochs={budget.get('min_epochs') or 1})")
+                          f"epoch_budget.max_steps={max_steps}, min_epochs={min_epochs})")
     return epochs
 
 
