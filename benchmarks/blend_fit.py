@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import quiet
+from fusion_blends import built_version
 
 COLUMNS = ("clip", "model", "half", "all (built)", "one character")
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes:
             for seed in args.seeds:
                 run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
-                version = next((d / f"version-{recipe}" for d in sorted(run.glob("clean-*")) if (d / f"version-{recipe}").is_dir()), None)
+                version = built_version(run, recipe)
                 got = scores(run, version, recipe, pictures) if version else None
                 if got is None:
                     print(f"skip {run} {recipe}: no version, val embeddings or fusion_blends cache", file=sys.stderr)

@@ -31,6 +31,13 @@ from accuracy import answers, load
 RULES = ("clip", "model", "half", "fitw", "acc-fit", "sharp", "w=0.3")
 
 
+def built_version(run: Path, recipe: str) -> Path | None:
+    """``version-<recipe>`` that `accuracy.py` built for `run`: in its clean-<hash>/ folder (runs before the clean pool:
+    in `run` itself); None when it built none."""
+    return next((d / f"version-{recipe}" for d in (*sorted(run.glob("clean-*")), run)
+                 if (d / f"version-{recipe}" / "gallery.json").is_file()), None)
+
+
 def score_matrix(rec, items, mode: str, names: list[str]) -> np.ndarray:
     """[pictures, characters] scores of `mode` (every character ranked: the recognizer's top-k is widened)."""
     col = {n: i for i, n in enumerate(names)}
@@ -112,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets:
         for seed in args.seeds:
             run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
-            # accuracy.py keeps each clean setting's runs in clean-<hash>/ (runs before the clean pool: in `run` itself)
-            runs = next((d for d in (*sorted(run.glob("clean-*")), run) if (d / f"version-{args.recipe}" / "gallery.json").is_file()), run)
-            version, trained = runs / f"version-{args.recipe}", runs / args.recipe / "accuracy_run.json"
-            if not (version / "gallery.json").is_file() or not trained.is_file():
+            version = built_version(run, args.recipe)
+            runs = version.parent if version is not None else run
+            trained = runs / args.recipe / "accuracy_run.json"
+            if version is None or not trained.is_file():
                 print(f"skip {run}: no version-{args.recipe} (run benchmarks/accuracy.py first)", file=sys.stderr)
                 continue
             split = json.loads(Path(json.loads(trained.read_text())["split_path"]).read_text())

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from _common import data_dir, quiet
 from accuracy import load
-from fusion_blends import score_matrix
+from fusion_blends import built_version, score_matrix
 from PIL import Image
 
 RULES = ("centre", "mean3", "ends", "max3")
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets:
         for seed in args.seeds:
             run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
-            version = next((d / f"version-{args.recipe}" for d in (*sorted(run.glob("clean-*")), run)
-                            if (d / f"version-{args.recipe}" / "gallery.json").is_file()), None)
+            version = built_version(run, args.recipe)
             if version is None:
                 print(f"skip {run}: no version-{args.recipe} (run benchmarks/accuracy.py first)", file=sys.stderr)
                 continue

@@ -15,11 +15,12 @@ import faiss
 
 from ..errors import GalleryError
 from ..fsutil import HashingWriter, atomic_path, file_sha256, read_json
+from ..versionfiles import GALLERY_INDEX, GALLERY_META
 from .rows import FILE as ROWS_FILE
 from .rows import RowTable
 
-INDEX_FILE = "gallery.faiss"
-META_FILE = "gallery.json"
+INDEX_FILE = GALLERY_INDEX  # the names a version folder's contract gives them (versionfiles)
+META_FILE = GALLERY_META
 FORMAT_VERSION = 1
 
 

@@ -280,12 +280,14 @@ def apply_epoch_budget(trainer: Any, datamodule: Any, budget: Mapping[str, Any] 
     unknown = sorted(set(budget) - {"max_steps", "min_epochs"})
     if unknown:
         raise ConfigError(f"epoch_budget: unknown key(s) {', '.join(unknown)}; choose from max_steps, min_epochs")
+    bad = ConfigError(f"epoch_budget={budget}: max_steps and min_epochs must be positive whole numbers (max_steps: null for no budget)")
     try:
-        max_steps, min_epochs = (int(budget["max_steps"]) if budget.get("max_steps") else None), int(1 if budget.get("min_epochs") is None else budget["min_epochs"])
+        max_steps = int(budget["max_steps"]) if budget.get("max_steps") else None  # null (or 0): no budget
+        min_epochs = 1 if budget.get("min_epochs") is None else int(budget["min_epochs"])
     except (TypeError, ValueError):
-        max_steps = min_epochs = 0
+        raise bad from None
     if (max_steps is not None and max_steps < 1) or min_epochs < 1:
-        raise ConfigError(f"epoch_budget={budget}: max_steps and min_epochs must be positive whole numbers (max_steps: null for no budget)")
+        raise bad
     planned = trainer.max_epochs
     if max_steps is None or not planned or planned < 0 or getattr(trainer, "fast_dev_run", False):
         return planned
