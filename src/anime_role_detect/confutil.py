@@ -1,5 +1,6 @@
 """Config plumbing shared by every layer and entry point: the one config directory (`CONFIG_DIR`, with a
-site's ``ARD_CONF_DIR`` layered over it), composing a job's config in or outside a Hydra app, plain containers.
+site's ``ARD_CONF_DIR`` layered over it), composing a job's config in or outside a Hydra app, plain containers, and
+a command line's group choices checked against those folders before any heavy import.
 
 A base-layer module: it imports nothing of the project but `errors`.
 """
@@ -100,6 +101,37 @@ def hydra_search_path(dirs: Sequence[Path]) -> Iterator[None]:
 
 
 _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe (the service composes from worker threads)
+
+
+def check_group_overrides(argv: Sequence[str], dirs: Sequence[Path] | None = None) -> None:
+    """Fail fast with one line for ``group=value`` overrides naming a config file that does not exist, or null.
+
+    Groups and options are looked up in `dirs` (default: `config_dirs()`, ``$ARD_CONF_DIR`` then the shipped conf/).
+    Hydra cannot set a group to null (``experiment=null`` is a raw traceback there): the fix is ``~group``.
+    """
+    from .errors import ConfigError
+
+    dirs = list(dirs) if dirs is not None else config_dirs()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if key.startswith("~"):
+            continue  # ~group=option deletes; Hydra checks the option itself
+        key = key.lstrip("+")
+        groups = [d / key for d in dirs if (d / key).is_dir()]
+        if key.startswith("hydra") or "." in key or not groups:
+            continue
+        options = sorted({p.stem for g in groups for p in g.glob("*.yaml")})
+        for choice in value.split(","):
+            choice = choice.strip()
+            if choice in ("", "null"):
+                raise ConfigError(f"{key}={choice or repr('')} cannot unset a config group; drop it with ~{key} "
+                                  f"(e.g. python train.py '~{key}') or choose one of: {', '.join(options)}")
+            if choice.startswith(("choice(", "range(", "glob(")):
+                continue
+            if choice not in options:
+                raise ConfigError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = (), fix: str = "fix the overrides",

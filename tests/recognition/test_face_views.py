@@ -253,7 +253,7 @@ def test_a_mistyped_face_view_key_fails_even_when_the_views_are_off(tmp_path):
     """`data.face_view` is checked before training whether or not it is enabled: a typo never passes silently."""
     from anime_role_detect.data.datamodule import CharacterDataModule
     from anime_role_detect.errors import ConfigError
-    from anime_role_detect.training import _add_face_views
+    from anime_role_detect.training.run import _add_face_views
 
     off = CharacterDataModule(str(tmp_path), face_view={"enabled": False, "weight": 0.5})
     assert _add_face_views(off) is None
@@ -354,7 +354,7 @@ def test_either_view_sampling_trains_each_picture_once_per_epoch_as_its_figure_o
     import torch
 
     from anime_role_detect.data.datamodule import CharacterDataModule
-    from anime_role_detect.training import _add_face_views
+    from anime_role_detect.training.run import _add_face_views
 
     def module(sampling: str) -> CharacterDataModule:
         dm = CharacterDataModule(str(face_data), image_size=32, split_dir=str(tmp_path / "splits"), resize="squash",

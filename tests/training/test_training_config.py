@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 
 from anime_role_detect.errors import ConfigError
-from anime_role_detect.training import CONFIG_DIR, check_group_overrides
+from anime_role_detect.confutil import CONFIG_DIR, check_group_overrides
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "mps", "ddp"])

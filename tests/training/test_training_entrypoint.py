@@ -76,7 +76,7 @@ def test_epoch_budget_counts_each_process_share_of_the_batches():
     """The steps an epoch takes per process (DDP splits the batches, ``limit_train_batches`` caps or scales them) decide
     how many epochs fit; a bad budget is a one-line ConfigError."""
     from anime_role_detect.errors import ConfigError
-    from anime_role_detect.training import apply_epoch_budget, batches_per_epoch, budgeted_epochs
+    from anime_role_detect.training.budget import apply_epoch_budget, batches_per_epoch, budgeted_epochs
 
     assert batches_per_epoch(182, 1.0) == 182 and batches_per_epoch(182, 1.0, world_size=2) == 91
     assert batches_per_epoch(182, 10) == 10 and batches_per_epoch(182, 0.5) == 91

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anime_role_detect.training import build_wandb_logger, wandb_offline_needed, wandb_reachable
+from anime_role_detect.training.wandb_logger import build_wandb_logger, wandb_offline_needed, wandb_reachable
 from anime_role_detect.training.evaluation import plot_learning_curves, read_epoch_metrics
 
 # Lightning CSVLogger layout: every row fills only what was logged at that step (LR monitor rows carry no epoch).
