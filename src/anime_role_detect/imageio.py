@@ -1,12 +1,16 @@
 """Safe decoding of untrusted images: sniff the type from content, guard size, fix orientation, RGB.
 
-Every failure raises `ImageError` naming the file and the fix, never a PIL traceback.
+Every failure raises `ImageError` naming the file and the fix, never a PIL traceback. With
+`ImageLimits.draft_side` a big JPEG is decoded at a reduced DCT scale (PIL's ``draft``: 1/2, 1/4 or 1/8, several
+times faster than every pixel); `original_size` gives its full size, so answers can report boxes in the
+picture's own pixels (`scale_to_original`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -43,9 +47,37 @@ class ImageLimits:
     max_pixels: int = 40_000_000  # decompression-bomb guard (e.g. 8000x5000)
     max_bytes: int = 50 * 1024 * 1024
     min_side: int = 8  # anything smaller carries no character
+    draft_side: int = 0  # > 0: a JPEG decodes at the smallest DCT scale keeping its shorter side >= this (0: every pixel)
 
 
 DEFAULT_LIMITS = ImageLimits()
+#: Recognition's decode (the service, ``infer.py``, `Recognizer.recognize_bytes`): every model reads a picture at
+#: 224 px, the head view a 60% x 50% region of it, so a shorter side of 768 keeps every crop above the input size.
+RECOGNITION_DRAFT_SIDE = 768
+RECOGNITION_LIMITS = ImageLimits(draft_side=RECOGNITION_DRAFT_SIDE)
+#: ``Image.info`` key of a drafted picture: its full (width, height), after EXIF orientation.
+ORIGINAL_SIZE = "ard_original_size"
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """The picture's full (width, height): its own size, or the size it had before a drafted decode reduced it."""
+    got = img.info.get(ORIGINAL_SIZE)
+    return (int(got[0]), int(got[1])) if got else img.size
+
+
+def scale_to_original(img: Image.Image) -> tuple[float, float]:
+    """(x, y) factors from `img`'s pixels to its full picture's: (1.0, 1.0) unless it was decoded drafted."""
+    w, h = original_size(img)
+    return w / img.width, h / img.height
+
+
+def _draft(img: Image.Image, fmt: str, draft_side: int) -> None:
+    """Ask a JPEG to decode at the smallest DCT scale that keeps its shorter side >= `draft_side` (no-op otherwise)."""
+    w, h = img.size
+    if draft_side <= 0 or fmt != "jpeg" or min(w, h) < 2 * draft_side:
+        return
+    k = draft_side / min(w, h)  # PIL picks the largest reduction whose size still covers the one asked for
+    img.draft(None, (math.ceil(w * k), math.ceil(h * k)))
 
 
 def _pil_open():
@@ -100,6 +132,7 @@ def decode_image(data: bytes, name: str = "<upload>", limits: ImageLimits = DEFA
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise ImageTooLarge(name, limits.max_pixels, (w, h))
+            _draft(img, kind[1], limits.draft_side)
             img.load()
     except ImageError:
         raise
@@ -107,10 +140,13 @@ def decode_image(data: bytes, name: str = "<upload>", limits: ImageLimits = DEFA
         raise ImageTooLarge(name, limits.max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: the image data is corrupt or truncated ({exc}); re-export or re-download it") from None
+    drafted = img.size != (w, h)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture
         pass
+    if drafted and (img.width > img.height) != (w > h):  # EXIF turned the picture a quarter: so is its full size
+        w, h = h, w
     if min(img.size) < limits.min_side:
         raise ImageError(
             f"{name}: {img.size[0]}x{img.size[1]} pixels is too small (min side {limits.min_side}); use a larger image"
@@ -123,6 +159,8 @@ def decode_image(data: bytes, name: str = "<upload>", limits: ImageLimits = DEFA
             img = bg
         else:
             img = img.convert("RGB")
+    if drafted:
+        img.info[ORIGINAL_SIZE] = (w, h)
     return img
 
 

@@ -8,7 +8,15 @@ import pytest
 from PIL import Image
 
 from anime_role_detect.errors import ImageError
-from anime_role_detect.imageio import ImageLimits, decode_image, load_image, sniff
+from anime_role_detect.imageio import (
+    RECOGNITION_LIMITS,
+    ImageLimits,
+    decode_image,
+    load_image,
+    original_size,
+    scale_to_original,
+    sniff,
+)
 
 
 def _png(size=(32, 24), mode="RGB", color=(10, 200, 30)) -> bytes:
@@ -84,3 +92,35 @@ def test_corrupt_image_is_an_image_error_even_after_ultralytics_patched_pil(monk
     bad = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
     with pytest.raises(ImageError, match=r"broken\.png: .*corrupt"):
         decode_image(bad, "broken.png")
+
+
+@pytest.mark.parametrize("size, draft_side, decoded", [
+    ((4000, 3000), 768, (2000, 1500)),  # half: a quarter would leave the shorter side 750 < 768
+    ((6000, 4000), 768, (1500, 1000)),  # a quarter
+    ((6400, 6200), 768, (800, 775)),  # an eighth, the smallest DCT scale
+    ((3000, 1535), 768, (3000, 1535)),  # shorter side under 2 x 768: every pixel
+    ((4000, 3000), 0, (4000, 3000)),  # off
+])
+def test_a_big_jpeg_decodes_drafted_and_remembers_its_size(size, draft_side, decoded):
+    img = decode_image(_jpeg(size), "big.jpg", ImageLimits(draft_side=draft_side))
+    assert img.size == decoded and img.mode == "RGB"
+    assert original_size(img) == size
+    assert scale_to_original(img) == pytest.approx((size[0] / decoded[0], size[1] / decoded[1]))
+
+
+def test_a_drafted_picture_turned_by_exif_keeps_its_turned_size():
+    """EXIF orientation 6 (a quarter turn): the full size is reported as the picture is shown, not as stored."""
+    im = Image.new("RGB", (4000, 2000), (10, 20, 30))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    img = decode_image(buf.getvalue(), "phone.jpg", RECOGNITION_LIMITS)
+    assert img.size == (1000, 2000) and original_size(img) == (2000, 4000) == decode_image(buf.getvalue()).size
+
+
+def test_drafting_is_for_jpeg_only_and_the_bomb_guard_reads_the_full_size():
+    big_png = _png(size=(4000, 3000))
+    assert decode_image(big_png, "big.png", RECOGNITION_LIMITS).size == (4000, 3000)  # PNG has no reduced decode
+    with pytest.raises(ImageError, match="big.jpg"):
+        decode_image(_jpeg((4000, 3000)), "big.jpg", ImageLimits(max_pixels=10_000_000, draft_side=768))

@@ -121,7 +121,8 @@ def test_infer_py_on_a_video_prints_appearances(version_dir, test_images, tmp_pa
 # -- folder decoding in DataLoader workers (in-process: no trained version needed) -------------------------------------
 @pytest.fixture(scope="module")
 def lite0_gallery(tmp_path_factory) -> tuple[Path, Path]:
-    """A Lite0 (offline ImageNet weights, 64 px) gallery of 3 drawn characters, and a folder of 13 inputs + 1 corrupt."""
+    """A Lite0 (offline ImageNet weights, 64 px) gallery of 3 drawn characters, and a folder of 14 inputs (one a 2400 x
+    3000 JPEG, drafted when decoded) + 1 corrupt."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -144,6 +145,7 @@ def lite0_gallery(tmp_path_factory) -> tuple[Path, Path]:
     for k in range(13):
         draw(k % 3, 5 + k).save(inputs / f"{k:02d}.png")
     (inputs / "06_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # mid-folder: the run must go on past it
+    draw(1, 3).resize((2400, 3000), Image.BICUBIC).save(inputs / "13_big.jpg", quality=92)
     return base / "g", inputs
 
 
@@ -167,7 +169,9 @@ def test_folder_decoding_in_workers_gives_the_same_answers_in_order(lite0_galler
         for line in lines:
             line.pop("timings_ms", None)
         outputs[workers], received[workers] = lines, got
-    assert outputs[0] == outputs[2] and len(outputs[2]) == 14  # same answers, same order as decoding in this process
+    assert outputs[0] == outputs[2] and len(outputs[2]) == 15  # same answers, same order as decoding in this process
+    big = next(x for x in outputs[2] if x["filename"].endswith("13_big.jpg"))  # decoded drafted in a worker (1200 x 1500)
+    assert (big["width"], big["height"]) == (2400, 3000) and big["boxes"] == [[0.0, 0.0, 2400.0, 3000.0]] and big["role"] == "c1"
     assert sum("error" in line for line in outputs[2]) == 1 and "06_broken.jpg" in next(x for x in outputs[2] if "error" in x)["filename"]
     assert all(received[2][str(f)] == f.read_bytes() for f in files if f.suffix == ".png")  # sinks get the uploaded bytes
 
@@ -182,4 +186,4 @@ def test_run_infer_takes_decode_workers(lite0_gallery, tmp_path):
     cfg = infer_cfg([f"gallery={gallery}", "version=null", "tagger=none", "rerank=false", "feature_log.enabled=false",
                      "output.progress=false", f"image={inputs}", "decode_workers=1"])
     assert run_infer(cfg, stream=buf) == 1
-    assert len(buf.getvalue().splitlines()) == 14
+    assert len(buf.getvalue().splitlines()) == 15

@@ -69,6 +69,23 @@ def test_classify_answers_the_seed_contract_for_a_gallery_image(client, service_
     assert len(ans["image_sha256"]) == 64 and ans["mode"] == "clip"
 
 
+def test_a_big_jpeg_is_answered_in_its_own_pixels(client, service_data):
+    """A 2400 x 2400 JPEG decodes drafted (conf/serve.yaml limits.draft_side: half scale here), names whom the same
+    picture as a PNG (every pixel decoded) names at nearly its score, and speaks in the upload's pixels."""
+    name = service_data.names[1]
+    big = Image.open(service_data.images(name)[0]).convert("RGB").resize((2400, 2400), Image.BICUBIC)
+    got = {}
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        big.save(buf, format=fmt, quality=92)
+        r = client.post("/api/classify", files={"file": (f"big.{fmt.lower()}", buf.getvalue())})
+        assert r.status_code == 200, r.text
+        got[fmt] = r.json()
+    assert got["JPEG"]["role"] == got["PNG"]["role"] == name
+    assert abs(got["JPEG"]["similarity"] - got["PNG"]["similarity"]) < 0.01
+    assert (got["JPEG"]["width"], got["JPEG"]["height"]) == (2400, 2400) and got["JPEG"]["boxes"] == [[0.0, 0.0, 2400.0, 2400.0]]
+
+
 def test_type_comes_from_content_not_the_name(client, service_data):
     path = service_data.images(service_data.names[0])[0]
     # a JPEG named .txt is still an image

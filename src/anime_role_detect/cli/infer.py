@@ -78,17 +78,20 @@ def _csv_row(ans: Answer) -> dict[str, Any]:
     }
 
 
-def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
-    """(path, image or None, sha256, error message, bytes) per file, in order; `workers` > 0 decodes in DataLoader
-    worker processes (up to two batches ahead), so decoding overlaps the recognizer's forward pass."""
+def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16, limits: Any = None) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
+    """(path, image or None, sha256, error message, bytes) per file, in order, decoded under `limits` (the recognizer's;
+    None: the library's); `workers` > 0 decodes in DataLoader worker processes (up to two batches ahead), so decoding
+    overlaps the recognizer's forward pass."""
     from ..data.predict import decode_file, decode_loader
+    from ..imageio import DEFAULT_LIMITS
 
+    limits = limits or DEFAULT_LIMITS
     if workers <= 0:
         for f in files:
-            d = decode_file(str(f), f, keep_bytes=True)
+            d = decode_file(str(f), f, keep_bytes=True, limits=limits)
             yield f, d.image, d.sha256 or None, d.error, d.data
         return
-    for batch in decode_loader([(str(f), f) for f in files], batch_size, workers, keep_bytes=True):
+    for batch in decode_loader([(str(f), f) for f in files], batch_size, workers, keep_bytes=True, limits=limits):
         for d in batch:
             yield Path(d.id), d.image, d.sha256 or None, d.error, d.data
 
@@ -160,7 +163,7 @@ def _run_folder(rec: Recognizer, files: list[Path], writer: AnswerWriter, batch_
             bar.update(len(batch))
             batch.clear()
 
-    for f, img, h, err, data in _decoded(files, workers, batch_size):
+    for f, img, h, err, data in _decoded(files, workers, batch_size, rec.limits):
         if err:
             failed += 1
             writer.error(str(f), err)

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageError
-from ..imageio import content_hash, decode_image
+from ..imageio import DEFAULT_LIMITS, ImageLimits, content_hash, decode_image
 
 
 @dataclass
@@ -33,12 +33,13 @@ class Decoded:
     error: str = ""
 
 
-def decode_file(item_id: str, path: str | Path, keep_bytes: bool = False) -> Decoded:
-    """Read and decode one file; a read or decode failure becomes ``error`` (the one-line message), not an exception."""
+def decode_file(item_id: str, path: str | Path, keep_bytes: bool = False, limits: ImageLimits = DEFAULT_LIMITS) -> Decoded:
+    """Read and decode one file under `limits`; a read or decode failure becomes ``error`` (the one-line message), not
+    an exception."""
     p = Path(path)
     try:
         data = p.read_bytes()
-        img = decode_image(data, str(p))
+        img = decode_image(data, str(p), limits)
     except ImageError as exc:
         return Decoded(item_id, str(p), error=str(exc))
     except OSError as exc:
@@ -49,15 +50,16 @@ def decode_file(item_id: str, path: str | Path, keep_bytes: bool = False) -> Dec
 class DecodeDataset(Dataset):
     """``(id, path)`` items decoded on access (in a worker process when the loader has workers)."""
 
-    def __init__(self, items: Sequence[tuple[str, str | Path]], keep_bytes: bool = False) -> None:
+    def __init__(self, items: Sequence[tuple[str, str | Path]], keep_bytes: bool = False, limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.items = [(str(i), str(p)) for i, p in items]
         self.keep_bytes = bool(keep_bytes)
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode_file(*self.items[i], keep_bytes=self.keep_bytes)
+        return decode_file(*self.items[i], keep_bytes=self.keep_bytes, limits=self.limits)
 
 
 def collate_decoded(batch: list[Decoded]) -> list[Decoded]:
@@ -66,9 +68,10 @@ def collate_decoded(batch: list[Decoded]) -> list[Decoded]:
 
 
 def decode_loader(items: Sequence[tuple[str, str | Path]], batch_size: int = 16, num_workers: int = 2,
-                  keep_bytes: bool = False, prefetch_factor: int = 2) -> DataLoader:
-    """An ordered DataLoader of `Decoded` batches (``num_workers=0``: decode in this process, as before)."""
+                  keep_bytes: bool = False, prefetch_factor: int = 2, limits: ImageLimits = DEFAULT_LIMITS) -> DataLoader:
+    """An ordered DataLoader of `Decoded` batches (``num_workers=0``: decode in this process, as before), each file
+    decoded under `limits` (recognition passes its own: big JPEGs drafted)."""
     workers = max(0, int(num_workers))
     extra: dict[str, Any] = {"prefetch_factor": max(1, int(prefetch_factor)), "persistent_workers": False} if workers else {}
-    return DataLoader(DecodeDataset(items, keep_bytes), batch_size=max(1, int(batch_size)), shuffle=False,
+    return DataLoader(DecodeDataset(items, keep_bytes, limits), batch_size=max(1, int(batch_size)), shuffle=False,
                       num_workers=workers, collate_fn=collate_decoded, **extra)

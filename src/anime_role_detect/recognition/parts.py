@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
 from ..errors import ConfigError, GalleryError
-from ..imageio import DEFAULT_LIMITS, ImageLimits
+from ..imageio import RECOGNITION_LIMITS, ImageLimits
 from ..log import get_logger
 from ..versionfiles import CALIBRATION, GALLERY_META, MODEL, TAG_PROFILES
 from .config import RecognizerConfig
@@ -185,9 +186,13 @@ class VersionParts:
 
     @property
     def limits(self) -> ImageLimits:
-        """Size limits for untrusted bytes (the config's, else the library defaults)."""
-        lim = self.config.limits
-        return ImageLimits(**{k: int(v) for k, v in dict(lim).items()}) if lim else DEFAULT_LIMITS
+        """How untrusted bytes are decoded: the config's `limits` over recognition's (`RECOGNITION_LIMITS`: a big JPEG
+        decodes drafted, its answers' boxes still in its own pixels)."""
+        lim = dict(self.config.limits or {})
+        unknown = sorted(set(lim) - {f.name for f in fields(ImageLimits)})
+        if unknown:
+            raise ConfigError(f"limits: unknown key(s) {', '.join(unknown)}; choose from {', '.join(f.name for f in fields(ImageLimits))}")
+        return replace(RECOGNITION_LIMITS, **{k: int(v) for k, v in lim.items()})
 
     @property
     def detector(self) -> Any:

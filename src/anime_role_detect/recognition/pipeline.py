@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..fsutil import read_json
-from ..imageio import content_hash, decode_image
+from ..imageio import content_hash, decode_image, original_size, scale_to_original
 from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
@@ -187,12 +187,16 @@ class Recognizer(VersionParts):
         crops: list[_Crop] = []
         for i, (img, found) in enumerate(zip(images, boxes)):
             if not found:
-                crops.append(_Crop(i, img, [0.0, 0.0, float(img.width), float(img.height)], 1.0, True))
+                w, h = original_size(img)
+                crops.append(_Crop(i, img, [0.0, 0.0, float(w), float(h)], 1.0, True))
                 continue
             from .detector import crop_box
 
+            sx, sy = scale_to_original(img)  # a drafted decode: boxes in the picture's own pixels (`imageio.draft_side`)
             for b in found:
-                crops.append(_Crop(i, crop_box(img, b, self.crop_margin), [round(float(v), 1) for v in b.as_list()[:4]], float(b.score), False))
+                x1, y1, x2, y2 = b.as_list()[:4]
+                crops.append(_Crop(i, crop_box(img, b, self.crop_margin), [round(float(v), 1) for v in (x1 * sx, y1 * sy, x2 * sx, y2 * sy)],
+                                   float(b.score), False))
         return crops, (time.perf_counter() - t0) * 1e3
 
     def _classify(self, crops: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -400,7 +404,7 @@ class Recognizer(VersionParts):
                 similarity=best.similarity if best else max((d.similarity for d in mine), default=0.0),
                 boxes=[d.box for d in mine], unknown=best is None, mode=mode,
                 whole_image=any(c.whole_image for c in crops if c.image_index == i), detections=mine,
-                timings_ms=timings, image_sha256=h, version=self.version, width=img.width, height=img.height,
+                timings_ms=timings, image_sha256=h, version=self.version, width=original_size(img)[0], height=original_size(img)[1],
             )
             rows = [j for j, c in enumerate(crops) if c.image_index == i]
             out.append(Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))
