@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from ..confutil import to_plain
 from ..errors import ConfigError
+from ..imageio import RECOGNITION_DRAFT_SIDE
 
 MODES = ("clip", "model", "fusion")
 AUTO = "auto"  # the best mode the version measured on its own evaluation set (`evalset.best_mode`)
@@ -101,7 +102,8 @@ class RecognizerConfig:
     embedder: dict[str, Any] | None = None  # conf/embedder/*: used when there is no gallery naming its own
     tagger: dict[str, Any] | None = None  # conf/tagger/*; None = auto (the classifier's tag head when it has one)
     detector: dict[str, Any] | None = None  # conf/detector/*; None = whole images
-    limits: dict[str, int] | None = None  # imageio.ImageLimits for untrusted bytes (max_pixels, max_bytes, ...)
+    # imageio.ImageLimits for untrusted bytes (max_pixels, max_bytes, draft_side ...), over recognition's own
+    limits: dict[str, int] | None = field(default_factory=lambda: {"draft_side": RECOGNITION_DRAFT_SIDE})
     # where the models come from (`Recognizer.from_config`): a folder, a registry version, or a bare checkpoint
     gallery: str | None = None
     version: str | None = "latest"  # a registry id or latest (gallery= wins when set)
