@@ -96,6 +96,8 @@ RECIPES: dict[str, list[str]] = {
     "headmix": [HEAD, "data.view_sampling=either", *TEN_EPOCHS],
     # a longer schedule now that channels-last training takes 0.6-0.7x the CPU: 8 epochs at the recipe's 1e-3 (4/3 of it)
     "ep8": ["trainer.max_epochs=8"],
+    # the 6 epochs before that (the workflow's recipe is 8 since 2026-12-06): what the longer schedule did to open-set
+    "ep6": ["trainer.max_epochs=6"],
 }
 #: evaluation variant -> infer.yaml overrides for building a second version from the same checkpoint
 EVAL_VARIANTS: dict[str, list[str]] = {

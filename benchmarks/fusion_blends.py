@@ -11,7 +11,14 @@ probability per character), through the real `Recognizer`. The rules are then ap
 - ``acc-fit``: the weight with the best held-out top-1, moved off 0.5 only when that beats 0.5 by the margin
   `auto` demands of a mode (`evalset.best_mode`: two binomial standard errors, at least 1.5 pictures);
 - ``sharp``: half and half after a temperature fitted to the classifier's held-out probabilities;
-- ``w=0.3``: a fixed lean towards the classifier.
+- ``w=0.3``: a fixed lean towards the classifier;
+- ``poe``: the product of the two (``gallery^0.5 x classifier^0.5``, renormalised): a source that is sure of a
+  picture outvotes one that is not, per picture, where the mixture averages them;
+- ``poe-fit``: the product's exponent ``w`` fitted on the held-out pictures by log-likelihood, as ``fitw``;
+- ``surer``: per picture, the answer of the source whose top probability is higher.
+
+``--protocol unseen`` reads the versions `accuracy.py --protocols unseen` built (2 characters held out of training):
+before anything is enrolled they answer the trained characters' set-aside pictures, a closed set of the rest.
 
     python benchmarks/fusion_blends.py --work outputs/benchmarks/accuracy/work --sets newgame_full newgame_faces
 """
@@ -28,7 +35,7 @@ import numpy as np
 from _common import data_dir, quiet
 from accuracy import answers, load
 
-RULES = ("clip", "model", "half", "fitw", "acc-fit", "sharp", "w=0.3")
+RULES = ("clip", "model", "half", "fitw", "acc-fit", "sharp", "w=0.3", "poe", "poe-fit", "surer")
 
 
 def built_version(run: Path, recipe: str) -> Path | None:
@@ -97,9 +104,23 @@ def blends(s: dict[str, np.ndarray], built_w: float | None = None) -> dict[str, 
     acc_w = best_w if best_mode(["fusion", "model"], {"fusion": val[0.5], "model": val[best_w]}, False, len(yv)) == "model" else 0.5
     tm = fit_temperature(np.log(np.clip(m["val"], 1e-9, None)), yv, np.geomspace(0.05, 20.0, 81))
     sharp = np.stack([gallery_probabilities(r, tm) for r in np.log(np.clip(m["test"], 1e-9, None))])  # softmax(log p / tm)
+    def product(w: float, part: str) -> np.ndarray:
+        logp = w * np.log(np.clip(g[part], 1e-12, None)) + (1 - w) * np.log(np.clip(m[part], 1e-12, None))
+        e = np.exp(logp - logp.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def poe_top1(w: float) -> float:
+        return float(np.mean(product(w, "test").argmax(1) == yt))
+
+    def poe_nll(w: float) -> float:
+        return float(-np.mean(np.log(np.clip(product(w, "val")[np.arange(len(yv)), yv], 1e-12, None))))
+
+    poe_w = float(min(grid, key=lambda w: (round(poe_nll(w), 9), abs(w - 0.5))))
+    surer = np.where(g["test"].max(1) >= m["test"].max(1), g["test"].argmax(1), m["test"].argmax(1))
     got = {"clip": top1(1.0), "model": top1(0.0), "half": top1(0.5),
            "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv) if built_w is None else built_w), "acc-fit": top1(acc_w),
-           "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3)}
+           "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3), "poe": poe_top1(0.5), "poe-fit": poe_top1(poe_w),
+           "surer": float(np.mean(surer == yt))}
     return {k: 100 * v for k, v in got.items()}
 
 
@@ -109,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", nargs="+", default=["newgame_full", "newgame_faces", "faces6", "mixed5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--recipe", default="recipe")
+    ap.add_argument("--protocol", choices=["closed", "unseen"], default="closed",
+                    help="which of accuracy.py's versions: closed-set runs, or unseen runs before enrolment (their trained characters)")
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = ap.parse_args(argv)
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     per_set: dict[str, list[dict[str, float]]] = {}
     for name in args.sets:
         for seed in args.seeds:
-            run = args.work / name / "closed" / f"s{seed}" / f"t{args.test_fraction:g}"
+            run = args.work / name / args.protocol / f"s{seed}" / f"t{args.test_fraction:g}"
             version = built_version(run, args.recipe)
             runs = version.parent if version is not None else run
             trained = runs / args.recipe / "accuracy_run.json"
