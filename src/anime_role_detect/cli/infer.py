@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError
 from ..fusion.featurelog import sink_from_config
-from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from ..imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageLimits
 from ..log import get_logger, setup_logging
 from ..recognition.pipeline import Recognizer
 from ..recognition.schema import Answer
@@ -78,7 +78,7 @@ def _csv_row(ans: Answer) -> dict[str, Any]:
     }
 
 
-def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16, limits: Any = None) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
+def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16, limits: ImageLimits | None = None) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
     """(path, image or None, sha256, error message, bytes) per file, in order, decoded under `limits` (the recognizer's;
     None: the library's); `workers` > 0 decodes in DataLoader worker processes (up to two batches ahead), so decoding
     overlaps the recognizer's forward pass."""

@@ -399,12 +399,13 @@ class Recognizer(VersionParts):
             timings["total"] = round(total / n, 2)
             if n > 1:
                 timings["batch_images"] = float(n)
+            full = original_size(img)  # a drafted decode answers in the picture's own pixels
             ans = Answer(
                 filename=name, role=best.role if best else UNKNOWN, series=best.series if best else "",
                 similarity=best.similarity if best else max((d.similarity for d in mine), default=0.0),
                 boxes=[d.box for d in mine], unknown=best is None, mode=mode,
                 whole_image=any(c.whole_image for c in crops if c.image_index == i), detections=mine,
-                timings_ms=timings, image_sha256=h, version=self.version, width=original_size(img)[0], height=original_size(img)[1],
+                timings_ms=timings, image_sha256=h, version=self.version, width=full[0], height=full[1],
             )
             rows = [j for j, c in enumerate(crops) if c.image_index == i]
             out.append(Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))

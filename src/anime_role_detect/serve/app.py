@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -60,8 +61,7 @@ def build_services(settings: ServeSettings, recognizer_loader: RecognizerLoader 
             feature_log.attach(rec)  # answers + embeddings (tagged with this recognizer's embedder) feed log fusion
 
     # the recognizer's own safe decode uses the server's limits unless the config sets its own
-    rec_cfg = {"limits": {"max_pixels": settings.limits.max_pixels, "max_bytes": settings.limits.max_upload_bytes,
-                          "draft_side": settings.limits.draft_side},
+    rec_cfg = {"limits": asdict(settings.limits.image_limits),
                **settings.recognizer}
     live = LiveRecognizer(settings.registry_path, settings.version, rec_cfg, settings.reload_interval_s,
                           loader=recognizer_loader or load_from_version, on_load=on_load)

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
+from ..imageio import RECOGNITION_DRAFT_SIDE, ImageLimits
 
 
 class _Section(BaseModel):
@@ -21,7 +22,7 @@ class Limits(_Section):
     max_video_mb: float = Field(200.0, gt=0, description="Largest video upload.")
     max_files: int = Field(16, ge=1, description="Most files in one batch or enrol request.")
     max_pixels: int = Field(40_000_000, ge=64, description="Decompression-bomb guard: most pixels per image.")
-    draft_side: int = Field(768, ge=0, description="A JPEG whose shorter side is at least twice this decodes at a reduced "
+    draft_side: int = Field(RECOGNITION_DRAFT_SIDE, ge=0, description="A JPEG whose shorter side is at least twice this decodes at a reduced "
                             "scale (1/2, 1/4, 1/8) keeping it >= this, several times faster; boxes stay in the upload's "
                             "pixels. 0 decodes every pixel.")
     request_timeout_s: float = Field(60.0, gt=0, description="Model work longer than this answers 503.")
@@ -30,6 +31,11 @@ class Limits(_Section):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """How the server decodes an uploaded picture: its pixel and byte limits, big JPEGs drafted."""
+        return ImageLimits(max_pixels=self.max_pixels, max_bytes=self.max_upload_bytes, draft_side=self.draft_side)
 
     @property
     def max_video_bytes(self) -> int:

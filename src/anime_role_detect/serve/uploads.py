@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fastapi import UploadFile
 from PIL import Image
 
-from ..imageio import ImageLimits, MediaKind, decode_image, sniff
+from ..imageio import MediaKind, decode_image, sniff
 from .errors import ApiError
 from .settings import Limits
 
@@ -80,5 +80,4 @@ def check_count(files: list[UploadFile], limits: Limits, what: str = "files") ->
 
 def decode_upload(up: Upload, limits: Limits) -> Image.Image:
     """Blocking: the service's image decode, `imageio.decode_image` under the server's limits (`ImageTooLarge` -> 413)."""
-    return decode_image(up.data, up.filename, ImageLimits(max_pixels=limits.max_pixels, max_bytes=limits.max_upload_bytes,
-                                                          draft_side=limits.draft_side))
+    return decode_image(up.data, up.filename, limits.image_limits)
