@@ -1,7 +1,7 @@
 """Inference latency and throughput of a REAL registry version: torch eager vs ONNX Runtime vs ONNX int8, in one run.
 
 The version (default: the live one of ``outputs/registry``, which ``python train.py`` registers) is copied into
-a scratch registry and exported there (`recognition.runtime.export_version`, fp32 + int8), so your registry is
+a scratch registry and exported there (`recognition.onnx_export.export_version`, fp32 + int8), so your registry is
 left as it was. Then three `Recognizer`s over that one folder, configured like ``infer.py`` (conf/infer.yaml,
 cache off) and differing only in ``runtime=torch|onnx|onnx-int8``, are timed interleaved (each repeat runs all
 three, so they share the machine's load):
@@ -42,7 +42,7 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 # == a real version: torch vs ONNX vs int8 ==========================================================
 def exported_copy(registry: Path, version: str, scratch: Path) -> Path:
     """`version` of `registry` imported into a scratch registry and exported there (fp32 + int8); returns the exported folder."""
-    from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.recognition.onnx_export import export_version
     from anime_role_detect.registry import Registry
 
     src = Registry(registry).path(version)
@@ -170,7 +170,8 @@ def vit(scratch: Path, repeats: int, threads: int) -> None:
     from PIL import Image
 
     from anime_role_detect.recognition.embedder import OpenClipEmbedder
-    from anime_role_detect.recognition.runtime import OnnxEmbedder, export_embedder, open_session, quantize_int8
+    from anime_role_detect.recognition.onnx_export import export_embedder, quantize_int8
+    from anime_role_detect.recognition.runtime import OnnxEmbedder, open_session
 
     emb = OpenClipEmbedder("ViT-B-32", pretrained=None, device="cpu")
     t0 = time.perf_counter()

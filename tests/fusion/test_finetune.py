@@ -25,7 +25,7 @@ from anime_role_detect.imageio import load_image
 from anime_role_detect.recognition.embedder import build_embedder
 from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.pipeline import Recognizer
-from anime_role_detect.recognition.runtime import export_into, manifest_entry
+from anime_role_detect.recognition.onnx_export import export_into, manifest_entry
 from anime_role_detect.registry import Registry
 
 pytestmark = pytest.mark.slow

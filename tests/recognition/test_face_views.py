@@ -200,7 +200,8 @@ def test_face_views_run_on_onnx_runtime_with_the_same_answers(tmp_path, face_ver
     import shutil
 
     from anime_role_detect.fsutil import atomic_write_json
-    from anime_role_detect.recognition.runtime import ONNX_META, export_folder
+    from anime_role_detect.recognition.onnx_export import export_folder
+    from anime_role_detect.recognition.runtime import ONNX_META
     from anime_role_detect.recognition.views import bare_network
 
     version = tmp_path / "v-onnx"

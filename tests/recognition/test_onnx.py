@@ -26,7 +26,7 @@ INT8_FLOOR = 0.95
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, version_dir):
     """`version_dir` imported into a fresh registry as the live version, then exported (fp32 + int8): (registry, result)."""
-    from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.recognition.onnx_export import export_version
     from anime_role_detect.registry import Registry
 
     reg = Registry(tmp_path_factory.mktemp("onnx_registry") / "registry")
@@ -184,7 +184,7 @@ def test_a_changed_checkpoint_falls_back_to_torch(tmp_path, exported):
 def test_a_timm_gallery_embedder_is_exported_as_its_own_file(tmp_path, rec_data, test_images, colour):
     """The bare network is exported; with ``embedder.colour`` the ONNX session is joined to the same histogram."""
     from anime_role_detect.recognition.build import build_recognition_folder
-    from anime_role_detect.recognition.runtime import export_version
+    from anime_role_detect.recognition.onnx_export import export_version
     from anime_role_detect.recognition.views import bare_network
     from anime_role_detect.registry import Registry
 
@@ -234,12 +234,8 @@ def test_an_attention_embedder_exports_and_matches(tmp_path):
     from torch import nn
 
     from anime_role_detect.recognition.embedder import TorchEmbedder
-    from anime_role_detect.recognition.runtime import (
-        OnnxEmbedder,
-        export_embedder,
-        open_session,
-        quantize_int8,
-    )
+    from anime_role_detect.recognition.onnx_export import export_embedder, quantize_int8
+    from anime_role_detect.recognition.runtime import OnnxEmbedder, open_session
 
     class TinyViT(nn.Module):
         def __init__(self) -> None:

@@ -1,5 +1,5 @@
 """``python -m anime_role_detect.export [--registry DIR] [--version latest|ID] [--int8] [--opset N]`` (or ``ard-export``):
-write a version's networks as ONNX files into a derived version (`recognition.runtime.export_version`).
+write a version's networks as ONNX files into a derived version (`recognition.onnx_export.export_version`).
 
 Hydra-style ``key=value`` words work too (``version=latest int8=true registry=DIR``), as in the other commands.
 """
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, then print the new version and its files as one JSON line."""
     from ..log import setup_logging
-    from ..recognition.runtime import DEFAULT_OPSET, export_version
+    from ..recognition.onnx_export import DEFAULT_OPSET, export_version
 
     args = parser().parse_args(_flags(list(sys.argv[1:] if argv is None else argv)))
     setup_logging({"console_level": "WARNING"})  # progress goes to logs/system.log; stdout is the one JSON line

@@ -26,7 +26,8 @@ from ..fsutil import atomic_write_json, atomic_write_text, link_or_copy, read_js
 from ..log import get_logger
 from ..recognition.evalset import EvalSet
 from ..recognition.gallery import Gallery
-from ..recognition.runtime import ONNX_FILES, ONNX_META, export_into, manifest_entry
+from ..recognition.onnx_export import export_into, manifest_entry
+from ..recognition.runtime import ONNX_FILES, ONNX_META
 from ..registry import Derivation, Registry
 from ..versionfiles import (
     CALIBRATION,

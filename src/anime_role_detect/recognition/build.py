@@ -68,7 +68,7 @@ class BuildReport:
     top1: dict[str, float] = field(default_factory=dict)  # "<mode>" and "<mode>+rerank" on val
     thresholds: dict[str, float] = field(default_factory=dict)
     rerank_weights: dict[str, float] = field(default_factory=dict)
-    onnx: dict[str, Any] | None = None  # the ONNX export made with the version (`runtime.export_into`), its manifest entry
+    onnx: dict[str, Any] | None = None  # the ONNX export made with the version (`onnx_export.export_into`), its manifest entry
 
 
 def _score_matrix(cands: list[list[tuple[str, str, float]]], names: list[str]) -> np.ndarray:
@@ -249,7 +249,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             gallery.save(out)
             report.rows = len(gallery)
     if onnx:
-        from .runtime import export_into, manifest_entry
+        from .onnx_export import export_into, manifest_entry
 
         report.onnx = manifest_entry(exported[0] if exported is not None else export_into(out))
     return report
@@ -259,7 +259,8 @@ def _export_classifier_first(out: Path, ecfg: Mapping[str, Any], embedder: Any) 
     """When the gallery embedder is the version's own classifier on the CPU: export it now (``onnx.json`` content) and
     return it with the embedder that runs that export on ONNX Runtime (same model id, views and embeddings), so the
     gallery and the val pictures are embedded 1.7x faster than by torch (docs/recognition.md); None otherwise."""
-    from .runtime import OnnxVersion, export_into
+    from .onnx_export import export_into
+    from .runtime import OnnxVersion
     from .views import bare_network
 
     network = bare_network(embedder)
