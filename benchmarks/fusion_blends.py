@@ -15,7 +15,13 @@ probability per character), through the real `Recognizer`. The rules are then ap
 - ``poe``: the product of the two (``gallery^0.5 x classifier^0.5``, renormalised): a source that is sure of a
   picture outvotes one that is not, per picture, where the mixture averages them;
 - ``poe-fit``: the product's exponent ``w`` fitted on the held-out pictures by log-likelihood, as ``fitw``;
-- ``surer``: per picture, the answer of the source whose top probability is higher.
+- ``surer``: per picture, the answer of the source whose top probability is higher;
+- ``conf``: per picture, a mixture weighted by each source's top probability (``a = g_max / (g_max + m_max)``): ``surer``
+  made smooth, so its probabilities still say how sure the answer is;
+- ``fitw-loo``: ``fitw``'s fit, but each held-out picture scored against the gallery the version answers with (its
+  held-out pictures' rows in it), its own row left out: the weight fitted on the gallery a user's query meets, not the
+  smaller one the build fitted on before those rows joined (`build.refit_gallery_weight`, what a build does since
+  2026-12-07; versions built before carry ``fitw``);
 
 ``--protocol unseen`` reads the versions `accuracy.py --protocols unseen` built (2 characters held out of training):
 before anything is enrolled they answer the trained characters' set-aside pictures, a closed set of the rest.
@@ -35,7 +41,7 @@ import numpy as np
 from _common import data_dir, quiet
 from accuracy import answers, load
 
-RULES = ("clip", "model", "half", "fitw", "acc-fit", "sharp", "w=0.3", "poe", "poe-fit", "surer")
+RULES = ("clip", "model", "half", "fitw", "fitw-loo", "acc-fit", "sharp", "w=0.3", "poe", "poe-fit", "surer", "conf")
 
 
 def built_version(run: Path, recipe: str) -> Path | None:
@@ -77,7 +83,33 @@ def scores(version: Path, parts: dict[str, tuple[Path, list[str]]], cache: Path)
     return out
 
 
-def blends(s: dict[str, np.ndarray], built_w: float | None = None) -> dict[str, float]:
+def refit_weight(version: Path, pool: Path, val_files: list[str], s: dict[str, np.ndarray]) -> float:
+    """The weight a build fits once the val pictures joined the gallery (`build.refit_gallery_weight`, the product's
+    own function), on the version's gallery and val embeddings, each picture read as filed (`filed_characters`)."""
+    from anime_role_detect.data.layout import filed_characters, scan_dataset
+    from anime_role_detect.fsutil import file_sha256
+    from anime_role_detect.recognition.build import refit_gallery_weight
+    from anime_role_detect.recognition.gallery import Gallery
+
+    g, pool = Gallery.load(version), pool.resolve()  # the embeddings file names pictures by absolute path
+    names = sorted(c["name"] for c in g.characters())
+    z = np.load(version / "val_embeddings.npz")
+    at = {str(Path(p).relative_to(pool)): i for i, p in enumerate(z["paths"])}
+    by_name = {r.file_name: r for r in scan_dataset(pool)}
+    records = [by_name[f] for f in val_files]
+    shows = filed_characters(records, [file_sha256(r.path(pool)) for r in records])
+    filed = np.array([[n in shows[f] or n == f.split("/")[0] for n in names] for f in val_files], bool)
+    blend = {"names": names, "known": list(range(len(val_files))), "model": s["val_model"], "labels": s["val_y"], "filed": filed}
+    return refit_gallery_weight(g, z["embeddings"][[at[f] for f in val_files]], blend, float(s["T"]) or None)
+
+
+def confident(g: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``a g + (1 - a) m`` per picture, ``a = g_max / (g_max + m_max)``: the surer source weighs more."""
+    a = g.max(1, keepdims=True) / np.maximum(g.max(1, keepdims=True) + m.max(1, keepdims=True), 1e-12)
+    return a * g + (1 - a) * m
+
+
+def blends(s: dict[str, np.ndarray], built_w: float | None = None, refit_w: float | None = None) -> dict[str, float]:
     """Top-1 (%) of every rule on the set-aside pictures; the fitted rules fit on the held-out ones. ``fitw`` is the
     weight the version was built with (`built_w`, fitted before its held-out pictures joined the gallery) when it has
     one: scored here, those pictures find themselves in the gallery and every fit leans to it."""
@@ -118,9 +150,10 @@ def blends(s: dict[str, np.ndarray], built_w: float | None = None) -> dict[str, 
     poe_w = float(min(grid, key=lambda w: (round(poe_nll(w), 9), abs(w - 0.5))))
     surer = np.where(g["test"].max(1) >= m["test"].max(1), g["test"].argmax(1), m["test"].argmax(1))
     got = {"clip": top1(1.0), "model": top1(0.0), "half": top1(0.5),
-           "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv) if built_w is None else built_w), "acc-fit": top1(acc_w),
+           "fitw": top1(fit_gallery_weight(g["val"], m["val"], yv) if built_w is None else built_w),
+           "fitw-loo": top1(0.5 if refit_w is None else refit_w), "acc-fit": top1(acc_w),
            "sharp": top1(0.5, model=sharp), "w=0.3": top1(0.3), "poe": poe_top1(0.5), "poe-fit": poe_top1(poe_w),
-           "surer": float(np.mean(surer == yt))}
+           "surer": float(np.mean(surer == yt)), "conf": float(np.mean(confident(g["test"], m["test"]).argmax(1) == yt))}
     return {k: 100 * v for k, v in got.items()}
 
 
@@ -151,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             split = json.loads(Path(json.loads(trained.read_text())["split_path"]).read_text())
             parts = {"val": (runs / "pool", split["val"]), "test": (data_dir() / name, json.loads((run / "test_split.json").read_text())["test"])}
             built_w = json.loads((version / "calibration.json").read_text()).get("gallery_weight")
-            got = blends(scores(version, parts, runs / f"blend-scores-{args.recipe}.npz"), built_w)
+            s = scores(version, parts, runs / f"blend-scores-{args.recipe}.npz")
+            got = blends(s, built_w, refit_weight(version, runs / "pool", split["val"], s))
             per_set.setdefault(name, []).append(got)
             print(f"| {name} | {seed} | " + " | ".join(f"{got[r]:.1f}" for r in RULES) + " |", flush=True)
     for name, runs in per_set.items():

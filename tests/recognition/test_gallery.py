@@ -173,3 +173,24 @@ def test_nearest_rows_are_row_cosines_not_character_scores(index):
     assert all(s < r[0][1] - 1e-3 for (_, _, s), r in zip((h[0] for h in g.search(stored, k=1)), rows))
     g.remove("c1")
     assert all(name != "c1" for r in g.nearest_rows(stored, k=2) for name, _ in r)
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw", "hnsw_m": 16}])
+def test_scores_without_copies_leave_a_stored_picture_out_of_its_own_score(index):
+    """A version's held-out pictures join its gallery; refitting fusion on them (`build.refit_gallery_weight`) scores each
+    as if its own row were not there: the character's aggregate over its other rows, the same as a brute-force
+    top-depth mean, and lower than the search's score, which counts the picture's own row."""
+    g, _, _ = filled(index)
+    vecs, labels, _ = clusters()
+    q = vecs[45]  # a row of c1
+    got = g.scores_without_copies(q, ["c0", "c1", "missing"])
+    assert set(got) == {"c0", "c1"}  # a name the gallery does not hold is skipped
+    for c in ("c0", "c1"):
+        sims = np.sort(vecs[[i for i, y in enumerate(labels) if y == c and i != 45]] @ q)[::-1]
+        assert got[c] == pytest.approx(float(sims[: g.depth(c)].mean()), abs=1e-4)
+    searched = dict((n, s) for n, _, s in g.search(q, k=6)[0])
+    assert got["c1"] < searched["c1"] - 1e-3 and got["c0"] == pytest.approx(searched["c0"], abs=1e-4)
+    lone = Gallery("test:emb", DIM, {"kind": "timm"}, index=index)
+    lone.add("solo", "s", vecs[:1], ["solo/0.png"])
+    lone.add("other", "s", vecs[50:53], ["o/1.png", "o/2.png", "o/3.png"])
+    assert lone.scores_without_copies(vecs[0], ["solo"]) == {"solo": -1.0}  # nothing left: scores as no match

@@ -517,3 +517,37 @@ def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, t
     assert named["gallery"] >= 0.75 and taken["gallery"] <= 0.05, (named, taken)
     with pytest.raises(ConfigError, match="fusion.untrained"):
         Recognizer.from_version(folder, {**infer_cfg(), "fusion": {"untrained": "classifier"}})
+
+
+def test_fusion_weight_is_fitted_on_the_gallery_it_answers_with(version_dir):
+    """A version's held-out pictures join its gallery after calibration; fusion's weight is then fitted again on them,
+    each scored against that gallery with its own row left out (`build.refit_gallery_weight`): the weight in
+    calibration.json is the one a brute-force leave-own-row-out fit gives, not the fit on the gallery without them."""
+    import json
+
+    from anime_role_detect.imageio import load_image
+    from anime_role_detect.recognition.gallery import Gallery
+    from anime_role_detect.recognition.openset import fit_gallery_weight, gallery_probabilities
+
+    calib = json.loads((version_dir / "calibration.json").read_text())
+    g = Gallery.load(version_dir)
+    names = sorted(c["name"] for c in g.characters())
+    ids = np.arange(len(g.rows))
+    vectors, owner = g.index.reconstruct_n(0, len(ids)), [g.rows.names[o] for o in g.rows.owner[ids]]
+    z = np.load(version_dir / "val_embeddings.npz")
+    cos = np.full((len(z["labels"]), len(names)), -1.0)
+    for r, e in enumerate(z["embeddings"]):
+        sims = vectors @ e
+        for c, n in enumerate(names):
+            mine = np.sort([s for s, o in zip(sims, owner) if o == n and s < 0.9999])[::-1]
+            if len(mine):
+                cos[r, c] = mine[: g.depth(n)].mean()
+    rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False, "topk": 100})
+    model = np.zeros_like(cos)
+    for r, cands in enumerate(rec._score([load_image(p) for p in z["paths"]], "model", False, False).candidates):
+        for c, _, s in cands:
+            model[r, names.index(c)] = s
+    labels = [names.index(y) for y in z["labels"]]
+    t = calib["gallery_temperature"]
+    loo = fit_gallery_weight(np.stack([gallery_probabilities(row, t) for row in cos]), model, labels)
+    assert calib["gallery_weight"] == pytest.approx(loo)

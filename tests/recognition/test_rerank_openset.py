@@ -252,3 +252,31 @@ def test_few_calibration_pictures_still_refuse_at_most_two_percent_of_new_right_
     assert np.mean(got) < 0.021, np.mean(got)  # measured 0.016
     big = np.sort(rng.normal(0.8, 0.05, 300))
     assert genuine_floor(big, 0.98) == big[6]  # 6 scores below it: the order statistic, unchanged
+
+
+def test_refit_leaves_each_held_out_picture_out_of_its_own_score():
+    """Once the held-out pictures are gallery rows, a fit that let each find its own row would hand fusion to a gallery
+    that only remembers them; `refit_gallery_weight` scores each without its own row: here the other rows say nothing
+    about the character and the classifier is right, so the weight goes to the classifier."""
+    from anime_role_detect.recognition.build import _score_matrix, refit_gallery_weight
+    from anime_role_detect.recognition.gallery import Gallery
+
+    rng = np.random.default_rng(0)
+    names, dim, per = ["a", "b", "c"], 24, 12
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    g = Gallery("test:emb", dim, {"kind": "timm"}, index={"type": "flat"})
+    held = unit(rng.normal(size=(len(names) * per, dim)))  # pictures unlike any other row of their character
+    labels = np.repeat(np.arange(len(names)), per)
+    for c, n in enumerate(names):
+        g.add(n, "s", unit(rng.normal(size=(30, dim))), [f"{n}/t{i}.png" for i in range(30)])
+        g.add(n, "s", held[labels == c], [f"{n}/v{i}.png" for i in range(per)])
+    model = np.full((len(held), len(names)), 0.15)
+    model[np.arange(len(held)), labels] = 0.7
+    blend = {"names": names, "known": list(range(len(held))), "model": model, "labels": labels,
+             "filed": np.eye(len(names), dtype=bool)[labels]}
+    assert refit_gallery_weight(g, held, blend, 0.05) <= 0.2
+    with_own_row = np.stack([gallery_probabilities(r, 0.05) for r in _score_matrix(g.search(held, k=3), names)])
+    assert fit_gallery_weight(with_own_row, model, labels) >= 0.8  # what counting its own row would have fitted

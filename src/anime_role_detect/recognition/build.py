@@ -89,6 +89,7 @@ class SplitEvaluation:
     calibration: OpenSetCalibration
     weights: dict[str, float]
     embeddings: np.ndarray | None = None  # the images' gallery embeddings (clip mode), reused to enrol them
+    blend: dict[str, Any] | None = None  # what fusion's weight was fitted on (`refit_gallery_weight`); None when not fitted
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
@@ -149,7 +150,27 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
             w = weights.get(mode, rec.reranker.weight_for(mode))
             hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))
-    return SplitEvaluation(top1, calib, weights, embeddings)
+    blend = None
+    if calib.gallery_weight is not None and "model" in probs:
+        blend = {"names": names, "known": known, "model": probs["model"], "labels": probs["labels"], "filed": probs["filed"]}
+    return SplitEvaluation(top1, calib, weights, embeddings, blend)
+
+
+def refit_gallery_weight(gallery: Gallery, embeddings: np.ndarray, blend: Mapping[str, Any], temperature: float | None) -> float:
+    """Fusion's weight fitted again once the held-out pictures joined the gallery: each scored against that gallery, the
+    one a user's query meets, with its own row and copies left out (`Gallery.scores_without_copies`) instead of against
+    the smaller gallery built without them. The first fit underrated the gallery: with the rows added, the weight so
+    refitted named more set-aside pictures on `newgame_full` and as many on the other sets (docs/accuracy.md "Fusion's
+    weight fitted on the gallery it answers with")."""
+    names, known = list(blend["names"]), list(blend["known"])
+    queries = np.asarray(embeddings, np.float32)[known]
+    cos = _score_matrix(gallery.search(queries, k=len(names)), names)
+    for r, (q, filed) in enumerate(zip(queries, np.asarray(blend["filed"], bool))):
+        own = gallery.scores_without_copies(q, [n for n, f in zip(names, filed) if f])  # its copies are where it is filed
+        for n, s in own.items():
+            cos[r, names.index(n)] = s
+    probs = np.stack([gallery_probabilities(row, temperature) for row in cos])
+    return fit_gallery_weight(probs, blend["model"], blend["labels"], filed=blend["filed"])
 
 
 def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], model_ckpt: str | Path | None = None,
@@ -248,6 +269,11 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
                 gallery.add(character, recs[0].series, vemb[idx], [r.file_name for r in recs], embedder_id=embedder.model_id)
             gallery.save(out)
             report.rows = len(gallery)
+            if ev.blend is not None:  # fusion answers with this gallery: its weight is fitted on it
+                first = calib.gallery_weight
+                calib.gallery_weight = refit_gallery_weight(gallery, vemb, ev.blend, calib.gallery_temperature)
+                calib.save(out)
+                _log.info(f"fusion's gallery weight {first} -> {calib.gallery_weight} with the held-out pictures in the gallery")
     if onnx:
         from .onnx_export import export_into, manifest_entry
 

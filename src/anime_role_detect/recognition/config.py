@@ -47,7 +47,8 @@ class FusionOptions:
     character) would let the classifier decide alone. A version calibrated before the temperature existed keeps the
     raw cosine, so its saved thresholds stay valid. ``fit_gallery_weight`` (the default since 2026-12-06) fits the
     blend on those pictures too when a version is built (`openset.fit_gallery_weight`): the half that is sharper on
-    them gets more say (docs/accuracy.md "Fusion's blend fitted per version"); ``false`` keeps half and half.
+    them gets more say (docs/accuracy.md "Fusion's blend fitted per version"), fitted again once those pictures join
+    the gallery, each with its own row left out (`build.refit_gallery_weight`); ``false`` keeps half and half.
 
     ``untrained`` scores a character the classifier was never trained on (enrolled after training): ``gallery`` takes
     its gallery probability alone and blends the trained characters within the gallery's mass on them, so the fused

@@ -71,6 +71,8 @@ _log = get_logger("system")
 
 #: Kinds that keep every vector exactly (exact re-scoring, rebuilds and migrations read them back).
 _EXACT_KINDS = frozenset({"flat", "hnsw"})
+#: A row this close to a query is the query's own picture (or a byte-identical copy of it): `scores_without_copies`.
+COPY_COSINE = 0.9999
 _RESCORE_ROWS_MAX = 8192
 
 
@@ -475,8 +477,18 @@ class Gallery:
     def _rescorable(self, name: str) -> bool:
         return self._has_vectors() and len(self.rows.members[name]) <= _RESCORE_ROWS_MAX
 
-    def _exact_scores(self, query: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-        """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches."""
+    def scores_without_copies(self, query: np.ndarray, names: Sequence[str], copy_cosine: float = COPY_COSINE) -> dict[str, float]:
+        """Each of `names`' aggregate over its stored rows, leaving out rows at cosine >= `copy_cosine` to `query` (the
+        query's own row and exact copies of it): how a gallery that holds a picture scores that picture as if it did not,
+        e.g. a version's held-out pictures after they joined it (`build.refit_gallery_weight`). A character left with no
+        row scores -1."""
+        query = self._queries(query)[0]
+        names = [n for n in names if n in self.rows.members]
+        return self._exact_scores(query, names, below=float(copy_cosine)) if names and self._has_vectors() else {}
+
+    def _exact_scores(self, query: np.ndarray, names: Sequence[str], below: float | None = None) -> dict[str, float]:
+        """Each character's aggregate over all its stored rows (what an exhaustive search gives), read in few batches;
+        rows at cosine >= `below` left out when given."""
         out: dict[str, float] = {}
         batch: list[str] = []
         members = self.rows.members
@@ -487,6 +499,11 @@ class Gallery:
             sizes = [len(members[b]) for b in batch]
             sims = self._vectors(np.concatenate([self.rows.member_ids(b) for b in batch])) @ query
             for b, part in zip(batch, np.split(sims, np.cumsum(sizes)[:-1])):
+                if below is not None:
+                    part = part[part < below]
+                    if not len(part):
+                        out[b] = -1.0
+                        continue
                 depth = self.depth(b)
                 top = part if len(part) <= depth else np.partition(part, len(part) - depth)[-depth:]
                 out[b] = topm_mean(top.tolist(), depth)
