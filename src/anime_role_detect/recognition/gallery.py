@@ -481,7 +481,7 @@ class Gallery:
         """Each of `names`' aggregate over its stored rows, leaving out rows at cosine >= `copy_cosine` to `query` (the
         query's own row and exact copies of it): how a gallery that holds a picture scores that picture as if it did not,
         e.g. a version's held-out pictures after they joined it (`build.refit_gallery_weight`). A character left with no
-        row scores -1."""
+        row scores -1; a gallery that keeps no vectors (IVF-PQ codes alone) cannot leave rows out and returns nothing."""
         query = self._queries(query)[0]
         names = [n for n in names if n in self.rows.members]
         return self._exact_scores(query, names, below=float(copy_cosine)) if names and self._has_vectors() else {}
