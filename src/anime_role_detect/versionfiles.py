@@ -12,6 +12,7 @@ GALLERY_INDEX = "gallery.faiss"
 GALLERY_META = "gallery.json"  # embedder id, dimension, characters, index and row-file hashes
 GALLERY_ROWS = "gallery.rows.npz"  # per row id: character, series, source, as columns (recognition.rows)
 GALLERY_VECTORS = "gallery.vectors"  # IVF-PQ galleries: every row's vector, fp16, memory-mapped (recognition.vector_file)
+WHITENED_GALLERY = "whitened_gallery.npz"  # the trained characters' rows, whitened: fusion's judge among them (recognition.whitened)
 TAG_PROFILES = "tag_profiles.json"
 CALIBRATION = "calibration.json"  # open-set thresholds
 METRICS = "metrics.json"

@@ -20,7 +20,7 @@ from ..confutil import to_plain as _plain
 from ..errors import ConfigError, ImageError
 from ..imageio import load_image
 from ..log import get_logger
-from ..versionfiles import GALLERY_META, MODEL
+from ..versionfiles import GALLERY_META, MODEL, WHITENED_GALLERY
 from .aggregate import DEFAULT_AGGREGATE
 from .gallery import Gallery
 from .openset import (
@@ -37,6 +37,7 @@ from .openset import (
 )
 from .pipeline import MODES, Recognizer
 from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
+from .whitened import MAX_ROWS, WhitenedGallery
 
 _log = get_logger("system")
 #: ``gallery_build.runtime``: auto embeds a version's gallery and val pictures on ONNX Runtime when the build exports the
@@ -90,6 +91,7 @@ class SplitEvaluation:
     weights: dict[str, float]
     embeddings: np.ndarray | None = None  # the images' gallery embeddings (clip mode), reused to enrol them
     blend: dict[str, Any] | None = None  # what fusion's weight was fitted on (`refit_gallery_weight`); None when not fitted
+    whitened: WhitenedGallery | None = None  # fusion's judge of the trained characters when it had one (`whitened`)
 
 
 def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str], modes: Sequence[str],
@@ -113,10 +115,11 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     probs: dict[str, np.ndarray] = {}  # clip and model: each known picture's probability per character, for the fusion blend
     cosines: np.ndarray | None = None  # clip: each known picture's gallery cosine per character (fusion's open-set score)
     fit = rec.config.fusion.fit_gallery_weight and rec.fusion_weight is None
+    judge = rec.whitened if "fusion" in modes else None  # fusion's judge of the trained characters, when the version has one
     for mode in modes:
         if mode == "fusion" and fit and {"clip", "model"} <= probs.keys():  # scored with the blend it will answer with
-            calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs["model"], probs["labels"],
-                                                                               filed=probs["filed"])
+            calib.gallery_weight = rec.fusion_weight = fit_gallery_weight(probs["clip"], probs.get("whitened", probs["model"]),
+                                                                               probs["labels"], filed=probs["filed"])
         need_tags = rec.reranker is not None and rec.tagger is not None
         scored = rec._score(images, mode, need_tags, False)
         if mode == "clip":
@@ -132,6 +135,10 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 probs["clip"] = np.stack([gallery_probabilities(row, calib.gallery_temperature) for row in m[known]])
                 probs["labels"], probs["filed"] = np.asarray(y_idx), mask
                 cosines = m[known]
+                if judge is not None and embeddings is not None:  # its temperature, fitted as the gallery's
+                    ws = judge.scores_for(embeddings[known], names)
+                    calib.whitened_temperature = rec.whitened_temperature = fit_temperature(ws, y_idx, filed=mask)
+                    probs["whitened"] = judge.probabilities(embeddings[known], names, calib.whitened_temperature)
             elif mode == "model":
                 probs["model"] = np.clip(m[known], 0.0, None)  # -1 marks a character the classifier does not know
             # fusion's gate is the best gallery cosine (`openset` docstring), on the pictures fusion answers right
@@ -153,15 +160,17 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
     blend = None
     if calib.gallery_weight is not None and "model" in probs:
         blend = {"names": names, "known": known, "model": probs["model"], "labels": probs["labels"], "filed": probs["filed"]}
-    return SplitEvaluation(top1, calib, weights, embeddings, blend)
+    return SplitEvaluation(top1, calib, weights, embeddings, blend, judge if "whitened" in probs else None)
 
 
-def refit_gallery_weight(gallery: Gallery, embeddings: np.ndarray, blend: Mapping[str, Any], temperature: float | None) -> float:
+def refit_gallery_weight(gallery: Gallery, embeddings: np.ndarray, blend: Mapping[str, Any], temperature: float | None,
+                         whitened: tuple[WhitenedGallery, float] | None = None) -> float:
     """Fusion's weight fitted again once the held-out pictures joined the gallery: each scored against that gallery, the
     one a user's query meets, with its own row and copies left out (`Gallery.scores_without_copies`) instead of against
     the smaller gallery built without them. The first fit underrated the gallery: with the rows added, the weight so
     refitted named more set-aside pictures on `newgame_full` and as many on the other sets (docs/accuracy.md "Fusion's
-    weight fitted on the gallery it answers with")."""
+    weight fitted on the gallery it answers with"). `whitened` (the judge and its temperature, the pictures' rows in
+    it too) stands in for the classifier, each picture scored without its own row there as well."""
     names, known = list(blend["names"]), list(blend["known"])
     queries = np.asarray(embeddings, np.float32)[known]
     cos = _score_matrix(gallery.search(queries, k=len(names)), names)
@@ -170,7 +179,8 @@ def refit_gallery_weight(gallery: Gallery, embeddings: np.ndarray, blend: Mappin
         for n, s in own.items():
             cos[r, names.index(n)] = s
     probs = np.stack([gallery_probabilities(row, temperature) for row in cos])
-    return fit_gallery_weight(probs, blend["model"], blend["labels"], filed=blend["filed"])
+    trained = blend["model"] if whitened is None else whitened[0].probabilities(queries, names, whitened[1], leave_out_copies=True)
+    return fit_gallery_weight(probs, trained, blend["labels"], filed=blend["filed"])
 
 
 def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], model_ckpt: str | Path | None = None,
@@ -237,6 +247,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
                                 aggregate=gcfg.get("aggregate", DEFAULT_AGGREGATE), embedder_config=saved_cfg, progress=progress)
     gallery.save(out)
+    (out / WHITENED_GALLERY).unlink(missing_ok=True)  # an earlier build's: this one fits its own below, or has none
     has_tags = any(r.tags for r in train)
     if has_tags:
         TagReranker.fit(train, min_tag_count=int(gcfg.get("min_tag_count", 2))).save(out)
@@ -247,6 +258,10 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
         rec = Recognizer.from_version(out, rcfg)
         modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
+        if "fusion" in modes and rec.config.fusion.whitened:
+            whitened = fit_whitened_gallery(gallery, train, root)
+            if whitened is not None:
+                whitened.save(out)
         # a group picture answered with another character it shows is right (its copies are all on the val side:
         # splits keep a group together)
         val_shas = [file_sha256(r.path(root)) for _, r in loaded]
@@ -269,9 +284,15 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
                 gallery.add(character, recs[0].series, vemb[idx], [r.file_name for r in recs], embedder_id=embedder.model_id)
             gallery.save(out)
             report.rows = len(gallery)
+            judge = None
+            if ev.whitened is not None and ev.blend is not None:  # the judge learns them too: fitted again on every row
+                judge = refit_whitened_gallery(gallery, train + [r for _, r in loaded], root, vemb, ev.blend)
+                if judge is not None:
+                    judge[0].save(out)
+                    calib.whitened_temperature = judge[1]
             if ev.blend is not None:  # fusion answers with this gallery: its weight is fitted on it
                 first = calib.gallery_weight
-                calib.gallery_weight = refit_gallery_weight(gallery, vemb, ev.blend, calib.gallery_temperature)
+                calib.gallery_weight = refit_gallery_weight(gallery, vemb, ev.blend, calib.gallery_temperature, judge)
                 calib.save(out)
                 _log.info(f"fusion's gallery weight {first} -> {calib.gallery_weight} with the held-out pictures in the gallery")
     if onnx:
@@ -279,6 +300,46 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
 
         report.onnx = manifest_entry(exported[0] if exported is not None else export_into(out))
     return report
+
+
+def fit_whitened_gallery(gallery: Gallery, records: Sequence[Any], root: Path) -> WhitenedGallery | None:
+    """Fusion's judge of the trained characters (`whitened.WhitenedGallery`) from the gallery's rows, its covariance
+    fitted on the rows of pictures filed under one character (`layout.filed_characters`: a group picture's copies are
+    left out of it), each picture once (a duplicate adds no variation); None when the gallery is too big to copy
+    (`whitened.MAX_ROWS`) or too small to fit."""
+    from ..data.layout import filed_characters
+    from ..errors import GalleryError
+    from ..fsutil import file_sha256
+
+    if len(gallery) > MAX_ROWS:
+        _log.info(f"no whitened gallery: {len(gallery)} rows is more than {MAX_ROWS}; fusion judges trained characters with the classifier")
+        return None
+    vectors, characters, sources = gallery.live_rows()
+    shas = [file_sha256(r.path(root)) for r in records]
+    filed, sha_of = filed_characters(records, shas), {r.file_name: h for r, h in zip(records, shas)}
+    seen: set[str] = set()
+    counted = []  # a picture counts once: filed under one character, and not a byte-identical copy of one counted
+    for s in sources:
+        h = sha_of.get(s, s)
+        counted.append(len(filed.get(s, ())) <= 1 and h not in seen)
+        seen.add(h)
+    try:
+        return WhitenedGallery.fit(vectors, characters, counted, depths={c: gallery.depth(c) for c in set(characters)})
+    except GalleryError as exc:
+        _log.warning(f"no whitened gallery ({exc}); fusion judges trained characters with the classifier")
+        return None
+
+
+def refit_whitened_gallery(gallery: Gallery, records: Sequence[Any], root: Path, embeddings: np.ndarray,
+                           blend: Mapping[str, Any]) -> tuple[WhitenedGallery, float] | None:
+    """Fusion's judge fitted again once the held-out pictures joined the gallery (their rows in its covariance too),
+    with its temperature fitted on those pictures, each scored without its own row (as `refit_gallery_weight`)."""
+    wg = fit_whitened_gallery(gallery, records, root)
+    if wg is None:
+        return None
+    names, known = list(blend["names"]), list(blend["known"])
+    scores = wg.scores_for(np.asarray(embeddings, np.float32)[known], names, leave_out_copies=True)
+    return wg, fit_temperature(scores, list(blend["labels"]), filed=blend["filed"])
 
 
 def _export_classifier_first(out: Path, ecfg: Mapping[str, Any], embedder: Any) -> tuple[dict[str, Any], Any] | None:

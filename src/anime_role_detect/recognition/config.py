@@ -52,12 +52,19 @@ class FusionOptions:
 
     ``untrained`` scores a character the classifier was never trained on (enrolled after training): ``gallery`` takes
     its gallery probability alone and blends the trained characters within the gallery's mass on them, so the fused
-    scores stay one distribution; ``leftover`` (before 2026-12-06) blends in the classifier's 1 - top probability."""
+    scores stay one distribution; ``leftover`` (before 2026-12-06) blends in the classifier's 1 - top probability.
+
+    ``whitened`` (the default since 2026-12-07): a build also keeps its trained characters' rows whitened by their
+    within-character covariance (`whitened.WhitenedGallery`), and while every gallery character is a trained one
+    fusion blends the gallery with that whitened gallery's probability in place of the classifier's: it named more
+    set-aside pictures on every real set (docs/accuracy.md "The whitened gallery as fusion's judge of trained
+    characters"). Once a character is enrolled the classifier judges again; ``false`` keeps the classifier always."""
 
     gallery_weight: float | None = None  # None: the version's (its fitted weight, else 0.5); a number overrides it
     fit_gallery_weight: bool = True  # building a version: fit the weight on its held-out pictures (calibration.json)
     gallery_temperature: float | None = None  # None: the version's calibrated temperature; a number overrides it
     untrained: str = "gallery"  # gallery | leftover: how fusion scores a character only the gallery knows (`UNTRAINED_RULES`)
+    whitened: bool = True  # build the whitened gallery; fusion judges trained characters with it while none is enrolled
 
 
 @dataclass

@@ -237,6 +237,12 @@ class Gallery:
             raise GalleryError(f"a {self.kind} index keeps compressed codes, not vectors; rebuild the gallery from its images")
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64)) if len(ids) else np.zeros((0, self.dim), np.float32)
 
+    def live_rows(self) -> tuple[np.ndarray, list[str], list[str]]:
+        """Every live row's vector, character and source, in id order (what a build fits on its rows)."""
+        ids = self._live_ids()
+        rows = [self.rows[int(i)] for i in ids]
+        return self._vectors(ids), [r.character for r in rows], [r.source for r in rows]
+
     def _rebuild(self, kind: str, rows: int, extra: np.ndarray | None = None, chunk: int = 65_536) -> None:
         """Replace the index by a fresh one of `kind` holding the live rows (read back from the stored vectors)."""
         live = self._live_ids()

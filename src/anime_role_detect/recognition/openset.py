@@ -62,6 +62,7 @@ class OpenSetCalibration:
     stale: dict[str, str] | None = None  # {since, reason}: the gallery changed after the thresholds were measured
     gallery_temperature: float | None = None  # fusion: softmax temperature of gallery cosines (`fit_temperature`)
     gallery_weight: float | None = None  # fusion: the gallery's share of the blend (`fit_gallery_weight`); None: 0.5
+    whitened_temperature: float | None = None  # fusion: softmax temperature of the whitened gallery's scores (`whitened`)
 
     def mark_stale(self, reason: str) -> None:
         """Record that the gallery changed since calibration (kept from the first change until a rebuild recalibrates)."""
@@ -100,6 +101,8 @@ class OpenSetCalibration:
             obj["gallery_temperature"] = self.gallery_temperature
         if self.gallery_weight is not None:
             obj["gallery_weight"] = self.gallery_weight
+        if self.whitened_temperature is not None:
+            obj["whitened_temperature"] = self.whitened_temperature
         atomic_write_json(p, obj)
         return p
 
@@ -111,9 +114,9 @@ class OpenSetCalibration:
         with reading_file(p, "open-set calibration", "rebuild with ard-gallery build --val-fraction 0.2 or set openset.enabled=false",
                           "rebuild it with ard-gallery build"):
             obj = read_json(p)
-            t, w = obj.get("gallery_temperature"), obj.get("gallery_weight")
+            t, w, wt = obj.get("gallery_temperature"), obj.get("gallery_weight"), obj.get("whitened_temperature")
             return cls(float(obj["target_far"]), {k: ModeThreshold(**v) for k, v in obj["modes"].items()}, obj.get("stale"),
-                       None if t is None else float(t), None if w is None else float(w))
+                       None if t is None else float(t), None if w is None else float(w), None if wt is None else float(wt))
 
 
 def filed_mask(labels: Sequence[int], n_classes: int, filed: np.ndarray | None = None) -> np.ndarray:

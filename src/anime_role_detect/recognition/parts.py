@@ -185,6 +185,15 @@ class VersionParts:
         return self._part("calibration", load)
 
     @property
+    def whitened(self) -> Any:
+        """The version's whitened gallery of its trained characters (`whitened.WhitenedGallery`); None without one
+        (versions built before it, ``fusion.whitened: false``)."""
+        from .whitened import WhitenedGallery
+
+        enabled = self.config.fusion.whitened and self.version_dir is not None
+        return self._part("whitened", lambda: WhitenedGallery.load(self.version_dir) if enabled else None)
+
+    @property
     def limits(self) -> ImageLimits:
         """How untrusted bytes are decoded: the config's `limits` over recognition's (`RECOGNITION_LIMITS`: a big JPEG
         decodes drafted, its answers' boxes still in its own pixels)."""

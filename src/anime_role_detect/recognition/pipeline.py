@@ -90,6 +90,7 @@ class Recognizer(VersionParts):
         self.fusion_weight = c.fusion.gallery_weight  # None: the version's fitted one
         self.fusion_temperature = c.fusion.gallery_temperature  # None: the version's calibrated one
         self.fusion_untrained = c.fusion.untrained  # how fusion scores a character the classifier was not trained on
+        self.whitened_temperature: float | None = None  # None: the version's calibrated one (a build sets it while fitting)
         self.openset_enabled = c.openset.enabled
         self.cache = LRUCache(c.cache_size)
         self.sinks: list[AnswerSink] = []
@@ -254,7 +255,7 @@ class Recognizer(VersionParts):
         elif mode == "model":
             cands = self._model_candidates(probs)
         else:
-            cands = self._fuse(gal, probs)
+            cands = self._fuse(gal, self._trained_probabilities(emb, probs))
         if need_tags and tag_probs is None and self.tagger is not None:
             t0 = time.perf_counter()
             tag_probs = self.tagger.predict(list(crops))
@@ -283,8 +284,28 @@ class Recognizer(VersionParts):
         w = calib.gallery_weight if calib is not None else None
         return 0.5 if w is None or self._gallery_only_characters() else float(w)
 
+    def whitened_judge(self) -> tuple[Any, float] | None:
+        """(whitened gallery, its temperature) when fusion judges the trained characters with it: the version has one,
+        it is calibrated, and every gallery character is a trained one (an enrolled one scatters in its space,
+        `whitened` module docstring); else None and the classifier judges."""
+        t = self.whitened_temperature
+        if t is None:
+            calib = self.calibration
+            t = calib.whitened_temperature if calib is not None else None
+        wg = self.whitened if t is not None else None
+        return None if wg is None or self._gallery_only_characters() else (wg, float(t))
+
+    def _trained_probabilities(self, embeddings: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
+        """Fusion's probability over the trained characters (the classifier's classes, in its order): the whitened
+        gallery's when `whitened_judge` allows, else the classifier's own."""
+        judge = self.whitened_judge() if embeddings is not None else None
+        if judge is None:
+            return probs
+        return judge[0].probabilities(embeddings, self.classifier_card.class_names, judge[1])
+
     def _fuse(self, gal: list[list[Candidate]], probs: np.ndarray) -> list[list[Candidate]]:
-        """Blend gallery probability (`gallery_probabilities`) and classifier probability per character.
+        """Blend gallery probability (`gallery_probabilities`) and the trained characters' probability per character
+        (`probs`, laid out as the classifier's classes: its own or the whitened gallery's, `_trained_probabilities`).
 
         A character only the gallery knows (enrolled after training; `FusionOptions.untrained`): under ``gallery`` it
         keeps its gallery probability and the classifier shares out only the gallery's mass on trained characters, so
@@ -487,7 +508,8 @@ class Recognizer(VersionParts):
             "calibration": {"target_far": calib.target_far, "thresholds": {m: t.threshold for m, t in calib.modes.items()},
                             "threshold_scores": {m: t.score for m, t in calib.modes.items()}, "stale": calib.stale, "fusion": {"gallery_weight": self.gallery_weight(),
                                                              "gallery_temperature": self.gallery_temperature(),
-                                                             "untrained": self.fusion_untrained}} if calib else None,
+                                                             "untrained": self.fusion_untrained,
+                                                             "trained_judge": "whitened" if self.whitened_judge() else "classifier"}} if calib else None,
             "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
             "runtime": getattr(loaded.get("runtime"), "runtime", None) or ("torch" if "runtime" in loaded else self.config.runtime),
             "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
