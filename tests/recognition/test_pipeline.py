@@ -385,7 +385,8 @@ def test_auto_mode_answers_in_the_mode_the_version_measured_best(version_dir, tm
 def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_images):
     """The version carries a gallery temperature and a blend weight fitted on its held-out pictures
     (`fusion.fit_gallery_weight`, the default; ``false`` keeps half and half); fusion mixes softmax(cosine / T) with
-    the classifier's probability (gallery weight 1 answers as clip does), so its score is a probability and it is never
+    the trained characters' probability (the whitened gallery's here; gallery weight 1 answers as clip does), so its
+    score is a probability and it is never
     far below the better of the two modes. A version calibrated before the temperature existed still blends the raw
     cosine half and half, so its saved thresholds hold."""
     import json
@@ -398,7 +399,7 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     assert 0 < t < 1 and 0 <= w <= 1  # both fitted when the version was built, with no option asked
     rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
     assert rec.gallery_weight() == w and rec.describe()["calibration"]["fusion"] == {"gallery_weight": w, "gallery_temperature": t,
-                                                                                         "untrained": "gallery"}
+                                                                                         "untrained": "gallery", "trained_judge": "whitened"}
     fitting = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}})
     pics, names = [im for im, _ in test_images], [y for _, y in test_images]
     ev = evaluate_split(fitting, pics, names, ["clip", "model", "fusion"], tune=False)
@@ -420,8 +421,9 @@ def test_fusion_mixes_two_calibrated_probabilities(version_dir, tmp_path, test_i
     gal = rec._score([test_images[0][0]], "clip", False, False).candidates[0]
     old = tmp_path / "old"
     shutil.copytree(version_dir, old)
-    del calib["gallery_temperature"], calib["gallery_weight"]
+    del calib["gallery_temperature"], calib["gallery_weight"], calib["whitened_temperature"]
     (old / "calibration.json").write_text(json.dumps(calib))
+    (old / "whitened_gallery.npz").unlink()  # a version from before any of them
     before = Recognizer.from_version(old, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False})
     assert before.gallery_temperature() is None and before.gallery_weight() == 0.5
     top = before._score([test_images[0][0]], "fusion", False, False).candidates[0][0]
@@ -519,21 +521,41 @@ def test_fusion_scores_an_enrolled_character_by_the_gallery_alone(version_dir, t
         Recognizer.from_version(folder, {**infer_cfg(), "fusion": {"untrained": "classifier"}})
 
 
+def _whitened_scores(folder, embeddings: np.ndarray, names: list[str], leave_out_own: bool = False) -> np.ndarray:
+    """The version's whitened gallery scored by hand from its file: each character's mean of its best `depths` rows of
+    ``unit(e M) . row`` (own row, cosine >= 0.9999, left out when asked)."""
+    z = np.load(folder / "whitened_gallery.npz")
+    rows, owners, depths, own = z["rows"].astype(np.float32), z["owners"], z["depths"], [str(n) for n in z["names"]]
+    out = np.full((len(embeddings), len(names)), -1.0)
+    for r, e in enumerate(embeddings):
+        w = e @ z["matrix"]
+        sims = rows @ (w / np.linalg.norm(w))
+        for c, n in enumerate(names):
+            if n in own:
+                i = own.index(n)
+                mine = np.sort([s for s, o in zip(sims, owners) if o == i and not (leave_out_own and s >= 0.9999)])[::-1]
+                out[r, c] = mine[: depths[i]].mean()
+    return out
+
+
 def test_fusion_weight_is_fitted_on_the_gallery_it_answers_with(version_dir):
-    """A version's held-out pictures join its gallery after calibration; fusion's weight is then fitted again on them,
-    each scored against that gallery with its own row left out (`build.refit_gallery_weight`): the weight in
-    calibration.json is the one a brute-force leave-own-row-out fit gives, not the fit on the gallery without them."""
+    """A version's held-out pictures join its gallery (and its whitened gallery, whose covariance is fitted again on
+    every row) after calibration; fusion's weight is then fitted again on them, each picture scored with its own row
+    left out there and in the whitened gallery (`build.refit_gallery_weight`): calibration.json holds what a
+    brute-force leave-own-row-out fit gives, and the stored matrix is the whitening of the gallery's rows."""
     import json
 
-    from anime_role_detect.imageio import load_image
-    from anime_role_detect.recognition.gallery import Gallery
-    from anime_role_detect.recognition.openset import fit_gallery_weight, gallery_probabilities
+    from anime_role_detect.recognition.openset import fit_gallery_weight
 
     calib = json.loads((version_dir / "calibration.json").read_text())
     g = Gallery.load(version_dir)
     names = sorted(c["name"] for c in g.characters())
     ids = np.arange(len(g.rows))
     vectors, owner = g.index.reconstruct_n(0, len(ids)), [g.rows.names[o] for o in g.rows.owner[ids]]
+    resid = vectors - np.stack([vectors[[o == n for o in owner]].mean(0) for n in owner])
+    sw = resid.T.astype(np.float64) @ resid / len(vectors)
+    ev, vec = np.linalg.eigh(sw / (np.trace(sw) / len(sw)) + np.eye(len(sw)))
+    assert np.allclose(np.load(version_dir / "whitened_gallery.npz")["matrix"], (vec / np.sqrt(ev)) @ vec.T, atol=1e-4)
     z = np.load(version_dir / "val_embeddings.npz")
     cos = np.full((len(z["labels"]), len(names)), -1.0)
     for r, e in enumerate(z["embeddings"]):
@@ -542,12 +564,41 @@ def test_fusion_weight_is_fitted_on_the_gallery_it_answers_with(version_dir):
             mine = np.sort([s for s, o in zip(sims, owner) if o == n and s < 0.9999])[::-1]
             if len(mine):
                 cos[r, c] = mine[: g.depth(n)].mean()
-    rec = Recognizer.from_version(version_dir, {**infer_cfg(), "openset": {"enabled": False}, "rerank": False, "topk": 100})
-    model = np.zeros_like(cos)
-    for r, cands in enumerate(rec._score([load_image(p) for p in z["paths"]], "model", False, False).candidates):
-        for c, _, s in cands:
-            model[r, names.index(c)] = s
     labels = [names.index(y) for y in z["labels"]]
+    judged = _whitened_scores(version_dir, z["embeddings"], names, leave_out_own=True)
+    judge = np.stack([gallery_probabilities(row, calib["whitened_temperature"]) for row in judged])
     t = calib["gallery_temperature"]
-    loo = fit_gallery_weight(np.stack([gallery_probabilities(row, t) for row in cos]), model, labels)
+    loo = fit_gallery_weight(np.stack([gallery_probabilities(row, t) for row in cos]), judge, labels)
     assert calib["gallery_weight"] == pytest.approx(loo)
+
+
+def test_fusion_judges_trained_characters_with_the_whitened_gallery_until_one_is_enrolled(version_dir, tmp_path, rec_data,
+                                                                                          test_images):
+    """While every gallery character is a trained one, fusion blends the gallery's probability with the whitened
+    gallery's (not the classifier's): each character's score is w x gallery + (1 - w) x whitened, recomputed here from
+    the files. Once a character is enrolled the classifier judges again: fusion then answers every picture as a
+    version without the whitened gallery does (`fusion.whitened: false`)."""
+    folder = tmp_path / "v"
+    shutil.copytree(version_dir, folder)
+    cfg = {**infer_cfg(), "openset": {"enabled": False}, "topk": 100}
+    rec = Recognizer.from_version(folder, cfg)
+    plain = Recognizer.from_version(folder, {**cfg, "fusion": {"whitened": False}})
+    assert rec.whitened_judge() is not None and plain.whitened_judge() is None
+    assert rec.describe()["calibration"]["fusion"]["trained_judge"] == "whitened"
+    img = test_images[0][0]
+    fused = {c: s for c, _, s in rec._score([img], "fusion", False, False).candidates[0]}
+    e = rec.embedder.embed([img])
+    g = rec.gallery.search(e, k=rec.gallery.n_characters)[0]
+    p_gal = dict(zip([c for c, _, _ in g], gallery_probabilities([s for _, _, s in g], rec.gallery_temperature())))
+    names = sorted(p_gal)
+    judge = dict(zip(names, gallery_probabilities(_whitened_scores(folder, e, names)[0], rec.calibration.whitened_temperature)))
+    w = rec.gallery_weight()
+    for c in names:
+        assert fused[c] == pytest.approx(w * p_gal[c] + (1 - w) * judge[c], abs=1e-4), c
+    shots, probe = _stranger_pictures(rec_data, 11, 12, 16)
+    for r in (rec, plain):
+        r.enroll("stranger", "series_z", shots)
+    assert rec.whitened_judge() is None and rec.describe()["calibration"]["fusion"]["trained_judge"] == "classifier"
+    pictures = [(im, f"t{i}.png") for i, (im, _) in enumerate(test_images[:24])] + probe
+    assert [a.role for a in rec.recognize_batch(pictures, mode="fusion", rerank=False)] == \
+        [a.role for a in plain.recognize_batch(pictures, mode="fusion", rerank=False)]

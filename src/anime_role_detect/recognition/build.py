@@ -285,11 +285,17 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             gallery.save(out)
             report.rows = len(gallery)
             judge = None
-            if ev.whitened is not None and ev.blend is not None:  # the judge learns them too: fitted again on every row
-                judge = refit_whitened_gallery(gallery, train + [r for _, r in loaded], root, vemb, ev.blend)
-                if judge is not None:
-                    judge[0].save(out)
-                    calib.whitened_temperature = judge[1]
+            if ev.whitened is not None and calib.whitened_temperature is not None:  # the judge learns them too
+                refitted = fit_whitened_gallery(gallery, train + [r for _, r in loaded], root)  # its covariance from every row
+                if refitted is not None:
+                    refitted.save(out)
+                    # its temperature stays the first fit's: with the held-out rows in its covariance those pictures
+                    # separate perfectly and a refit goes to the grid's floor (every named picture scoring about 1)
+                    judge = (refitted, calib.whitened_temperature)
+                else:  # too many rows now: the classifier judges, as the weight below is then fitted
+                    (out / WHITENED_GALLERY).unlink(missing_ok=True)
+                    calib.whitened_temperature = None
+                    calib.save(out)
             if ev.blend is not None:  # fusion answers with this gallery: its weight is fitted on it
                 first = calib.gallery_weight
                 calib.gallery_weight = refit_gallery_weight(gallery, vemb, ev.blend, calib.gallery_temperature, judge)
@@ -328,18 +334,6 @@ def fit_whitened_gallery(gallery: Gallery, records: Sequence[Any], root: Path) -
     except GalleryError as exc:
         _log.warning(f"no whitened gallery ({exc}); fusion judges trained characters with the classifier")
         return None
-
-
-def refit_whitened_gallery(gallery: Gallery, records: Sequence[Any], root: Path, embeddings: np.ndarray,
-                           blend: Mapping[str, Any]) -> tuple[WhitenedGallery, float] | None:
-    """Fusion's judge fitted again once the held-out pictures joined the gallery (their rows in its covariance too),
-    with its temperature fitted on those pictures, each scored without its own row (as `refit_gallery_weight`)."""
-    wg = fit_whitened_gallery(gallery, records, root)
-    if wg is None:
-        return None
-    names, known = list(blend["names"]), list(blend["known"])
-    scores = wg.scores_for(np.asarray(embeddings, np.float32)[known], names, leave_out_copies=True)
-    return wg, fit_temperature(scores, list(blend["labels"]), filed=blend["filed"])
 
 
 def _export_classifier_first(out: Path, ecfg: Mapping[str, Any], embedder: Any) -> tuple[dict[str, Any], Any] | None:
