@@ -21,7 +21,9 @@ probability per character), through the real `Recognizer`. The rules are then ap
 - ``fitw-loo``: ``fitw``'s fit, but each held-out picture scored against the gallery the version answers with (its
   held-out pictures' rows in it), its own row left out: the weight fitted on the gallery a user's query meets, not the
   smaller one the build fitted on before those rows joined (`build.refit_gallery_weight`, what a build does since
-  2026-12-07; versions built before carry ``fitw``);
+  2026-12-07; versions built before carry ``fitw``); every rule blends the classifier, so on a version with a whitened
+  gallery (`recognition/whitened.py`, what fusion answers with since 2026-12-07) they say what the classifier would
+  have given, and ``fitw`` is fitted here;
 
 ``--protocol unseen`` reads the versions `accuracy.py --protocols unseen` built (2 characters held out of training):
 before anything is enrolled they answer the trained characters' set-aside pictures, a closed set of the rest.
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             split = json.loads(Path(json.loads(trained.read_text())["split_path"]).read_text())
             parts = {"val": (runs / "pool", split["val"]), "test": (data_dir() / name, json.loads((run / "test_split.json").read_text())["test"])}
-            built_w = json.loads((version / "calibration.json").read_text()).get("gallery_weight")
+            calib = json.loads((version / "calibration.json").read_text())
+            # a version built with a whitened gallery fitted its weight against that, not the classifier these rules blend
+            built_w = None if calib.get("whitened_temperature") is not None else calib.get("gallery_weight")
             s = scores(version, parts, runs / f"blend-scores-{args.recipe}.npz")
             got = blends(s, built_w, refit_weight(version, runs / "pool", split["val"], s))
             per_set.setdefault(name, []).append(got)

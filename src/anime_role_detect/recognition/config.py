@@ -40,7 +40,8 @@ class OpenSetOptions:
 
 @dataclass
 class FusionOptions:
-    """fusion score = ``gallery_weight`` x gallery probability + (1 - ``gallery_weight``) x classifier probability.
+    """fusion score = ``gallery_weight`` x gallery probability + (1 - ``gallery_weight``) x the trained characters'
+    probability (the classifier's, or the whitened gallery's: ``whitened`` below).
 
     The gallery probability is a softmax of the characters' gallery cosines at a temperature calibrated on the
     version's held-out pictures (``calibration.json``), so both terms are probabilities; a raw cosine (0.9 for every

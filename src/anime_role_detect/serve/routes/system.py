@@ -42,7 +42,7 @@ class RecognizerFacts(BaseModel):
     characters: int = Field(default=0, description="Characters it can name.")
     classifier: bool = Field(default=False, description="True when the version has a trained classifier (model.ckpt).")
     tagger: str | None = Field(default=None, description="Tagger in use (model id or kind); null when none is loaded.")
-    calibration: dict[str, Any] | None = Field(default=None, description="Open-set calibration: target false-accept rate, threshold per mode and the score each applies to (top: the mode's own top score; gallery_cosine: the best gallery cosine, fusion), and the fusion blend in use (gallery weight, temperature, and `untrained`: how a character enrolled after training is scored).")
+    calibration: dict[str, Any] | None = Field(default=None, description="Open-set calibration: target false-accept rate, threshold per mode and the score each applies to (top: the mode's own top score; gallery_cosine: the best gallery cosine, fusion), and the fusion blend in use (gallery weight, temperature, `untrained`: how a character enrolled after training is scored, and `trained_judge`: whitened, the version's whitened gallery judging the trained characters, or classifier, once a character is enrolled or where the version has none).")
     runtime: str | None = Field(default=None, description="What runs the networks: onnx / onnx-int8 (ONNX Runtime, the version's "
                                 "exported files) or torch; before the first answer, the `runtime` setting (auto).")
     device: str | None = Field(default=None, description="Device the models run on (cpu, cuda, mps).")
