@@ -5,8 +5,8 @@ A fine-tuned network's embedding of a trained character still varies along direc
 the trained characters' within-character covariance (``x -> M x``, ``M = (S_w + shrinkage I)^-1/2`` with ``S_w``
 scaled to a mean eigenvalue of 1; speaker recognition's WCCN) shrinks those directions, so the rows of one character
 gather and a picture is compared on what tells characters apart. Scored like the gallery (the mean of a character's
-best rows, as many as `Gallery.depth`), it named more set-aside pictures than the raw gallery and than the classifier on every real
-set (docs/accuracy.md "The whitened gallery as fusion's judge of trained characters").
+best rows, as many as `Gallery.depth`), it named more set-aside pictures than the raw gallery on every real set, and
+as many as the classifier or more (docs/accuracy.md "The whitened gallery as fusion's judge of trained characters").
 
 It judges only the characters it was fitted on. A character enrolled later would be compared along directions fitted
 to others, and the space scatters its rows: 5-shot enrolment fell from 46 to 14-24% on `newgame_full` when the whole
