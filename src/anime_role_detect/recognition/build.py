@@ -258,8 +258,10 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         rcfg = {**cfg, "detector": None, "openset": {"enabled": False}, "cache_size": 0}
         rec = Recognizer.from_version(out, rcfg)
         modes = [m for m in MODES if m == "clip" or (out / MODEL).is_file()]
+        train_shas: list[str] = []  # hashed once, for the whitened gallery's first fit and its refit
         if "fusion" in modes and rec.config.fusion.whitened:
-            whitened = fit_whitened_gallery(gallery, train, root)
+            train_shas = [file_sha256(r.path(root)) for r in train]
+            whitened = fit_whitened_gallery(gallery, train, train_shas)
             if whitened is not None:
                 whitened.save(out)
         # a group picture answered with another character it shows is right (its copies are all on the val side:
@@ -286,7 +288,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             report.rows = len(gallery)
             judge = None
             if ev.whitened is not None and calib.whitened_temperature is not None:  # the judge learns them too
-                refitted = fit_whitened_gallery(gallery, train + [r for _, r in loaded], root)  # its covariance from every row
+                refitted = fit_whitened_gallery(gallery, train + [r for _, r in loaded], train_shas + val_shas)  # every row
                 if refitted is not None:
                     refitted.save(out)
                     # its temperature stays the first fit's: with the held-out rows in its covariance those pictures
@@ -308,21 +310,19 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     return report
 
 
-def fit_whitened_gallery(gallery: Gallery, records: Sequence[Any], root: Path) -> WhitenedGallery | None:
+def fit_whitened_gallery(gallery: Gallery, records: Sequence[Any], sha256: Sequence[str]) -> WhitenedGallery | None:
     """Fusion's judge of the trained characters (`whitened.WhitenedGallery`) from the gallery's rows, its covariance
-    fitted on the rows of pictures filed under one character (`layout.filed_characters`: a group picture's copies are
-    left out of it), each picture once (a duplicate adds no variation); None when the gallery is too big to copy
-    (`whitened.MAX_ROWS`) or too small to fit."""
+    fitted on the rows of pictures filed under one character (`layout.filed_characters` of `records` and their content
+    hashes `sha256`: a group picture's copies are left out of it), each picture once (a duplicate adds no variation);
+    None when the gallery is too big to copy (`whitened.MAX_ROWS`) or too small to fit."""
     from ..data.layout import filed_characters
     from ..errors import GalleryError
-    from ..fsutil import file_sha256
 
     if len(gallery) > MAX_ROWS:
         _log.info(f"no whitened gallery: {len(gallery)} rows is more than {MAX_ROWS}; fusion judges trained characters with the classifier")
         return None
     vectors, characters, sources = gallery.live_rows()
-    shas = [file_sha256(r.path(root)) for r in records]
-    filed, sha_of = filed_characters(records, shas), {r.file_name: h for r, h in zip(records, shas)}
+    filed, sha_of = filed_characters(records, sha256), {r.file_name: h for r, h in zip(records, sha256)}
     seen: set[str] = set()
     counted = []  # a picture counts once: filed under one character, and not a byte-identical copy of one counted
     for s in sources:

@@ -28,13 +28,13 @@ from ..errors import GalleryError, reading_file
 from ..fsutil import atomic_write_bytes
 from ..versionfiles import WHITENED_GALLERY
 from .aggregate import BALANCED_TOP
+from .gallery import COPY_COSINE  # a query's own row (or a byte-identical copy): left out when scored against itself
 
 #: ``S_w`` (scaled to a mean eigenvalue of 1) + this x I before the inverse square root: 1 named the most set-aside
 #: pictures of 0.1 / 0.3 / 1 / 3 on the four real sets (docs/accuracy.md); 0 would blow up directions no row varies in.
 DEFAULT_SHRINKAGE = 1.0
 #: Above this many trained rows no whitened gallery is built (it is a copy of them, float16): fusion uses the classifier.
 MAX_ROWS = 50_000
-COPY_COSINE = 0.9999  # a query's own row (or a byte-identical copy of it): left out when it is scored against itself
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -123,15 +123,18 @@ class WhitenedGallery:
                 out[:, i] = np.where(np.isnan(mean), -1.0, mean)
         return out
 
-    def scores_for(self, embeddings: np.ndarray, names: Sequence[str], leave_out_copies: bool = False) -> np.ndarray:
-        """`scores` laid out as `names` (-1 for a name it was not fitted on): what a temperature is fitted on."""
-        s = self.scores(embeddings, leave_out_copies)
+    def _laid_out(self, matrix: np.ndarray, names: Sequence[str], fill: float) -> np.ndarray:
+        """``[N, C]`` columns of `names` -> ``[N, len(names)]`` in the order of `names`, `fill` for a name it lacks."""
         col = {n: i for i, n in enumerate(self.names)}
-        out = np.full((len(s), len(names)), -1.0, np.float32)
+        out = np.full((len(matrix), len(names)), fill, matrix.dtype)
         for j, n in enumerate(names):
             if n in col:
-                out[:, j] = s[:, col[n]]
+                out[:, j] = matrix[:, col[n]]
         return out
+
+    def scores_for(self, embeddings: np.ndarray, names: Sequence[str], leave_out_copies: bool = False) -> np.ndarray:
+        """`scores` laid out as `names` (-1 for a name it was not fitted on): what a temperature is fitted on."""
+        return self._laid_out(self.scores(embeddings, leave_out_copies), names, -1.0)
 
     def probabilities(self, embeddings: np.ndarray, names: Sequence[str], temperature: float,
                       leave_out_copies: bool = False) -> np.ndarray:
@@ -140,12 +143,7 @@ class WhitenedGallery:
         s = self.scores(embeddings, leave_out_copies).astype(np.float64) / float(temperature)
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        col = {n: i for i, n in enumerate(self.names)}
-        out = np.zeros((len(p), len(names)))
-        for j, n in enumerate(names):
-            if n in col:
-                out[:, j] = p[:, col[n]]
-        return out
+        return self._laid_out(p, names, 0.0)
 
     # -- files -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
