@@ -201,6 +201,29 @@ def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):
     assert back.gallery_temperature == t and back.gallery_weight is None
 
 
+def test_temperature_fit_on_pictures_all_named_stops_short_of_certainty():
+    """Every held-out picture named (5 of 24 real-set versions): the likelihood keeps rising as T -> 0, and the fit
+    stopped at the grid's floor, where every answer scored 1.0 and log fusion's confidence bar let a wrong one through. It now stops where the true characters' mean log-probability is Laplace's log((n + 1) / (n + 2)), so an
+    ambiguous picture keeps an ambiguous probability."""
+    rng = np.random.default_rng(0)
+    n = 100
+    cos = rng.uniform(0.3, 0.6, size=(n, 8))
+    y = rng.integers(0, 8, n)
+    cos[np.arange(n), y] += 0.3  # every picture's own character is its best
+    grid = np.geomspace(1e-3, 1.0, 61)
+    t = fit_temperature(cos, y, grid)
+    assert t > 5 * grid[0], t
+
+    def mean_log_p(temp: float) -> float:
+        p = np.stack([gallery_probabilities(row, temp) for row in cos])
+        return float(np.mean(np.log(p[np.arange(n), y])))
+
+    bound = np.log((n + 1) / (n + 2))
+    assert mean_log_p(t) >= bound > mean_log_p(grid[np.searchsorted(grid, t) + 1])  # the largest T that reaches it
+    top = np.stack([gallery_probabilities(row, t) for row in cos]).max(1)
+    assert top.min() < 0.9 and np.median(top) > 0.99, (top.min(), np.median(top))
+
+
 def test_blend_weight_fit_follows_the_source_that_knows_the_answer(tmp_path):
     """Fusion's gallery weight is fitted on held-out pictures: a gallery that is right where the classifier guesses
     gets the blend, a guessing gallery loses it, two equally good but differently wrong sources are mixed (each
