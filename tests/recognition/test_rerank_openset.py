@@ -203,7 +203,8 @@ def test_temperature_fit_recovers_how_sharp_the_gallery_is(tmp_path):
 
 def test_temperature_fit_on_pictures_all_named_stops_short_of_certainty():
     """Every held-out picture named (5 of 24 real-set versions): the likelihood keeps rising as T -> 0, and the fit
-    stopped at the grid's floor, where every answer scored 1.0 and log fusion's confidence bar let a wrong one through. It now stops where the true characters' mean log-probability is Laplace's log((n + 1) / (n + 2)), so an
+    stopped at the grid's floor, where every answer scored 1.0 and log fusion's confidence bar let a wrong one
+    through. It now stops where the true characters' mean log-probability is Laplace's log((n + 1) / (n + 2)), so an
     ambiguous picture keeps an ambiguous probability."""
     rng = np.random.default_rng(0)
     n = 100

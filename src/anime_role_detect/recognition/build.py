@@ -292,7 +292,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
                 if refitted is not None:
                     refitted.save(out)
                     # its temperature stays the first fit's: with the held-out rows in its covariance those pictures
-                    # separate perfectly and a refit goes to the grid's floor (every named picture scoring about 1)
+                    # separate perfectly, and a refit would say how sure it is of pictures it was fitted on, not new ones
                     judge = (refitted, calib.whitened_temperature)
                 else:  # too many rows now: the classifier judges, as the weight below is then fitted
                     (out / WHITENED_GALLERY).unlink(missing_ok=True)
