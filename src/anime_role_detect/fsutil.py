@@ -66,6 +66,14 @@ def atomic_write_json(target: str | os.PathLike[str], obj: Any, indent: int | No
     atomic_write_text(target, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def atomic_write_npz(target: str | os.PathLike[str], **arrays: Any) -> None:
+    """Save `arrays` as an ``.npz`` at `target` atomically (``np.savez`` streamed into the temporary sibling)."""
+    import numpy as np
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as fh:

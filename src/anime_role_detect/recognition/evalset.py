@@ -9,7 +9,6 @@ any two versions side by side on the same pictures.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from ..data.layout import characters_per_key
 from ..errors import GalleryError
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_npz
 from ..versionfiles import CALIBRATION, VAL_EMBEDDINGS
 
 
@@ -82,12 +81,10 @@ class EvalSet:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``<directory>/val_embeddings.npz`` atomically."""
-        buf = io.BytesIO()
-        np.savez(buf, embeddings=self.embeddings.astype(np.float32), labels=np.array(self.labels, dtype=str),
-                 embedder=np.array(self.embedder_id), sha256=np.array(self.sha256, dtype=str),
-                 paths=np.array(self.paths, dtype=str), sources=np.array(self.sources, dtype=str))
         target = Path(directory) / VAL_EMBEDDINGS
-        atomic_write_bytes(target, buf.getvalue())
+        atomic_write_npz(target, embeddings=self.embeddings.astype(np.float32), labels=np.array(self.labels, dtype=str),
+                         embedder=np.array(self.embedder_id), sha256=np.array(self.sha256, dtype=str),
+                         paths=np.array(self.paths, dtype=str), sources=np.array(self.sources, dtype=str))
         return target
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import GalleryError
-from ..fsutil import atomic_path, read_json
+from ..fsutil import atomic_write_npz, read_json
 
 PART_GLOB, DONE_GLOB = "rank-*-part-*.npz", "rank-*.done.json"
 
@@ -31,8 +31,7 @@ def done_name(rank: int) -> str:
 
 def save_part(path: Path, ids: Sequence[str] | np.ndarray, vectors: np.ndarray) -> None:
     """Write one shard part atomically (a killed rank never leaves a torn part)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, ids=np.asarray(ids, dtype=np.str_), vectors=np.asarray(vectors, np.float32))
+    atomic_write_npz(path, ids=np.asarray(ids, dtype=np.str_), vectors=np.asarray(vectors, np.float32))
 
 
 @dataclass

@@ -17,7 +17,6 @@ fusion takes this judge in place of the classifier only while every gallery char
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -25,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import GalleryError, reading_file
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_npz
 from ..versionfiles import WHITENED_GALLERY
 from .aggregate import BALANCED_TOP
 from .gallery import COPY_COSINE  # a query's own row (or a byte-identical copy): left out when scored against itself
@@ -148,11 +147,10 @@ class WhitenedGallery:
     # -- files -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """``<directory>/whitened_gallery.npz``, written atomically (rows in float16)."""
-        buf = io.BytesIO()
-        np.savez(buf, matrix=self.matrix.astype(np.float32), rows=self.rows.astype(np.float16), owners=self.owners.astype(np.int32),
-                 names=np.array(self.names, dtype=str), depths=self.depths.astype(np.int32), shrinkage=np.array(self.shrinkage))
         target = Path(directory) / WHITENED_GALLERY
-        atomic_write_bytes(target, buf.getvalue())
+        atomic_write_npz(target, matrix=self.matrix.astype(np.float32), rows=self.rows.astype(np.float16),
+                         owners=self.owners.astype(np.int32), names=np.array(self.names, dtype=str),
+                         depths=self.depths.astype(np.int32), shrinkage=np.array(self.shrinkage))
         return target
 
     @classmethod
