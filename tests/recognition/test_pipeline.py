@@ -67,13 +67,18 @@ def test_every_mode_is_well_above_chance(closed_set, test_images, mode):
     assert a.detections[0].topk[0].score >= a.detections[0].topk[-1].score
 
 
-def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pairs):
+def _twin_renders(rec_data, twin_pairs) -> tuple[list[tuple[Image.Image, str]], list[str]]:
+    """12 fresh renders of every character that has a near-twin, with their names."""
     assert twin_pairs, "the synthetic set must contain near-twins"
     specs = {s.name: s for s in load_characters(rec_data)}
     rng = random.Random(99)
     names = sorted({n for pair in twin_pairs for n in pair})
     items = [(render_character(specs[n], rng, 96)[0], n) for n in names for _ in range(12)]
-    imgs, labels = [(im, f"{n}.png") for im, n in items], [n for _, n in items]
+    return [(im, f"{n}.png") for im, n in items], [n for _, n in items]
+
+
+def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pairs):
+    imgs, labels = _twin_renders(rec_data, twin_pairs)
     plain = closed_set.recognize_batch(imgs, mode="clip", rerank=False)
     reranked = closed_set.recognize_batch(imgs, mode="clip", rerank=True)
     acc0, acc1 = accuracy(plain, labels), accuracy(reranked, labels)
@@ -82,6 +87,18 @@ def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pair
     assert changed and all(r.tags_used for r in changed), "a changed answer must name the tags that moved it"
     assert all(d.rerank is None for a in plain for d in a.detections)
     assert all(d.tags for a in reranked for d in a.detections), "the ONNX tagger's tags are part of the answer"
+
+
+def test_reranked_fusion_answers_still_say_how_sure_they_are(closed_set, rec_data, twin_pairs):
+    """Tags weigh fusion's probability as evidence: the answers gain as much, and their similarity stays a probability
+    (the candidates' scores sum to at most 1) instead of reading 1.0, as an added shift made nearly every one."""
+    imgs, labels = _twin_renders(rec_data, twin_pairs)
+    plain = closed_set.recognize_batch(imgs, mode="fusion", rerank=False)
+    reranked = closed_set.recognize_batch(imgs, mode="fusion", rerank=True)
+    assert accuracy(reranked, labels) >= accuracy(plain, labels)
+    sims = np.array([a.similarity for a in reranked])
+    assert np.mean(sims >= 0.9999) < 0.5, f"{np.mean(sims >= 0.9999):.0%} of reranked answers read 1.0"
+    assert all(sum(t.score for t in d.topk) <= 1.0 + 1e-3 for a in reranked for d in a.detections)
 
 
 def test_classifier_tag_head_is_the_default_tagger(version_dir, test_images):

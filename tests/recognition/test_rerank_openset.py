@@ -57,6 +57,37 @@ def test_tags_unknown_to_the_tagger_are_ignored(profiles):
     assert np.isnan(aligned).sum() == len(rr.tags) - ("blue_hair" in rr.tags)
 
 
+def test_tags_weigh_a_probability_as_evidence_and_leave_a_cosine_its_own_value(profiles, tmp_path):
+    """Model and fusion scores are probabilities: tags multiply them (Bayes' rule) and the answer stays a probability
+    instead of reading 1.0; a clip-mode cosine is reordered and keeps its value. A file written before the rule keeps
+    the additive one its weights were tuned for."""
+    rr, specs = profiles
+    a, b = twin_pair(specs)
+    tags = observed(rr, a.tags())
+    probs = [(b.name, b.series, 0.60), (a.name, a.series, 0.35), ("char_xx", "", 0.05)]
+    res = rr.rerank(probs, tags, weight=0.5, mode="fusion")
+    scores = [v for _, _, v in res.candidates]
+    assert res.candidates[0][0] == a.name and res.info.changed
+    assert 0.5 < scores[0] < 0.9999 and abs(sum(scores) - 1.0) < 1e-9, scores  # the mass the candidates held
+    llr = {c: rr.contributions(c, tags).sum() for c in (a.name, b.name)}
+    assert scores[0] / dict((c, v) for c, _, v in res.candidates)[b.name] == pytest.approx(
+        0.35 / 0.60 * np.exp(0.5 * (llr[a.name] - llr[b.name])))
+    assert res.info.delta == pytest.approx(scores[0] - 0.35, abs=1e-4)
+    cosines = [(b.name, b.series, 0.91), (a.name, a.series, 0.90), ("char_xx", "", 0.5)]
+    clip = rr.rerank(cosines, tags, weight=0.05, mode="clip")
+    assert [c for c, _, _ in clip.candidates][:2] == [a.name, b.name]
+    assert sorted(v for _, _, v in clip.candidates) == [0.5, 0.90, 0.91]  # each keeps its own cosine
+    back = TagReranker.load(rr.save(tmp_path))
+    assert back.log_modes == {"model", "fusion"}
+    import json
+    old = json.loads((tmp_path / "tag_profiles.json").read_text())
+    del old["log_modes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    legacy = TagReranker.load(tmp_path / "old.json")
+    assert not legacy.log_modes and legacy.weight_for("fusion") == 0.05
+    assert legacy.rerank(probs, tags, weight=0.5, mode="fusion").candidates[0][1:] == (a.series, 0.35)  # added, reported as it was
+
+
 def test_profiles_round_trip_and_weight_tuning(profiles, tmp_path):
     rr, specs = profiles
     a, b = twin_pair(specs)

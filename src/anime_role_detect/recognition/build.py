@@ -36,7 +36,8 @@ from .openset import (
     leave_one_out_scores,
 )
 from .pipeline import MODES, Recognizer
-from .rerank import DEFAULT_WEIGHTS, TagReranker, tune_weight
+from .rerank import TagReranker, tune_weight
+from .tagger import is_own_tag_head
 from .whitened import MAX_ROWS, WhitenedGallery
 
 _log = get_logger("system")
@@ -153,9 +154,12 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 usable = rec.reranker.fit_tagger_noise(aligned, truth, tagger_id=getattr(rec.tagger, "model_id", ""))
                 _log.info(f"tagger noise model: {usable} of {len(rec.reranker.tags)} profile tags usable")
             if tune:
-                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, default=DEFAULT_WEIGHTS.get(mode, 0.03))
+                # the classifier's own tag head sees what the embedding sees: reranking with it must earn its place
+                # on these pictures (a tie switches it off), where a tagger of its own keeps its default on a tie
+                own = is_own_tag_head(rec.tagger)
+                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, mode=mode, default=0.0 if own else None)
             w = weights.get(mode, rec.reranker.weight_for(mode))
-            hits = [rec.reranker.rerank(c, a, weight=w).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
+            hits = [rec.reranker.rerank(c, a, weight=w, mode=mode).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))
     blend = None
     if calib.gallery_weight is not None and "model" in probs:

@@ -343,7 +343,7 @@ class Recognizer(VersionParts):
         gate = None if calib is None or not cands else calib.gate_score(mode, base_top, gallery_best)
         if rerank and tag_row is not None and self.reranker is not None and cands:
             t_names = self.tagger.tag_names
-            res = self.reranker.rerank(cands, self.reranker.align(tag_row, t_names)[0], weight=self.reranker.weight_for(mode))
+            res = self.reranker.rerank(cands, self.reranker.align(tag_row, t_names)[0], mode=mode)
             cands, info = res.candidates, res.info
         tags: list[TagScore] = []
         if tag_row is not None and self.tagger is not None:

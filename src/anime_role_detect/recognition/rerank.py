@@ -4,8 +4,12 @@ Profile: ``p(tag | character)`` and ``p(tag)`` (Laplace-smoothed) from the train
 image with tag probabilities ``s_t`` a candidate gets the log-likelihood ratio
 ``sum_t s_t log(p_ct / p_t) + (1 - s_t) log((1 - p_ct) / (1 - p_t))`` over the profile tags the tagger
 knows: presence *and* absence count, so near-twins that differ only in glasses or eye colour
-separate. Scores move by ``weight * (LLR_c - mean LLR)`` over the candidates; the weight is tuned on
-validation data (`tune_weight`). Saved as ``tag_profiles.json``.
+separate. A probability (model and fusion modes, `PROBABILITY_MODES`) is multiplied by ``exp(weight * LLR_c)``, as
+Bayes' rule weighs evidence, and the candidates renormalised to the mass they held, so the answer's similarity stays a
+probability; a cosine (clip mode) orders the candidates by ``cosine + weight * (LLR_c - mean LLR)`` and each keeps its
+own cosine. Before, every mode added the shift to the score and clipped it at 1, and on a tagged version nearly every
+answer read 1.0 (docs/recognition.md "Reranking on near-twins"). The weight is tuned per mode on validation data
+(`tune_weight`). Saved as ``tag_profiles.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from .schema import Rerank
 
 Candidate = tuple[str, str, float]  # (character, series, score)
 
+#: modes whose candidate scores are probabilities: tag evidence multiplies them (the log scale). A profile file
+#: written before this rule (no ``log_modes`` in it) keeps the additive rule in every mode, as the weights it was
+#: tuned with expect.
+PROBABILITY_MODES: frozenset[str] = frozenset({"model", "fusion"})
+
 
 @dataclass
 class RerankResult:
@@ -37,7 +46,8 @@ class TagReranker:
     """Per-character tag probabilities and the weight that turns tag evidence into a score change."""
 
     def __init__(self, tags: Sequence[str], characters: Sequence[str], p_tag_given_char: np.ndarray, p_tag: np.ndarray,
-                 weight: float = 0.02, min_evidence: float = 0.05, mode_weights: dict[str, float] | None = None) -> None:
+                 weight: float = 0.02, min_evidence: float = 0.05, mode_weights: dict[str, float] | None = None,
+                 log_modes: Sequence[str] = PROBABILITY_MODES) -> None:
         self.tags = list(tags)
         self.characters = list(characters)
         self.char_index = {c: i for i, c in enumerate(self.characters)}
@@ -48,13 +58,16 @@ class TagReranker:
         self.w_absent = np.log((1 - p_ct) / (1 - p_t))
         self.weight = float(weight)
         self.mode_weights = {k: float(v) for k, v in (mode_weights or {}).items()}  # tuned per mode (scores differ in scale)
+        self.log_modes = frozenset(log_modes)  # modes reranked on the log scale (`PROBABILITY_MODES`)
         self.min_evidence = float(min_evidence)
         self.noise: dict[str, np.ndarray] | None = None  # tagger noise model per tag (fit_tagger_noise)
         self.noise_tagger_id = ""
 
     def weight_for(self, mode: str) -> float:
         """The tuned weight for `mode`, else that mode's default."""
-        return self.mode_weights.get(mode, DEFAULT_WEIGHTS.get(mode, self.weight))
+        if mode in self.mode_weights:
+            return self.mode_weights[mode]
+        return DEFAULT_LOG_WEIGHT if mode in self.log_modes else DEFAULT_WEIGHTS.get(mode, self.weight)
 
     # -- learning -----------------------------------------------------------------------------
     @classmethod
@@ -136,9 +149,11 @@ class TagReranker:
         ll_ref = np.logaddexp(np.log(p_t) + l1, np.log1p(-p_t) + l0)
         return np.where(n["usable"], ll_c - ll_ref, 0.0)
 
-    def rerank(self, candidates: Sequence[Candidate], tag_probs: np.ndarray, weight: float | None = None, max_tags: int = 5) -> RerankResult:
-        """Reorder `candidates` with tag evidence; `tag_probs` are aligned with ``self.tags`` (NaN = tag unknown to the tagger)."""
-        w = self.weight if weight is None else float(weight)
+    def rerank(self, candidates: Sequence[Candidate], tag_probs: np.ndarray, weight: float | None = None, max_tags: int = 5,
+               mode: str | None = None) -> RerankResult:
+        """Reorder `candidates` with tag evidence; `tag_probs` are aligned with ``self.tags`` (NaN = tag unknown to the
+        tagger). `mode` picks the scale (multiplied for `log_modes`, added otherwise) and, without `weight`, its weight."""
+        w = (self.weight if mode is None else self.weight_for(mode)) if weight is None else float(weight)
         if not candidates:
             return RerankResult([], Rerank())
         s = np.asarray(tag_probs, np.float64)
@@ -148,9 +163,15 @@ class TagReranker:
         has_profile = [c in self.char_index for c, _, _ in candidates]
         llr = np.array([x.sum() for x in contrib])
         ref = float(llr[has_profile].mean()) if any(has_profile) else 0.0
-        adj = np.where(has_profile, w * (llr - ref), 0.0)
-        new = [(c, se, float(sc + a)) for (c, se, sc), a in zip(candidates, adj)]
-        order = sorted(range(len(new)), key=lambda i: -new[i][2])
+        shift = np.where(has_profile, w * (llr - ref), 0.0)
+        scores = np.array([sc for _, _, sc in candidates], np.float64)
+        log_scale = mode in self.log_modes
+        ranked = _evidence_times(scores, shift) if log_scale else scores + shift
+        adj = ranked - scores
+        # a probability is reported as moved (still a probability); a cosine stays the candidate's own cosine, the
+        # order alone saying what the tags did (a shifted cosine ran past 1 and every answer read 1.0)
+        new = [(c, se, float(v)) for (c, se, _), v in zip(candidates, ranked if log_scale else scores)]
+        order = sorted(range(len(new)), key=lambda i: -ranked[i])
         top, old_top = order[0], 0
         rival = old_top if top != old_top else (order[1] if len(order) > 1 else top)
         diff = contrib[top] - contrib[rival]
@@ -176,6 +197,7 @@ class TagReranker:
             p = p / PROFILE_FILE
         atomic_write_json(p, {
             "format": 1, "weight": self.weight, "mode_weights": self.mode_weights, "min_evidence": self.min_evidence, "tags": self.tags,
+            "log_modes": sorted(self.log_modes),
             "p_tag": [round(float(x), 6) for x in self.p_t],
             "characters": {c: [round(float(x), 6) for x in self.p_ct[i]] for i, c in enumerate(self.characters)},
             "tagger_noise": None if self.noise is None else {k: v.tolist() for k, v in self.noise.items()},
@@ -194,11 +216,19 @@ class TagReranker:
             chars = list(obj["characters"])
             rr = cls(obj["tags"], chars, np.array([obj["characters"][c] for c in chars]), np.array(obj["p_tag"]),
                        weight=float(obj.get("weight", 0.02)), min_evidence=float(obj.get("min_evidence", 0.05)),
-                       mode_weights=obj.get("mode_weights"))
+                       mode_weights=obj.get("mode_weights"), log_modes=obj.get("log_modes", ()))
             if obj.get("tagger_noise"):
                 rr.noise = {k: np.asarray(v, bool if k == "usable" else np.float64) for k, v in obj["tagger_noise"].items()}
                 rr.noise_tagger_id = str(obj.get("tagger_id") or "")
             return rr
+
+
+def _evidence_times(probs: np.ndarray, log_shift: np.ndarray) -> np.ndarray:
+    """``probs * exp(log_shift)``, renormalised to the mass the candidates held: Bayes' rule for a probability."""
+    held = float(probs.sum())
+    moved = np.clip(probs, 0.0, None) * np.exp(log_shift - log_shift.max())
+    total = float(moved.sum())
+    return probs.copy() if total <= 0.0 or held <= 0.0 else moved * (held / total)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -206,19 +236,29 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-#: Starting weights per mode (score scales differ: cosine gaps are small, probability gaps large).
+#: Starting weights per mode (score scales differ: cosine gaps are small, probability gaps large); the additive rule's.
 DEFAULT_WEIGHTS = {"clip": 0.03, "model": 0.1, "fusion": 0.05}
+#: The log scale's starting weight and grid: 1 trusts the tags as independent evidence (naive Bayes), less discounts
+#: what they share with each other and with the picture's embedding.
+DEFAULT_LOG_WEIGHT = 0.3
+LOG_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+ADDITIVE_GRID = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
 
 
 def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]], tag_probs: np.ndarray, labels: Sequence[str],
-                grid: Sequence[float] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5), default: float = 0.03) -> tuple[float, dict[float, float]]:
-    """Pick the weight with the best validation top-1; ties go to the one nearest `default` (a small validation set
-    at ceiling accuracy cannot tell weights apart, and should not switch reranking off)."""
+                grid: Sequence[float] | None = None, default: float | None = None,
+                mode: str | None = None) -> tuple[float, dict[float, float]]:
+    """Pick the weight with the best validation top-1 for `mode`'s scale (its grid and default unless given); ties go
+    to the one nearest `default` (a small validation set at ceiling accuracy cannot tell weights apart, and should not
+    switch reranking off)."""
+    log_scale = mode in reranker.log_modes
+    grid = grid if grid is not None else LOG_GRID if log_scale else ADDITIVE_GRID
+    default = default if default is not None else DEFAULT_LOG_WEIGHT if log_scale else DEFAULT_WEIGHTS.get(mode or "", 0.03)
     acc: dict[float, float] = {}
     for w in grid:
         hits = 0
         for cands, s, y in zip(candidates, tag_probs, labels):
-            res = reranker.rerank(cands, s, weight=w)
+            res = reranker.rerank(cands, s, weight=w, mode=mode)
             hits += bool(res.candidates) and res.candidates[0][0] == y
         acc[float(w)] = hits / max(1, len(labels))
     best = max(acc.items(), key=lambda kv: (round(kv[1], 9), -abs(np.log((kv[0] + 1e-3) / (default + 1e-3)))))[0]

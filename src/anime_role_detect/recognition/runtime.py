@@ -20,6 +20,7 @@ from ..errors import ConfigError, WeightsError
 from ..fsutil import read_json
 from .config import RUNTIMES
 from .embedder import file_fingerprint, l2_normalise, shared_model, to_batch
+from .tagger import OWN_HEAD_PREFIX
 
 ONNX_META = "onnx.json"  # the exported networks of a version folder (carried into derived versions)
 CLASSIFIER_ONNX = "classifier.onnx"
@@ -170,7 +171,7 @@ class OnnxClassifierTagger:
         self.classifier = classifier
         self.tag_names = list(classifier.tag_names)
         self.thresholds = np.full(len(self.tag_names), float(threshold), np.float32)
-        self.model_id = f"classifier-tags:{classifier.model_id}"
+        self.model_id = f"{OWN_HEAD_PREFIX}{classifier.model_id}"
         self.runtime = classifier.runtime
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:

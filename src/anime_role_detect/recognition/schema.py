@@ -33,7 +33,8 @@ class Rerank(BaseModel):
     """What tag-assisted reranking did for a detection."""
 
     tags_used: list[str] = Field(default_factory=list, description="Tags that moved the decision.")
-    delta: float = Field(default=0.0, description="Score change of the final answer caused by reranking.")
+    delta: float = Field(default=0.0, description="How far the tags moved the final answer: its probability's change in "
+                         "model and fusion modes, the shift its cosine was ranked with in clip mode.")
     changed: bool = Field(default=False, description="True when reranking changed the top answer.")
 
 
@@ -44,11 +45,13 @@ class Detection(BaseModel):
     detector_score: float = Field(default=1.0, description="Detector confidence (1.0 when the whole image was used).")
     role: str = Field(description="Final character name, or 'unknown' when nobody in the gallery matches.")
     series: str = Field(default="", description="Series of the final character, when known.")
-    similarity: float = Field(description="Score of the final answer in [0, 1].")
+    similarity: float = Field(description="Score of the final answer in [0, 1]: its gallery cosine in clip mode, its "
+                              "probability in model and fusion modes (with the tags' evidence when reranking ran).")
     unknown: bool = Field(default=False, description="True when `openset_score` is below the open-set threshold.")
     openset_score: float | None = Field(default=None, description="The score the open-set threshold was compared with: the "
                                         "mode's top score, or in fusion the best gallery cosine (null with open-set off).")
-    topk: list[TopK] = Field(default_factory=list, description="Best candidates, best first.")
+    topk: list[TopK] = Field(default_factory=list, description="Best candidates, best first (in clip mode with reranking "
+                             "the tags set the order and each keeps its own cosine).")
     tags: list[TagScore] = Field(default_factory=list, description="Tags predicted for this crop.")
     rerank: Rerank | None = Field(default=None, description="Reranking details, when reranking ran.")
 

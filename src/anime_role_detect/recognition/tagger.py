@@ -27,6 +27,16 @@ from .schema import TagScore
 GENERAL, CHARACTER, RATING = 0, 4, 9
 
 
+#: model id prefix of a version's own classifier tag head (torch or ONNX Runtime)
+OWN_HEAD_PREFIX = "classifier-tags:"
+
+
+def is_own_tag_head(tagger: object) -> bool:
+    """Whether `tagger` is the version's own classifier tag head: its tags come from the features the embedding and the
+    logits come from, so they add little evidence of their own (docs/recognition.md "Reranking on near-twins")."""
+    return str(getattr(tagger, "model_id", "")).startswith(OWN_HEAD_PREFIX)
+
+
 @runtime_checkable
 class Tagger(Protocol):
     """Predicts tag probabilities for images."""
@@ -172,7 +182,7 @@ class ClassifierTagger:
         if not self.tag_names:
             raise ConfigError(f"classifier {ckpt_path} was trained without tags, so it cannot tag; use tagger=onnx or rerank=false")
         self.thresholds = np.full(len(self.tag_names), float(threshold), np.float32)
-        self.model_id = f"classifier-tags:{self.embedder.model_id}"
+        self.model_id = f"{OWN_HEAD_PREFIX}{self.embedder.model_id}"
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
