@@ -27,6 +27,7 @@ from anime_role_detect.recognition.gallery import Gallery
 from anime_role_detect.recognition.openset import gallery_probabilities
 from anime_role_detect.recognition.pipeline import MIRROR_SUFFIX, Recognizer
 from anime_role_detect.recognition.schema import UNKNOWN, Answer
+from anime_role_detect.recognition.tagger import is_own_tag_head
 
 from .helpers import TRAIN_CHARS, infer_cfg
 
@@ -87,6 +88,7 @@ def test_reranking_raises_accuracy_on_near_twins(closed_set, rec_data, twin_pair
     assert changed and all(r.tags_used for r in changed), "a changed answer must name the tags that moved it"
     assert all(d.rerank is None for a in plain for d in a.detections)
     assert all(d.tags for a in reranked for d in a.detections), "the ONNX tagger's tags are part of the answer"
+    assert not is_own_tag_head(closed_set.tagger)  # a tagger of its own: its weight is tuned with ties kept on
 
 
 def test_reranked_fusion_answers_still_say_how_sure_they_are(closed_set, rec_data, twin_pairs):
@@ -104,7 +106,7 @@ def test_reranked_fusion_answers_still_say_how_sure_they_are(closed_set, rec_dat
 def test_classifier_tag_head_is_the_default_tagger(version_dir, test_images):
     rec = Recognizer.from_version(version_dir, infer_cfg())  # tagger=auto: the classifier's own tag head
     ans = rec.recognize(test_images[0][0], "t.png", mode="fusion", rerank=True)
-    assert type(rec.tagger).__name__ == "ClassifierTagger"
+    assert type(rec.tagger).__name__ == "ClassifierTagger" and is_own_tag_head(rec.tagger)
     det = ans.detections[0]
     assert det.rerank is not None and all(0.0 <= t.score <= 1.0 for t in det.tags)
 

@@ -8,6 +8,7 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import load_characters
 from anime_role_detect.errors import GalleryError
+from anime_role_detect.recognition.evalset import noise_margin
 from anime_role_detect.recognition.openset import (GALLERY_COSINE, OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature,
                                                    gallery_probabilities, leave_one_out_scores)
 from anime_role_detect.recognition.rerank import TagReranker, tune_weight
@@ -101,6 +102,21 @@ def test_profiles_round_trip_and_weight_tuning(profiles, tmp_path):
     with pytest.raises(GalleryError, match="corrupt"):
         (tmp_path / "bad.json").write_text("[]")
         TagReranker.load(tmp_path / "bad.json")
+
+
+def test_a_weight_that_gains_no_more_than_noise_is_no_weight(profiles):
+    """What the own tag head's weight must clear (`recognition.build`): a gain of one picture in eight is noise, and
+    reranking is then off; a gain of half the pictures is kept."""
+    rr, specs = profiles
+    a, b = twin_pair(specs)
+    b_leads, a_leads = [(b.name, "", 0.91), (a.name, "", 0.90)], [(a.name, "", 0.91), (b.name, "", 0.90)]
+    obs = np.stack([observed(rr, a.tags())] * 8)
+    one = [b_leads] + [a_leads] * 7
+    best, acc = tune_weight(rr, one, obs, [a.name] * 8, mode="clip")
+    assert best > 0 and acc[0.0] == 7 / 8 and acc[best] == 1.0
+    assert tune_weight(rr, one, obs, [a.name] * 8, mode="clip", min_gain=noise_margin(7 / 8, 8))[0] == 0.0
+    half = [b_leads] * 4 + [a_leads] * 4
+    assert tune_weight(rr, half, obs, [a.name] * 8, mode="clip", min_gain=noise_margin(0.5, 8))[0] > 0
 
 
 def test_fit_without_tags_is_a_clear_error():

@@ -22,6 +22,7 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import GALLERY_META, MODEL, WHITENED_GALLERY
 from .aggregate import DEFAULT_AGGREGATE
+from .evalset import noise_margin
 from .gallery import Gallery
 from .openset import (
     DEFAULT_MAX_FALSE_REJECT,
@@ -154,10 +155,14 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 usable = rec.reranker.fit_tagger_noise(aligned, truth, tagger_id=getattr(rec.tagger, "model_id", ""))
                 _log.info(f"tagger noise model: {usable} of {len(rec.reranker.tags)} profile tags usable")
             if tune:
-                # the classifier's own tag head sees what the embedding sees: reranking with it must earn its place
-                # on these pictures (a tie switches it off), where a tagger of its own keeps its default on a tie
+                # the classifier's own tag head sees what the embedding sees: reranking with it must beat no reranking
+                # on these pictures by more than noise (`noise_margin`, as a mode must to be the default), where a
+                # tagger of its own keeps its default weight on a tie
                 own = is_own_tag_head(rec.tagger)
-                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, mode=mode, default=0.0 if own else None)
+                plain = float(np.mean([bool(c) and c[0][0] in f for c, f in zip(scored.candidates, filed)]))
+                weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, mode=mode,
+                                               default=0.0 if own else None,
+                                               min_gain=noise_margin(plain, len(labels)) if own else 0.0)
             w = weights.get(mode, rec.reranker.weight_for(mode))
             hits = [rec.reranker.rerank(c, a, weight=w, mode=mode).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))

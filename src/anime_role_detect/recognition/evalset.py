@@ -182,6 +182,14 @@ def supported_modes(version_dir: str | Path) -> list[str]:
 MODE_PREFERENCE = ("fusion", "model", "clip")
 
 
+def noise_margin(p: float, pictures: int | None) -> float:
+    """How far a top-1 must rise above `p`, measured on `pictures` pictures, to be more than noise: two binomial
+    standard errors and more than one picture (0 when the count is unknown)."""
+    if not pictures:
+        return 0.0
+    return max(2.0 * math.sqrt(max(p, 0.0) * max(1.0 - p, 0.0) / pictures), 1.5 / pictures)
+
+
 def best_mode(modes: Sequence[str], top1: Mapping[str, float] | None, rerank: bool, pictures: int | None = None) -> str:
     """The mode `auto` answers in: fusion > model > clip (the first that `modes` has), unless a later one measured a
     better top-1 on the version's evaluation set (with reranking when it is on and was measured).
@@ -198,14 +206,9 @@ def best_mode(modes: Sequence[str], top1: Mapping[str, float] | None, rerank: bo
     def score(m: str) -> float:
         return float(figures.get(f"{m}+rerank", figures.get(m, -1.0)) if rerank else figures.get(m, -1.0))
 
-    def margin(p: float) -> float:
-        if not pictures:
-            return 0.0
-        return max(2.0 * math.sqrt(max(p, 0.0) * max(1.0 - p, 0.0) / pictures), 1.5 / pictures)
-
     chosen = ranked[0]
     for m in ranked[1:]:
-        if score(m) > score(chosen) + margin(score(chosen)):
+        if score(m) > score(chosen) + noise_margin(score(chosen), pictures):
             chosen = m
     return chosen
 
