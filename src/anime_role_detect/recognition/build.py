@@ -159,7 +159,7 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 # on these pictures by more than noise (`noise_margin`, as a mode must to be the default), where a
                 # tagger of its own keeps its default weight on a tie
                 own = is_own_tag_head(rec.tagger)
-                plain = float(np.mean([bool(c) and c[0][0] in f for c, f in zip(scored.candidates, filed)]))
+                plain = float(np.mean([bool(c) and c[0][0] == y for c, y in zip(scored.candidates, labels)]))  # as tune_weight counts
                 weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, mode=mode,
                                                default=0.0 if own else None,
                                                min_gain=noise_margin(plain, len(labels)) if own else 0.0)
