@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -80,7 +82,6 @@ def test_tags_weigh_a_probability_as_evidence_and_leave_a_cosine_its_own_value(p
     assert sorted(v for _, _, v in clip.candidates) == [0.5, 0.90, 0.91]  # each keeps its own cosine
     back = TagReranker.load(rr.save(tmp_path))
     assert back.log_modes == {"model", "fusion"}
-    import json
     old = json.loads((tmp_path / "tag_profiles.json").read_text())
     del old["log_modes"]
     (tmp_path / "old.json").write_text(json.dumps(old))
