@@ -10,7 +10,6 @@ import pytest
 from anime_role_detect.data.layout import scan_dataset
 from anime_role_detect.data.synthetic import load_characters
 from anime_role_detect.errors import GalleryError
-from anime_role_detect.recognition.evalset import noise_margin
 from anime_role_detect.recognition.openset import (GALLERY_COSINE, OpenSetCalibration, calibrate, fit_gallery_weight, fit_temperature,
                                                    gallery_probabilities, leave_one_out_scores)
 from anime_role_detect.recognition.rerank import TagReranker, tune_weight
@@ -115,9 +114,9 @@ def test_a_weight_that_gains_no_more_than_noise_is_no_weight(profiles):
     one = [b_leads] + [a_leads] * 7
     best, acc = tune_weight(rr, one, obs, [a.name] * 8, mode="clip")
     assert best > 0 and acc[0.0] == 7 / 8 and acc[best] == 1.0
-    assert tune_weight(rr, one, obs, [a.name] * 8, mode="clip", min_gain=noise_margin(7 / 8, 8))[0] == 0.0
+    assert tune_weight(rr, one, obs, [a.name] * 8, mode="clip", beat_noise=True)[0] == 0.0
     half = [b_leads] * 4 + [a_leads] * 4
-    assert tune_weight(rr, half, obs, [a.name] * 8, mode="clip", min_gain=noise_margin(0.5, 8))[0] > 0
+    assert tune_weight(rr, half, obs, [a.name] * 8, mode="clip", beat_noise=True)[0] > 0
 
 
 def test_fit_without_tags_is_a_clear_error():

@@ -22,7 +22,6 @@ from ..imageio import load_image
 from ..log import get_logger
 from ..versionfiles import GALLERY_META, MODEL, WHITENED_GALLERY
 from .aggregate import DEFAULT_AGGREGATE
-from .evalset import noise_margin
 from .gallery import Gallery
 from .openset import (
     DEFAULT_MAX_FALSE_REJECT,
@@ -156,13 +155,10 @@ def evaluate_split(rec: Recognizer, images: list[Image.Image], labels: list[str]
                 _log.info(f"tagger noise model: {usable} of {len(rec.reranker.tags)} profile tags usable")
             if tune:
                 # the classifier's own tag head sees what the embedding sees: reranking with it must beat no reranking
-                # on these pictures by more than noise (`noise_margin`, as a mode must to be the default), where a
-                # tagger of its own keeps its default weight on a tie
+                # by more than noise, where a tagger of its own keeps its default weight on a tie
                 own = is_own_tag_head(rec.tagger)
-                plain = float(np.mean([bool(c) and c[0][0] == y for c, y in zip(scored.candidates, labels)]))  # as tune_weight counts
                 weights[mode], _ = tune_weight(rec.reranker, scored.candidates, aligned, labels, mode=mode,
-                                               default=0.0 if own else None,
-                                               min_gain=noise_margin(plain, len(labels)) if own else 0.0)
+                                               default=0.0 if own else None, beat_noise=own)
             w = weights.get(mode, rec.reranker.weight_for(mode))
             hits = [rec.reranker.rerank(c, a, weight=w, mode=mode).candidates[0][0] in f for c, a, f in zip(scored.candidates, aligned, filed) if c]
             top1[f"{mode}+rerank"] = float(np.mean(hits))

@@ -151,11 +151,11 @@ def fit_temperature(scores: np.ndarray, labels: Sequence[int], grid: Sequence[fl
         z = s / t
         return float(np.mean(logsumexp(z) - logsumexp(np.where(mask, z, -np.inf))))
 
-    best = float(min(grid, key=nll))
+    losses = np.array([nll(t) for t in grid])
     bound = float(np.log((len(s) + 2) / (len(s) + 1)))  # -log((n + 1) / (n + 2))
-    if len(s) and nll(best) < bound:
-        best = float(max(t for t in grid if nll(t) <= bound))
-    return best
+    if len(s) and losses.min() < bound:
+        return float(grid[losses <= bound].max())
+    return float(grid[int(losses.argmin())])
 
 
 def fit_gallery_weight(gallery_probs: np.ndarray, model_probs: np.ndarray, labels: Sequence[int],

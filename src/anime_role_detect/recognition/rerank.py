@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import GalleryError, reading_file
 from ..fsutil import atomic_write_json, read_json
+from .evalset import noise_margin
 from ..versionfiles import TAG_PROFILES as PROFILE_FILE
 from .schema import Rerank
 
@@ -247,10 +248,11 @@ ADDITIVE_GRID = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
 
 def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]], tag_probs: np.ndarray, labels: Sequence[str],
                 grid: Sequence[float] | None = None, default: float | None = None,
-                mode: str | None = None, min_gain: float = 0.0) -> tuple[float, dict[float, float]]:
+                mode: str | None = None, beat_noise: bool = False) -> tuple[float, dict[float, float]]:
     """Pick the weight with the best validation top-1 for `mode`'s scale (its grid and default unless given); ties go
     to the one nearest `default` (a small validation set at ceiling accuracy cannot tell weights apart, and should not
-    switch reranking off). With `min_gain` reranking must beat no reranking by more than that, or its weight is 0."""
+    switch reranking off). With `beat_noise` reranking must beat no reranking by more than noise on these pictures
+(`evalset.noise_margin`, the rule a mode clears to become the default), or its weight is 0."""
     log_scale = mode in reranker.log_modes
     grid = grid if grid is not None else LOG_GRID if log_scale else ADDITIVE_GRID
     default = default if default is not None else DEFAULT_LOG_WEIGHT if log_scale else DEFAULT_WEIGHTS.get(mode or "", 0.03)
@@ -262,6 +264,6 @@ def tune_weight(reranker: TagReranker, candidates: Sequence[Sequence[Candidate]]
             hits += bool(res.candidates) and res.candidates[0][0] == y
         acc[float(w)] = hits / max(1, len(labels))
     best = max(acc.items(), key=lambda kv: (round(kv[1], 9), -abs(np.log((kv[0] + 1e-3) / (default + 1e-3)))))[0]
-    if min_gain > 0.0 and 0.0 in acc and acc[best] <= acc[0.0] + min_gain:
+    if beat_noise and 0.0 in acc and acc[best] <= acc[0.0] + noise_margin(acc[0.0], len(labels)):
         best = 0.0
     return best, acc
