@@ -151,11 +151,9 @@ def test_hot_reloading_many_classifier_versions_keeps_few_loaded(tmp_path, train
 def test_a_classifier_card_says_what_the_built_classifier_says(tmp_path, trained_ckpt):
     """`read_classifier_card` reads names, series and views from the checkpoint alone, as the network has them; a file
     that is not a checkpoint is a one-line `WeightsError` naming it."""
-    from anime_role_detect.recognition.embedder import (
-        _MODELS,
-        load_classifier,
-        read_classifier_card,
-    )
+    from anime_role_detect.recognition.card import read_classifier_card
+    from anime_role_detect.recognition.embedder import load_classifier
+    from anime_role_detect.recognition.shared import _MODELS
 
     card, model = read_classifier_card(trained_ckpt), load_classifier(trained_ckpt, device="cpu")
     assert card.class_names == model.class_names and len(card.class_names) >= 2

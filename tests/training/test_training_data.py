@@ -189,6 +189,30 @@ def test_transforms_shapes_and_normalisation():
     assert torch.allclose(out, ref.flip(1), atol=1e-5)  # vflip=1.0 always flips
 
 
+def test_the_torch_free_evaluation_input_is_torchvisions_value_for_value():
+    """`framing.eval_array`, which ONNX Runtime recognition runs without torch, and every evaluation transform now run,
+    equals torchvision's Resize + CenterCrop + ToTensor + Normalize (and FitSquare + ToTensor + Normalize) exactly, on
+    pictures of every shape, so versions trained and validated through torchvision answer as they did."""
+    import numpy as np
+    from torchvision import transforms as T
+
+    from anime_role_detect.data.framing import FitSquare, eval_array
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    for w, h in [(128, 128), (300, 200), (200, 300), (97, 511), (224, 224), (225, 224), (1000, 37), (223, 500)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for size in (224, 96):
+            reference = {"center_crop": T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), *tail]),
+                         **{m: T.Compose([FitSquare(size, m), *tail]) for m in ("letterbox", "squash")}}
+            for mode, tf in reference.items():
+                want = tf(img).numpy()
+                got = eval_array(img, size, mean, std, mode)
+                assert got.dtype == np.float32 and np.array_equal(got, want), (w, h, size, mode, np.abs(got - want).max())
+                assert np.array_equal(build_eval_transform(size, mean, std, mode)(img).numpy(), want)
+
+
 def test_letterbox_keeps_the_whole_figure_and_travels_with_the_checkpoint(tmp_path):
     """data.resize=letterbox: a tall picture keeps its top and bottom (centre crop cuts them); the classifier records
     the framing so recognition preprocesses as evaluation did; a bad value is a one-line error."""

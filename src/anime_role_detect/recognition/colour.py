@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
-from .embedder import l2_normalise
+from .shared import l2_normalise
 
 #: What a colour model id adds to its network's id (`ColourModel.model_id`, `views.base_model_id`).
 COLOUR_ID_SUFFIX = "+colour"

@@ -47,8 +47,21 @@ def ort_providers(device: str | None = "auto") -> list[Any]:
     """ONNX Runtime execution providers for `device`: CUDA (then CPU) when it resolves to CUDA and onnxruntime has it, else CPU."""
     import onnxruntime as ort
 
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    name = "auto" if device is None else str(device).strip().lower()
+    if not has_cuda and name in ("auto", "cpu"):  # CPU whatever torch sees: answer without importing it
+        return ["CPUExecutionProvider"]
     dev = resolve_device(device)
-    if dev.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+    if dev.startswith("cuda") and has_cuda:
         index = int(dev.split(":")[1]) if ":" in dev else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def running_device(device: str | None = "auto", onnx_only: bool = False) -> str:
+    """Where a recognizer's networks run, for reports: torch's device, or with `onnx_only` (every network on ONNX
+    Runtime, torch never imported) the device of ONNX Runtime's first provider, found without importing torch."""
+    if not onnx_only:
+        return resolve_device(device)
+    first = ort_providers(device)[0]
+    return resolve_device(device) if first != "CPUExecutionProvider" else "cpu"

@@ -10,12 +10,8 @@ head never load the same checkpoint twice, and hot reloads of new versions do no
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -24,12 +20,19 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..data.framing import IMAGENET_MEAN, IMAGENET_STD, batch_array
 from ..errors import ConfigError, WeightsError
+from .card import ClassifierCard, read_classifier_card
 from .device import resolve_device
 from .hub import hub_cache_dir, hub_files, split_revision
+# the torch-free parts, importable from here as before
+from .shared import (DEFAULT_SHARED_MODELS, clear_shared_models, file_fingerprint, l2_normalise, set_shared_model_limit,
+                     shared_model, shared_model_keys)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SHARED_MODELS", "ClassifierCard", "ClassifierEmbedder", "Embedder",
+           "EMBEDDER_REGISTRY", "OpenClipEmbedder", "TimmEmbedder", "TorchEmbedder", "build_embedder", "clear_shared_models",
+           "file_fingerprint", "l2_normalise", "load_classifier", "read_classifier_card", "set_shared_model_limit",
+           "shared_model", "shared_model_keys", "to_batch", "weights_fingerprint"]
 
 
 @runtime_checkable
@@ -42,56 +45,6 @@ class Embedder(Protocol):
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
-# -- one model per process (bounded LRU) ----------------------------------------------------------
-#: Most networks kept loaded at once; ``ARD_SHARED_MODELS`` or `set_shared_model_limit` change it.
-DEFAULT_SHARED_MODELS = 4
-_MODELS: OrderedDict[tuple, Any] = OrderedDict()
-_MODELS_LOCK = threading.Lock()
-_LIMIT = [max(1, int(os.environ.get("ARD_SHARED_MODELS") or DEFAULT_SHARED_MODELS))]
-
-
-def set_shared_model_limit(max_models: int) -> None:
-    """Keep at most `max_models` networks cached (least recently used ones are forgotten first)."""
-    if int(max_models) < 1:
-        raise ConfigError(f"shared model cache size {max_models} must be >= 1")
-    with _MODELS_LOCK:
-        _LIMIT[0] = int(max_models)
-        _evict()
-
-
-def _evict() -> None:
-    while len(_MODELS) > _LIMIT[0]:
-        _MODELS.popitem(last=False)
-
-
-def shared_model(key: tuple, loader: Callable[[], Any]) -> Any:
-    """The process-wide instance for `key`, loading it on first use (thread-safe, LRU-bounded).
-
-    An evicted network stays alive while a recognizer still holds it; the cache only stops keeping
-    it, so reloading new versions again and again does not grow memory without bound.
-    """
-    with _MODELS_LOCK:
-        if key in _MODELS:
-            _MODELS.move_to_end(key)
-            return _MODELS[key]
-        model = loader()
-        _MODELS[key] = model
-        _evict()
-        return model
-
-
-def shared_model_keys() -> list[tuple]:
-    """Keys of the cached networks, least recently used first (tests, diagnostics)."""
-    with _MODELS_LOCK:
-        return list(_MODELS)
-
-
-def clear_shared_models() -> None:
-    """Forget every cached model (tests, hot reload of a new version)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
-
-
 def weights_fingerprint(model: nn.Module, max_tensors: int = 64) -> str:
     """Short hash of a network's parameters: distinguishes random inits and fine-tunes of one architecture."""
     h = hashlib.sha1()
@@ -102,38 +55,10 @@ def weights_fingerprint(model: nn.Module, max_tensors: int = 64) -> str:
     return h.hexdigest()[:12]
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """Short content hash of a weights file (size + first/last MiB: fast even for large checkpoints)."""
-    p = Path(path)
-    h = hashlib.sha1(str(p.stat().st_size).encode())
-    with open(p, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if p.stat().st_size > 2 << 20:
-            fh.seek(-(1 << 20), 2)
-            h.update(fh.read())
-    return h.hexdigest()[:12]
-
-
 # -- preprocessing --------------------------------------------------------------------------------
-def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """Square `size` input: 'letterbox' keeps the whole figure (pads), 'center_crop' CLIP-style, 'squash' stretches."""
-    from ..data.transforms import check_resize, fit_square
-
-    return fit_square(img, size, check_resize(mode, "embedder.resize"))
-
-
 def to_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float], resize: str = "letterbox") -> torch.Tensor:
-    """PIL images -> normalised NCHW float32 tensor."""
-    arr = np.stack([np.asarray(_resize(im, size, resize), dtype=np.float32) for im in images]) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+    """PIL images -> normalised NCHW float32 tensor (`framing.batch_array`)."""
+    return torch.from_numpy(batch_array(images, size, mean, std, resize))
 
 
 class TorchEmbedder:
@@ -362,43 +287,6 @@ def load_classifier(ckpt_path: str | Path, device: str | None = "auto") -> nn.Mo
         return ready(model, device)
 
     return shared_model(("classifier", str(p.resolve()), p.stat().st_mtime_ns, device), _load)
-
-
-@dataclass(frozen=True)
-class ClassifierCard:
-    """What a classifier checkpoint says about itself, as `CharacterClassifier` reads it: enough to name its outputs
-    and pick its views without building the network (an ONNX Runtime recognizer then never imports Lightning)."""
-
-    class_names: list[str]
-    series: dict[str, str]
-    tag_names: list[str]
-    face_view: dict[str, Any] | None
-
-
-def read_classifier_card(ckpt_path: str | Path) -> ClassifierCard:
-    """`ClassifierCard` of a Lightning checkpoint (its hyper-parameters only), read once per process and file version.
-    Cards are kept apart from `shared_model`'s networks, whose few slots they would otherwise take."""
-    p = Path(ckpt_path)
-    if not p.is_file():
-        raise WeightsError(f"classifier checkpoint {p} not found; train one (python train.py) or fix the path / version")
-    return _read_card(str(p.resolve()), p.stat().st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_card(path: str, mtime_ns: int) -> ClassifierCard:
-    """The card of `path` as it was at `mtime_ns` (the key: a rewritten checkpoint is read again)."""
-    from ..confutil import to_plain
-
-    try:
-        hp = dict(torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"])
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        why = " ".join(str(exc).split())[:300]  # one line, whatever the unpickler said
-        raise WeightsError(f"classifier checkpoint {path} could not be read ({type(exc).__name__}: {why}); is it a train.py checkpoint?") from None
-    names = [str(c) for c in hp.get("class_names") or []]
-    series = dict(to_plain(hp.get("series")) or {})
-    face_view = hp.get("face_view")
-    return ClassifierCard(names, {c: str(series.get(c, "")) for c in names}, [str(t) for t in hp.get("tag_names") or []],
-                          dict(to_plain(face_view)) if face_view else None)
 
 
 def _classifier_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor] | None:

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..fsutil import atomic_write_json
 from ..log import get_logger
 from ..versionfiles import GALLERY_META, MODEL
-from .embedder import file_fingerprint, l2_normalise
+from .shared import file_fingerprint, l2_normalise
 from .runtime import (
     CLASSIFIER_ONNX,
     EMBEDDER_ONNX,
@@ -116,7 +116,8 @@ def _classifier_entry(model: Any, path: Path, opset: int, source: Path, model_id
             "source": MODEL, "source_fingerprint": file_fingerprint(source),
             "preprocess": {"transform": "classifier", "image_size": int(model.image_size), "mean": list(model.mean), "std": list(model.std),
                            "resize": model.eval_resize},
-            "class_names": list(model.class_names), "series": dict(model.series), "tag_names": list(model.tag_names)}
+            "class_names": list(model.class_names), "series": dict(model.series), "tag_names": list(model.tag_names),
+            "face_view": model.face_view}  # with the names above, the card a recognizer reads without torch (`OnnxVersion.card`)
 
 
 def export_embedder(emb: Any, path: Path, opset: int = DEFAULT_OPSET, config: Mapping[str, Any] | None = None,

@@ -4,6 +4,7 @@ tagger, reranker, open-set calibration, detector, ONNX files. Loaded once on fir
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import fields, replace
@@ -42,8 +43,16 @@ class VersionParts:
             if name not in self._loaded:
                 t0 = time.perf_counter()
                 self._loaded[name] = loader()
+                self._torch_threads()
                 _log.info(f"loaded {name} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
             return self._loaded[name]
+
+    def _torch_threads(self) -> None:
+        """The configured thread count for torch once a part has imported it (a recognizer on ONNX Runtime never does;
+        its sessions take the count themselves)."""
+        torch = sys.modules.get("torch")
+        if self.config.threads and torch is not None:
+            torch.set_num_threads(int(self.config.threads))
 
     def _file(self, name: str) -> Path | None:
         p = self.version_dir / name if self.version_dir else None
@@ -72,7 +81,10 @@ class VersionParts:
 
     @property
     def embedder(self) -> Any:
-        from .embedder import build_embedder
+        def torch_embedder(cfg: Mapping[str, Any], **kw: Any) -> Any:
+            from .embedder import build_embedder  # torch: imported only when no exported network serves
+
+            return build_embedder(cfg, device=self.config.device, **kw)
 
         def load() -> Any:
             ort = self.onnx
@@ -86,9 +98,9 @@ class VersionParts:
                 # the exported network on the same views the gallery was built with, else torch
                 trained = self.classifier_card if ort is not None and cfg.get("kind") == "classifier" and self.model_ckpt is not None else None
                 emb = ort.wrapped_embedder(cfg, self.gallery.embedder_id, self.model_ckpt, trained) if ort is not None else None
-                emb = emb or build_embedder(cfg, base_dir=self.version_dir, device=self.config.device)
+                emb = emb or torch_embedder(cfg, base_dir=self.version_dir)
             else:
-                emb = build_embedder(self.config.embedder or {"kind": "timm"}, device=self.config.device)
+                emb = torch_embedder(self.config.embedder or {"kind": "timm"})
             if self._file(GALLERY_META) is not None:
                 self.gallery.check_embedder(emb.model_id, emb.dim, f"gallery {self.version_dir}")
             return emb
@@ -97,9 +109,9 @@ class VersionParts:
 
     @property
     def classifier(self) -> Any:
-        from .embedder import load_classifier
-
         def load() -> Any:
+            from .embedder import load_classifier
+
             if self.model_ckpt is None:
                 raise ConfigError(NO_CLASSIFIER)
             return load_classifier(self.model_ckpt, device=self.config.device)
@@ -108,15 +120,16 @@ class VersionParts:
 
     @property
     def classifier_card(self) -> Any:
-        """The classifier's class and tag names, series and views (`embedder.ClassifierCard`), read from its checkpoint
-        without building the network: what recognition needs of it besides its outputs (those come from
-        `classifier_transform`, on ONNX Runtime when the version has the export)."""
-        from .embedder import read_classifier_card
+        """The classifier's class and tag names, series and views (`card.ClassifierCard`), from the version's ONNX export
+        when it is current, else read from its checkpoint without building the network: what recognition needs of it
+        besides its outputs (those come from `classifier_transform`, on ONNX Runtime when the version has the export)."""
+        from .card import read_classifier_card
 
         def load() -> Any:
             if self.model_ckpt is None:
                 raise ConfigError(NO_CLASSIFIER)
-            return read_classifier_card(self.model_ckpt)
+            ort = self.onnx
+            return (ort.card(self.model_ckpt) if ort is not None else None) or read_classifier_card(self.model_ckpt)
 
         return self._part("classifier_card", load)
 
@@ -130,7 +143,6 @@ class VersionParts:
 
     @property
     def classifier_transform(self) -> Callable[[Sequence[Image.Image]], Any]:
-        from .embedder import ClassifierEmbedder
         from .views import with_face_view
 
         def load() -> Any:
@@ -138,7 +150,10 @@ class VersionParts:
                 raise ConfigError(NO_CLASSIFIER)
             ort = self.onnx
             clf = ort.classifier(self.model_ckpt, batch_size=self.batch_size) if ort is not None else None
-            clf = clf or ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
+            if clf is None:
+                from .embedder import ClassifierEmbedder
+
+                clf = ClassifierEmbedder(str(self.model_ckpt), batch_size=self.batch_size, device=self.config.device)
             return with_face_view(clf, self.face_view)
 
         return self._part("classifier_input", load)

@@ -10,6 +10,7 @@ of images goes through each model as one batch. Loads a registry version folder 
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..log import get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
 from .config import AUTO, MODES, RecognizerConfig, modes_for
-from .device import resolve_device
+from .device import running_device
 from .openset import gallery_probabilities
 from .parts import VersionParts
 from .rerank import Candidate
@@ -100,10 +101,7 @@ class Recognizer(VersionParts):
         self._loaded: dict[str, Any] = {}
         for sink in sinks:
             self.add_sink(sink)
-        if c.threads:
-            import torch
-
-            torch.set_num_threads(int(c.threads))
+        self._torch_threads()  # now if torch is loaded, else when a part first imports it
 
     def add_sink(self, sink: AnswerSink) -> AnswerSink:
         """Send every answer (with embeddings and bytes) to `sink` from now on; a sink with ``bind`` is told whose answers they are."""
@@ -512,7 +510,7 @@ class Recognizer(VersionParts):
                                                              "trained_judge": "whitened" if self.whitened_judge() else "classifier"}} if calib else None,
             "evaluation": read_json(self.version_dir / EVAL_METRICS) if self._file(EVAL_METRICS) else None,
             "runtime": getattr(loaded.get("runtime"), "runtime", None) or ("torch" if "runtime" in loaded else self.config.runtime),
-            "device": resolve_device(self.config.device), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
+            "device": running_device(self.config.device, onnx_only=loaded.get("runtime") is not None and "torch" not in sys.modules), "cache": {"size": self.cache.size, "hits": self.cache.hits, "misses": self.cache.misses},
         }
 
     def characters(self) -> list[dict]:

@@ -19,7 +19,9 @@ from PIL import Image
 from ..errors import ConfigError, WeightsError
 from ..fsutil import read_json
 from .config import RUNTIMES
-from .embedder import file_fingerprint, l2_normalise, shared_model, to_batch
+from ..data.framing import batch_array, eval_array
+from .card import ClassifierCard, card_from
+from .shared import file_fingerprint, l2_normalise, shared_model
 from .tagger import OWN_HEAD_PREFIX
 
 ONNX_META = "onnx.json"  # the exported networks of a version folder (carried into derived versions)
@@ -59,19 +61,15 @@ def open_session(path: Path, device: str | None = "auto", threads: int | None = 
 
 
 def _classifier_preprocess(spec: Mapping[str, Any]) -> Callable[[Sequence[Image.Image]], np.ndarray]:
-    """The classifier's own eval transform (`data.transforms.build_eval_transform`), as the torch classes use it."""
-    import torch
-
-    from ..data.transforms import build_eval_transform
-
-    tf = build_eval_transform(int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), str(spec.get("resize", "center_crop")))
-    return lambda images: torch.stack([tf(im.convert("RGB")) for im in images]).numpy()
+    """The classifier's own eval transform (`framing.eval_array`, what `data.transforms.build_eval_transform` runs)."""
+    size, mean, std, mode = int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), str(spec.get("resize", "center_crop"))
+    return lambda images: np.stack([eval_array(im, size, mean, std, mode) for im in images])
 
 
 def _resize_preprocess(spec: Mapping[str, Any]) -> Callable[[Sequence[Image.Image]], np.ndarray]:
-    """`embedder.to_batch` (letterbox / center_crop / squash), as `TorchEmbedder.preprocess`."""
+    """`framing.batch_array` (letterbox / center_crop / squash), as `TorchEmbedder.preprocess`."""
     size, mean, std, mode = int(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]), str(spec.get("resize", "letterbox"))
-    return lambda images: to_batch(images, size, mean, std, mode).numpy()
+    return lambda images: batch_array(images, size, mean, std, mode)
 
 
 PREPROCESSORS: dict[str, Callable[[Mapping[str, Any]], Callable[[Sequence[Image.Image]], np.ndarray]]] = {
@@ -263,6 +261,12 @@ class OnnxVersion:
         if entry is None:
             return None
         return OnnxClassifier(self._open(entry), entry, str(model_ckpt), batch_size=batch_size, runtime=self.runtime)
+
+    def card(self, model_ckpt: Path | None) -> ClassifierCard | None:
+        """The classifier's card as the export recorded it, when `model_ckpt` is still its source and the export is
+        recent enough to hold the card's every field (``face_view``); else None (read it from the checkpoint)."""
+        entry = self._classifier_entry(model_ckpt)
+        return card_from(entry) if entry is not None and "face_view" in entry else None
 
     def tag_names(self, model_ckpt: Path | None) -> list[str] | None:
         """The exported classifier's tag vocabulary (None when it is not usable for `model_ckpt`)."""

@@ -139,7 +139,7 @@ class OnnxTagger:
             raise WeightsError(f"tagger model {mp} predicts {out_dim} tags but {tags_file_path} lists {len(self.tag_names)}; use the tag list shipped with the model")
         self.thresholds = np.where(self.categories == CHARACTER, character_threshold, general_threshold).astype(np.float32)
         self.thresholds[self.categories == RATING] = np.inf  # ratings are not content tags
-        from .embedder import file_fingerprint
+        from .shared import file_fingerprint
 
         self.model_id = f"onnx:{mp.name}:{file_fingerprint(mp)}"
 
