@@ -62,7 +62,8 @@ def service_data(tmp_path_factory) -> Dataset:
 
 
 def build_version(registry_root: Path, data_root: Path, promote: bool = True) -> str:
-    """A registry version (gallery + calibration + tag profiles) from a dataset folder, via the recognition builder."""
+    """A registry version (gallery + calibration + tag profiles) from a dataset folder, via the recognition builder,
+    with its gallery embedder exported to ONNX as the workflow's versions are (the server answers on ONNX Runtime)."""
     from anime_role_detect.confutil import compose_plain
     from anime_role_detect.recognition.build import build_recognition_folder
     from anime_role_detect.registry import Registry
@@ -70,7 +71,7 @@ def build_version(registry_root: Path, data_root: Path, promote: bool = True) ->
     cfg = compose_plain("infer", ["embedder=lite0", "embedder.image_size=96", "embedder.flip_tta=false", "tagger=none"])
     reg = Registry(registry_root)
     staging = reg.staging_dir()
-    build_recognition_folder(data_root, staging, cfg, val_fraction=0.2, seed=0)
+    build_recognition_folder(data_root, staging, cfg, val_fraction=0.2, seed=0, onnx=True)
     return reg.commit(staging, kind="test", promote=promote)
 
 
