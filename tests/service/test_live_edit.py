@@ -66,3 +66,31 @@ def test_enrolment_shots_held_out_extend_the_evaluation_set(tmp_path):
     assert evalset is not None and evalset.labels == [newcomer.name] and evalset.sources == ["enrol"]
     assert evalset.embedder_id == loaded.recognizer.embedder.model_id
     assert EvalSet.load(reg.path(base)) is None  # the base version is untouched
+
+
+def test_a_hot_reload_lets_go_of_the_replaced_versions_networks(tmp_path):
+    """Each version opens its own ONNX Runtime session (a derived version hard-links the same file under a new path):
+    after a reload the process cache holds the served version's networks only, not the replaced one's as well."""
+    from anime_role_detect.recognition.onnx_export import export_into
+    from anime_role_detect.recognition.shared import shared_model_keys
+
+    reg, base, newcomer, rng = _version(tmp_path)
+    folder = tmp_path / "built"
+    export_into(folder)
+    first = reg.import_folder(folder)
+    second = reg.import_folder(folder, promote=False)
+
+    def cached(vid: str) -> list[tuple]:
+        root = str(reg.path(vid).resolve())
+        return [k for k in shared_model_keys() if any(isinstance(x, str) and x.startswith(root) for x in k)]
+
+    live = LiveRecognizer(reg.root, cfg={"mode": "clip", "rerank": False})
+    live.load_now()
+    picture = render_character(newcomer, rng, 64)[0]
+    assert live.current().version_id == first and live.current().recognizer.recognize(picture).detections
+    assert cached(first) and type(live.current().recognizer.embedder).__name__ == "OnnxEmbedder"
+    reg.promote(second)
+    live.maybe_reload(force=True)
+    live._loading.join(60)
+    assert live.current().version_id == second and live.current().recognizer.recognize(picture).detections
+    assert cached(second) and not cached(first)

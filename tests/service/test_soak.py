@@ -1,4 +1,4 @@
-"""The soak benchmark (benchmarks/soak.py) at CI size: 16 loopback clients for one minute against the real service,
+"""The soak benchmark (benchmarks/soak.py) at CI size: 16 loopback clients for 40 seconds against the real service,
 with the enrolment, the log-fusion run and its hot reload in the middle, and a short fuzz. No 5xx, every answered
 classification logged exactly once, no torn record, resident memory and file handles flat."""
 
@@ -28,8 +28,8 @@ def soak(project_root: Path):
         sys.modules.pop(spec.name, None)
 
 
-def test_one_minute_soak_has_no_5xx_loses_no_record_and_stays_flat(soak, tmp_path):
-    cfg = soak.SoakConfig(minutes=1.0, clients=16, fuzz=100, fuzz_minutes=3.0, slice_s=15.0, warmup_s=15.0)
+def test_a_short_soak_has_no_5xx_loses_no_record_and_stays_flat(soak, tmp_path):
+    cfg = soak.SoakConfig(minutes=40 / 60, clients=16, fuzz=100, fuzz_minutes=3.0, slice_s=10.0, warmup_s=10.0)
     rep = soak.run_soak(cfg, tmp_path / "soak", log=lambda msg: None)
     text = soak.format_report(rep)
     print(text)
@@ -40,6 +40,6 @@ def test_one_minute_soak_has_no_5xx_loses_no_record_and_stays_flat(soak, tmp_pat
     assert "error" not in events["hot reload"], text
     assert rep.log.answered > 100 and rep.log.missing == 0 and rep.log.duplicated == 0, text
     assert rep.log.torn_lines == 0 and rep.log.corrupt_rows == 0 and rep.log.lines == rep.log.records, text
-    assert rep.rss_growth <= cfg.memory_bound, text
+    assert rep.memory_ok, text
     assert rep.fuzz is not None and rep.fuzz.requests >= 100 and rep.fuzz.server_errors == 0 and not rep.fuzz.failures, text
     assert not rep.problems(), text

@@ -59,6 +59,22 @@ def shared_model_keys() -> list[tuple]:
         return list(_MODELS)
 
 
+def release_shared_models(folder: str | Path, keep: str | Path | None = None) -> int:
+    """Forget the cached networks loaded from files under `folder` but not under `keep` (versions no longer served);
+    returns how many. A recognizer still answering holds its own references, so its networks live until it is done."""
+
+    def under(path: str | Path | None) -> Callable[[Any], bool]:
+        root = str(Path(path).resolve()) if path is not None else None
+        return lambda x: root is not None and isinstance(x, str) and (x == root or x.startswith(root + os.sep))
+
+    inside, kept = under(folder), under(keep)
+    with _MODELS_LOCK:
+        gone = [k for k in _MODELS if any(inside(x) for x in k) and not any(kept(x) for x in k)]
+        for k in gone:
+            del _MODELS[k]
+    return len(gone)
+
+
 def clear_shared_models() -> None:
     """Forget every cached model (tests, hot reload of a new version)."""
     with _MODELS_LOCK:

@@ -19,6 +19,7 @@ from PIL import Image
 from ..errors import RegistryError
 from ..log import get_logger
 from ..recognition.pipeline import Recognizer
+from ..recognition.shared import release_shared_models
 from ..registry import Registry
 from ..versionfiles import (
     CALIBRATION,
@@ -154,6 +155,14 @@ class LiveRecognizer:
             self.reloads += 1
             self.last_error = None
         _log.info(f"hot reload: now serving {vid}")
+        self._release(loaded)
+
+    def _release(self, new: "Loaded") -> None:
+        """Drop every other registry version's networks from the process cache (`shared.release_shared_models`): each
+        version loads its own (derived versions hard-link the same files under new paths), so reloads would keep them."""
+        n = release_shared_models(self.registry.root, keep=getattr(new.recognizer, "version_dir", None))
+        if n:
+            _log.info(f"released {n} cached network(s) of versions no longer served")
 
     def maybe_reload(self, force: bool = False) -> None:
         """Start a background load when the registry's pointer moved (rate-limited)."""
