@@ -129,7 +129,12 @@ class VersionParts:
             if self.model_ckpt is None:
                 raise ConfigError(NO_CLASSIFIER)
             ort = self.onnx
-            return (ort.card(self.model_ckpt) if ort is not None else None) or read_classifier_card(self.model_ckpt)
+            card = ort.card(self.model_ckpt) if ort is not None else None
+            if card is None and ort is not None and ort.tag_names(self.model_ckpt) is not None:  # exported, card not carried
+                vid = Path(self.version_dir).name if self.version_dir else "ID"
+                _log.info(f"version {vid}: its ONNX export predates the classifier card, so torch reads it from the checkpoint "
+                          f"(seconds); re-export it (python -m anime_role_detect.export --version {vid}) to start faster")
+            return card or read_classifier_card(self.model_ckpt)
 
         return self._part("classifier_card", load)
 
