@@ -812,7 +812,7 @@ class SoakReport:
     def memory_ok(self) -> bool:
         """Resident memory at the end within `memory_bound` of the warm-up figure, or within `memory_floor_mb` MB of it."""
         cfg = self.config
-        return self.rss_growth <= cfg["memory_bound"] or self.end.rss_mb - self.start.rss_mb <= cfg.get("memory_floor_mb", 0.0)
+        return self.rss_growth <= cfg["memory_bound"] or self.end.rss_mb - self.start.rss_mb <= cfg["memory_floor_mb"]
 
     def problems(self) -> list[str]:
         """Every check that failed, one line each (empty = the run passed)."""
@@ -830,7 +830,7 @@ class SoakReport:
                        f"{self.log.lines} lines vs {self.log.records} records read; {self.log.missing_samples[:3]}")
         if not self.memory_ok:
             out.append(f"resident memory grew {self.rss_growth:.1%} ({self.start.rss_mb} -> {self.end.rss_mb} MB), bound "
-                       f"{cfg['memory_bound']:.0%} or {cfg.get('memory_floor_mb', 0.0):.0f} MB")
+                       f"{cfg['memory_bound']:.0%} or {cfg['memory_floor_mb']:.0f} MB")
         if self.end.files - self.start.files > cfg["fd_slack"]:
             out.append(f"open file handles (not sockets) grew {self.start.files} -> {self.end.files} (slack {cfg['fd_slack']})")
         whats = {e.what: e.detail for e in self.events}
@@ -972,7 +972,7 @@ def format_report(rep: SoakReport) -> str:
     lines += ["", "events:"] + [f"  {e.t:>6.0f}s {e.what}: {json.dumps(e.detail)[:400]}" for e in rep.events]
     lines += ["", f"server after warm-up (under load): {rep.start.line()}",
               f"server at end (3 s idle):         {rep.end.line()}",
-              f"resident memory {rep.rss_growth:+.1%} (bound {c['memory_bound']:.0%} or {c.get('memory_floor_mb', 0.0):.0f} MB), peak {rep.peak_rss_mb} MB"]
+              f"resident memory {rep.rss_growth:+.1%} (bound {c['memory_bound']:.0%} or {c['memory_floor_mb']:.0f} MB), peak {rep.peak_rss_mb} MB"]
     lg = rep.log
     lines += [(f"feature log: {lg.records} records read back = {lg.lines} complete lines; {lg.torn_lines} torn, "
                f"{lg.corrupt_rows} CRC failures, {lg.bad_rows} row mismatches; {lg.answered} answered classifications, "

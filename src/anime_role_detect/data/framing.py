@@ -75,8 +75,8 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def normalised(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """``ToTensor`` + ``Normalize``: a CHW float32 array, each channel ``(x / 255 - mean) / std``."""
-    x = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255)
+    """``ToTensor`` + ``Normalize`` of an RGB image: a CHW float32 array, each channel ``(x / 255 - mean) / std``."""
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -84,11 +84,10 @@ def normalised(img: Image.Image, mean: Sequence[float], std: Sequence[float]) ->
 def eval_array(img: Image.Image, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                resize: str = "center_crop") -> np.ndarray:
     """`transforms.build_eval_transform(size, mean, std, resize)(img)` as a CHW float32 array, without torch."""
-    img = img.convert("RGB")
     if check_resize(resize) == "center_crop":
-        img = center_crop(resize_short_side(img, int(size)), int(size))
+        img = center_crop(resize_short_side(img.convert("RGB"), int(size)), int(size))
     else:
-        img = fit_square(img, int(size), resize)
+        img = fit_square(img, int(size), resize)  # RGB
     return normalised(img, mean, std)
 
 
@@ -96,6 +95,4 @@ def batch_array(images: Sequence[Image.Image], size: int, mean: Sequence[float],
                 resize: str = "letterbox") -> np.ndarray:
     """PIL images -> normalised NCHW float32 array, each framed by `fit_square` (the gallery embedders' input)."""
     mode = check_resize(resize, "embedder.resize")
-    arr = np.stack([np.asarray(fit_square(im, size, mode), dtype=np.float32) for im in images]) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+    return np.stack([normalised(fit_square(im, size, mode), mean, std) for im in images])

@@ -36,6 +36,7 @@ class VersionParts:
     mode: str
     _lock: threading.RLock
     _loaded: dict[str, Any]
+    _torch_threads_set: bool
 
     # -- lazy parts ---------------------------------------------------------------------------
     def _part(self, name: str, loader: Callable[[], Any]) -> Any:
@@ -48,11 +49,12 @@ class VersionParts:
             return self._loaded[name]
 
     def _torch_threads(self) -> None:
-        """The configured thread count for torch once a part has imported it (a recognizer on ONNX Runtime never does;
-        its sessions take the count themselves)."""
+        """The configured thread count for torch, set once, when torch is first found imported (at construction or
+        after a part's load; a recognizer on ONNX Runtime never imports it, its sessions take the count themselves)."""
         torch = sys.modules.get("torch")
-        if self.config.threads and torch is not None:
+        if self.config.threads and torch is not None and not self._torch_threads_set:
             torch.set_num_threads(int(self.config.threads))
+            self._torch_threads_set = True
 
     def _file(self, name: str) -> Path | None:
         p = self.version_dir / name if self.version_dir else None

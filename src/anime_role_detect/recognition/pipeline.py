@@ -99,6 +99,7 @@ class Recognizer(VersionParts):
         self._generation = 0
         self._gallery_only: tuple[int, bool] | None = None  # (generation, `_gallery_only_characters`)
         self._loaded: dict[str, Any] = {}
+        self._torch_threads_set = False
         for sink in sinks:
             self.add_sink(sink)
         self._torch_threads()  # now if torch is loaded, else when a part first imports it

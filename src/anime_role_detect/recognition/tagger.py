@@ -22,6 +22,7 @@ from ..errors import ConfigError, WeightsError
 from .device import ort_providers
 from .hub import hub_files
 from .schema import TagScore
+from .shared import file_fingerprint
 
 #: WD14 ``selected_tags.csv`` categories.
 GENERAL, CHARACTER, RATING = 0, 4, 9
@@ -139,8 +140,6 @@ class OnnxTagger:
             raise WeightsError(f"tagger model {mp} predicts {out_dim} tags but {tags_file_path} lists {len(self.tag_names)}; use the tag list shipped with the model")
         self.thresholds = np.where(self.categories == CHARACTER, character_threshold, general_threshold).astype(np.float32)
         self.thresholds[self.categories == RATING] = np.inf  # ratings are not content tags
-        from .shared import file_fingerprint
-
         self.model_id = f"onnx:{mp.name}:{file_fingerprint(mp)}"
 
     def _prepare(self, img: Image.Image) -> np.ndarray:
