@@ -11,6 +11,7 @@ import contextlib
 import importlib.resources
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -98,6 +99,38 @@ def hydra_search_path(dirs: Sequence[Path]) -> Iterator[None]:
         yield
     finally:
         GlobalHydra.instance().clear()
+
+
+@dataclass
+class HydraState:
+    """A running Hydra app's config folders and ``hydra`` node: what a process it starts needs so that its
+    compose calls and ``${hydra:...}`` interpolations read as they would in the app."""
+
+    dirs: list[str]
+    hydra_cfg: Any  # `HydraConfig`'s DictConfig (picklable)
+
+
+def running_hydra_state() -> HydraState | None:
+    """The state of the Hydra app this process runs in, or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    dirs = [str(s.path) for s in HydraConfig.get().runtime.config_sources if s.schema == "file"]
+    return HydraState(dirs=dirs, hydra_cfg=HydraConfig.instance().cfg)
+
+
+@contextlib.contextmanager
+def restored_hydra(state: HydraState | None) -> Iterator[None]:
+    """Run a block, in a fresh process, under `state` (from `running_hydra_state`); None runs it standalone."""
+    if state is None:
+        yield
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(state.hydra_cfg)
+    with hydra_search_path([Path(d) for d in state.dirs] or config_dirs()):
+        yield
 
 
 _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe (the service composes from worker threads)

@@ -124,8 +124,13 @@ def setup_logging(cfg: Mapping[str, Any] | LogConfig | None = None) -> Path:
             lg = logging.getLogger(name)
             lg.handlers = [InterceptHandler()]
             lg.propagate = False
-    _configured["key"] = key
+    _configured["key"], _configured["conf"] = key, conf
     return log_dir
+
+
+def current_log_config() -> LogConfig | None:
+    """The settings `setup_logging` last installed (a child process of this one logs the same way), or None."""
+    return _configured.get("conf")
 
 
 def get_logger(channel: str = "system"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -98,6 +99,8 @@ def test_workflow_trains_streams_progress_and_goes_live(fresh, service_data):
         img = service_data.images(names[1])[0].read_bytes()
         ans = c.post("/api/classify", files={"file": ("x.png", img)}).json()
         assert ans["version"] == vid and ans["role"] in set(names) | {"unknown"}
+    # the job trained in its own process and the version answers on ONNX Runtime: the server never loaded torch
+    assert "libtorch" not in Path(f"/proc/{fresh.proc.pid}/maps").read_text()
 
 
 def sse_with_last_id(client: httpx.Client, job_id: str, last_id: int) -> Iterator[dict]:
@@ -141,6 +144,20 @@ def test_cancel_stops_a_running_workflow(fresh, service_data):
         assert r.status_code == 404 and r.json()["error"]
 
 
+def job_processes(server_pid: int) -> list[int]:
+    """The live processes the server started for its jobs (multiprocessing's spawned children; Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server_pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_job_status_survives_a_server_crash(tmp_path, service_data):
     """Jobs are saved under jobs_dir: after a SIGKILL and a restart, a cancelled job still reads cancelled and the
     job that was running reads failed, with how to resume it."""
@@ -153,14 +170,20 @@ def test_job_status_survives_a_server_crash(tmp_path, service_data):
             second = c.post("/api/workflow", json={"characters": [{"name": n} for n in service_data.names[2:4]], "params": {"epochs": 200}}).json()
             assert c.post(f"/api/workflow/{first['id']}/cancel").status_code == 200
             deadline = time.monotonic() + 120
-            while c.get(f"/api/workflow/{second['id']}").json()["status"] != "running" and time.monotonic() < deadline:
+            while not c.get(f"/api/workflow/{second['id']}").json()["stages"] and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(3)  # some progress is saved (at most every 2 s)
             assert c.get(f"/api/workflow/{first['id']}").json()["status"] == "cancelled"
+            jobs = job_processes(srv.proc.pid)
+            assert jobs, "the running job has its own process"
     finally:
         srv.proc.kill()  # a crash: no shutdown handler runs
         srv.proc.wait(10)
         srv.stop()
+    deadline = time.monotonic() + 60  # the job's process notices its server is gone and stops
+    while any(Path(f"/proc/{pid}").exists() for pid in jobs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in jobs), "a job process outlived its server"
     saved = {p.stem for p in (tmp_path / "srv" / "outputs" / "workflow" / "jobs").glob("*.json")}
     assert {first["id"], second["id"]} <= saved
     srv = start()

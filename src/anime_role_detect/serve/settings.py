@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -101,6 +101,11 @@ class WorkflowSettings(_Section):
     registry_keys: list[str] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(1, ge=1)
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="Where a job runs: its own process (the server never loads the training stack, and a "
+                               "cancel that is not heeded ends it), or a thread of the server (embedding, debugging).")
+    cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled job's process has to stop at its next "
+                                                          "progress event before it is terminated (stages resume).")
     keep_finished: int = Field(50, ge=1)
     #: folder where each job's latest status is saved, so job ids survive a server restart (null = memory only)
     jobs_dir: str | None = None

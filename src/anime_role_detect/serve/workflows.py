@@ -1,5 +1,5 @@
-"""Workflow jobs behind `/api/workflow`: build the config from a validated request, run it in a worker
-thread, keep its progress events for status queries and live streams, and honour cancel.
+"""Workflow jobs behind `/api/workflow`: build the config from a validated request, run it in its own process
+(`job_process`; or a worker thread), keep its progress events for status queries and live streams, honour cancel.
 
 Clients never send config strings or paths: characters and whitelisted parameters are checked by
 pydantic, then written into the composed config with `OmegaConf.update` (no override parsing).
@@ -23,6 +23,7 @@ from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_text
 from ..log import get_logger
 from ..workflow.progress import CancelledError, Progress, ProgressEvent
+from .job_process import JobFailed
 from .settings import WorkflowSettings
 
 _log = get_logger("system")
@@ -119,6 +120,20 @@ def compose_config(settings: WorkflowSettings) -> Any:
                    config_dir=settings.config_dir or default_config_dir())
 
 
+def check_runner_spec(spec: dict[str, Any]) -> None:
+    """Refuse a runner spec whose module cannot be found, without importing it (the job's process imports it)."""
+    import importlib.util
+
+    target = str(spec.get("_target_") or "")
+    module = target.rpartition(".")[0]
+    try:
+        found = bool(module) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"workflow.runner {target!r} names no importable module; fix serve.yaml")
+
+
 def build_runner(settings: WorkflowSettings) -> WorkflowRunner:
     """Instantiate the configured runner (`_target_`, default `workflow.run.run_workflow`)."""
     from hydra.utils import instantiate
@@ -211,6 +226,12 @@ def apply_param(cfg: Any, target: str, value: Any) -> None:
     OmegaConf.update(cfg, list_key, [*items, entry], merge=False, force_add=True)
 
 
+def outcome_fields(out: Any) -> dict[str, Any]:
+    """A runner's result (`WorkflowResult` or alike) as the plain JSON fields of `WorkflowOutcome`."""
+    return {"version_id": getattr(out, "version_id", None), "metrics": _jsonable(getattr(out, "metrics", None) or {}),
+            "summary": _jsonable(getattr(out, "summary", None))}
+
+
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types from dataclasses/OmegaConf/paths in a workflow result."""
     import dataclasses
@@ -235,7 +256,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 class WorkflowManager:
-    """Runs workflow jobs in a small thread pool and keeps the recent ones for queries."""
+    """Runs workflow jobs (each in its own process, watched from a small thread pool) and keeps the recent ones."""
 
     def __init__(self, settings: WorkflowSettings, registry_dir: str, runner: WorkflowRunner | None = None,
                  config_factory: Callable[[], Any] | None = None) -> None:
@@ -296,6 +317,26 @@ class WorkflowManager:
             self._runner = build_runner(self.settings)
         return self._runner
 
+    def check_runner(self) -> None:
+        """Fail now (400) rather than inside the job when the runner is misconfigured; a job's own process
+        imports it, so here it is only looked up."""
+        if self.settings.isolation == "thread":
+            _ = self.runner
+        elif self._runner is None:
+            check_runner_spec(self.settings.runner)
+
+    def execute(self, cfg: Any, progress: Progress) -> Any:
+        """Run the workflow for `cfg` where the settings say (its own process, or this thread)."""
+        if self.settings.isolation == "thread":
+            return self.runner(cfg, progress)
+        from ..confutil import running_hydra_state
+        from ..log import current_log_config
+        from .job_process import JobSpec, run_in_process
+
+        spec = JobSpec(runner=self._runner if self._runner is not None else dict(self.settings.runner), cfg=cfg,
+                       hydra=running_hydra_state(), log=current_log_config())
+        return run_in_process(spec, progress, grace_s=self.settings.cancel_grace_s)
+
     def check_params(self, params: WorkflowParams) -> dict[str, Any]:
         """The set parameters, refusing any that this server does not expose."""
         given = params.model_dump(exclude_none=True)
@@ -324,7 +365,7 @@ class WorkflowManager:
     def submit(self, request: WorkflowRequest) -> Job:
         """Queue a job; runs as soon as a worker is free."""
         params = self.check_params(request.params)
-        runner = self.runner  # fail now (400) rather than inside the thread when misconfigured
+        self.check_runner()
         job = Job(id=uuid.uuid4().hex[:12], request=request, params=params, on_change=self._save)
         job.progress.subscribe(job.on_progress)
         with self._lock:
@@ -338,10 +379,10 @@ class WorkflowManager:
                     (self.jobs_dir / f"{oldest}.json").unlink(missing_ok=True)
         job.publish("status", {"status": "queued"})
         self._save(job, True)
-        self._pool.submit(self._run, job, runner)
+        self._pool.submit(self._run, job)
         return job
 
-    def _run(self, job: Job, runner: WorkflowRunner) -> None:
+    def _run(self, job: Job) -> None:
         if job.progress.cancelled:
             job.finished = time.time()
             job.set_status("cancelled")
@@ -350,17 +391,15 @@ class WorkflowManager:
         job.set_status("running")
         try:
             cfg = self.build_config(job)
-            out = runner(cfg, job.progress)
+            out = self.execute(cfg, job.progress)
             job.progress.check_cancelled()
-            job.result = WorkflowOutcome(version_id=getattr(out, "version_id", None),
-                                         metrics=_jsonable(getattr(out, "metrics", None) or {}),
-                                         summary=_jsonable(getattr(out, "summary", None)))
+            job.result = WorkflowOutcome(**outcome_fields(out))
             job.finished = time.time()
             job.set_status("succeeded")
         except CancelledError:
             job.finished = time.time()
             job.set_status("cancelled")
-        except UserError as exc:
+        except (UserError, JobFailed) as exc:  # a job process's failure is logged with its traceback there
             job.error = str(exc)
             job.finished = time.time()
             job.set_status("failed")

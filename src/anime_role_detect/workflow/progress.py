@@ -61,16 +61,21 @@ class Progress:
     def emit(self, stage: str, done: int, total: int, message: str = "") -> ProgressEvent:
         """Publish an event; raises `CancelledError` if cancellation was requested."""
         ev = ProgressEvent(stage=stage, done=done, total=total, message=message)
-        with self._lock:
-            self.stages[stage] = ev
-            self.events.append(ev)
-            listeners = list(self._listeners)
-        if self._log and (done == total or done == 0 or message):
-            _log.info(f"[{stage}] {done}/{total} {message}".rstrip())
-        for fn in listeners:
-            fn(ev)
+        self.publish(ev)
         self.check_cancelled()
         return ev
+
+    def publish(self, ev: ProgressEvent, log: bool = True) -> None:
+        """Record `ev` and hand it to the listeners (no cancel check): also how events made elsewhere, e.g. in a
+        job's own process, join this run's history; `log=False` where they were logged there."""
+        with self._lock:
+            self.stages[ev.stage] = ev
+            self.events.append(ev)
+            listeners = list(self._listeners)
+        if log and self._log and (ev.done == ev.total or ev.done == 0 or ev.message):
+            _log.info(f"[{ev.stage}] {ev.done}/{ev.total} {ev.message}".rstrip())
+        for fn in listeners:
+            fn(ev)
 
     def cancel(self) -> None:
         self._cancel.set()
