@@ -183,15 +183,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def site_config(folder: Path, empty_collector: Path, work_dir: Path) -> Path:
-    """conf/serve.yaml plus a workflow that collects from an empty local folder (fuzzed workflow requests fail fast, offline)."""
+def site_config(folder: Path, empty_collector: Path, work_dir: Path, workflow: dict[str, Any] | None = None) -> Path:
+    """conf/serve.yaml plus a workflow that collects from an empty local folder (fuzzed workflow requests fail fast,
+    offline); `workflow` sets more of its keys (its ``values`` join those)."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     empty_collector.mkdir(parents=True, exist_ok=True)
-    cfg = {"defaults": ["serve", "_self_"],
-           "workflow": {"overrides": ["collector=local"],
-                        "values": {"collector.root": str(empty_collector), "work_dir": str(work_dir)}}}
+    extra = dict(workflow or {})
+    values = {"collector.root": str(empty_collector), "work_dir": str(work_dir), **extra.pop("values", {})}
+    cfg = {"defaults": ["serve", "_self_"], "workflow": {"overrides": ["collector=local"], **extra, "values": values}}
     (folder / "serve_soak.yaml").write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
     return folder
 
@@ -199,13 +200,13 @@ def site_config(folder: Path, empty_collector: Path, work_dir: Path) -> Path:
 class ServiceProcess:
     """`python -m anime_role_detect.serve` in a subprocess on a free loopback port, with its own work folder."""
 
-    def __init__(self, workdir: Path, registry: Path, overrides: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: Path, registry: Path, overrides: Sequence[str] = (), workflow: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.registry = registry
         self.featurelog = workdir / "featurelog"
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        conf = site_config(workdir / "conf", workdir / "empty_collector", workdir / "workflow")
+        conf = site_config(workdir / "conf", workdir / "empty_collector", workdir / "workflow", workflow)
         args = [sys.executable, "-m", "anime_role_detect.serve", "--config-dir", str(conf), "--config-name", "serve_soak",
                 f"host={LOOPBACK}", f"port={self.port}", f"registry_dir={registry}", f"feature_log.dir={self.featurelog}",
                 f"hydra.run.dir={workdir / 'hydra'}", "log.console_level=WARNING", *overrides]
@@ -222,8 +223,9 @@ class ServiceProcess:
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until /api/health says ready; raises with the server's log when it exits or times out."""
+    def wait_ready(self, timeout: float = 300.0, model: bool = True) -> None:
+        """Until /api/health says ready (or, with `model` false, answers at all: a server with an empty registry);
+        raises with the server's log when it exits or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -232,7 +234,7 @@ class ServiceProcess:
                 health = httpx.get(f"{self.url}/api/health", timeout=5).json()
             except (httpx.HTTPError, ValueError):
                 health = {}
-            if health.get("ready"):
+            if health.get("ready") or (health and not model):
                 return
             if health.get("error"):  # up, but the version did not load: no point waiting
                 raise RuntimeError(f"server up without a model: {health['error']}")
