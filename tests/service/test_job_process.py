@@ -94,3 +94,29 @@ def test_a_misnamed_runner_is_refused_at_submit_without_importing_it():
     mgr = WorkflowManager(ws, "/nonexistent-registry", config_factory=lambda: OmegaConf.create({"characters": []}))
     with pytest.raises(ConfigError, match="no importable module"):
         submit(mgr)
+
+
+def test_submissions_beyond_max_queued_are_refused_until_a_job_starts():
+    from anime_role_detect.serve.workflows import JobQueueFull
+
+    mgr = manager("forever", max_queued=1)
+    try:
+        running, waiting = submit(mgr), submit(mgr)
+        deadline = time.monotonic() + 60
+        while running.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (running.status, waiting.status) == ("running", "queued")
+        with pytest.raises(JobQueueFull, match="1 workflow jobs are already waiting"):
+            submit(mgr)
+        assert len(mgr.list()) == 2  # the refused one is not kept
+        mgr.cancel(running)
+        while waiting.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third = submit(mgr)  # the queue has room again
+        assert third.status == "queued"
+        for job in (waiting, third):
+            mgr.cancel(job)
+        for job in (running, waiting, third):
+            wait(job)
+    finally:
+        mgr.shutdown()

@@ -20,7 +20,8 @@ def strict(tmp_path_factory, registry_root):
     srv = start_server(
         tmp_path_factory.mktemp("strict"), registry_root,
         [f"auth.token={TOKEN}", "limits.max_upload_mb=0.05", "limits.max_video_mb=0.1", "limits.max_files=3",
-         "limits.max_pixels=1000000", f"cors.allow_origins=[{ALLOWED_ORIGIN}]", "persist_gallery_edits=false"],
+         "limits.max_pixels=1000000", f"cors.allow_origins=[{ALLOWED_ORIGIN}]", "persist_gallery_edits=false",
+         "workflow.max_queued=0"],
     )
     yield srv
     srv.stop()
@@ -134,6 +135,13 @@ def test_workflow_parameters_outside_the_whitelist_are_refused(sc):
     assert r.status_code == 422 and "registry_dir" in r.text
     r = sc.post("/api/workflow", headers=_auth(), json={"characters": [{"name": "a; rm -rf /"}]})
     assert r.status_code == 422
+
+
+def test_a_full_workflow_queue_answers_429_and_starts_nothing(sc):
+    r = sc.post("/api/workflow", headers=_auth(), json={"characters": [{"name": "aoba", "series": "new game"}]})
+    assert r.status_code == 429 and "max_queued" in r.json()["error"], r.text
+    assert r.headers["retry-after"] == "60" and r.json()["detail"] == {"max_queued": 0}
+    assert sc.get("/api/workflow").json()["jobs"] == []
 
 
 def test_timeout_is_a_json_503(tmp_path, registry_root, service_data):

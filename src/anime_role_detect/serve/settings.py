@@ -101,6 +101,8 @@ class WorkflowSettings(_Section):
     registry_keys: list[str] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(1, ge=1)
+    max_queued: int = Field(8, ge=0, description="Jobs that may wait for a free runner; one more is refused (429), so a "
+                                                 "burst of submissions cannot queue hours of training.")
     isolation: Literal["process", "thread"] = Field(
         "process", description="Where a job runs: its own process (the server never loads the training stack, and a "
                                "cancel that is not heeded ends it), or a thread of the server (embedding, debugging).")

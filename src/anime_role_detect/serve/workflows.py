@@ -105,6 +105,10 @@ class WorkflowStatus(BaseModel):
 WorkflowRunner = Callable[[Any, Progress], Any]
 
 
+class JobQueueFull(UserError):
+    """`workflow.max_queued` jobs are already waiting: the submission is refused (429), nothing is queued."""
+
+
 def default_config_dir() -> Path:
     """The project's `conf/` folder (next to `src/`)."""
     from ..confutil import CONFIG_DIR
@@ -369,6 +373,10 @@ class WorkflowManager:
         job = Job(id=uuid.uuid4().hex[:12], request=request, params=params, on_change=self._save)
         job.progress.subscribe(job.on_progress)
         with self._lock:
+            waiting = sum(j.status == "queued" for j in self._jobs.values())
+            if waiting >= self.settings.max_queued:
+                raise JobQueueFull(f"{waiting} workflow jobs are already waiting (workflow.max_queued); retry when one "
+                                   "has started, or cancel one")
             self._jobs[job.id] = job
             while len(self._jobs) > self.settings.keep_finished:
                 oldest = next((k for k, j in self._jobs.items() if j.status in FINISHED), None)

@@ -11,8 +11,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
 from ..deps import WorkflowsDep, require_token
-from ..errors import ApiError
-from ..workflows import Job, WorkflowManager, WorkflowRequest, WorkflowStatus
+from ..errors import ApiError, ErrorBody
+from ..workflows import Job, JobQueueFull, WorkflowManager, WorkflowRequest, WorkflowStatus
 from . import ERROR_RESPONSES, json_error_responses
 
 router = APIRouter(prefix="/api/workflow", tags=["workflow"])
@@ -41,11 +41,19 @@ def job_dep(job_id: JobId, manager: WorkflowsDep) -> Job:
 JobDep = Annotated[Job, Depends(job_dep)]
 
 
+QUEUE_FULL = {429: {"model": ErrorBody, "description": "workflow.max_queued jobs are already waiting; retry later."}}
+QUEUE_RETRY_S = 60
+
+
 @router.post("", response_model=WorkflowStatus, status_code=202, dependencies=[Depends(require_token)],
-             summary="Start a workflow run", responses=ERROR_RESPONSES)
+             summary="Start a workflow run", responses={**ERROR_RESPONSES, **QUEUE_FULL})
 async def start_workflow(body: WorkflowRequest, manager: WorkflowsDep) -> WorkflowStatus:
     """Queues the run and answers at once; follow it with GET /api/workflow/{id} or its /events stream."""
-    return manager.submit(body).snapshot()
+    try:
+        return manager.submit(body).snapshot()
+    except JobQueueFull as exc:
+        raise ApiError(429, str(exc), {"max_queued": manager.settings.max_queued},
+                       headers={"Retry-After": str(QUEUE_RETRY_S)}) from None
 
 
 @router.get("", response_model=WorkflowList, summary="List recent workflow runs")
