@@ -34,7 +34,7 @@ def forever(cfg, progress):
     """Emits progress until cancelled."""
     i = 0
     while True:
-        progress.emit("train", i, 10**6)
+        progress.emit("train", i, 10**6, f"pid {os.getpid()}")
         i += 1
         time.sleep(0.05)
 

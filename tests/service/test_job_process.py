@@ -120,3 +120,24 @@ def test_submissions_beyond_max_queued_are_refused_until_a_job_starts():
             wait(job)
     finally:
         mgr.shutdown()
+
+
+def test_ctrl_c_at_the_servers_terminal_leaves_the_job_to_the_servers_cancel():
+    """SIGINT reaches a terminal's whole process group; the job's process ignores it, the server cancels the job."""
+    import signal
+
+    mgr = manager("forever")
+    try:
+        job = submit(mgr)
+        deadline = time.monotonic() + 60
+        while not job.progress.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(job.progress.events[-1].message.split()[1])
+        os.kill(pid, signal.SIGINT)
+        time.sleep(1.5)
+        assert job.status == "running", job.error
+        mgr.cancel(job)
+        wait(job)
+    finally:
+        mgr.shutdown()
+    assert job.status == "cancelled", job.error

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import traceback
@@ -113,6 +114,9 @@ def child_main(spec: JobSpec, conn: Any, cancel: Any) -> None:
     # a spawned process defaults to spawn for its own children: data-loader workers would re-import torch each
     # (training ran ~3x slower than in the server's thread); start them as the server would have
     mp.set_start_method(spec.start_method, force=True)
+    # Ctrl-C at the server's terminal reaches its whole process group: the server cancels its jobs itself (the run
+    # then reads "cancelled", as it did in a thread), so this process leaves that signal to it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.log is not None:
         setup_logging(spec.log)
     lock = threading.Lock()
