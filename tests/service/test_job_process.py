@@ -109,14 +109,16 @@ def test_submissions_beyond_max_queued_are_refused_until_a_job_starts():
         with pytest.raises(JobQueueFull, match="1 workflow jobs are already waiting"):
             submit(mgr)
         assert len(mgr.list()) == 2  # the refused one is not kept
+        mgr.cancel(waiting)  # a cancelled job waits no more: room for one
+        third = submit(mgr)
         mgr.cancel(running)
-        while waiting.status != "running" and time.monotonic() < deadline:
+        while third.status != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
-        third = submit(mgr)  # the queue has room again
-        assert third.status == "queued"
-        for job in (waiting, third):
+        fourth = submit(mgr)  # the queue has room again
+        assert (waiting.status, fourth.status) == ("cancelled", "queued")
+        for job in (third, fourth):
             mgr.cancel(job)
-        for job in (running, waiting, third):
+        for job in (running, waiting, third, fourth):
             wait(job)
     finally:
         mgr.shutdown()

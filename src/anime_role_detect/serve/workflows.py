@@ -260,7 +260,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 class WorkflowManager:
-    """Runs workflow jobs (each in its own process, watched from a small thread pool) and keeps the recent ones."""
+    """Runs workflow jobs (each in its own process, watched from a small thread pool) and keeps the recent ones.
+
+    A `runner` given here instead of `settings.runner` must be picklable (a module-level function) unless
+    ``isolation`` is ``thread``: the job's process receives it.
+    """
 
     def __init__(self, settings: WorkflowSettings, registry_dir: str, runner: WorkflowRunner | None = None,
                  config_factory: Callable[[], Any] | None = None) -> None:
@@ -373,7 +377,7 @@ class WorkflowManager:
         job = Job(id=uuid.uuid4().hex[:12], request=request, params=params, on_change=self._save)
         job.progress.subscribe(job.on_progress)
         with self._lock:
-            waiting = sum(j.status == "queued" for j in self._jobs.values())
+            waiting = sum(j.status == "queued" and not j.progress.cancelled for j in self._jobs.values())
             if waiting >= self.settings.max_queued:
                 raise JobQueueFull(f"{waiting} workflow jobs are already waiting (workflow.max_queued); retry when one "
                                    "has started, or cancel one")
