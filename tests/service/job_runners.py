@@ -17,7 +17,8 @@ def finish(cfg, progress):
     progress.emit("train", 1, 1, "done")
     names = [c["name"] for c in cfg.characters]
     return SimpleNamespace(version_id="v-test", metrics={"accuracy": 0.5}, summary={"pid": os.getpid(), "names": names,
-                                                                                "start_method": multiprocessing.get_start_method()})
+                                                                                "start_method": multiprocessing.get_start_method(),
+                                                                                "nice": os.nice(0)})
 
 
 def refuse(cfg, progress):

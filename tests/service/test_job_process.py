@@ -45,6 +45,7 @@ def test_a_job_runs_in_its_own_process_and_streams_its_progress_back():
     assert job.result.summary["pid"] != os.getpid()
     # its data loaders start workers as the server's would (spawned ones re-import torch: training ran 3x slower)
     assert job.result.summary["start_method"] == multiprocessing.get_start_method()
+    assert job.result.summary["nice"] == min(19, os.nice(0) + mgr.settings.job_nice) > os.nice(0)  # it yields to requests
     assert "service.job_runners" not in sys.modules, "the server imported the runner"
     progress = [e["data"] for e in job.events if e["event"] == "progress"]
     assert [(e["stage"], e["done"]) for e in progress] == [("collect", 0), ("collect", 1), ("collect", 2), ("train", 1)]

@@ -41,6 +41,7 @@ class JobSpec:
     hydra: Any  # `confutil.HydraState` of the server's app (search path + hydra node), or None outside an app
     log: Any  # `log.LogConfig` the server logs with, or None
     start_method: str = field(default_factory=mp.get_start_method)  # the server's: the job's data loaders start workers so
+    nice: int = 0  # added to the process's niceness (POSIX): training yields the CPU to the server's requests
 
 
 def run_in_process(spec: JobSpec, progress: Progress, grace_s: float = 30.0) -> SimpleNamespace:
@@ -117,6 +118,8 @@ def child_main(spec: JobSpec, conn: Any, cancel: Any) -> None:
     # Ctrl-C at the server's terminal reaches its whole process group: the server cancels its jobs itself (the run
     # then reads "cancelled", as it did in a thread), so this process leaves that signal to it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.nice and hasattr(os, "nice"):
+        os.nice(spec.nice)
     if spec.log is not None:
         setup_logging(spec.log)
     lock = threading.Lock()

@@ -106,6 +106,8 @@ class WorkflowSettings(_Section):
     isolation: Literal["process", "thread"] = Field(
         "process", description="Where a job runs: its own process (the server never loads the training stack, and a "
                                "cancel that is not heeded ends it), or a thread of the server (embedding, debugging).")
+    job_nice: int = Field(10, ge=0, le=19, description="Niceness added to a job's process (POSIX; isolation=process): "
+                                                     "training yields the CPU to the requests the server answers.")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled job's process has to stop at its next "
                                                           "progress event before it is terminated (stages resume).")
     keep_finished: int = Field(50, ge=1)
