@@ -142,7 +142,7 @@ def child_main(spec: JobSpec, conn: Any, cancel: Any) -> None:
             runner = _runner(spec.runner)
             out = runner(spec.cfg, progress)
         progress.check_cancelled()
-        from .workflows import outcome_fields
+        from .workflow_schema import outcome_fields
 
         reply: tuple = ("done", outcome_fields(out))
     except CancelledError as exc:

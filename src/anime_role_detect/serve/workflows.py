@@ -1,5 +1,6 @@
 """Workflow jobs behind `/api/workflow`: build the config from a validated request, run it in its own process
 (`job_process`; or a worker thread), keep its progress events for status queries and live streams, honour cancel.
+The request and status models are in `workflow_schema`.
 
 Clients never send config strings or paths: characters and whitelisted parameters are checked by
 pydantic, then written into the composed config with `OmegaConf.update` (no override parsing).
@@ -15,9 +16,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Callable
 
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_text
@@ -25,81 +24,16 @@ from ..log import get_logger
 from ..workflow.progress import CancelledError, Progress, ProgressEvent
 from .job_process import JobFailed
 from .settings import WorkflowSettings
+from .workflow_schema import (FINISHED, NAME_PATTERN, CharacterIn, JobStatus, StageStatus, WorkflowOutcome, WorkflowParams,
+                              WorkflowRequest, WorkflowStatus, outcome_fields)
 
 _log = get_logger("system")
 
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+__all__ = ["WorkflowManager", "Job", "JobQueueFull", "WorkflowRunner", "build_runner", "check_runner_spec", "apply_param",
+           "compose_config", "FINISHED", "NAME_PATTERN", "CharacterIn", "JobStatus", "StageStatus", "WorkflowOutcome",
+           "WorkflowParams", "WorkflowRequest", "WorkflowStatus"]
+
 SAVE_INTERVAL_S = 2.0  # progress saves to jobs_dir at most this often (status changes always)
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.'()\-]{0,79}$"
-TAG_PATTERN = r"^[^\s\x00-\x1f]*$"  # one booru tag: no spaces (they would add more search terms), no control characters
-
-
-class CharacterIn(BaseModel):
-    """A character to collect images for and train on."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=NAME_PATTERN, description="Character name, e.g. 'suzukaze_aoba' (letters, digits, space, _ . ' ( ) -).")
-    series: str = Field(default="", max_length=80, pattern=r"^[^\x00-\x1f]*$", description="Series (work) the character is from.")
-    tag: str = Field(default="", max_length=120, pattern=TAG_PATTERN,
-                     description="Booru tag to collect by, e.g. 'suzukaze_aoba'; empty = derived from name + series ('name_(series)').")
-
-
-class WorkflowParams(BaseModel):
-    """Training parameters a client may set; each must also be enabled in `workflow.params` of serve.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int | None = Field(default=None, ge=1, le=200, description="Training epochs.")
-    images_per_character: int | None = Field(default=None, ge=1, le=2000, description="Images to collect per character.")
-    image_size: int | None = Field(default=None, ge=32, le=1024, description="Training image side in pixels.")
-    batch_size: int | None = Field(default=None, ge=1, le=512, description="Training batch size.")
-    learning_rate: float | None = Field(default=None, gt=0, le=1, description="Optimizer learning rate.")
-    model: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,64}$", description="Model config from conf/model/, e.g. 'efficientnet_lite0' or 'tiny'.")
-    val_fraction: float | None = Field(default=None, gt=0, lt=1, description="Share of images held out for validation.")
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed.")
-
-
-class WorkflowRequest(BaseModel):
-    """Start the collect -> clean -> train -> gallery -> registry workflow."""
-
-    model_config = ConfigDict(extra="forbid")
-    characters: list[CharacterIn] = Field(min_length=1, max_length=200, description="Characters to learn.")
-    params: WorkflowParams = Field(default_factory=WorkflowParams, description="Training parameters (omitted = server defaults).")
-
-
-class StageStatus(BaseModel):
-    """Latest progress of one workflow stage."""
-
-    stage: str = Field(description="Stage name (collect, clean, split, train, gallery, registry, ...).")
-    done: int = Field(description="Units done.")
-    total: int = Field(description="Units in the stage (0 when unknown).")
-    percent: float = Field(description="done/total in percent.")
-    message: str = Field(default="", description="Latest message of the stage.")
-
-
-class WorkflowOutcome(BaseModel):
-    """What a finished workflow produced."""
-
-    version_id: str | None = Field(default=None, description="Registry version created (live when promoted).")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="Evaluation metrics of the new version.")
-    summary: Any = Field(default=None, description="Run summary from the workflow.")
-
-
-class WorkflowStatus(BaseModel):
-    """State of one workflow job."""
-
-    id: str = Field(description="Job id.")
-    status: JobStatus = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
-    created: float = Field(description="Unix time the job was created.")
-    started: float | None = Field(default=None, description="Unix time it started running.")
-    finished: float | None = Field(default=None, description="Unix time it ended.")
-    characters: list[CharacterIn] = Field(description="Characters requested.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Parameters applied.")
-    stages: list[StageStatus] = Field(default_factory=list, description="Latest event per stage, in order of first appearance.")
-    log: list[str] = Field(default_factory=list, description="Most recent log lines (newest last).")
-    events: int = Field(default=0, description="Events emitted so far (the stream's last id).")
-    result: WorkflowOutcome | None = Field(default=None, description="Outcome when succeeded.")
-    error: str | None = Field(default=None, description="Why it failed, when failed.")
 
 
 WorkflowRunner = Callable[[Any, Progress], Any]
@@ -228,35 +162,6 @@ def apply_param(cfg: Any, target: str, value: Any) -> None:
     current = OmegaConf.select(cfg, list_key, default=None)
     items = [str(x) for x in (current or []) if not str(x).lstrip("+~").startswith(prefix.lstrip("+~"))]
     OmegaConf.update(cfg, list_key, [*items, entry], merge=False, force_add=True)
-
-
-def outcome_fields(out: Any) -> dict[str, Any]:
-    """A runner's result (`WorkflowResult` or alike) as the plain JSON fields of `WorkflowOutcome`."""
-    return {"version_id": getattr(out, "version_id", None), "metrics": _jsonable(getattr(out, "metrics", None) or {}),
-            "summary": _jsonable(getattr(out, "summary", None))}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from dataclasses/OmegaConf/paths in a workflow result."""
-    import dataclasses
-
-    from ..confutil import to_plain
-
-    obj = to_plain(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):
-        try:
-            return obj.item()
-        except Exception:  # noqa: BLE001
-            pass
-    return str(obj)
 
 
 class WorkflowManager:

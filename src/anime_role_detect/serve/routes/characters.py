@@ -13,7 +13,7 @@ from ..deps import LiveDep, Services, ServicesDep, require_token, reading, run_m
 from ..errors import ApiError
 from ..live import Loaded
 from ..uploads import check_count, decode_upload, read_upload
-from ..workflows import NAME_PATTERN
+from ..workflow_schema import NAME_PATTERN
 from . import ERROR_RESPONSES
 
 router = APIRouter(prefix="/api/characters", tags=["gallery"])
