@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,3 +188,56 @@ def test_run_infer_takes_decode_workers(lite0_gallery, tmp_path):
                      "output.progress=false", f"image={inputs}", "decode_workers=1"])
     assert run_infer(cfg, stream=buf) == 1
     assert len(buf.getvalue().splitlines()) == 15
+
+
+def test_a_folder_run_that_stopped_part_way_resumes_where_it_stopped(lite0_gallery, tmp_path, capsys):
+    """An archive run killed mid-folder loses at most its torn last line: run again, it answers only the files left,
+    in the same file; answers by another version, or a file this tool did not write, are refused, never replaced."""
+    from anime_role_detect.cli.infer import run_infer
+    from anime_role_detect.errors import ConfigError
+
+    from .helpers import infer_cfg
+
+    gallery, inputs = lite0_gallery
+    out = tmp_path / "answers.jsonl"
+
+    def infer(*extra: str) -> int:
+        return run_infer(infer_cfg([f"gallery={gallery}", "version=null", "tagger=none", "rerank=false", "decode_workers=0",
+                                    "feature_log.enabled=false", "output.progress=false", f"image={inputs}",
+                                    f"output.path={out}", *extra]))
+
+    def answers() -> list[dict]:
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        for line in lines:
+            line.pop("timings_ms", None)
+        return lines
+
+    assert infer() == 1
+    full = answers()
+    assert len(full) == 15
+    text = out.read_text()
+    cut = [i for i, ch in enumerate(text) if ch == "\n"][5] + 40  # six whole answers and part of the seventh
+    out.write_text(text[:cut])
+    capsys.readouterr()
+    assert infer() == 0  # the unreadable file was answered (as an error line) before the stop
+    assert "6 of 15 file(s) already answered" in capsys.readouterr().err
+    assert answers() == full  # every file once, in order, the torn line replaced by its whole answer
+
+    before = out.read_text()
+    assert infer() == 0 and out.read_text() == before  # nothing left to answer
+
+    out.write_text(re.sub(r'"version":"[^"]*"', '"version":"v-other"', before))
+    with pytest.raises(ConfigError, match="answers by version v-other"):
+        infer()
+    out.write_text("my notes, not answers\n")
+    with pytest.raises(ConfigError, match="holds something other than this tool's jsonl answers"):
+        infer()
+    assert out.read_text() == "my notes, not answers\n"
+    assert infer("output.resume=false") == 1 and answers() == full
+
+    csv_out = tmp_path / "answers.csv"
+    assert infer("output.format=csv", f"output.path={csv_out}") == 1
+    rows = csv_out.read_text().splitlines()
+    csv_out.write_text("\n".join(rows[:8]) + "\n")  # the header and 7 answers
+    assert infer("output.format=csv", f"output.path={csv_out}") == 0
+    assert csv_out.read_text().splitlines()[0] == rows[0] and len(csv_out.read_text().splitlines()) == len(rows) == 16

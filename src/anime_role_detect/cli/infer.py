@@ -3,12 +3,14 @@ write JSON lines / CSV / JSON; every answer also goes to the fusion feature log 
 
 A folder is decoded in ``decode_workers`` DataLoader worker processes (default 2) while the recognizer runs,
 answers in file order. In a folder, an unreadable file becomes an ``{"filename", "error"}`` line and the run goes on; a
-single bad file is a one-line error (exit 2).
+single bad file is a one-line error (exit 2). A folder run into ``output.path`` that stopped part way continues where
+it stopped when run again (``output.resume``): each answer is one flushed line, so at most a torn last line is lost.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import time
@@ -26,7 +28,8 @@ from ..recognition.pipeline import Recognizer
 from ..recognition.schema import Answer
 from . import hydra_main
 
-CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms")
+CSV_FIELDS = ("filename", "role", "series", "similarity", "unknown", "mode", "detections", "boxes", "top2", "top2_score", "tags_used", "error", "total_ms",
+              "version")
 _log = get_logger("inference")
 #: Decode processes for a folder (``decode_workers=``; 0 decodes in this process between batches).
 DECODE_WORKERS = 2
@@ -41,12 +44,11 @@ def list_images(folder: Path) -> list[Path]:
 class AnswerWriter:
     """Writes answers (or per-file errors) as JSON lines, CSV rows or one JSON document."""
 
-    def __init__(self, stream: TextIO, fmt: str) -> None:
-        if fmt not in ("jsonl", "csv", "json"):
-            raise ConfigError(f"output.format={fmt!r}: choose jsonl, csv or json")
+    def __init__(self, stream: TextIO, fmt: str, header: bool = True) -> None:
+        check_format(fmt)
         self.stream, self.fmt = stream, fmt
         self._csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS) if fmt == "csv" else None
-        if self._csv:
+        if self._csv and header:
             self._csv.writeheader()
 
     def answer(self, ans: Any) -> None:
@@ -74,8 +76,40 @@ def _csv_row(ans: Answer) -> dict[str, Any]:
         "mode": ans.mode, "detections": len(ans.detections), "boxes": json.dumps(ans.boxes),
         "top2": second.role if second else "", "top2_score": second.score if second else "",
         "tags_used": " ".join(best.rerank.tags_used) if best is not None and best.rerank else "", "error": "",
-        "total_ms": ans.timings_ms.get("total", ""),
+        "total_ms": ans.timings_ms.get("total", ""), "version": ans.version,
     }
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in ("jsonl", "csv", "json"):
+        raise ConfigError(f"output.format={fmt!r}: choose jsonl, csv or json")
+
+
+def answered_already(path: Path, fmt: str) -> tuple[set[str], set[str]]:
+    """The files an earlier run into `path` answered (errors included) and the versions that answered them; a torn
+    last line (the run died while writing it) is cut off first. A file this tool did not write is refused."""
+    data = path.read_bytes() if path.is_file() else b""
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+        _log.warning(f"{path}: dropped its torn last line (the run writing it stopped mid-line)")
+        data = data[: data.rfind(b"\n") + 1]
+    text = data.decode("utf-8", errors="replace")
+    refuse = ConfigError(f"output.path={path} holds something other than this tool's {fmt} answers; give another "
+                         "output.path, or output.resume=false to replace it")
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if text and tuple(reader.fieldnames or ()) != CSV_FIELDS:
+            raise refuse
+        rows = list(reader)
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise refuse from None
+    if not all(isinstance(r, dict) and r.get("filename") for r in rows):
+        raise refuse
+    return {r["filename"] for r in rows}, {r.get("version") or "" for r in rows if not r.get("error")}
 
 
 def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16, limits: ImageLimits | None = None) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
@@ -109,15 +143,23 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
     if bool(image) == bool(video):
         raise ConfigError("give exactly one input: image=PATH (file or folder) or video=PATH")
     out_cfg = dict(c.get("output") or {})
-    out_path = out_cfg.get("path")
-    fh: TextIO = open(out_path, "w", encoding="utf-8", newline="") if out_path else (stream or sys.stdout)
+    out_path, fmt = out_cfg.get("path"), str(out_cfg.get("format", "jsonl"))
+    check_format(fmt)
+    resume = bool(out_cfg.get("resume", True)) and bool(out_path) and fmt != "json" and bool(image) and Path(image).is_dir()
+    done, versions = answered_already(Path(out_path), fmt) if resume else (set(), set())
+    fh: TextIO | None = None
     sink = None
     try:
-        rec = Recognizer.from_config(c)
+        rec = Recognizer.from_config(c)  # before the output is opened: a run that cannot start leaves it as it was
+        if versions - {rec.version}:
+            raise ConfigError(f"output.path={out_path} holds answers by version {', '.join(sorted(versions - {rec.version}))}; "
+                              f"this run answers with {rec.version or 'a gallery without a version'}: give another "
+                              "output.path, or output.resume=false to replace it")
+        fh = open(out_path, "a" if done else "w", encoding="utf-8", newline="") if out_path else (stream or sys.stdout)
         sink = sink_from_config(c.get("feature_log"))
         if sink is not None:
             rec.add_sink(sink)
-        writer = AnswerWriter(fh, out_cfg.get("format", "jsonl"))
+        writer = AnswerWriter(fh, fmt, header=not done)
         if video:
             vp = Path(video)
             if not vp.is_file():
@@ -137,11 +179,18 @@ def run_infer(cfg: Mapping[str, Any], stream: TextIO | None = None) -> int:
         files = list_images(ip)
         if not files:
             raise ImageError(f"{ip}: the folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if done:
+            left = [f for f in files if str(f) not in done]
+            print(f"resuming {out_path}: {len(files) - len(left)} of {len(files)} file(s) already answered by this version, "
+                  f"{len(left)} to go (output.resume=false answers them all again)", file=sys.stderr)
+            files = left
+            if not files:
+                return 0
         return _run_folder(rec, files, writer, int(c.get("batch_size", 16)), bool(out_cfg.get("progress", True)), workers)
     finally:
         if sink is not None:
             sink.close()
-        if out_path:
+        if out_path and fh is not None:
             fh.close()
 
 
