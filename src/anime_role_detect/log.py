@@ -93,6 +93,15 @@ def _channel_filter(channel: str):
     return _filter
 
 
+#: ``logger.bind(**FILE_ONLY)``: a record for the log files, not the console (a line per batch would break up the
+#: progress bar of a folder of 100,000 pictures and bury the warnings)
+FILE_ONLY = {"file_only": True}
+
+
+def _console_filter(record: dict) -> bool:
+    return not record["extra"].get("file_only", False)
+
+
 def setup_logging(cfg: Mapping[str, Any] | LogConfig | None = None) -> Path:
     """Install the console and four file sinks (idempotent per log dir). Returns the log folder."""
     conf = cfg if isinstance(cfg, LogConfig) else LogConfig.from_mapping(cfg)
@@ -103,7 +112,8 @@ def setup_logging(cfg: Mapping[str, Any] | LogConfig | None = None) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     logger.remove()
     logger.configure(extra={"channel": "system"})
-    logger.add(sys.stderr, level=conf.console_level, format="<level>{level:<7}</level> | {message}", colorize=None)
+    logger.add(sys.stderr, level=conf.console_level, format="<level>{level:<7}</level> | {message}", colorize=None,
+               filter=_console_filter)
     common = dict(format=_FORMAT, compression=conf.compression, enqueue=conf.enqueue, encoding="utf-8", backtrace=False)
     sysp, errp = conf.sinks["system"], conf.sinks["error"]
     logger.add(log_dir / "system.log", level=conf.level, rotation=sysp.rotation, retention=sysp.retention, **common)

@@ -47,8 +47,11 @@ def test_infer_py_on_one_file_prints_a_json_answer(version_dir, folder, tmp_path
 def test_infer_py_on_a_folder_writes_csv_and_reports_bad_files(version_dir, folder, tmp_path):
     out = tmp_path / "answers.csv"
     p = run([str(PROJECT_ROOT / "infer.py"), f"image={folder}", f"gallery={version_dir}", "output.format=csv",
-             f"output.path={out}", f"paths.root_dir={tmp_path}", "log.console_level=WARNING", "batch_size=4"], cwd=tmp_path)
+             f"output.path={out}", f"paths.root_dir={tmp_path}", "batch_size=4"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+    # a line per batch goes to the inference log, not the console, where it would break up the progress bar
+    assert "recognized 4 image(s)" not in p.stderr and "recognising" in p.stderr
+    assert "recognized 4 image(s)" in (tmp_path / "logs" / "inference.log").read_text()
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == len(list(folder.iterdir()))
     bad = [r for r in rows if r["error"]]

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from ..errors import ConfigError, GalleryError, RegistryError
 from ..fsutil import read_json
 from ..imageio import content_hash, decode_image, original_size, scale_to_original
-from ..log import get_logger
+from ..log import FILE_ONLY, get_logger
 from ..versionfiles import EVAL_METRICS, GALLERY_META, MODEL
 from .cache import Cached, LRUCache
 from .config import AUTO, MODES, RecognizerConfig, modes_for
@@ -429,7 +429,7 @@ class Recognizer(VersionParts):
             )
             rows = [j for j, c in enumerate(crops) if c.image_index == i]
             out.append(Cached(ans, scored.embeddings[rows] if scored.embeddings is not None else None))
-        _log.info(f"recognized {len(images)} image(s) mode={mode} rerank={rerank} in {total:.1f} ms")
+        _log.bind(**FILE_ONLY).info(f"recognized {len(images)} image(s) mode={mode} rerank={rerank} in {total:.1f} ms")
         return out
 
     def recognize(self, image: Image.Image, filename: str = "", mode: str | None = None, rerank: bool | None = None) -> Answer:
