@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_two_ddp_processes_build_the_same_gallery_as_one(dataset, tmp_path):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["embedded"] == two["embedded"] == 40 and one["unreadable"] == two["unreadable"] == 1
     assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == [
-        "rank-00000-part-0000.npz", "rank-00000.done.json", "rank-00001-part-0000.npz", "rank-00001.done.json"]
+        "rank-00000-part-0000.npz", "rank-00000.done.json", "rank-00001-part-0000.npz", "rank-00001.done.json", "run.json"]
     rows1, v1 = rows_and_vectors(tmp_path / "one")
     rows2, v2 = rows_and_vectors(tmp_path / "two")
     assert rows1 == rows2 and len(rows1) == 40
@@ -118,3 +119,61 @@ def test_build_recognition_folder_with_a_ddp_trainer_builds_the_default_gallery(
     assert rows1 == rows2 and len(rows1) == 40
     np.testing.assert_allclose(v1, v2, atol=1e-5)
     assert not (tmp_path / "ddp" / ".embed").exists()  # the shards are not left in the version folder
+
+
+@pytest.mark.slow
+def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset, tmp_path):
+    """An archive's embedding killed part way loses at most the part being written: run again, on 1 or 2 processes,
+    it embeds only the images no finished part holds, and the gallery equals an uninterrupted run's."""
+    small = ("rows_per_part=8", "trainer=cpu")
+    whole = embed(dataset, tmp_path / "whole", tmp_path, *small)
+    assert whole["resumed"] == 0 and whole["embedded"] == 40
+    rows, vectors = rows_and_vectors(tmp_path / "whole")
+
+    def kill(out: Path, keep_parts: dict[int, int]) -> int:
+        """What a SIGKILL leaves: finished parts only (each written atomically), no done marker, no gallery; returns
+        how many images the parts left hold."""
+        shards = out / "shards"
+        for marker in shards.glob("rank-*.done.json"):
+            marker.unlink()
+        for rank, keep in keep_parts.items():
+            for part in sorted(shards.glob(f"rank-{rank:05d}-part-*.npz"))[keep:]:
+                part.unlink()
+        for f in out.glob("gallery*"):
+            f.unlink()
+        held = set()
+        for part in shards.glob("rank-*-part-*.npz"):
+            with np.load(part) as z:
+                held.update(z["ids"].tolist())
+        return len(held)
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "one")
+    held = kill(tmp_path / "one", {0: 3})
+    assert 0 < held < 40
+    again = embed(dataset, tmp_path / "one", tmp_path, *small)
+    assert again["resumed"] == held and again["embedded"] == 40 and again["unreadable"] == 1  # the broken file is tried again
+    assert [p.name for p in sorted((tmp_path / "one" / "shards").glob("*.npz"))][:4] == [
+        f"rank-00000-part-{i:04d}.npz" for i in range(4)]  # the new parts numbered after the old ones
+    got_rows, got = rows_and_vectors(tmp_path / "one")
+    assert got_rows == rows
+    np.testing.assert_allclose(got, vectors, atol=1e-5)
+    again = embed(dataset, tmp_path / "one", tmp_path, *small)  # finished: only the unreadable file is tried again
+    assert (again["resumed"], again["unreadable"], again["embedded"]) == (40, 1, 40)
+    good = tmp_path / "good.txt"  # the readable images only: another set of images, so it starts over once
+    good.write_text("\n".join(sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png") if "broken" not in p.name)))
+    assert embed(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")["resumed"] == 0
+    again = embed(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")  # then nothing is left to embed
+    assert (again["resumed"], again["embedded"], again["embed_seconds"]) == (40, 40, 0.0)
+    assert rows_and_vectors(tmp_path / "one")[0] == rows
+
+    two = ("rows_per_part=4", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    embed(dataset, tmp_path / "two", tmp_path, *two)
+    held = kill(tmp_path / "two", {0: 2, 1: 1})
+    assert 0 < held < 40
+    again = embed(dataset, tmp_path / "two", tmp_path, *two)
+    assert again["resumed"] == held and again["world_size"] == 2 and again["embedded"] == 40
+    got_rows, got = rows_and_vectors(tmp_path / "two")
+    assert got_rows == rows
+    np.testing.assert_allclose(got, vectors, atol=1e-5)
+    # another embedder (or another world size) starts over: its vectors are not these
+    assert embed(dataset, tmp_path / "one", tmp_path, *small, "embedder.image_size=96")["resumed"] == 0

@@ -55,15 +55,17 @@ def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         ecfg = dict(read_json(c["embedder_file"]))
     t0 = time.perf_counter()
     trainer = predict_embeddings(items, ecfg, out / SHARDS, c.get("trainer"), batch_size=int(c.get("batch_size", 32)),
-                                 num_workers=int(c.get("num_workers", 2)), rows_per_part=int(c.get("rows_per_part", 65_536)))
+                                 num_workers=int(c.get("num_workers", 2)), rows_per_part=int(c.get("rows_per_part", 65_536)),
+                                 resume=bool(c.get("resume", True)))
     seconds = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return None
     shards = ShardSet.open(out / SHARDS)
     info, embedded = shards.info, shards.n_unique()
     del shards  # its ids: the merge below reads them again, one copy at a time
-    rate = len(items) / max(info["seconds"], 1e-9)  # embedding time of the slowest rank, model loading left out
-    summary: dict[str, Any] = {"images": len(items), "embedded": embedded, "unreadable": len(info["errors"]),
+    # embedding time of the slowest rank, model loading left out; a resumed run counts the images it embedded
+    rate = (len(items) - info["skipped"]) / max(info["seconds"], 1e-9)
+    summary: dict[str, Any] = {"images": len(items), "embedded": embedded, "resumed": info["skipped"], "unreadable": len(info["errors"]),
                                "world_size": info["world_size"], "seconds": round(seconds, 2), "embed_seconds": info["seconds"],
                                "images_per_s": round(rate, 2), "images_per_s_per_process": round(rate / info["world_size"], 2)}
     if c.get("gallery", True):

@@ -6,6 +6,8 @@ shard files ``rank-00003-part-0000.npz`` (ids + unit vectors) plus ``rank-00003.
 `gallery_from_shards` then builds the `Gallery` the way `Gallery.build` does (characters sorted, rows in dataset
 order within one, prototypes per character), so 1 and N processes give the same rows in the same order; it
 streams the vectors through a scratch file, so one machine merges a 10M-image archive (docs/recognition.md).
+A run that was killed resumes: run again with the same images, embedder and world size, it embeds only the images
+no finished part holds (`resume_state`), each rank numbering its new parts after its old ones.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..errors import GalleryError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, fingerprint, read_json
 from ..log import get_logger
 from .aggregate import DEFAULT_AGGREGATE
 from .faiss_index import resolve_kind, train_rows
 from .gallery import Gallery
-from .shards import DONE_GLOB, PART_GLOB, ShardSet, done_name, part_name, save_part
+from .shards import DONE_GLOB, PART_GLOB, RUN_FILE, ShardSet, done_name, embedded_ids, part_name, rank_parts, save_part
 
 _log = get_logger("system")
 
@@ -67,10 +69,14 @@ class EmbedModule(L.LightningModule):
 class ShardWriter(BasePredictionWriter):
     """Writes each rank's embeddings as atomic shard parts of at most `rows_per_part` rows, then a done marker."""
 
-    def __init__(self, shard_dir: str | Path, rows_per_part: int = 65_536) -> None:
+    def __init__(self, shard_dir: str | Path, rows_per_part: int = 65_536, run: Mapping[str, Any] | None = None,
+                 resume: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.shard_dir = Path(shard_dir)
         self.rows_per_part = max(1, int(rows_per_part))
+        self.run = dict(run or {})
+        self.resume = resume
+        self.skipped = 0  # images an earlier run's parts already hold (a resumed run)
         self._ids: list[str] = []
         self._vecs: list[np.ndarray] = []
         self._errors: list[tuple[str, str]] = []
@@ -79,11 +85,16 @@ class ShardWriter(BasePredictionWriter):
         self._t0 = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Rank 0 clears an earlier run's shards; the other ranks write only after Lightning's post-setup barrier."""
+        """Rank 0 clears an earlier run's shards (a resumed run's done markers only) and records this run; the other
+        ranks write only after Lightning's post-setup barrier. A resuming rank numbers its parts after its old ones."""
         if trainer.global_rank == 0:
             self.shard_dir.mkdir(parents=True, exist_ok=True)
-            for old in [*self.shard_dir.glob(PART_GLOB), *self.shard_dir.glob(DONE_GLOB)]:
+            stale = self.shard_dir.glob(DONE_GLOB) if self.resume else [*self.shard_dir.glob(PART_GLOB), *self.shard_dir.glob(DONE_GLOB)]
+            for old in stale:
                 old.unlink()
+            atomic_write_json(self.shard_dir / RUN_FILE, self.run)
+        if self.resume:
+            self._parts = len(rank_parts(self.shard_dir, trainer.global_rank))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()  # the embedder is loaded: from here on it is embedding time
@@ -112,7 +123,7 @@ class ShardWriter(BasePredictionWriter):
         self._flush(rank)
         emb = pl_module.embedder
         atomic_write_json(self.shard_dir / done_name(rank), {
-            "rank": rank, "world_size": trainer.world_size, "rows": self._rows, "parts": self._parts,
+            "rank": rank, "world_size": trainer.world_size, "rows": self._rows, "parts": self._parts, "skipped": self.skipped,
             "seconds": round(time.perf_counter() - self._t0, 3),
             "embedder_id": str(emb.model_id), "dim": int(emb.dim), "errors": [list(e) for e in self._errors]})
         trainer.strategy.barrier("embedding_shards_written")
@@ -120,7 +131,7 @@ class ShardWriter(BasePredictionWriter):
 
 def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Mapping[str, Any], shard_dir: str | Path,
                        trainer_cfg: Mapping[str, Any] | None = None, base_dir: str | Path | None = None, batch_size: int = 32,
-                       num_workers: int = 2, rows_per_part: int = 65_536) -> L.Trainer:
+                       num_workers: int = 2, rows_per_part: int = 65_536, resume: bool = True) -> L.Trainer:
     """Run the Lightning predict over `items` and write this rank's shards; returns the trainer (its rank decides who merges).
 
     `trainer_cfg` holds Trainer arguments (``accelerator``, ``devices``, ``strategy``, ``num_nodes``; a Hydra
@@ -134,9 +145,44 @@ def predict_embeddings(items: Sequence[tuple[str, str | Path]], embedder_cfg: Ma
     writer = ShardWriter(shard_dir, rows_per_part)
     trainer = L.Trainer(**tcfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, callbacks=[writer], default_root_dir=str(shard_dir))
+    writer.run = {"embedder": embedder_key(embedder_cfg), "images": fingerprint([str(i) for i, _ in items]),
+                  "world_size": int(trainer.world_size)}
+    left = resume_state(shard_dir, writer.run, items) if resume else list(items)
+    writer.resume, writer.skipped = len(left) < len(items), len(items) - len(left)
+    if not left:  # every image is in a finished part and every rank's marker is there: nothing to embed
+        for marker in Path(shard_dir).glob(DONE_GLOB):
+            atomic_write_json(marker, {**read_json(marker), "rows": 0, "seconds": 0.0, "skipped": len(items)})
+        return trainer
     module = EmbedModule(embedder_cfg, base_dir=base_dir)
-    trainer.predict(module, datamodule=ImageFolderPredictData(items, batch_size, num_workers), return_predictions=False)
+    trainer.predict(module, datamodule=ImageFolderPredictData(left, batch_size, num_workers), return_predictions=False)
     return trainer
+
+
+def embedder_key(embedder_cfg: Mapping[str, Any]) -> str:
+    """The embedder's settings and the content of every weights file they name: a checkpoint retrained in place makes
+    another key, so its old vectors are never reused."""
+    from .shared import file_fingerprint
+
+    files = {k: file_fingerprint(v) for k, v in embedder_cfg.items() if isinstance(v, str) and v and Path(v).is_file()}
+    return fingerprint([dict(embedder_cfg), files])
+
+
+def resume_state(shard_dir: str | Path, run: Mapping[str, Any], items: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The items an earlier run of the same `run` (embedder, images, world size) left to embed; all of them when the
+    folder holds another run's shards, or when the earlier run left no marker for a rank that had nothing left."""
+    d = Path(shard_dir)
+    if not d.is_dir() or not (d / RUN_FILE).is_file() or read_json(d / RUN_FILE) != dict(run):
+        return list(items)
+    done = embedded_ids(d)
+    left = [it for it in items if str(it[0]) not in done]
+    if not left:
+        try:
+            ShardSet.open(d)
+        except GalleryError:
+            return list(items)  # killed between its last part and its marker: embed again from the start
+    if len(left) < len(items):
+        _log.info(f"resuming the embedding in {d}: {len(items) - len(left)} of {len(items)} images are in its finished parts")
+    return left
 
 
 #: Trainer arguments that matter to a predict run (a training config's max_epochs, precision etc. are left out).

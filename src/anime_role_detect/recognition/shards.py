@@ -29,6 +29,24 @@ def done_name(rank: int) -> str:
     return f"rank-{rank:05d}.done.json"
 
 
+#: What an embedding run was started with (embedder, images, world size): parts written under another are not reused.
+RUN_FILE = "run.json"
+
+
+def rank_parts(shard_dir: str | Path, rank: int) -> list[Path]:
+    """One rank's finished parts, in order."""
+    return sorted(Path(shard_dir).glob(f"rank-{int(rank):05d}-part-*.npz"))
+
+
+def embedded_ids(shard_dir: str | Path) -> set[str]:
+    """Every id in the finished parts of a folder (any rank), read without their vectors."""
+    out: set[str] = set()
+    for p in sorted(Path(shard_dir).glob(PART_GLOB)):
+        with np.load(p) as z:
+            out.update(str(i) for i in z["ids"].tolist())
+    return out
+
+
 def save_part(path: Path, ids: Sequence[str] | np.ndarray, vectors: np.ndarray) -> None:
     """Write one shard part atomically (a killed rank never leaves a torn part)."""
     atomic_write_npz(path, ids=np.asarray(ids, dtype=np.str_), vectors=np.asarray(vectors, np.float32))
@@ -42,7 +60,7 @@ class ShardSet:
     parts: list[Path]
     ids: np.ndarray       # every row's id as UTF-8 bytes (a quarter of numpy text), part after part; a resumed rank's repeats included
     offsets: np.ndarray   # where each part's rows start in `ids`; offsets[-1] = len(ids)
-    info: dict[str, Any]  # embedder_id, dim, world_size, seconds (the slowest rank's), errors [(id, message)]
+    info: dict[str, Any]  # embedder_id, dim, world_size, seconds (the slowest rank's), errors [(id, message)], skipped (resumed)
 
     @classmethod
     def open(cls, shard_dir: str | Path) -> "ShardSet":
@@ -59,7 +77,7 @@ class ShardSet:
             raise GalleryError(f"{d}: {len(done)} rank marker(s) for world size(s) {sorted(world)}; a rank failed or two runs mixed, embed again")
         parts: list[Path] = []
         for x in done:
-            mine = sorted(d.glob(f"rank-{int(x['rank']):05d}-part-*.npz"))
+            mine = rank_parts(d, int(x["rank"]))
             if len(mine) != int(x["parts"]):
                 raise GalleryError(f"{d}: rank {x['rank']} wrote {x['parts']} part(s) but {len(mine)} are there; embed again")
             parts.extend(mine)
@@ -69,7 +87,7 @@ class ShardSet:
                 ids.append(_utf8(z["ids"]))
         sizes = np.array([0] + [len(i) for i in ids], np.int64)
         info = {"embedder_id": done[0]["embedder_id"], "dim": int(done[0]["dim"]), "world_size": len(done),
-                "seconds": max(float(x.get("seconds", 0.0)) for x in done),
+                "seconds": max(float(x.get("seconds", 0.0)) for x in done), "skipped": int(done[0].get("skipped", 0)),
                 "errors": sorted((e for x in done for e in x.get("errors", [])), key=lambda e: e[0])}
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.bytes_)
         return cls(d, parts, all_ids, np.cumsum(sizes), info)
