@@ -29,7 +29,7 @@ from ..log import get_logger
 from .aggregate import DEFAULT_AGGREGATE
 from .faiss_index import resolve_kind, train_rows
 from .gallery import Gallery
-from .shards import DONE_GLOB, PART_GLOB, RUN_FILE, ShardSet, done_name, embedded_ids, part_name, rank_parts, save_part
+from .shards import DONE_GLOB, PART_GLOB, RUN_FILE, ShardSet, done_name, not_embedded, part_name, rank_parts, save_part
 
 _log = get_logger("system")
 
@@ -173,8 +173,8 @@ def resume_state(shard_dir: str | Path, run: Mapping[str, Any], items: Sequence[
     d = Path(shard_dir)
     if not d.is_dir() or not (d / RUN_FILE).is_file() or read_json(d / RUN_FILE) != dict(run):
         return list(items)
-    done = embedded_ids(d)
-    left = [it for it in items if str(it[0]) not in done]
+    missing = not_embedded(d, [str(i) for i, _ in items])
+    left = [it for it, m in zip(items, missing.tolist()) if m]
     if not left:
         try:
             ShardSet.open(d)

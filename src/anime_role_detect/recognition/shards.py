@@ -38,13 +38,15 @@ def rank_parts(shard_dir: str | Path, rank: int) -> list[Path]:
     return sorted(Path(shard_dir).glob(f"rank-{int(rank):05d}-part-*.npz"))
 
 
-def embedded_ids(shard_dir: str | Path) -> set[str]:
-    """Every id in the finished parts of a folder (any rank), read without their vectors."""
-    out: set[str] = set()
+def not_embedded(shard_dir: str | Path, ids: Sequence[str]) -> np.ndarray:
+    """Which of `ids` no finished part of a folder (any rank) holds, as a mask; the parts' ids are read as UTF-8 bytes,
+    as `ShardSet` reads them (a quarter of numpy text), without their vectors."""
+    held = []
     for p in sorted(Path(shard_dir).glob(PART_GLOB)):
         with np.load(p) as z:
-            out.update(str(i) for i in z["ids"].tolist())
-    return out
+            held.append(_utf8(z["ids"]))
+    wanted = _utf8(np.asarray(ids, dtype=np.str_))
+    return ~np.isin(wanted, np.concatenate(held)) if held else np.ones(len(wanted), bool)
 
 
 def save_part(path: Path, ids: Sequence[str] | np.ndarray, vectors: np.ndarray) -> None:
