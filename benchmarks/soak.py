@@ -260,6 +260,7 @@ class ProcStats:
     fds: int      # every open handle
     sockets: int  # of which sockets (the listener plus one per client connection)
     threads: int
+    peak_mb: float = 0.0  # the process's peak resident memory so far (VmHWM)
 
     @property
     def files(self) -> int:
@@ -277,7 +278,8 @@ class ProcStats:
                 links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
             except FileNotFoundError:  # closed while listing
                 continue
-        return cls(round(rss_kb / 1024, 1), len(links), sum(t.startswith("socket:") for t in links), int(fields["Threads"]))
+        return cls(round(rss_kb / 1024, 1), len(links), sum(t.startswith("socket:") for t in links), int(fields["Threads"]),
+                   round(int(fields["VmHWM"].split()[0]) / 1024, 1))
 
     def line(self) -> str:
         return f"RSS {self.rss_mb} MB, {self.files} open files + {self.sockets} sockets, {self.threads} threads"

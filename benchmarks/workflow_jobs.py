@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from soak import OFFLINE_ENV, ServiceProcess, build_registry  # noqa: I001 - benchmarks/ is on sys.path when run as a script
+from soak import OFFLINE_ENV, ProcStats, ServiceProcess, build_registry, percentile  # noqa: I001 - benchmarks/ is on sys.path when run as a script
 
 #: mode name -> serve.yaml workflow settings
 MODES: dict[str, dict] = {
@@ -33,12 +32,6 @@ MODES: dict[str, dict] = {
     "process, nice +0": {"isolation": "process", "job_nice": 0},
     "process, nice +10 (default)": {"isolation": "process", "job_nice": 10},
 }
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """Resident and peak resident memory of `pid` in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 class Prober(threading.Thread):
@@ -62,10 +55,7 @@ class Prober(threading.Thread):
 
 
 def quantiles(ms: list[float]) -> tuple[float, float]:
-    if len(ms) < 2:
-        return (ms[0], ms[0]) if ms else (float("nan"), float("nan"))
-    q = statistics.quantiles(ms, n=20)
-    return statistics.median(ms), q[18]
+    return percentile(ms, 50), percentile(ms, 95)
 
 
 def one_run(workflow: dict, registry: Path, collector: Path, names: list[str], image: bytes, epochs: int,
@@ -94,9 +84,9 @@ def one_run(workflow: dict, registry: Path, collector: Path, names: list[str], i
         prober.stop.set()
         prober.join(60)
         time.sleep(2.0)  # let the job's thread (or process) wind down
-        rss, peak = memory_mb(server.pid)
+        mem = ProcStats.of(server.pid)
         before, during = quantiles(prober.between(0, t0)), quantiles(prober.between(t0, t1))
-        return {"rss_mb": rss, "peak_mb": peak, "job_s": t1 - t0, "idle_p50": before[0], "idle_p95": before[1],
+        return {"rss_mb": mem.rss_mb, "peak_mb": mem.peak_mb, "job_s": t1 - t0, "idle_p50": before[0], "idle_p95": before[1],
                 "job_p50": during[0], "job_p95": during[1], "answered": len(prober.between(t0, t1))}
     finally:
         prober.stop.set()
