@@ -232,10 +232,11 @@ def test_a_folder_run_that_stopped_part_way_resumes_where_it_stopped(lite0_galle
     out.write_text(re.sub(r'"version":"[^"]*"', '"version":"v-other"', before))
     with pytest.raises(ConfigError, match="answers by version v-other"):
         infer()
-    out.write_text("my notes, not answers\n")
-    with pytest.raises(ConfigError, match="holds something other than this tool's jsonl answers"):
-        infer()
-    assert out.read_text() == "my notes, not answers\n"
+    for foreign in ("my notes, not answers\n", "my notes\nwithout an end", "one line without an end"):
+        out.write_text(foreign)
+        with pytest.raises(ConfigError, match="holds something other than this tool's jsonl answers"):
+            infer()
+        assert out.read_text() == foreign  # refused untouched: not even its last line is cut
     assert infer("output.resume=false") == 1 and answers() == full
 
     csv_out = tmp_path / "answers.csv"

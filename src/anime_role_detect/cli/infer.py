@@ -86,17 +86,26 @@ def check_format(fmt: str) -> None:
 
 
 def answered_already(path: Path, fmt: str) -> tuple[set[str], set[str]]:
-    """The files an earlier run into `path` answered (errors included) and the versions that answered them; a torn
-    last line (the run died while writing it) is cut off first. A file this tool did not write is refused."""
+    """The files an earlier run into `path` answered (errors included) and the versions that answered them. A file
+    this tool did not write is refused untouched; in one it did, a torn last line (the run died writing it) is cut."""
     data = path.read_bytes() if path.is_file() else b""
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-        _log.warning(f"{path}: dropped its torn last line (the run writing it stopped mid-line)")
-        data = data[: data.rfind(b"\n") + 1]
-    text = data.decode("utf-8", errors="replace")
+    whole = data[: data.rfind(b"\n") + 1]  # complete lines; what follows is a torn last line
+    text, torn = whole.decode("utf-8", errors="replace"), data[len(whole):].decode("utf-8", errors="replace")
     refuse = ConfigError(f"output.path={path} holds something other than this tool's {fmt} answers; give another "
                          "output.path, or output.resume=false to replace it")
+    ours_first = ",".join(CSV_FIELDS) if fmt == "csv" else '{"filename"'
+    if torn and not text and not (ours_first.startswith(torn) or torn.startswith(ours_first)):
+        raise refuse  # a file without one complete line is cut only when its start is this tool's
+    rows = _answer_rows(text, fmt, refuse)
+    if torn:  # checked to be this tool's file before anything of it is cut
+        with open(path, "r+b") as fh:
+            fh.truncate(len(whole))
+        _log.warning(f"{path}: dropped its torn last line (the run writing it stopped mid-line)")
+    return {r["filename"] for r in rows}, {r.get("version") or "" for r in rows if not r.get("error")}
+
+
+def _answer_rows(text: str, fmt: str, refuse: ConfigError) -> list[dict[str, Any]]:
+    """The rows of complete answer lines, or `refuse` when they are not this tool's."""
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text))
         if text and tuple(reader.fieldnames or ()) != CSV_FIELDS:
@@ -109,7 +118,7 @@ def answered_already(path: Path, fmt: str) -> tuple[set[str], set[str]]:
             raise refuse from None
     if not all(isinstance(r, dict) and r.get("filename") for r in rows):
         raise refuse
-    return {r["filename"] for r in rows}, {r.get("version") or "" for r in rows if not r.get("error")}
+    return rows
 
 
 def _decoded(files: list[Path], workers: int = 0, batch_size: int = 16, limits: ImageLimits | None = None) -> Iterator[tuple[Path, Any, str | None, str, bytes | None]]:
