@@ -3,7 +3,7 @@
 A job's child is started with ``spawn`` (forking a threaded server is unsafe) and given the composed config, the
 runner's ``_target_`` spec, the server's Hydra search path and its log settings. Progress events come back over a
 pipe into the job's `Progress`; a cancel sets a shared flag the child turns into its own cancel, and a child that
-has not stopped `grace_s` later is terminated (every stage writes atomically and resumes, so nothing is lost). A
+has not stopped `JobSpec.grace_s` later is terminated (every stage writes atomically and resumes, so nothing is lost). A
 child whose server died (even by SIGKILL) cancels itself the same way. The outcome comes back as plain JSON.
 """
 
@@ -42,9 +42,10 @@ class JobSpec:
     log: Any  # `log.LogConfig` the server logs with, or None
     start_method: str = field(default_factory=mp.get_start_method)  # the server's: the job's data loaders start workers so
     nice: int = 0  # added to the process's niceness (POSIX): training yields the CPU to the server's requests
+    grace_s: float = 30.0  # a cancelled child (or one whose server died) that has not stopped by then is ended
 
 
-def run_in_process(spec: JobSpec, progress: Progress, grace_s: float = 30.0) -> SimpleNamespace:
+def run_in_process(spec: JobSpec, progress: Progress) -> SimpleNamespace:
     """Run the job in a fresh process; returns ``version_id / metrics / summary`` or raises as the runner did
     (`CancelledError`, `UserError` with its message, `JobFailed` for anything else, including a crashed child)."""
     ctx = mp.get_context("spawn")
@@ -63,8 +64,8 @@ def run_in_process(spec: JobSpec, progress: Progress, grace_s: float = 30.0) -> 
             if progress.cancelled and cancel_at is None:
                 cancel.set()
                 cancel_at = time.monotonic()
-            if cancel_at is not None and time.monotonic() - cancel_at > grace_s:
-                _log.warning(f"workflow job process {proc.pid} did not stop within {grace_s:g}s of its cancel: terminated")
+            if cancel_at is not None and time.monotonic() - cancel_at > spec.grace_s:
+                _log.warning(f"workflow job process {proc.pid} did not stop within {spec.grace_s:g}s of its cancel: terminated")
                 proc.terminate()
                 raise CancelledError("cancelled by user (its process was terminated)")
     finally:
@@ -136,7 +137,7 @@ def child_main(spec: JobSpec, conn: Any, cancel: Any) -> None:
             progress.cancel()
 
     progress.subscribe(forward)
-    threading.Thread(target=_watch, args=(cancel, progress), name="job-watch", daemon=True).start()
+    threading.Thread(target=_watch, args=(cancel, progress, spec.grace_s), name="job-watch", daemon=True).start()
     try:
         with restored_hydra(spec.hydra):
             runner = _runner(spec.runner)
@@ -168,7 +169,7 @@ def _runner(target: Any) -> Any:
     return instantiate(target)
 
 
-def _watch(cancel: Any, progress: Progress, grace_s: float = 30.0) -> None:
+def _watch(cancel: Any, progress: Progress, grace_s: float) -> None:
     """Turn the server's cancel, or the server's death, into this run's cancel; a run that ignores it after its
     server died leaves after `grace_s` (its stages resume on the next submission)."""
     parent = mp.parent_process()

@@ -247,8 +247,9 @@ class WorkflowManager:
         from .job_process import JobSpec, run_in_process
 
         spec = JobSpec(runner=self._runner if self._runner is not None else dict(self.settings.runner), cfg=cfg,
-                       hydra=running_hydra_state(), log=current_log_config(), nice=self.settings.job_nice)
-        return run_in_process(spec, progress, grace_s=self.settings.cancel_grace_s)
+                       hydra=running_hydra_state(), log=current_log_config(), nice=self.settings.job_nice,
+                       grace_s=self.settings.cancel_grace_s)
+        return run_in_process(spec, progress)
 
     def check_params(self, params: WorkflowParams) -> dict[str, Any]:
         """The set parameters, refusing any that this server does not expose."""
