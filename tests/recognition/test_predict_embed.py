@@ -177,3 +177,18 @@ def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset,
     np.testing.assert_allclose(got, vectors, atol=1e-5)
     # another embedder (or another world size) starts over: its vectors are not these
     assert embed(dataset, tmp_path / "one", tmp_path, *small, "embedder.image_size=96")["resumed"] == 0
+
+
+@pytest.mark.parametrize("trainer, many", [
+    ({"devices": 1}, False), ({"devices": "2"}, True), ({"devices": -1}, True), ({"devices": [0]}, False),
+    ({"devices": [0, 1]}, True), ({"num_nodes": 2}, True), ({"strategy": "ddp"}, True),
+    ({"devices": "auto", "accelerator": "cpu"}, False),
+])
+def test_which_trainer_configs_start_more_processes(trainer, many):
+    """What decides that embedding (and in-process training) runs as a command of its own: a plain dict or the
+    composed config's node (a Hydra ListConfig of devices read as one process before)."""
+    from omegaconf import OmegaConf
+
+    from anime_role_detect.recognition.predict import starts_ranks
+
+    assert starts_ranks(trainer) is many and starts_ranks(OmegaConf.create(trainer)) is many

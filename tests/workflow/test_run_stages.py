@@ -137,3 +137,17 @@ def test_the_workflow_trains_on_head_views_by_default(tmp_path):
     assert tcfg.data.face_view.enabled is True and dict(tcfg.data.face_view.detector) == {"kind": "region"}
     assert tcfg.trainer.max_epochs == 8 and tcfg.model.optimizer.lr == pytest.approx(1e-3)
     assert dict(tcfg.epoch_budget) == {"max_steps": 1200, "min_epochs": 6}  # ~2,000 pictures keep their 30 minutes
+
+
+def test_a_torn_last_checkpoint_is_set_aside_so_training_starts_over(tmp_path):
+    import torch
+
+    from anime_role_detect.workflow.training_bridge import readable_checkpoint
+
+    whole = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(256, 256)}, "epoch": 3}, whole)
+    assert readable_checkpoint(whole) and whole.is_file()
+    data = whole.read_bytes()
+    whole.write_bytes(data[: len(data) // 2])  # what a kill during the save leaves
+    assert not readable_checkpoint(whole)
+    assert not whole.exists() and (tmp_path / "last.ckpt.torn").stat().st_size == len(data) // 2

@@ -187,7 +187,7 @@ def _images(root: Path, rows: Sequence[ImageRecord]) -> list[Any]:
 def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen: Sequence[Any], holdout: Sequence[Any],
                         log: FeatureLog, policy: FinetunePolicy, work: Path, log_cfg: Mapping[str, Any] | None = None) -> FinetuneOutcome:
     """Fine-tune ``base_dir/model.ckpt`` on the chosen logged crops + its dataset; keep it when not worse."""
-    from ..training import train
+    from ..training import train_launched
 
     report: dict[str, Any] = {"enabled": True, "decision": "skipped"}
     ckpt = base_dir / MODEL
@@ -217,7 +217,7 @@ def finetune_classifier(base_dir: Path, base_manifest: Mapping[str, Any], chosen
         return FinetuneOutcome(None, report)
     cfg = finetune_config(ckpt, work / "dataset", work, policy, log_cfg)
     _log.info(f"fusion fine-tune: {len(rows)} logged crops + {base}, {policy.epochs} epochs from {ckpt}")
-    result = train(cfg)
+    result = train_launched(cfg)
     new_ckpt = Path(result.ckpt_path)
 
     # Compare on what neither model trained on (held-back feedback) and on the new validation split

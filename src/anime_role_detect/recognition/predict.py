@@ -279,14 +279,26 @@ def gallery_from_shards(shard_dir: str | Path, rows: Sequence[tuple[str, str, st
         scratch.unlink(missing_ok=True)
 
 
-def _multi_process(trainer_cfg: Mapping[str, Any]) -> bool:
-    """Whether a trainer config starts more than this process (DDP launches re-run the command line)."""
+def starts_ranks(trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether a trainer config starts more than this process (DDP launches re-run the command line); ``devices: auto``
+    does where it finds several GPUs."""
+    from collections.abc import Sequence as Listed
+
     devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, (list, tuple)):
+    text = str(devices).strip().lower()
+    if isinstance(devices, Listed) and not isinstance(devices, str):  # a list, or a Hydra ListConfig
         many = len(devices) > 1
+    elif text == "auto":
+        many = str(trainer_cfg.get("accelerator", "auto")).lower() in ("auto", "gpu", "cuda") and _cuda_devices() > 1
     else:
-        many = str(devices).strip() == "-1" or (str(devices).strip().isdigit() and int(devices) > 1)
+        many = text == "-1" or (text.isdigit() and int(text) > 1)
     return bool(many or int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(trainer_cfg.get("strategy", "")).startswith("ddp"))
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[str, Any], work: Path,
@@ -303,7 +315,7 @@ def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[st
     tr = [f"trainer.{k}={v}" for k, v in trainer_cfg.items() if k in _TRAINER_KEYS and k != "plugins"]
     cmd = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={root.resolve()}", f"files={work / 'files.txt'}",
            f"embedder_file={work / 'embedder.json'}", f"out={work}", "gallery=false", f"paths.root_dir={work}",
-           f"batch_size={batch_size}", f"num_workers={num_workers}", "trainer=ddp" if _multi_process(trainer_cfg) else "trainer=cpu", *tr]
+           f"batch_size={batch_size}", f"num_workers={num_workers}", "trainer=ddp" if starts_ranks(trainer_cfg) else "trainer=cpu", *tr]
     p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         last = next((line for line in reversed(p.stderr.splitlines()) if line.strip()), "no output")
@@ -327,7 +339,7 @@ def build_gallery_predicted(root: str | Path, records: Sequence[Any], embedder_c
     ecfg = dict(embedder_cfg)
     if ecfg.get("ckpt_path") and not Path(ecfg["ckpt_path"]).is_absolute():
         ecfg["ckpt_path"] = str((out / ecfg["ckpt_path"]).resolve())
-    if _multi_process(tcfg):
+    if starts_ranks(tcfg):
         _embed_subprocess(root, [r.file_name for r in records], ecfg, work, tcfg, bs, nw)
     else:
         predict_embeddings([(r.file_name, r.path(root)) for r in records], ecfg, work / "shards", tcfg, batch_size=bs, num_workers=nw)

@@ -4,7 +4,8 @@ tool), so it sits above recognition in the import order (README, `tests/core/tes
 
 Modules: `run` (`train`, `TrainResult`, `optimized_metric`), `budget` (the epoch budget), `reports` (evaluation,
 learning curves, W&B media), `wandb_logger` (offline-safe W&B), `evaluation` (metrics and report files), `ema`,
-`formats` (channels-last), `detector` (the YOLO trainer). This front door re-exports what callers use; importing it
+`formats` (channels-last), `detector` (the YOLO trainer), `launch` (`train_launched`: a DDP trainer trains in a process
+of its own, since its launcher re-runs the command line), `epoch_progress` (the callback reporting epochs). This front door re-exports what callers use; importing it
 pulls in neither torch nor Lightning.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from ..confutil import CONFIG_DIR, check_group_overrides
 from .budget import apply_epoch_budget
 from .reports import evaluate_checkpoint
+from .launch import train_launched
 from .run import TrainResult, launch_rank, optimized_metric, train
 from .wandb_logger import build_wandb_logger
 
@@ -26,4 +28,5 @@ __all__ = [
     "launch_rank",
     "optimized_metric",
     "train",
+    "train_launched",
 ]

@@ -6,47 +6,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ..confutil import compose_config
 from ..errors import ConfigError
 from ..log import get_logger
 from .context import RunContext
-from .progress import Progress
 
 _log = get_logger("system")
 
 
 # Training: the real training framework, composed from conf/train.yaml with the workflow's overrides.
-
-
-class WorkflowProgressCallback(L.Callback):
-    """Lightning callback feeding epoch progress into the run's `Progress` and honouring cancel."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-
-    def _emit(self, trainer: L.Trainer, message: str = "") -> None:
-        if self.progress is not None:
-            total = int(trainer.max_epochs or 1)
-            self.progress.emit("train", min(trainer.current_epoch, total), total, message)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._emit(trainer, f"resumed at epoch {trainer.current_epoch}" if trainer.current_epoch else "")
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.progress is not None:
-            self.progress.check_cancelled()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        acc = trainer.callback_metrics.get("val/acc")
-        msg = f"epoch {trainer.current_epoch + 1}: val/acc={float(acc):.3f}" if acc is not None else ""
-        if self.progress is not None:
-            total = int(trainer.max_epochs or 1)
-            self.progress.emit("train", min(trainer.current_epoch + 1, total), total, msg)
 
 
 def hydra_quote(value: Any) -> str:
@@ -104,19 +74,34 @@ def compose_train_config(ctx: RunContext, resume_ckpt: Path | None) -> DictConfi
     return compose_config(str(tcfg.get("config_name", "train")), overrides, fix="fix train.overrides")
 
 
+def readable_checkpoint(path: Path) -> bool:
+    """Whether `path` loads; one torn by a kill during its save is set aside (``.torn``) so training starts over."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means it cannot resume anything
+        path.replace(path.with_name(path.name + ".torn"))
+        _log.warning(f"{path} does not load ({type(exc).__name__}: {exc}); set aside as {path.name}.torn, training starts over")
+        return False
+
+
 def stage_train(ctx: RunContext) -> dict[str, Any]:
-    """Train the classifier in-process; an interrupted attempt resumes from its ``last.ckpt``."""
-    from ..training import train
+    """Train the classifier (in-process, or in a process of its own when its trainer starts more: DDP); an
+    interrupted attempt resumes from its ``last.ckpt``."""
+    from ..training import train_launched
 
     if ctx.restarted and ctx.train_dir.exists():
         shutil.rmtree(ctx.train_dir)  # partial training under another config: start over
     last = ctx.train_dir / "checkpoints" / "last.ckpt"
-    resume = last if last.is_file() else None
+    resume = last if last.is_file() and readable_checkpoint(last) else None
     if resume:
         _log.info(f"resuming training from {resume}")
     tcfg = compose_train_config(ctx, resume)
     try:
-        result = train(tcfg, callbacks=[WorkflowProgressCallback(ctx.progress)])
+        result = train_launched(tcfg, report=lambda done, total, msg: ctx.progress.emit("train", done, total, msg),
+                                check=ctx.progress.check_cancelled)
     except SystemExit as exc:  # Lightning turns Ctrl-C during fit into sys.exit(1): keep it an interrupt
         raise KeyboardInterrupt("training interrupted") from exc
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str)) or v is None}

@@ -1,0 +1,119 @@
+"""The workflow on a DDP trainer (`train.overrides=[trainer=ddp, ...]`): Lightning's launcher re-runs the command line
+for every other rank, so training runs in a process of its own (`training.launch`) and the workflow runs once.
+
+Two CPU ranks over gloo, Lite0 at 64 px; each workflow run takes ~20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRAIN, workflow_config
+
+from anime_role_detect.registry import Registry
+from anime_role_detect.workflow.progress import CancelledError, Progress
+from anime_role_detect.workflow.run import run_workflow
+
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.image_size=64", "data.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def local_set(tmp_path_factory) -> Path:
+    from anime_role_detect.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("ddp_set") / "chars"
+    generate_dataset(root, n_characters=3, images_per_character=14, size=96, seed=5, twin_fraction=0.0)
+    return root
+
+
+def _cfg(root: Path, data: Path, run_name: str, epochs: int):
+    chars = [{"name": p.name} for p in sorted(data.iterdir()) if p.is_dir()]
+    cfg = workflow_config(root, None, chars, ["collector=local", f"collector.root={data}", f"run_name={run_name}"])
+    cfg.train.overrides = [*TINY_TRAIN, *DDP, f"trainer.max_epochs={epochs}"]
+    return cfg
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line holds `text` (the training child and every rank it started)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode("utf-8", "replace"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_ddp_trainer_trains_on_two_ranks_and_the_workflow_runs_once(tmp_path, local_set, capsys):
+    events = []
+    progress = Progress(log=False)
+    progress.subscribe(lambda ev: events.append((ev.stage, ev.done, ev.total)) if ev.stage == "train" else None)
+    result = run_workflow(_cfg(tmp_path, local_set, "ddp", epochs=2), progress)
+    err = capsys.readouterr().err
+    assert "MEMBER: 1/2" in err and "MEMBER: 2/2" in err  # both ranks joined (their log reaches our stderr)
+    assert ("train", 2, 2) in events  # each epoch came back from the child
+    assert Registry(tmp_path / "outputs" / "registry").latest_id() == result.version_id
+    train_dir = Path(result.run_dir) / "train"
+    assert (train_dir / "launch.yaml").is_file() and (train_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not _processes_naming(str(train_dir / "launch.yaml"))
+
+
+def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_path, local_set):
+    progress = Progress(log=False)
+    progress.subscribe(lambda ev: progress.cancel() if ev.stage == "train" and ev.done >= 1 else None)
+    with pytest.raises(CancelledError):
+        run_workflow(_cfg(tmp_path, local_set, "cancel", epochs=20), progress)
+    train_dir = tmp_path / "outputs" / "workflow" / "work" / "cancel" / "train"
+    assert not _processes_naming(str(train_dir / "launch.yaml")), "a rank outlived the cancel"
+    assert (train_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
+
+
+
+def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tmp_path, local_set):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    chars = json.dumps([{"name": p.name} for p in sorted(local_set.iterdir()) if p.is_dir()])
+    args = [sys.executable, "-m", "anime_role_detect.workflow", f"paths.root_dir={tmp_path}", "collector=local",
+            f"collector.root={local_set}", "clean.min_side=48", "gallery.embedder.flip_tta=false", "run_name=killed",
+            f"characters={chars}", f"train.overrides={json.dumps([*TINY_TRAIN, *DDP, 'trainer.max_epochs=6'])}",
+            "log.console_level=WARNING"]
+    train_dir = tmp_path / "outputs" / "workflow" / "work" / "killed" / "train"
+    events = train_dir / "launch-events.jsonl"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (events.is_file() and '"done": 1' in events.read_text()):  # epoch 1 and its last.ckpt are saved
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "training never finished an epoch"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 5  # the child looks for its caller once a second; 5 epochs are left to train
+    while (left := _processes_naming(str(train_dir / "launch.yaml"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "a training rank outlived its killed workflow"
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run_dir = train_dir.parent
+    assert json.loads((run_dir / "stages" / "train.json").read_text())["output"]["resumed_from"].endswith("last.ckpt")
+    assert Registry(tmp_path / "outputs" / "registry").latest_id()
+
+
+def test_a_user_error_in_the_training_child_stays_one_line(tmp_path):
+    from anime_role_detect.confutil import compose_config
+    from anime_role_detect.errors import UserError
+    from anime_role_detect.training import train_launched
+
+    cfg = compose_config("train", [*TINY_TRAIN, *DDP, f"data.root={tmp_path / 'missing'}", f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError) as err:
+        train_launched(cfg)
+    assert str(tmp_path / "missing") in str(err.value) and "\n" not in str(err.value)
