@@ -107,16 +107,18 @@ def test_logger_none_trains_with_default_callbacks(tmp_path, synthetic_root, tin
 
 
 def test_ddp_two_cpu_processes_one_checkpoint(tmp_path, synthetic_root, tiny, train_py):
-    args = tiny(tmp_path, synthetic_root) + [
+    """With the default progress bar: it syncs the epoch's metrics on rank 0 alone, and a collective of the model's
+    own in `on_train_epoch_end` then hung both ranks at the end of the first epoch."""
+    args = [a for a in tiny(tmp_path, synthetic_root) if "progress_bar" not in a] + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=2",
         "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=2",
         "~callbacks.last_checkpoint",
     ]
-    proc = train_py(args, cwd=tmp_path, timeout=400)
+    proc = train_py(args, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # both ranks write into the same run folder

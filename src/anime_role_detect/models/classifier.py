@@ -213,8 +213,12 @@ class CharacterClassifier(L.LightningModule):
     # -- metrics ----------------------------------------------------------------------------
     def _build_metrics(self) -> None:
         n = len(self.class_names)
-        self.train_acc = FiledAccuracy(n, top_k=1)  # train/acc: read as val/acc is (any character the picture is filed under)
-        self.train_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")
+        # Under DDP the train metrics are computed per rank and averaged by Lightning (`sync_dist`; the distributed
+        # sampler gives every rank as many pictures). Synced by torchmetrics in `on_train_epoch_end` they were a
+        # collective rank 0 reached after its progress bar's own (the bar runs on rank 0 only, before this hook):
+        # `train.py trainer=ddp` hung at the end of its first epoch.
+        self.train_acc = FiledAccuracy(n, top_k=1, sync_on_compute=False)  # train/acc: read as val/acc is (any character filed)
+        self.train_acc_strict = MulticlassAccuracy(num_classes=n, average="micro", sync_on_compute=False)
         self.val_acc = FiledAccuracy(n, top_k=5)  # val/acc: right when naming any character the picture is filed under
         self.val_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")  # each copy on its own label
         self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
@@ -249,8 +253,8 @@ class CharacterClassifier(L.LightningModule):
         return out["loss"]
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc.compute()["acc"], prog_bar=True, sync_dist=False)
-        self.log("train/acc_strict", self.train_acc_strict.compute())
+        self.log("train/acc", self.train_acc.compute()["acc"], prog_bar=True, sync_dist=True)
+        self.log("train/acc_strict", self.train_acc_strict.compute(), sync_dist=True)
         for metric in (self.train_acc, self.train_acc_strict):
             metric.reset()
 

@@ -9,6 +9,8 @@ only that the answer be one of them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
@@ -50,8 +52,8 @@ class FiledAccuracy(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, top_k: int = 5) -> None:
-        super().__init__()
+    def __init__(self, num_classes: int, top_k: int = 5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # torchmetrics' own options (sync_on_compute, ...)
         self.num_classes, self.top_k = int(num_classes), max(1, min(int(top_k), int(num_classes)))
         for name in ("total", "right", "right_k"):
             self.add_state(name, default=torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
