@@ -201,6 +201,47 @@ def test_job_status_survives_a_server_crash(tmp_path, service_data):
         srv.stop()
 
 
+def training_ranks() -> list[int]:
+    """Live processes of a training that runs apart from its caller (`training.launch`: the child and its ranks)."""
+    out = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"anime_role_detect.cli.train_config" in cmd.read_bytes():
+                out.append(int(cmd.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_server_training_on_two_ddp_ranks_goes_live_and_cancels_every_rank(tmp_path, service_data):
+    """`trainer=ddp` in the site's training overrides: the job's process trains in a child of its own (Lightning
+    re-runs a command line per rank: the server's own, otherwise), reaches a live version, and a cancel ends every rank."""
+    ddp = [*TINY_TRAIN, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    conf = write_site_config(tmp_path / "site_conf", service_data.gallery_root, tmp_path / "wf", ddp)
+    srv = start_server(tmp_path / "srv", tmp_path / "registry", config_dir=conf, config_name="serve_site")
+    try:
+        with srv.client() as c:
+            job = c.post("/api/workflow", json={"characters": [{"name": n} for n in service_data.names[:2]],
+                                                "params": {"epochs": 2}}).json()
+            end = [ev["data"] for ev in sse(c, f"/api/workflow/{job['id']}/events") if ev["event"] == "end"]
+            assert end and end[0]["status"] == "succeeded", end
+            assert end[0]["result"]["version_id"]
+            job = c.post("/api/workflow", json={"characters": [{"name": n} for n in service_data.names[2:4]],
+                                                "params": {"epochs": 200}}).json()
+            ranks, end = [], None
+            for ev in sse(c, f"/api/workflow/{job['id']}/events"):
+                if ev["event"] == "progress" and ev["data"]["stage"] == "train" and ev["data"]["done"] >= 1 and not ranks:
+                    ranks = training_ranks()
+                    c.post(f"/api/workflow/{job['id']}/cancel")
+                end = ev["data"] if ev["event"] == "end" else end
+            assert len(ranks) == 2, f"both ranks trained (the child is rank 0): {ranks}"
+            assert end is not None and end["status"] == "cancelled", end
+            assert not training_ranks(), "a training rank outlived its cancelled job"
+            assert len(srv_processes := job_processes(srv.proc.pid)) <= 1, srv_processes
+    finally:
+        srv.stop()
+
+
 @pytest.mark.browser
 def test_workflow_page_runs_and_shows_live_progress_and_metrics(fresh, service_data, tmp_path):
     """The /workflow page in headless Chromium: characters typed as rows, start, the job carries those characters,
