@@ -4,10 +4,11 @@ Lightning's DDP launcher starts every other rank by re-running the current comma
 in-process on `trainer=ddp` (a workflow run, the server's job, log fusion) would run its whole self once more per rank.
 Such a config is saved as YAML and trained by ``python -m anime_role_detect.cli.train_config`` (`train_from_file`),
 whose command line is safe to re-run: each epoch comes back through an events file, the `TrainResult` as JSON. The
-child leads a session of its own: a cancel, or the caller's Ctrl-C, kills every rank it started, and the child kills
-them itself when its caller dies. Killed, not asked: a SIGTERM reaches each rank at a different step and they wait on
-each other's collectives (Lightning's own handler left two CPU ranks hanging); the epoch in progress is lost either
-way, and the next attempt resumes from the last finished epoch's ``last.ckpt`` (`training_bridge` checks it loads).
+child leads a session of its own: a cancel, or the caller's Ctrl-C, sends SIGTERM to the child alone (rank 0:
+Lightning stops its ranks together, in about 3 s on two CPU ranks), then SIGKILL to the whole group after
+`STOP_GRACE_S`; the child does the same when its caller dies. Not SIGTERM to every rank: each then stops at its own
+step and waits on the other's collective (two gloo ranks hung until killed). The epoch in progress is lost, and the
+next attempt resumes from the last finished epoch's ``last.ckpt`` (`training_bridge` checks it loads).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _log = get_logger("training")
 
 CHILD_MODULE = "anime_role_detect.cli.train_config"
 POLL_S = 0.5  # how often the caller reads the child's events and checks for a cancel
+STOP_GRACE_S = 20.0  # a child sent SIGTERM that has not stopped by then is killed with all its ranks
 CONFIG_FILE, EVENTS_FILE, RESULT_FILE = "launch.yaml", "launch-events.jsonl", "launch-result.json"
 
 Report = Callable[[int, int, str], None]
@@ -88,13 +90,23 @@ def train_in_child(cfg: DictConfig, work: Path, report: Report | None = None, ch
             time.sleep(POLL_S)
     finally:
         if proc.poll() is None:
-            _log.info(f"training process group {proc.pid} stopped: every rank killed")
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_group(proc)
         echo.join(5)
     if proc.returncode != 0 or not result.is_file():
         raise _failure(proc.returncode, list(tail), cmd)
     return TrainResult(**json.loads(result.read_text(encoding="utf-8")))
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the child (Lightning stops its ranks), SIGKILL to its whole process group after `grace_s`."""
+    _log.info(f"stopping training process group {proc.pid}")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        _log.warning(f"training process group {proc.pid} did not stop within {grace_s:g}s of SIGTERM: killed")
+    _signal_group(proc.pid, signal.SIGKILL)  # whatever rank is left
+    proc.wait()
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -165,8 +177,12 @@ def _plain(value: Any) -> Any:
 
 
 def _watch_parent(parent: int) -> None:
-    """When the process that started this one is gone (even by SIGKILL), end this process group as a cancel would."""
+    """When the process that started this one is gone (even by SIGKILL), stop this process group as a cancel would:
+    SIGTERM to this process, SIGKILL to the group after `STOP_GRACE_S` (a rank whose rank 0 died goes at once)."""
     while os.getppid() == parent:
         time.sleep(1.0)
-    _log.warning("the process that started this training is gone: ending it (the next attempt resumes from last.ckpt)")
+    _log.warning("the process that started this training is gone: stopping it (the next attempt resumes from last.ckpt)")
+    if os.getpgid(0) == os.getpid():  # the group's leader, rank 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
     _signal_group(os.getpgid(0), signal.SIGKILL)
