@@ -72,7 +72,6 @@ def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_pa
     assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
 
 
-
 def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tmp_path, local_set):
     import json
     import signal
