@@ -118,3 +118,16 @@ def test_a_user_error_in_the_training_child_stays_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         train_launched(cfg)
     assert str(tmp_path / "missing") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_train_config_refuses_a_file_that_is_not_a_saved_config_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for name, text in (("list.yaml", "- a\n- b\n"), ("broken.yaml", "a: [\n")):
+        (tmp_path / name).write_text(text)
+        p = subprocess.run([sys.executable, "-m", "anime_role_detect.cli.train_config", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+            f"error: {tmp_path / name} is not a saved training config "
+            f"({'no trainer section' if name == 'list.yaml' else 'ParserError'}); give the launch.yaml a training run folder holds"]

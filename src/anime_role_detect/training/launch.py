@@ -154,13 +154,27 @@ def train_from_file(config: Path, events: Path | None, result: Path | None) -> T
     """The child's work: train the saved config, rank 0 appending each epoch to `events` and writing `result`."""
     from .epoch_progress import EpochProgress
 
-    cfg = OmegaConf.load(config)
-    assert isinstance(cfg, DictConfig)
+    cfg = _saved_config(config)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="train-parent-watch", daemon=True).start()
     out = train(cfg, callbacks=[EpochProgress(_appender(events) if events else None)])
     if out.is_global_zero and result is not None:
         atomic_write_text(result, json.dumps(asdict(out), default=_plain))
     return out
+
+
+def _saved_config(path: Path) -> DictConfig:
+    """The training config saved at `path`, or a one-line error when the file is not one."""
+    from ..errors import ConfigError
+
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - YAML and OmegaConf raise several kinds for a file that is not a config
+        raise ConfigError(f"{path} is not a saved training config ({type(exc).__name__}); give the launch.yaml a "
+                          "training run folder holds") from None
+    if not isinstance(cfg, DictConfig) or "trainer" not in cfg:
+        raise ConfigError(f"{path} is not a saved training config (no trainer section); give the launch.yaml a "
+                          "training run folder holds")
+    return cfg
 
 
 def _appender(path: Path) -> Report:
