@@ -152,9 +152,9 @@ def _failure(code: int | None, tail: list[str], cmd: list[str]) -> Exception:
 
 def train_from_file(config: Path, events: Path | None, result: Path | None) -> TrainResult:
     """The child's work: train the saved config, rank 0 appending each epoch to `events` and writing `result`."""
+    cfg = _saved_config(config)  # first: a file that is not a config is refused before Lightning loads (~6 s)
     from .epoch_progress import EpochProgress
 
-    cfg = _saved_config(config)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="train-parent-watch", daemon=True).start()
     out = train(cfg, callbacks=[EpochProgress(_appender(events) if events else None)])
     if out.is_global_zero and result is not None:
