@@ -270,18 +270,20 @@ class CharacterClassifier(L.LightningModule):
         self.log("val/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        # torchmetrics has already gathered every rank's pictures, so each value is global and the same on every
+        # rank; sync_dist's mean leaves it as it is and tells Lightning so (it warns per metric under DDP otherwise)
         acc = self.val_acc.compute()
-        self.log("val/acc", acc["acc"], prog_bar=True, sync_dist=False)
-        self.log("val/acc_top5", acc["acc_top_k"])
-        self.log("val/acc_strict", self.val_acc_strict.compute())
-        self.log("val/f1_macro", self.val_f1.compute())
+        self.log("val/acc", acc["acc"], prog_bar=True, sync_dist=True)
+        self.log("val/acc_top5", acc["acc_top_k"], sync_dist=True)
+        self.log("val/acc_strict", self.val_acc_strict.compute(), sync_dist=True)
+        self.log("val/f1_macro", self.val_f1.compute(), sync_dist=True)
         for name, value in zip(self.class_names, acc["per_class"]):
             if not torch.isnan(value):  # a character with no validation picture has no accuracy
-                self.log(f"val_class_acc/{name}", value)
+                self.log(f"val_class_acc/{name}", value, sync_dist=True)
         if self.val_tag_ap is not None:
             ap = self.val_tag_ap.compute()
             ap = ap[~torch.isnan(ap)] if ap.numel() else ap
-            self.log("val/tag_map", ap.mean() if ap.numel() else torch.tensor(0.0))
+            self.log("val/tag_map", ap.mean() if ap.numel() else torch.tensor(0.0), sync_dist=True)
             self.val_tag_ap.reset()
         for metric in (self.val_acc, self.val_acc_strict, self.val_f1):
             metric.reset()
