@@ -37,14 +37,29 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def embed(dataset: Path, out: Path, cwd: Path, *extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    args = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={dataset}", f"out={out}", f"paths.root_dir={cwd}",
+def _overrides(dataset: Path, out: Path, cwd: Path, *extra: str) -> list[str]:
+    return [f"data.root={dataset}", f"out={out}", f"paths.root_dir={cwd}",
             *(f"embedder.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in EMBEDDER.items()),
             "embedder.flip_tta=true", "gallery_build.index.type=flat", "batch_size=8", "num_workers=1", *extra]
+
+
+def embed(dataset: Path, out: Path, cwd: Path, *extra: str) -> dict:
+    """The embed command in a process of its own (DDP's launcher re-runs it for rank 1); its summary line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, "-m", "anime_role_detect.cli.embed", *_overrides(dataset, out, cwd, *extra)]
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def embed_here(dataset: Path, out: Path, cwd: Path, *extra: str) -> dict:
+    """What the command runs (`run_embed` on conf/embed.yaml), on one process inside this one: 7 s less a call."""
+    from anime_role_detect.cli.embed import run_embed
+    from anime_role_detect.confutil import compose_config
+
+    summary = run_embed(compose_config("embed", [*_overrides(dataset, out, cwd, *extra), f"paths.output_dir={cwd / 'run'}"]))
+    assert summary is not None
+    return summary
 
 
 def rows_and_vectors(folder: Path) -> tuple[list[tuple], np.ndarray]:
@@ -126,7 +141,7 @@ def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset,
     """An archive's embedding killed part way loses at most the part being written: run again, on 1 or 2 processes,
     it embeds only the images no finished part holds, and the gallery equals an uninterrupted run's."""
     small = ("rows_per_part=8", "trainer=cpu")
-    whole = embed(dataset, tmp_path / "whole", tmp_path, *small)
+    whole = embed_here(dataset, tmp_path / "whole", tmp_path, *small)
     assert whole["resumed"] == 0 and whole["embedded"] == 40
     rows, vectors = rows_and_vectors(tmp_path / "whole")
 
@@ -150,19 +165,19 @@ def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset,
     shutil.copytree(tmp_path / "whole", tmp_path / "one")
     held = kill(tmp_path / "one", {0: 3})
     assert 0 < held < 40
-    again = embed(dataset, tmp_path / "one", tmp_path, *small)
+    again = embed_here(dataset, tmp_path / "one", tmp_path, *small)
     assert again["resumed"] == held and again["embedded"] == 40 and again["unreadable"] == 1  # the broken file is tried again
     assert [p.name for p in sorted((tmp_path / "one" / "shards").glob("*.npz"))][:4] == [
         f"rank-00000-part-{i:04d}.npz" for i in range(4)]  # the new parts numbered after the old ones
     got_rows, got = rows_and_vectors(tmp_path / "one")
     assert got_rows == rows
     np.testing.assert_allclose(got, vectors, atol=1e-5)
-    again = embed(dataset, tmp_path / "one", tmp_path, *small)  # finished: only the unreadable file is tried again
+    again = embed_here(dataset, tmp_path / "one", tmp_path, *small)  # finished: only the unreadable file is tried again
     assert (again["resumed"], again["unreadable"], again["embedded"]) == (40, 1, 40)
     good = tmp_path / "good.txt"  # the readable images only: another set of images, so it starts over once
     good.write_text("\n".join(sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png") if "broken" not in p.name)))
-    assert embed(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")["resumed"] == 0
-    again = embed(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")  # then nothing is left to embed
+    assert embed_here(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")["resumed"] == 0
+    again = embed_here(dataset, tmp_path / "one", tmp_path, *small, f"files={good}")  # then nothing is left to embed
     assert (again["resumed"], again["embedded"], again["embed_seconds"]) == (40, 40, 0.0)
     assert rows_and_vectors(tmp_path / "one")[0] == rows
 
@@ -176,7 +191,7 @@ def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset,
     assert got_rows == rows
     np.testing.assert_allclose(got, vectors, atol=1e-5)
     # another embedder (or another world size) starts over: its vectors are not these
-    assert embed(dataset, tmp_path / "one", tmp_path, *small, "embedder.image_size=96")["resumed"] == 0
+    assert embed_here(dataset, tmp_path / "one", tmp_path, *small, "embedder.image_size=96")["resumed"] == 0
 
 
 @pytest.mark.parametrize("trainer, many", [
