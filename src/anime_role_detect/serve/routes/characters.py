@@ -66,6 +66,7 @@ def _characters(loaded: Loaded) -> list[CharacterInfo]:
 
 @router.get("", response_model=CharacterList, summary="List the characters the live gallery knows", responses=ERROR_RESPONSES)
 async def list_characters(services: ServicesDep, loaded: LiveDep) -> CharacterList:
+    """Every character the live version can name, trained or enrolled, with its series and gallery rows."""
     chars = await run_model(services, _characters, loaded)
     return CharacterList(version=loaded.version_id, count=len(chars), characters=chars)
 
@@ -116,6 +117,8 @@ def _remove(services: Services, loaded: Loaded, name: str) -> int:
                summary="Remove a character from the live gallery", responses=ERROR_RESPONSES)
 async def remove_character(services: ServicesDep, loaded: LiveDep,
                            name: Annotated[str, Path(max_length=200, description="Character name as listed.")]) -> RemoveResult:
+    """Delete the character's gallery rows, so it is no longer named (404 when it has none); with
+    `persist_gallery_edits` the edit is saved as a new registry version and outlives a restart."""
     removed = await run_model(services, _remove, services, loaded, name)
     if not removed:
         raise ApiError(404, f"character {name!r} is not in the gallery; GET /api/characters lists the names", {"name": name})

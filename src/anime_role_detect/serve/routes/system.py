@@ -64,6 +64,8 @@ class VersionInfo(BaseModel):
 
 @router.get("/health", response_model=Health, summary="Liveness and readiness")
 async def health(services: ServicesDep) -> Health:
+    """Always 200 while the process serves: `ready` says whether a version is loaded to answer with. Polling it also
+    starts loading a newer `latest` from the registry (checked at most every `reload_interval_s`)."""
     live = services.live
     live.maybe_reload()
     return Health(status="ok" if live.ready else "no_model", ready=live.ready, version=live.version_id,
@@ -82,6 +84,8 @@ def _facts(loaded: Loaded) -> RecognizerFacts | None:
 
 @router.get("/version", response_model=VersionInfo, summary="Which gallery/model version is live")
 async def version(services: ServicesDep) -> VersionInfo:
+    """The version answering now, the registry's `latest` beside it (they differ while a reload is pending), and
+    what the recognizer serves: modes, embedder, gallery size, calibration, device."""
     live = services.live
     live.maybe_reload()
     loaded = live.loaded

@@ -58,11 +58,15 @@ async def start_workflow(body: WorkflowRequest, manager: WorkflowsDep) -> Workfl
 
 @router.get("", response_model=WorkflowList, summary="List recent workflow runs")
 async def list_workflows(manager: WorkflowsDep) -> WorkflowList:
+    """The runs this server holds, oldest first: every queued and running one, and the newest finished ones up to
+    `workflow.keep_finished` runs in all (saved to disk, so they outlive a restart)."""
     return WorkflowList(jobs=[j.snapshot() for j in manager.list()])
 
 
 @router.get("/{job_id}", response_model=WorkflowStatus, summary="State of one workflow run", responses=ERROR_RESPONSES)
 async def get_workflow(job_id: JobId, manager: WorkflowsDep) -> WorkflowStatus:
+    """One run's request, stage-by-stage progress and outcome (404 for an id this server does not hold); its
+    `/events` stream carries the same progress live."""
     return _job(manager, job_id).snapshot()
 
 
