@@ -109,6 +109,45 @@ def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tm
     assert Registry(tmp_path / "outputs" / "registry").latest_id()
 
 
+def test_a_second_node_joins_the_workflows_training_with_its_saved_command(tmp_path, local_set, monkeypatch):
+    """`trainer.num_nodes=2`: the workflow's machine is node 0, and another node joins by running the command the
+    workflow saved, `python -m anime_role_detect.cli.train_config <run>/train/launch.yaml`, with NODE_RANK=1 and the
+    same MASTER_ADDR/MASTER_PORT (two "nodes" of one CPU rank each on this machine, over gloo on loopback)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("NODE_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    cfg = _cfg(tmp_path, local_set, "nodes", epochs=1)
+    cfg.train.overrides = [o for o in cfg.train.overrides if not o.startswith("trainer.devices=")] + [
+        "trainer.devices=1", "trainer.num_nodes=2"]
+    launch = tmp_path / "outputs" / "workflow" / "work" / "nodes" / "train" / "launch.yaml"
+    node1: dict[str, subprocess.CompletedProcess] = {}
+
+    def second_node() -> None:
+        deadline = time.monotonic() + 240
+        while not launch.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        node1["run"] = subprocess.run([sys.executable, "-m", "anime_role_detect.cli.train_config", str(launch)],
+                                      env={**os.environ, "NODE_RANK": "1"}, capture_output=True, text=True, timeout=300)
+
+    joiner = threading.Thread(target=second_node, daemon=True)
+    joiner.start()
+    result = run_workflow(cfg, Progress(log=False))
+    joiner.join(300)
+    run = node1["run"]
+    assert run.returncode == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in run.stderr, run.stderr[-3000:]
+    assert Registry(tmp_path / "outputs" / "registry").latest_id() == result.version_id
+    assert (launch.parent / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_a_user_error_in_the_training_child_stays_one_line(tmp_path):
     from anime_role_detect.confutil import compose_config
     from anime_role_detect.errors import UserError
