@@ -65,7 +65,8 @@ class VersionInfo(BaseModel):
 @router.get("/health", response_model=Health, summary="Liveness and readiness")
 async def health(services: ServicesDep) -> Health:
     """Always 200 while the process serves: `ready` says whether a version is loaded to answer with. Polling it also
-    starts loading a newer `latest` from the registry (checked at most every `reload_interval_s`)."""
+    starts loading the version the server follows once the registry moved it (`latest` unless pinned; checked at
+    most every `reload_interval_s`)."""
     live = services.live
     live.maybe_reload()
     return Health(status="ok" if live.ready else "no_model", ready=live.ready, version=live.version_id,
