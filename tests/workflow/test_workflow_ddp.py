@@ -109,43 +109,67 @@ def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tm
     assert Registry(tmp_path / "outputs" / "registry").latest_id()
 
 
-def test_a_second_node_joins_the_workflows_training_with_its_saved_command(tmp_path, local_set, monkeypatch):
+def test_a_second_node_joins_with_the_saved_command_and_a_killed_workflow_stops_both_nodes(tmp_path, local_set):
     """`trainer.num_nodes=2`: the workflow's machine is node 0, and another node joins by running the command the
     workflow saved, `python -m anime_role_detect.cli.train_config <run>/train/launch.yaml`, with NODE_RANK=1 and the
-    same MASTER_ADDR/MASTER_PORT (two "nodes" of one CPU rank each on this machine, over gloo on loopback)."""
+    same MASTER_ADDR/MASTER_PORT (here two "nodes" of one CPU rank each, gloo on loopback). SIGKILL the workflow and
+    both nodes stop at once (node 0's rank once wrote its stop to the dead workflow's pipe and hung 20 s, until
+    SIGKILL, and node 1 crashed on the closed connection); run both commands again and training resumes."""
+    import json
     import os
+    import signal
     import socket
     import subprocess
     import sys
-    import threading
     import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("NODE_RANK", "0")):
-        monkeypatch.setenv(key, value)
-    cfg = _cfg(tmp_path, local_set, "nodes", epochs=1)
-    cfg.train.overrides = [o for o in cfg.train.overrides if not o.startswith("trainer.devices=")] + [
-        "trainer.devices=1", "trainer.num_nodes=2"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0"}
+    chars = json.dumps([{"name": p.name} for p in sorted(local_set.iterdir()) if p.is_dir()])
+    nodes = ["trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=4"]
+    overrides = [o for o in [*TINY_TRAIN, *DDP] if not o.startswith(("trainer.devices=", "trainer.max_epochs="))] + nodes
+    workflow = [sys.executable, "-m", "anime_role_detect.workflow", f"paths.root_dir={tmp_path}", "collector=local",
+                f"collector.root={local_set}", "clean.min_side=48", "gallery.embedder.flip_tta=false", "run_name=nodes",
+                f"characters={chars}", f"train.overrides={json.dumps(overrides)}", "log.console_level=WARNING"]
     launch = tmp_path / "outputs" / "workflow" / "work" / "nodes" / "train" / "launch.yaml"
-    node1: dict[str, subprocess.CompletedProcess] = {}
+    events = launch.parent / "launch-events.jsonl"
 
-    def second_node() -> None:
-        deadline = time.monotonic() + 240
-        while not launch.is_file() and time.monotonic() < deadline:
+    def start_both(log: str, older_than: int) -> tuple[subprocess.Popen, subprocess.Popen]:
+        with open(tmp_path / f"{log}-node0.log", "w") as out:
+            node0 = subprocess.Popen(workflow, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240  # node 1 joins once this run has written its launch.yaml
+        while not (launch.is_file() and launch.stat().st_mtime_ns > older_than):
+            assert node0.poll() is None and time.monotonic() < deadline, (tmp_path / f"{log}-node0.log").read_text()[-3000:]
             time.sleep(0.1)
-        node1["run"] = subprocess.run([sys.executable, "-m", "anime_role_detect.cli.train_config", str(launch)],
-                                      env={**os.environ, "NODE_RANK": "1"}, capture_output=True, text=True, timeout=300)
+        with open(tmp_path / f"{log}-node1.log", "w") as out:
+            node1 = subprocess.Popen([sys.executable, "-m", "anime_role_detect.cli.train_config", str(launch)],
+                                     env={**env, "NODE_RANK": "1"}, stdout=out, stderr=subprocess.STDOUT)
+        return node0, node1
 
-    joiner = threading.Thread(target=second_node, daemon=True)
-    joiner.start()
-    result = run_workflow(cfg, Progress(log=False))
-    joiner.join(300)
-    run = node1["run"]
-    assert run.returncode == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in run.stderr, run.stderr[-3000:]
-    assert Registry(tmp_path / "outputs" / "registry").latest_id() == result.version_id
-    assert (launch.parent / "checkpoints" / "last.ckpt").is_file()
+    node0, node1 = start_both("first", older_than=0)
+    deadline = time.monotonic() + 240
+    while not (events.is_file() and '"done": 1' in events.read_text()):  # epoch 1 trained on both nodes and saved
+        assert node0.poll() is None and node1.poll() is None, (tmp_path / "first-node1.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "training never finished an epoch"
+        time.sleep(0.1)
+    node0.send_signal(signal.SIGKILL)
+    node0.wait(30)
+    killed = time.monotonic()
+    node1.wait(60)
+    stopped_in = time.monotonic() - killed
+    assert node1.returncode == 0, (tmp_path / "first-node1.log").read_text()[-3000:]
+    assert stopped_in < 12, f"node 1 stopped {stopped_in:.1f} s after the workflow was killed"  # 20+ s before
+    assert not _processes_naming(str(launch)), "a rank of node 0 outlived its killed workflow"
+    assert max(json.loads(line)["done"] for line in events.read_text().splitlines()) < 4
+
+    node0, node1 = start_both("again", older_than=launch.stat().st_mtime_ns)
+    assert node0.wait(300) == 0, (tmp_path / "again-node0.log").read_text()[-3000:]
+    assert node1.wait(60) == 0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in (tmp_path / "again-node1.log").read_text()
+    stage = json.loads((launch.parent.parent / "stages" / "train.json").read_text())
+    assert stage["output"]["resumed_from"].endswith("last.ckpt")
+    assert Registry(tmp_path / "outputs" / "registry").latest_id()
 
 
 def test_a_user_error_in_the_training_child_stays_one_line(tmp_path):
