@@ -72,7 +72,9 @@ def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_pa
     assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
 
 
-def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tmp_path, local_set):
+def test_a_killed_workflow_leaves_no_rank_behind_and_keeps_the_last_epoch(tmp_path, local_set):
+    """Two ranks Lightning started on this machine: both end soon after the workflow is SIGKILLed, and the last
+    finished epoch's checkpoint stays for the next attempt (which resumes: the two-node test below runs it)."""
     import json
     import signal
     import subprocess
@@ -101,12 +103,8 @@ def test_a_killed_workflow_leaves_no_rank_behind_and_the_same_command_resumes(tm
     assert not left, "a training rank outlived its killed workflow"
     done = [json.loads(line)["done"] for line in events.read_text().splitlines()]
     assert max(done) < 4, f"training ran on to its end after its workflow was killed: {done}"
-
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    run_dir = train_dir.parent
-    assert json.loads((run_dir / "stages" / "train.json").read_text())["output"]["resumed_from"].endswith("last.ckpt")
-    assert Registry(tmp_path / "outputs" / "registry").latest_id()
+    assert (train_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
 
 
 def test_a_second_node_joins_with_the_saved_command_and_a_killed_workflow_stops_both_nodes(tmp_path, local_set):
