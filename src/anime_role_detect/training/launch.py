@@ -195,12 +195,6 @@ def _watch_parent(parent: int) -> None:
     SIGTERM to this process, SIGKILL to the group after `STOP_GRACE_S` (a rank whose rank 0 died goes at once)."""
     while os.getppid() == parent:
         time.sleep(1.0)
-    # our stdout/stderr were the dead caller's pipe: Lightning's SIGTERM handling writes there, a BrokenPipeError
-    # cut it short and rank 0 hung in teardown until SIGKILL, crashing other nodes' ranks (the log files still
-    # receive this process's own records)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
     _log.warning("the process that started this training is gone: stopping it (the next attempt resumes from last.ckpt)")
     if os.getpgid(0) == os.getpid():  # the group's leader, rank 0
         os.kill(os.getpid(), signal.SIGTERM)
