@@ -274,17 +274,16 @@ class CharacterClassifier(L.LightningModule):
         # rank; sync_dist's mean leaves it as it is and tells Lightning so (it warns per metric under DDP otherwise)
         acc = self.val_acc.compute()
         self.log("val/acc", acc["acc"], prog_bar=True, sync_dist=True)
-        self.log("val/acc_top5", acc["acc_top_k"], sync_dist=True)
-        self.log("val/acc_strict", self.val_acc_strict.compute(), sync_dist=True)
-        self.log("val/f1_macro", self.val_f1.compute(), sync_dist=True)
-        for name, value in zip(self.class_names, acc["per_class"]):
-            if not torch.isnan(value):  # a character with no validation picture has no accuracy
-                self.log(f"val_class_acc/{name}", value, sync_dist=True)
+        values = {"val/acc_top5": acc["acc_top_k"], "val/acc_strict": self.val_acc_strict.compute(),
+                  "val/f1_macro": self.val_f1.compute()}
+        # a character with no validation picture has no accuracy
+        values.update({f"val_class_acc/{name}": v for name, v in zip(self.class_names, acc["per_class"]) if not torch.isnan(v)})
         if self.val_tag_ap is not None:
             ap = self.val_tag_ap.compute()
             ap = ap[~torch.isnan(ap)] if ap.numel() else ap
-            self.log("val/tag_map", ap.mean() if ap.numel() else torch.tensor(0.0), sync_dist=True)
+            values["val/tag_map"] = ap.mean() if ap.numel() else torch.tensor(0.0)
             self.val_tag_ap.reset()
+        self.log_dict(values, sync_dist=True)
         for metric in (self.val_acc, self.val_acc_strict, self.val_f1):
             metric.reset()
 
