@@ -19,6 +19,25 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode("utf-8", "replace"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def processes_naming():
+    """`processes_naming(text)`: the live processes whose command line holds `text` (Linux /proc), e.g. every rank
+    of a training that runs apart from its caller (their command lines name its launch.yaml)."""
+    return _processes_naming
+
+
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return PROJECT_ROOT

@@ -201,19 +201,7 @@ def test_job_status_survives_a_server_crash(tmp_path, service_data):
         srv.stop()
 
 
-def training_ranks() -> list[int]:
-    """Live processes of a training that runs apart from its caller (`training.launch`: the child and its ranks)."""
-    out = []
-    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"anime_role_detect.cli.train_config" in cmd.read_bytes():
-                out.append(int(cmd.parent.name))
-        except OSError:
-            continue
-    return out
-
-
-def test_a_server_training_on_two_ddp_ranks_goes_live_and_cancels_every_rank(tmp_path, service_data):
+def test_a_server_training_on_two_ddp_ranks_goes_live_and_cancels_every_rank(tmp_path, service_data, processes_naming):
     """`trainer=ddp` in the site's training overrides: the job's process trains in a child of its own (Lightning
     re-runs a command line per rank: the server's own, otherwise), reaches a live version, and a cancel ends every rank."""
     ddp = [*TINY_TRAIN, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
@@ -231,12 +219,12 @@ def test_a_server_training_on_two_ddp_ranks_goes_live_and_cancels_every_rank(tmp
             ranks, end = [], None
             for ev in sse(c, f"/api/workflow/{job['id']}/events"):
                 if ev["event"] == "progress" and ev["data"]["stage"] == "train" and ev["data"]["done"] >= 1 and not ranks:
-                    ranks = training_ranks()
+                    ranks = processes_naming("anime_role_detect.cli.train_config")
                     c.post(f"/api/workflow/{job['id']}/cancel")
                 end = ev["data"] if ev["event"] == "end" else end
             assert len(ranks) == 2, f"both ranks trained (the child is rank 0): {ranks}"
             assert end is not None and end["status"] == "cancelled", end
-            assert not training_ranks(), "a training rank outlived its cancelled job"
+            assert not processes_naming("anime_role_detect.cli.train_config"), "a training rank outlived its cancelled job"
             assert len(srv_processes := job_processes(srv.proc.pid)) <= 1, srv_processes
     finally:
         srv.stop()

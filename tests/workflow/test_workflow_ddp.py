@@ -35,20 +35,7 @@ def _cfg(root: Path, data: Path, run_name: str, epochs: int):
     return cfg
 
 
-def _processes_naming(text: str) -> list[int]:
-    """Live processes whose command line holds `text` (the training child and every rank it started)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().decode("utf-8", "replace"):
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
-
-
-def test_a_ddp_trainer_trains_on_two_ranks_and_the_workflow_runs_once(tmp_path, local_set, capsys):
+def test_a_ddp_trainer_trains_on_two_ranks_and_the_workflow_runs_once(tmp_path, local_set, capsys, processes_naming):
     events = []
     progress = Progress(log=False)
     progress.subscribe(lambda ev: events.append((ev.stage, ev.done, ev.total)) if ev.stage == "train" else None)
@@ -59,21 +46,21 @@ def test_a_ddp_trainer_trains_on_two_ranks_and_the_workflow_runs_once(tmp_path, 
     assert Registry(tmp_path / "outputs" / "registry").latest_id() == result.version_id
     train_dir = Path(result.run_dir) / "train"
     assert (train_dir / "launch.yaml").is_file() and (train_dir / "checkpoints" / "last.ckpt").is_file()
-    assert not _processes_naming(str(train_dir / "launch.yaml"))
+    assert not processes_naming(str(train_dir / "launch.yaml"))
 
 
-def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_path, local_set):
+def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_path, local_set, processes_naming):
     progress = Progress(log=False)
     progress.subscribe(lambda ev: progress.cancel() if ev.stage == "train" and ev.done >= 1 else None)
     with pytest.raises(CancelledError):
         run_workflow(_cfg(tmp_path, local_set, "cancel", epochs=20), progress)
     train_dir = tmp_path / "outputs" / "workflow" / "work" / "cancel" / "train"
-    assert not _processes_naming(str(train_dir / "launch.yaml")), "a rank outlived the cancel"
+    assert not processes_naming(str(train_dir / "launch.yaml")), "a rank outlived the cancel"
     assert (train_dir / "checkpoints" / "last.ckpt").is_file()
     assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
 
 
-def test_a_killed_workflow_leaves_no_rank_behind_and_keeps_the_last_epoch(tmp_path, local_set):
+def test_a_killed_workflow_leaves_no_rank_behind_and_keeps_the_last_epoch(tmp_path, local_set, processes_naming):
     """Two ranks Lightning started on this machine: both end soon after the workflow is SIGKILLed, and the last
     finished epoch's checkpoint stays for the next attempt (which resumes: the two-node test below runs it)."""
     import json
@@ -99,7 +86,7 @@ def test_a_killed_workflow_leaves_no_rank_behind_and_keeps_the_last_epoch(tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     deadline = time.monotonic() + 60  # the child looks for its caller once a second, then stops (~3 s)
-    while (left := _processes_naming(str(train_dir / "launch.yaml"))) and time.monotonic() < deadline:
+    while (left := processes_naming(str(train_dir / "launch.yaml"))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, "a training rank outlived its killed workflow"
     done = [json.loads(line)["done"] for line in events.read_text().splitlines()]
@@ -108,7 +95,8 @@ def test_a_killed_workflow_leaves_no_rank_behind_and_keeps_the_last_epoch(tmp_pa
     assert Registry(tmp_path / "outputs" / "registry").latest_id() is None
 
 
-def test_a_second_node_joins_with_the_saved_command_and_a_killed_workflow_stops_both_nodes(tmp_path, local_set):
+def test_a_second_node_joins_with_the_saved_command_and_a_killed_workflow_stops_both_nodes(
+        tmp_path, local_set, processes_naming):
     """`trainer.num_nodes=2`: the workflow's machine is node 0, and another node joins by running the command the
     workflow saved, `python -m anime_role_detect.cli.train_config <run>/train/launch.yaml`, with NODE_RANK=1 and the
     same MASTER_ADDR/MASTER_PORT (here two "nodes" of one CPU rank each, gloo on loopback). SIGKILL the workflow and
@@ -151,17 +139,17 @@ def test_a_second_node_joins_with_the_saved_command_and_a_killed_workflow_stops_
         return node0, node1
 
     try:
-        _kill_and_resume_on_two_nodes(tmp_path, start_both, launch, events)
+        _kill_and_resume_on_two_nodes(tmp_path, start_both, launch, events, processes_naming)
     finally:
         for proc in started:  # a failed assertion leaves no process behind
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(30)
-        for pid in _processes_naming(str(launch)):  # nor a training rank of node 0 (a session of its own)
+        for pid in processes_naming(str(launch)):  # nor a training rank of node 0 (a session of its own)
             os.kill(pid, 9)
 
 
-def _kill_and_resume_on_two_nodes(tmp_path: Path, start_both, launch: Path, events: Path) -> None:
+def _kill_and_resume_on_two_nodes(tmp_path: Path, start_both, launch: Path, events: Path, processes_naming) -> None:
     import json
     import signal
     import time
@@ -177,7 +165,7 @@ def _kill_and_resume_on_two_nodes(tmp_path: Path, start_both, launch: Path, even
     # node 1 stops: at once when Lightning's stop reaches it (exit 0), else when node 0's rank, stuck in a collective
     # Lightning's SIGTERM broadcast raced, is SIGKILLed after STOP_GRACE_S and the connection closes (exit 1)
     node1.wait(STOP_GRACE_S + 30)
-    assert not _processes_naming(str(launch)), "a rank of node 0 outlived its killed workflow"
+    assert not processes_naming(str(launch)), "a rank of node 0 outlived its killed workflow"
     assert max(json.loads(line)["done"] for line in events.read_text().splitlines()) < 4
 
     node0, node1 = start_both("again", older_than=launch.stat().st_mtime_ns)
