@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_TRAIN, workflow_config
 
 from anime_role_detect.registry import Registry
-from anime_role_detect.training.launch import STOP_GRACE_S
+from anime_role_detect.training.launch import STOP_GRACE_S, STOPPED_EXIT
 from anime_role_detect.workflow.progress import CancelledError, Progress
 from anime_role_detect.workflow.run import run_workflow
 
@@ -49,11 +49,15 @@ def test_a_ddp_trainer_trains_on_two_ranks_and_the_workflow_runs_once(tmp_path, 
     assert not processes_naming(str(train_dir / "launch.yaml"))
 
 
-def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_path, local_set, processes_naming):
+def test_cancelling_ddp_training_ends_every_rank_and_keeps_the_last_epoch(tmp_path, local_set, capsys,
+                                                                          processes_naming):
     progress = Progress(log=False)
     progress.subscribe(lambda ev: progress.cancel() if ev.stage == "train" and ev.done >= 1 else None)
     with pytest.raises(CancelledError):
         run_workflow(_cfg(tmp_path, local_set, "cancel", epochs=20), progress)
+    err = capsys.readouterr().err
+    assert "training stopped on SIGTERM" in err, err[-3000:]  # both ranks at the same step (StopTogether) ...
+    assert "did not stop within" not in err  # ... not SIGKILLed after the grace
     train_dir = tmp_path / "outputs" / "workflow" / "work" / "cancel" / "train"
     assert not processes_naming(str(train_dir / "launch.yaml")), "a rank outlived the cancel"
     assert (train_dir / "checkpoints" / "last.ckpt").is_file()
@@ -162,10 +166,13 @@ def _kill_and_resume_on_two_nodes(tmp_path: Path, start_both, launch: Path, even
         time.sleep(0.1)
     node0.send_signal(signal.SIGKILL)
     node0.wait(30)
-    # node 1 stops: at once when Lightning's stop reaches it (exit 0), else when node 0's rank, stuck in a collective
-    # Lightning's SIGTERM broadcast raced, is SIGKILLed after STOP_GRACE_S and the connection closes (exit 1)
-    node1.wait(STOP_GRACE_S + 30)
-    assert not processes_naming(str(launch)), "a rank of node 0 outlived its killed workflow"
+    # node 0's rank, its caller gone, sends itself SIGTERM; StopTogether stops every rank after the same batch and
+    # each exits STOPPED_EXIT (not 0 from Lightning's SIGTERM path, nor 1 from a connection closed by a SIGKILL)
+    assert node1.wait(STOP_GRACE_S + 30) == STOPPED_EXIT, (tmp_path / "first-node1.log").read_text()[-3000:]
+    deadline = time.monotonic() + STOP_GRACE_S + 10
+    while processes_naming(str(launch)):  # node 0's rank may still be leaving as node 1 exits
+        assert time.monotonic() < deadline, "a rank of node 0 outlived its killed workflow"
+        time.sleep(0.1)
     assert max(json.loads(line)["done"] for line in events.read_text().splitlines()) < 4
 
     node0, node1 = start_both("again", older_than=launch.stat().st_mtime_ns)

@@ -8,6 +8,7 @@ reruns a failed attempt with the same config (``last.ckpt`` in its run folder re
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -25,13 +26,22 @@ def _parser() -> argparse.ArgumentParser:
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and train (`training.launch.train_from_file`)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from ..errors import ConfigError
-    from ..training.launch import train_from_file
+    from ..log import get_logger
+    from ..training.launch import CHILD_MODULE, STOPPED_EXIT, train_from_file
 
     args = _parser().parse_args(argv)
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config file; give the launch.yaml a training run folder holds")
-    train_from_file(args.config, args.events, args.result)
+    try:
+        train_from_file(args.config, args.events, args.result)
+    except SIGTERMException:  # a SystemExit of code 0: a stopped run must not look finished
+        rerun = " ".join(sys.argv[1:] if argv is None else argv)
+        get_logger("training").warning("training stopped on SIGTERM (every rank at the same step); rerun this command "
+                                       f"to resume from the last finished epoch: python -m {CHILD_MODULE} {rerun}")
+        raise SystemExit(STOPPED_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ tool), so it sits above recognition in the import order (README, `tests/core/tes
 Modules: `run` (`train`, `TrainResult`, `optimized_metric`), `budget` (the epoch budget), `reports` (evaluation,
 learning curves, W&B media), `wandb_logger` (offline-safe W&B), `evaluation` (metrics and report files), `ema`,
 `formats` (channels-last), `detector` (the YOLO trainer), `launch` (`train_launched`: a DDP trainer trains in a process
-of its own, since its launcher re-runs the command line), `epoch_progress` (the callback reporting epochs). This front
-door re-exports what callers use; importing it pulls in neither torch nor Lightning.
+of its own, since its launcher re-runs the command line), `epoch_progress` (the callback reporting epochs),
+`stop_together` (a SIGTERM every DDP rank obeys at the same step). This front door re-exports what callers use;
+importing it pulls in neither torch nor Lightning.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Lightning's DDP launcher starts every other rank by re-running the current comma
 in-process on `trainer=ddp` (a workflow run, the server's job, log fusion) would run its whole self once more per rank.
 Such a config is saved as YAML and trained by ``python -m anime_role_detect.cli.train_config`` (`train_from_file`),
 whose command line is safe to re-run: each epoch comes back through an events file, the `TrainResult` as JSON. The
-child leads a session of its own: a cancel, or the caller's Ctrl-C, sends SIGTERM to the child alone (rank 0:
-Lightning stops its ranks together, in about 3 s on two CPU ranks), then SIGKILL to the whole group after
-`STOP_GRACE_S`; the child does the same when its caller dies. Not SIGTERM to every rank: each then stops at its own
-step and waits on the other's collective (two gloo ranks hung until killed). The epoch in progress is lost, and the
-next attempt resumes from the last finished epoch's ``last.ckpt`` (`training_bridge` checks it loads).
+child leads a session of its own: a cancel, or the caller's Ctrl-C, sends SIGTERM to the child alone (rank 0), then
+SIGKILL to the whole group after `STOP_GRACE_S`; the child does the same when its caller dies. `StopTogether` carries
+that SIGTERM to every rank on every node through a collective after the next batch, so all stop at the same step and
+exit with `STOPPED_EXIT` (Lightning's own handler broadcasts from inside the signal handler and raced the ranks'
+collectives). The epoch in progress is lost, and the next attempt resumes from the last finished epoch's
+``last.ckpt`` (`training_bridge` checks it loads).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _log = get_logger("training")
 CHILD_MODULE = "anime_role_detect.cli.train_config"
 POLL_S = 0.5  # how often the caller reads the child's events and checks for a cancel
 STOP_GRACE_S = 20.0  # a child sent SIGTERM that has not stopped by then is killed with all its ranks
+STOPPED_EXIT = 128 + int(signal.SIGTERM)  # a rank stopped on SIGTERM (its own or another rank's) exits as if killed by it
 CONFIG_FILE, EVENTS_FILE, RESULT_FILE = "launch.yaml", "launch-events.jsonl", "launch-result.json"
 
 Report = Callable[[int, int, str], None]
@@ -151,12 +153,14 @@ def _failure(code: int | None, tail: list[str], cmd: list[str]) -> Exception:
 
 
 def train_from_file(config: Path, events: Path | None, result: Path | None) -> TrainResult:
-    """The child's work: train the saved config, rank 0 appending each epoch to `events` and writing `result`."""
+    """The child's work: train the saved config, rank 0 appending each epoch to `events` and writing `result`;
+    Lightning's `SIGTERMException` when a SIGTERM stopped every rank (`StopTogether`)."""
     cfg = _saved_config(config)  # first: a file that is not a config is refused before Lightning loads (~6 s)
     from .epoch_progress import EpochProgress
+    from .stop_together import StopTogether
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="train-parent-watch", daemon=True).start()
-    out = train(cfg, callbacks=[EpochProgress(_appender(events) if events else None)])
+    out = train(cfg, callbacks=[EpochProgress(_appender(events) if events else None), StopTogether()])
     if out.is_global_zero and result is not None:
         atomic_write_text(result, json.dumps(asdict(out), default=_plain))
     return out
