@@ -55,9 +55,12 @@ def test_last_ckpt_holds_the_final_epoch_and_the_run_returns_the_best(tmp_path, 
 
 @pytest.mark.parametrize("budget, epochs", [([], 4), (["epoch_budget.max_steps=2"], 2),
                                             (["epoch_budget.max_steps=2", "epoch_budget.min_epochs=3"], 3)])
-def test_epoch_budget_ends_the_schedule_where_its_steps_run_out(tmp_path, synthetic_root, tiny, compose_cfg, budget, epochs):
+def test_epoch_budget_ends_the_schedule_where_its_steps_run_out(tmp_path, synthetic_root, tiny, compose_cfg, budget, epochs,
+                                                              recwarn):
     """`epoch_budget`: trainer.max_epochs cut to the epochs that fit max_steps optimizer steps (one a epoch here), never
-    below min_epochs; the run stops there and its cosine learning rate reaches its floor at that last epoch, not part-way."""
+    below min_epochs; the run stops there and its cosine learning rate reaches its floor at that last epoch, not part-way.
+    An epoch of one batch is shorter than the default logging interval (10): the run logs each epoch without
+    Lightning's warning about it."""
     import torch
 
     from anime_role_detect.training import train
@@ -66,6 +69,7 @@ def test_epoch_budget_ends_the_schedule_where_its_steps_run_out(tmp_path, synthe
     cfg = compose_cfg(tiny(tmp_path, synthetic_root, epochs=4) + [
         f"paths.output_dir={out}", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "evaluate=false", *budget])
     train(cfg)
+    assert not [w for w in recwarn if "logging interval" in str(w.message)], [str(w.message) for w in recwarn]
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (epochs - 1, epochs)
     sched = last["lr_schedulers"][0]

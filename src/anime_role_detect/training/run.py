@@ -123,6 +123,16 @@ def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     return spec.to_dict()
 
 
+def _fit_log_interval(trainer: Any, datamodule: Any) -> None:
+    """Log at least once an epoch: ``trainer.log_every_n_steps`` cut to the epoch's batches on a small set, where
+    Lightning otherwise warns at every run that the interval is longer than an epoch."""
+    from .budget import batches_per_epoch
+
+    steps = batches_per_epoch(len(datamodule.train_dataloader()), trainer.limit_train_batches, trainer.world_size)
+    if 0 < steps < trainer.log_every_n_steps:
+        trainer.log_every_n_steps = steps
+
+
 def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fit the classifier described by `cfg`, evaluate the best checkpoint, write the report.
 
@@ -165,6 +175,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     callbacks = _drop_logger_only_callbacks(callbacks, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     apply_epoch_budget(trainer, datamodule, cfg.get("epoch_budget"))
+    _fit_log_interval(trainer, datamodule)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams({"cfg": cfg_plain, "data": datamodule.summary()})
