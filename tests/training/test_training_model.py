@@ -119,6 +119,31 @@ def test_partial_label_loss_asks_only_for_one_of_the_filed_characters():
     assert filed_cross_entropy(sure, y[:1], group[:1]).item() < 1e-3 and F.cross_entropy(sure, y[:1]).item() > 10
 
 
+def test_validation_tag_map_leaves_out_tags_no_validation_picture_carries(recwarn):
+    """`val/tag_map` (logged every epoch) is the report's `tag_map` on the same pictures: a tag absent from the
+    validation side is left out, not scored 0 (torchmetrics' own AP, with a warning), and two batches add up."""
+    import numpy as np
+
+    from anime_role_detect.models.tag_metrics import TagMeanAveragePrecision
+    from anime_role_detect.training.evaluation import tag_map
+
+    torch.manual_seed(0)
+    probs = torch.rand(12, 5)
+    target = (torch.rand(12, 5) > 0.5).long()
+    target[:, 3] = 0  # no validation picture carries tag 3
+    metric = TagMeanAveragePrecision(5)
+    metric.update(probs[:7], target[:7])
+    metric.update(probs[7:], target[7:])
+    got = metric.compute().item()
+    assert got == pytest.approx(tag_map(target.numpy(), probs.numpy()), abs=1e-6)
+    kept = [j for j in range(5) if j != 3]
+    assert got == pytest.approx(float(np.mean([tag_map(target[:, [j]].numpy(), probs[:, [j]].numpy()) for j in kept])))
+    assert not [w for w in recwarn if "No positive samples" in str(w.message)]
+    empty = TagMeanAveragePrecision(2)
+    empty.update(probs[:3, :2], torch.zeros(3, 2, dtype=torch.long))
+    assert torch.isnan(empty.compute())  # nothing to score: the classifier logs no val/tag_map
+
+
 def test_validation_accuracy_reads_group_pictures_as_the_version_does(group_picture_root, tmp_path, compose_cfg, tiny):
     """A run whose validation side holds a group picture's copies (same bytes, filed under char_00 and char_01):
     `val/acc`, the checkpoint it picks and metrics.json count naming either character as right; `accuracy_strict`

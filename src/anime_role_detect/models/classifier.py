@@ -17,17 +17,14 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MultilabelAveragePrecision,
-)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..confutil import to_plain as _plain
 from ..errors import ConfigError, UserError, WeightsError
 from .backbones import backbone_data_config, create_backbone
 from .filed_accuracy import FiledAccuracy, filed_cross_entropy
 from .metric import EmbeddingSpec, IdentityHead
+from .tag_metrics import TagMeanAveragePrecision
 
 #: optimizer name -> constructor(params, lr, weight_decay)
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -222,7 +219,7 @@ class CharacterClassifier(L.LightningModule):
         self.val_acc = FiledAccuracy(n, top_k=5)  # val/acc: right when naming any character the picture is filed under
         self.val_acc_strict = MulticlassAccuracy(num_classes=n, average="micro")  # each copy on its own label
         self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.val_tag_ap = MultilabelAveragePrecision(num_labels=len(self.tag_names), average=None) if self.tag_names else None
+        self.val_tag_ap = TagMeanAveragePrecision(len(self.tag_names)) if self.tag_names else None
 
     def _losses(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y, tags = batch[:3]  # a 4th item, when there, is the filed-characters mask (val/acc; partial_labels' loss)
@@ -279,9 +276,9 @@ class CharacterClassifier(L.LightningModule):
         # a character with no validation picture has no accuracy
         values.update({f"val_class_acc/{name}": v for name, v in zip(self.class_names, acc["per_class"]) if not torch.isnan(v)})
         if self.val_tag_ap is not None:
-            ap = self.val_tag_ap.compute()
-            ap = ap[~torch.isnan(ap)] if ap.numel() else ap
-            values["val/tag_map"] = ap.mean() if ap.numel() else torch.tensor(0.0)
+            tag_map = self.val_tag_ap.compute()  # NaN when no validation picture carries a tag: not logged
+            if not torch.isnan(tag_map):
+                values["val/tag_map"] = tag_map
             self.val_tag_ap.reset()
         self.log_dict(values, sync_dist=True)
         for metric in (self.val_acc, self.val_acc_strict, self.val_f1):
