@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[2] / "src" / "anime_role_detect"
 
 #: the README's order; a package may import its own layer and the ones before it
 LAYERS: list[set[str]] = [
-    {"errors", "fsutil", "log", "imageio", "confutil", "versionfiles"},
+    {"errors", "fsutil", "log", "imageio", "confutil", "versionfiles", "procgroup"},
     {"registry"},
     {"data"},
     {"models"},

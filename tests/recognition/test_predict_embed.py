@@ -137,6 +137,56 @@ def test_build_recognition_folder_with_a_ddp_trainer_builds_the_default_gallery(
 
 
 @pytest.mark.slow
+def test_a_cancelled_or_abandoned_ddp_gallery_embedding_leaves_no_rank(dataset, tmp_path, processes_naming):
+    """The embed command a gallery build runs over processes goes with its caller: a cancel (`check` raising, as the
+    workflow's progress does) kills both ranks at once instead of waiting for the embedding to end, and so does the
+    caller's death by SIGKILL (the command watches for it)."""
+    import signal
+    import time
+
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    cfg = {"embedder": {**EMBEDDER, "flip_tta": False, "batch_size": 8, "device": "cpu"},
+           "gallery_build": {"index": {"type": "flat"}, "num_workers": 0, "batch_size": 1,
+                             "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}}}
+
+    class Cancelled(Exception):
+        pass
+
+    work = tmp_path / "cancel" / ".embed"
+    cancelled_at = []
+
+    def check() -> None:
+        if len(processes_naming(str(work / "files.txt"))) >= 2:  # rank 0 and the rank Lightning started
+            cancelled_at.append(time.monotonic())
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        build_recognition_folder(dataset, tmp_path / "cancel", cfg, val_fraction=0, check=check)
+    assert time.monotonic() - cancelled_at[0] < 5
+    assert not processes_naming(str(work / "files.txt")), "a rank outlived the cancel"
+
+    work = tmp_path / "abandoned" / ".embed"
+    code = (f"from anime_role_detect.recognition.build import build_recognition_folder as b; "
+            f"b({str(dataset)!r}, {str(tmp_path / 'abandoned')!r}, {cfg!r}, val_fraction=0)")
+    caller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(processes_naming(str(work / "files.txt"))) < 2:
+            assert caller.poll() is None and time.monotonic() < deadline, "the embedding ended before both ranks ran"
+            time.sleep(0.1)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(30)
+        deadline = time.monotonic() + 5  # the command looks for its caller once a second
+        while processes_naming(str(work / "files.txt")):
+            assert time.monotonic() < deadline, "a rank outlived its killed caller"
+            time.sleep(0.1)
+    finally:
+        for pid in processes_naming(str(work / "files.txt")):
+            os.kill(pid, 9)
+
+
+@pytest.mark.slow
 def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset, tmp_path):
     """An archive's embedding killed part way loses at most the part being written: run again, on 1 or 2 processes,
     it embeds only the images no finished part holds, and the gallery equals an uninterrupted run's."""

@@ -205,3 +205,29 @@ def test_train_config_refuses_a_file_that_is_not_a_saved_config_in_one_line(tmp_
         assert p.returncode == 2 and p.stderr.strip().splitlines() == [
             f"error: {tmp_path / name} is not a saved training config "
             f"({'no trainer section' if name == 'list.yaml' else 'ParserError'}); give the launch.yaml a training run folder holds"]
+
+
+def test_the_training_command_run_by_hand_outlives_its_shell(tmp_path, local_set, processes_naming):
+    """Another node's command, started by hand (``nohup ... &`` and the shell gone), trains to its end: only the
+    workflow's own child (``--parent-pid``) stops when the process that started it is gone."""
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    from anime_role_detect.confutil import compose_config
+
+    cfg = compose_config("train", [*TINY_TRAIN, f"data.root={local_set}", f"paths.output_dir={tmp_path / 'run'}",
+                                   "trainer.max_epochs=2"])
+    launch = tmp_path / "launch.yaml"
+    launch.write_text(OmegaConf.to_yaml(cfg))
+    result = tmp_path / "result.json"
+    cmd = f"{sys.executable} -m anime_role_detect.cli.train_config {launch} --result {result} >{tmp_path / 'log'} 2>&1 &"
+    subprocess.run(["sh", "-c", cmd + " sleep 5"], check=True, timeout=30)  # the shell goes once the command runs
+    deadline = time.monotonic() + 240
+    while not result.is_file():
+        time.sleep(0.5)
+        gone = not processes_naming(str(launch)) and not result.is_file()
+        assert not gone and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

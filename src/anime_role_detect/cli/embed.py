@@ -81,6 +81,10 @@ def run_embed(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 @hydra_main("embed")
 def main(cfg: DictConfig) -> None:
     """Embed a dataset folder over one or many processes and build its gallery (conf/embed.yaml)."""
+    if cfg.get("parent_pid") is not None:  # a gallery build's child: its caller gone, no one waits for its parts
+        from ..procgroup import kill_own_group, watch_parent
+
+        watch_parent(kill_own_group, int(cfg.parent_pid))
     run_embed(cfg)
 
 

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="the composed training config (YAML, as conf/train.yaml composes)")
     p.add_argument("--events", type=Path, default=None, help="append one JSON line per epoch here (rank 0)")
     p.add_argument("--result", type=Path, default=None, help="write the run's TrainResult here as JSON (rank 0)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop once this process, the caller that started this one, is gone (what a workflow passes; "
+                        "a command run by hand, e.g. another node's, outlives its shell)")
     return p
 
 
@@ -36,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config file; give the launch.yaml a training run folder holds")
     try:
-        train_from_file(args.config, args.events, args.result)
+        train_from_file(args.config, args.events, args.result, args.parent_pid)
     except SIGTERMException:  # a SystemExit of code 0: a stopped run must not look finished
         rerun = " ".join(sys.argv[1:] if argv is None else argv)
         get_logger("training").warning("training stopped on SIGTERM (every rank at the same step); rerun this command "

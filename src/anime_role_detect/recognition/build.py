@@ -192,13 +192,15 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
                              val_fraction: float = 0.2, seed: int = 42, target_far: float = 0.05, dedupe: bool = True,
                              include_val: bool = True, progress: Callable[[int, int], None] | None = None,
                              split: tuple[Sequence[str], Sequence[str]] | None = None, onnx: bool = False,
-                             max_false_reject: float = DEFAULT_MAX_FALSE_REJECT) -> BuildReport:
+                             max_false_reject: float = DEFAULT_MAX_FALSE_REJECT,
+                             check: Callable[[], None] | None = None) -> BuildReport:
     """Dataset folder -> gallery + tag profiles + calibration (+ model.ckpt copy) in `out_dir`, tuned on a leak-free split.
 
     `split` = (train file names, val file names) reuses a split made elsewhere (a training run's manifest)
     instead of computing one from `val_fraction` and `seed`; files in neither list are left out. `onnx` also
     exports the folder's networks for ONNX Runtime (what `runtime: auto` then uses). Open-set thresholds aim at
     `target_far` of unseen characters named, refusing at most `max_false_reject` of known pictures answered right.
+    `check()` raises to cancel an embedding that runs over processes (``gallery_build.trainer``).
     """
     from ..data.layout import filed_characters, scan_dataset, stratified_group_split
     from ..fsutil import file_sha256
@@ -247,7 +249,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     if distributed:  # Lightning predict, over processes/GPUs/nodes with a DDP trainer
         from .predict import build_gallery_predicted
 
-        gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress)
+        gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress, check)
     else:  # in-process: faster for small sets (no Lightning start-up; docs/recognition.md "Embedding on a cluster")
         gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
                                 aggregate=gcfg.get("aggregate", DEFAULT_AGGREGATE), embedder_config=saved_cfg, progress=progress)

@@ -187,6 +187,8 @@ def resume_state(shard_dir: str | Path, run: Mapping[str, Any], items: Sequence[
 
 #: Trainer arguments that matter to a predict run (a training config's max_epochs, precision etc. are left out).
 _TRAINER_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "use_distributed_sampler", "plugins"})
+EMBED_LOG = "embed.log"  # the embed command's output, in its work folder
+POLL_S = 0.5  # how often a caller waiting on the embed command checks for a cancel
 
 
 def gallery_order(characters: Sequence[str]) -> np.ndarray:
@@ -302,12 +304,17 @@ def _cuda_devices() -> int:
 
 
 def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[str, Any], work: Path,
-                      trainer_cfg: Mapping[str, Any], batch_size: int, num_workers: int) -> None:
-    """Run ``python -m anime_role_detect.cli.embed`` (shards only) over `names`: DDP re-runs its own command line,
-    not the caller's program."""
+                      trainer_cfg: Mapping[str, Any], batch_size: int, num_workers: int,
+                      check: Callable[[], None] | None = None) -> None:
+    """Run ``python -m anime_role_detect.cli.embed`` (shards only) over `names` in a process group of its own: DDP
+    re-runs its command line, not the caller's program. `check()` runs every `POLL_S` and raises to cancel: the group
+    is then killed at once (each part is written whole, so a later run resumes from them), as it is when the caller
+    dies (``parent_pid``). Its log is ``work/embed.log``."""
     import json
     import subprocess
     import sys
+
+    from ..procgroup import start_group, stop_group
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "files.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
@@ -315,20 +322,35 @@ def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[st
     tr = [f"trainer.{k}={v}" for k, v in trainer_cfg.items() if k in _TRAINER_KEYS and k != "plugins"]
     cmd = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={root.resolve()}", f"files={work / 'files.txt'}",
            f"embedder_file={work / 'embedder.json'}", f"out={work}", "gallery=false", f"paths.root_dir={work}",
-           f"batch_size={batch_size}", f"num_workers={num_workers}", "trainer=ddp" if starts_ranks(trainer_cfg) else "trainer=cpu", *tr]
-    p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        last = next((line for line in reversed(p.stderr.splitlines()) if line.strip()), "no output")
-        raise GalleryError(f"embedding the gallery over processes failed ({last.strip()[:300]}); run `{' '.join(cmd)}` to see why")
+           f"batch_size={batch_size}", f"num_workers={num_workers}", f"parent_pid={os.getpid()}",
+           "trainer=ddp" if starts_ranks(trainer_cfg) else "trainer=cpu", *tr]
+    log = work / EMBED_LOG
+    with open(log, "w", encoding="utf-8") as out:
+        proc = start_group(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while proc.poll() is None:
+            if check is not None:
+                check()
+            time.sleep(POLL_S)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, grace_s=0)
+    if proc.returncode != 0:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        raise GalleryError(f"embedding the gallery over processes failed ({last.strip()[:300]}); its log is {log}; "
+                           f"run `{' '.join(cmd)}` to see why")
 
 
 def build_gallery_predicted(root: str | Path, records: Sequence[Any], embedder_cfg: Mapping[str, Any], out: str | Path,
                             gallery_cfg: Mapping[str, Any], saved_cfg: Mapping[str, Any],
-                            progress: Callable[[int, int], None] | None = None) -> Gallery:
+                            progress: Callable[[int, int], None] | None = None,
+                            check: Callable[[], None] | None = None) -> Gallery:
     """The gallery of `records` (dataset records) embedded as a Lightning predict, same rows as `Gallery.build`.
 
     ``gallery_cfg.trainer`` (accelerator, devices, strategy, num_nodes) spreads it over processes: then the embed
-    command runs as a subprocess; one process runs here. ``batch_size``/``num_workers`` set the loader.
+    command runs as a subprocess, which `check()` (raising) cancels; one process runs here. ``batch_size``/
+    ``num_workers`` set the loader.
     """
     import shutil
 
@@ -340,7 +362,7 @@ def build_gallery_predicted(root: str | Path, records: Sequence[Any], embedder_c
     if ecfg.get("ckpt_path") and not Path(ecfg["ckpt_path"]).is_absolute():
         ecfg["ckpt_path"] = str((out / ecfg["ckpt_path"]).resolve())
     if starts_ranks(tcfg):
-        _embed_subprocess(root, [r.file_name for r in records], ecfg, work, tcfg, bs, nw)
+        _embed_subprocess(root, [r.file_name for r in records], ecfg, work, tcfg, bs, nw, check)
     else:
         predict_embeddings([(r.file_name, r.path(root)) for r in records], ecfg, work / "shards", tcfg, batch_size=bs, num_workers=nw)
     gallery = gallery_from_shards(work / "shards", [(r.character, r.series, r.file_name) for r in records], work, saved_cfg,

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..fsutil import atomic_write_text
 from ..log import get_logger
+from ..procgroup import kill_own_group, start_group, stop_group, watch_parent
 from .run import TrainResult, launch_rank, resolve_output_dir, train
 
 _log = get_logger("training")
@@ -71,8 +72,9 @@ def train_in_child(cfg: DictConfig, work: Path, report: Report | None = None, ch
     atomic_write_text(config, OmegaConf.to_yaml(cfg))  # unresolved: the child resolves it as this process would
     events.unlink(missing_ok=True)
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", CHILD_MODULE, str(config), "--events", str(events), "--result", str(result)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+    cmd = [sys.executable, "-m", CHILD_MODULE, str(config), "--events", str(events), "--result", str(result),
+           "--parent-pid", str(os.getpid())]
+    proc = start_group(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=30)
     echo = threading.Thread(target=_echo, args=(proc.stderr, tail), name="train-child-stderr", daemon=True)
     echo.start()
@@ -92,30 +94,12 @@ def train_in_child(cfg: DictConfig, work: Path, report: Report | None = None, ch
             time.sleep(POLL_S)
     finally:
         if proc.poll() is None:
-            stop_group(proc)
+            _log.info(f"stopping training process group {proc.pid}")
+            stop_group(proc, STOP_GRACE_S)
         echo.join(5)
     if proc.returncode != 0 or not result.is_file():
         raise _failure(proc.returncode, list(tail), cmd)
     return TrainResult(**json.loads(result.read_text(encoding="utf-8")))
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM to the child (Lightning stops its ranks), SIGKILL to its whole process group after `grace_s`."""
-    _log.info(f"stopping training process group {proc.pid}")
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        _log.warning(f"training process group {proc.pid} did not stop within {grace_s:g}s of SIGTERM: killed")
-    _signal_group(proc.pid, signal.SIGKILL)  # whatever rank is left
-    proc.wait()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _echo(stream: IO[str], tail: deque[str]) -> None:
@@ -152,14 +136,17 @@ def _failure(code: int | None, tail: list[str], cmd: list[str]) -> Exception:
 # -- the child -------------------------------------------------------------------------------------
 
 
-def train_from_file(config: Path, events: Path | None, result: Path | None) -> TrainResult:
+def train_from_file(config: Path, events: Path | None, result: Path | None, parent_pid: int | None = None) -> TrainResult:
     """The child's work: train the saved config, rank 0 appending each epoch to `events` and writing `result`;
-    Lightning's `SIGTERMException` when a SIGTERM stopped every rank (`StopTogether`)."""
+    Lightning's `SIGTERMException` when a SIGTERM stopped every rank (`StopTogether`). With `parent_pid` (what
+    `train_in_child` passes) training stops once that process, its caller, is gone; a command run by hand (another
+    node's) outlives its shell."""
     cfg = _saved_config(config)  # first: a file that is not a config is refused before Lightning loads (~6 s)
     from .epoch_progress import EpochProgress
     from .stop_together import StopTogether
 
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="train-parent-watch", daemon=True).start()
+    if parent_pid is not None:
+        watch_parent(_parent_gone, parent_pid)
     out = train(cfg, callbacks=[EpochProgress(_appender(events) if events else None), StopTogether()])
     if out.is_global_zero and result is not None:
         atomic_write_text(result, json.dumps(asdict(out), default=_plain))
@@ -194,13 +181,11 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def _watch_parent(parent: int) -> None:
-    """When the process that started this one is gone (even by SIGKILL), stop this process group as a cancel would:
-    SIGTERM to this process, SIGKILL to the group after `STOP_GRACE_S` (a rank whose rank 0 died goes at once)."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
+def _parent_gone() -> None:
+    """Stop this process group as a cancel would: SIGTERM to this process, SIGKILL to the group after `STOP_GRACE_S`
+    (a rank whose rank 0 died goes at once)."""
     _log.warning("the process that started this training is gone: stopping it (the next attempt resumes from last.ckpt)")
     if os.getpgid(0) == os.getpid():  # the group's leader, rank 0
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(STOP_GRACE_S)
-    _signal_group(os.getpgid(0), signal.SIGKILL)
+    kill_own_group()

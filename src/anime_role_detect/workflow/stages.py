@@ -209,7 +209,7 @@ def stage_gallery(ctx: RunContext) -> dict[str, Any]:
         val_fraction=float(ctx.cfg.split.val_fraction), seed=int(ctx.cfg.split.seed),
         target_far=float(gcfg.get("target_far", 0.05)), max_false_reject=float(gcfg.get("max_false_reject", DEFAULT_MAX_FALSE_REJECT)),
         dedupe=False, include_val=bool(gcfg.get("include_val", True)),
-        progress=report, onnx=bool(gcfg.get("onnx", True)),
+        progress=report, onnx=bool(gcfg.get("onnx", True)), check=ctx.progress.check_cancelled,
     )
     out = asdict(built) if hasattr(built, "__dataclass_fields__") else dict(built)
     ctx.progress.emit("gallery", 1, 1, f"{out.get('rows', '?')} gallery rows")
