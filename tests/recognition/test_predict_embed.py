@@ -186,6 +186,22 @@ def test_a_cancelled_or_abandoned_ddp_gallery_embedding_leaves_no_rank(dataset, 
             os.kill(pid, 9)
 
 
+def test_a_failed_ddp_gallery_embedding_names_its_log_and_a_command_to_run(dataset, tmp_path):
+    """The embed command's own one-line error comes back, with its log and the command to run by hand, which does
+    not carry the caller's pid (a hand run would stop at once, its "caller" gone)."""
+    from anime_role_detect.recognition.build import build_recognition_folder
+
+    cfg = {"embedder": {**EMBEDDER, "device": "cpu"},  # GPU ranks on a machine without one
+           "gallery_build": {"index": {"type": "flat"}, "num_workers": 0,
+                             "trainer": {"accelerator": "gpu", "devices": 2, "strategy": "ddp"}}}
+    with pytest.raises(GalleryError) as err:
+        build_recognition_folder(dataset, tmp_path / "bad", cfg, val_fraction=0)
+    message = str(err.value)
+    assert "No supported gpu backend found" in message, message  # the error, not Hydra's hint printed after it
+    assert str(tmp_path / "bad" / ".embed" / "embed.log") in message, message
+    assert "anime_role_detect.cli.embed" in message and "parent_pid" not in message, message
+
+
 @pytest.mark.slow
 def test_a_killed_embedding_resumes_with_only_the_images_its_parts_lack(dataset, tmp_path):
     """An archive's embedding killed part way loses at most the part being written: run again, on 1 or 2 processes,

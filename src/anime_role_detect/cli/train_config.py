@@ -8,7 +8,6 @@ reruns a failed attempt with the same config (``last.ckpt`` in its run folder re
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -41,9 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         train_from_file(args.config, args.events, args.result, args.parent_pid)
     except SIGTERMException:  # a SystemExit of code 0: a stopped run must not look finished
-        rerun = " ".join(sys.argv[1:] if argv is None else argv)
-        get_logger("training").warning("training stopped on SIGTERM (every rank at the same step); rerun this command "
-                                       f"to resume from the last finished epoch: python -m {CHILD_MODULE} {rerun}")
+        get_logger("training").warning("training stopped on SIGTERM (every rank at the same step); to resume from the "
+                                       f"last finished epoch run: python -m {CHILD_MODULE} {args.config}")
         raise SystemExit(STOPPED_EXIT) from None
 
 

@@ -189,6 +189,7 @@ def resume_state(shard_dir: str | Path, run: Mapping[str, Any], items: Sequence[
 _TRAINER_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "use_distributed_sampler", "plugins"})
 EMBED_LOG = "embed.log"  # the embed command's output, in its work folder
 POLL_S = 0.5  # how often a caller waiting on the embed command checks for a cancel
+_HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR"  # Hydra's last line after an error: not the error
 
 
 def gallery_order(characters: Sequence[str]) -> np.ndarray:
@@ -322,11 +323,11 @@ def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[st
     tr = [f"trainer.{k}={v}" for k, v in trainer_cfg.items() if k in _TRAINER_KEYS and k != "plugins"]
     cmd = [sys.executable, "-m", "anime_role_detect.cli.embed", f"data.root={root.resolve()}", f"files={work / 'files.txt'}",
            f"embedder_file={work / 'embedder.json'}", f"out={work}", "gallery=false", f"paths.root_dir={work}",
-           f"batch_size={batch_size}", f"num_workers={num_workers}", f"parent_pid={os.getpid()}",
-           "trainer=ddp" if starts_ranks(trainer_cfg) else "trainer=cpu", *tr]
+           f"batch_size={batch_size}", f"num_workers={num_workers}", "trainer=ddp" if starts_ranks(trainer_cfg) else "trainer=cpu",
+           *tr]
     log = work / EMBED_LOG
-    with open(log, "w", encoding="utf-8") as out:
-        proc = start_group(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w", encoding="utf-8") as out:  # the pid is not in `cmd`, which an error tells a user to run
+        proc = start_group([*cmd, f"parent_pid={os.getpid()}"], cwd=work, stdout=out, stderr=subprocess.STDOUT)
     try:
         while proc.poll() is None:
             if check is not None:
@@ -336,8 +337,9 @@ def _embed_subprocess(root: Path, names: Sequence[str], embedder_cfg: Mapping[st
         if proc.poll() is None:
             stop_group(proc, grace_s=0)
     if proc.returncode != 0:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+        said = [line for line in lines if line and not line.startswith(_HYDRA_HINT)]
+        last = next((line for line in reversed(said) if line.startswith("error: ")), said[-1] if said else "no output")
         raise GalleryError(f"embedding the gallery over processes failed ({last.strip()[:300]}); its log is {log}; "
                            f"run `{' '.join(cmd)}` to see why")
 

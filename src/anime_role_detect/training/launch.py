@@ -72,9 +72,8 @@ def train_in_child(cfg: DictConfig, work: Path, report: Report | None = None, ch
     atomic_write_text(config, OmegaConf.to_yaml(cfg))  # unresolved: the child resolves it as this process would
     events.unlink(missing_ok=True)
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", CHILD_MODULE, str(config), "--events", str(events), "--result", str(result),
-           "--parent-pid", str(os.getpid())]
-    proc = start_group(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    cmd = [sys.executable, "-m", CHILD_MODULE, str(config), "--events", str(events), "--result", str(result)]
+    proc = start_group([*cmd, "--parent-pid", str(os.getpid())], stderr=subprocess.PIPE, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=30)
     echo = threading.Thread(target=_echo, args=(proc.stderr, tail), name="train-child-stderr", daemon=True)
     echo.start()
