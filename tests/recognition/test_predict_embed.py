@@ -186,6 +186,7 @@ def test_a_cancelled_or_abandoned_ddp_gallery_embedding_leaves_no_rank(dataset, 
             os.kill(pid, 9)
 
 
+@pytest.mark.slow
 def test_a_failed_ddp_gallery_embedding_names_its_log_and_a_command_to_run(dataset, tmp_path):
     """The embed command's own one-line error comes back, with its log and the command to run by hand, which does
     not carry the caller's pid (a hand run would stop at once, its "caller" gone)."""
