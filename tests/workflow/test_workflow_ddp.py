@@ -16,6 +16,8 @@ from anime_role_detect.training.launch import STOP_GRACE_S, STOPPED_EXIT
 from anime_role_detect.workflow.progress import CancelledError, Progress
 from anime_role_detect.workflow.run import run_workflow
 
+pytestmark = pytest.mark.slow  # every test trains in processes of its own
+
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.image_size=64", "data.batch_size=8"]
 
 
