@@ -77,9 +77,19 @@ class InterceptHandler(logging.Handler):
             frame = frame.f_back
             depth += 1
         channel = "training" if record.name.startswith(("lightning", "pytorch_lightning", "torch")) else "system"
-        logger.bind(channel=channel, source=record.name).opt(depth=depth, exception=record.exc_info).log(
-            level, record.getMessage()
+        message = record.getMessage()
+        chatter = record.levelno < logging.WARNING and (record.name.startswith(_CHATTER_LOGGERS)
+                                                        or message.startswith(_CHATTER_PREFIXES))
+        logger.bind(channel=channel, source=record.name, file_only=chatter).opt(depth=depth, exception=record.exc_info).log(
+            level, message
         )
+
+
+#: stdlib loggers whose records below WARNING go to the log files only: faiss reports each SIMD build it could not
+#: load as an INFO line holding a ModuleNotFoundError, which reads like a failure on a user's console
+_CHATTER_LOGGERS = ("faiss.loader",)
+#: the same for records that start so: Lightning's advertisement for an add-on package at every fit
+_CHATTER_PREFIXES = ("💡 Tip:",)
 
 
 _FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {extra[channel]:<9} | {name}:{function}:{line} - {message}"

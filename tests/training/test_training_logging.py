@@ -119,3 +119,27 @@ def test_learning_curves_skipped_without_epoch_rows(tmp_path):
     lr_only.write_text("epoch,lr-AdamW,step\n,0.001,0\n")
     assert plot_learning_curves(lr_only, tmp_path / "b.png") is None
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_library_start_up_chatter_reaches_the_log_files_not_the_console(tmp_path):
+    """faiss's loader (an INFO line per SIMD build it could not load, with a ModuleNotFoundError in it) and
+    Lightning's add-on tip stay off a user's console and in system.log; a library's warning still reaches both."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from anime_role_detect.log import setup_logging\n"
+        f"setup_logging({{'dir': {str(tmp_path / 'logs')!r}, 'enqueue': False}})\n"
+        "import faiss\n"  # its loader logs through stdlib logging at import
+        "logging.getLogger('faiss.loader').info('Could not load library with AVX9 support due to: ModuleNotFoundError')\n"
+        "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('💡 Tip: try installing an add-on')\n"
+        "logging.getLogger('faiss.loader').warning('a real faiss problem')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "a real faiss problem" in p.stderr
+    assert "Could not load library" not in p.stderr and "Tip:" not in p.stderr and "Loading faiss" not in p.stderr, p.stderr
+    system = (tmp_path / "logs" / "system.log").read_text(encoding="utf-8")
+    training = (tmp_path / "logs" / "training.log").read_text(encoding="utf-8")
+    assert "Loading faiss" in system and "Could not load library with AVX9" in system and "a real faiss problem" in system
+    assert "Tip: try installing an add-on" in training
