@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -123,6 +124,10 @@ def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
     return spec.to_dict()
 
 
+#: torch's notice about an API Lightning's own batch handling calls at every fit: no user can act on it
+_LIGHTNING_TORCH_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def _fit_log_interval(trainer: Any, datamodule: Any) -> None:
     """Log at least once an epoch: ``trainer.log_every_n_steps`` cut to the epoch's batches on a small set, where
     Lightning otherwise warns at every run that the interval is longer than an epoch."""
@@ -183,7 +188,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     if trainer.is_global_zero:
         atomic_write_text(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LIGHTNING_TORCH_NOTICE)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_s = time.perf_counter() - t0
 
     ckpt_path = best_checkpoint(trainer)
