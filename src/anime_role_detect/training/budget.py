@@ -26,9 +26,10 @@ def budgeted_epochs(max_epochs: int, steps_per_epoch: int, max_steps: int | None
     return max(min(max_epochs, int(min_epochs)), min(max_epochs, int(max_steps) // int(steps_per_epoch)))
 
 
-def apply_epoch_budget(trainer: Any, datamodule: Any, budget: Mapping[str, Any] | None) -> int:
-    """Shorten `trainer`'s schedule to `budget` (``max_steps``, ``min_epochs``) for this dataset's size; the epochs it runs.
-    The model's cosine schedule reads ``trainer.max_epochs``, so it spans the shortened run."""
+def apply_epoch_budget(trainer: Any, steps_per_epoch: int, budget: Mapping[str, Any] | None) -> int:
+    """Shorten `trainer`'s schedule to `budget` (``max_steps``, ``min_epochs``) for a dataset of `steps_per_epoch`
+    training steps per process (`batches_per_epoch`); the epochs it runs. The model's cosine schedule reads
+    ``trainer.max_epochs``, so it spans the shortened run."""
     if budget is not None and not isinstance(budget, Mapping):
         raise ConfigError(f"epoch_budget={budget!r} is not a mapping; give epoch_budget.max_steps=<steps> (and min_epochs)")
     budget = dict(budget or {})
@@ -46,10 +47,9 @@ def apply_epoch_budget(trainer: Any, datamodule: Any, budget: Mapping[str, Any] 
     planned = trainer.max_epochs
     if max_steps is None or not planned or planned < 0 or getattr(trainer, "fast_dev_run", False):
         return planned
-    steps = batches_per_epoch(len(datamodule.train_dataloader()), trainer.limit_train_batches, trainer.world_size)
-    epochs = budgeted_epochs(planned, steps, max_steps, min_epochs)
+    epochs = budgeted_epochs(planned, steps_per_epoch, max_steps, min_epochs)
     if epochs != planned:
         trainer.fit_loop.max_epochs = epochs
-        training_log.info(f"epoch budget: {epochs} of trainer.max_epochs={planned} epochs ({steps} steps each, "
+        training_log.info(f"epoch budget: {epochs} of trainer.max_epochs={planned} epochs ({steps_per_epoch} steps each, "
                           f"epoch_budget.max_steps={max_steps}, min_epochs={min_epochs})")
     return epochs

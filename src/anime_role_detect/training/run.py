@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..fsutil import atomic_write_text, fingerprint
 from ..log import setup_logging, training_log
 from ..versionfiles import CONFIG
-from .budget import apply_epoch_budget
+from .budget import apply_epoch_budget, batches_per_epoch
 from .reports import evaluate_checkpoint, log_media_to_wandb, write_learning_curves
 
 
@@ -128,14 +128,11 @@ def _add_face_views(datamodule: Any) -> dict[str, Any] | None:
 _LIGHTNING_TORCH_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
-def _fit_log_interval(trainer: Any, datamodule: Any) -> None:
+def _fit_log_interval(trainer: Any, steps_per_epoch: int) -> None:
     """Log at least once an epoch: ``trainer.log_every_n_steps`` cut to the epoch's batches on a small set, where
     Lightning otherwise warns at every run that the interval is longer than an epoch."""
-    from .budget import batches_per_epoch
-
-    steps = batches_per_epoch(len(datamodule.train_dataloader()), trainer.limit_train_batches, trainer.world_size)
-    if 0 < steps < trainer.log_every_n_steps:
-        trainer.log_every_n_steps = steps
+    if 0 < steps_per_epoch < trainer.log_every_n_steps:
+        trainer.log_every_n_steps = steps_per_epoch
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
@@ -179,8 +176,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     loggers = _instantiate_list(cfg.get("logger"), "logger")
     callbacks = _drop_logger_only_callbacks(callbacks, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    apply_epoch_budget(trainer, datamodule, cfg.get("epoch_budget"))
-    _fit_log_interval(trainer, datamodule)
+    steps_per_epoch = batches_per_epoch(len(datamodule.train_dataloader()), trainer.limit_train_batches, trainer.world_size)
+    apply_epoch_budget(trainer, steps_per_epoch, cfg.get("epoch_budget"))
+    _fit_log_interval(trainer, steps_per_epoch)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams({"cfg": cfg_plain, "data": datamodule.summary()})
