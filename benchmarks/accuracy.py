@@ -103,6 +103,7 @@ RECIPES: dict[str, list[str]] = {
 EVAL_VARIANTS: dict[str, list[str]] = {
     "noflip": ["embedder.flip_tta=false"],  # the classifier gallery without flip TTA: accuracy vs time
     "flip": ["embedder.flip_tta=true"],  # ... and with it (off by default since 2026-12-02): each picture and its mirror
+    "fliprows": ["gallery_build.flip_rows=true"],  # the gallery's rows alone as the mean of a picture and its mirror
     "figure": ["embedder.face_view={enabled:false}"],  # a faceview checkpoint recognising the figure view alone
     "faceonly": ["embedder.face_view={enabled:true,weight:1.0}"],  # ... the face view alone (figure when no face is found)
     "colour": ["embedder.colour=0.3"],  # the colour histogram joined to the gallery embedding (recognition/colour.py)

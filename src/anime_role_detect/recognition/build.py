@@ -204,7 +204,7 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
     """
     from ..data.layout import filed_characters, scan_dataset, stratified_group_split
     from ..fsutil import file_sha256
-    from .embedder import build_embedder
+    from .embedder import MirrorAveraged, build_embedder
 
     max_false_reject = check_max_false_reject(max_false_reject)  # before minutes of embedding, not after
     cfg = dict(_plain(cfg) or {})
@@ -246,12 +246,15 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
         embedder = exported[1]
     items = [(r.character, r.series, _safe_loader(r.path(root)), r.file_name) for r in train]
     saved_cfg = {k: v for k, v in ecfg.items() if k != "device"}  # where it ran is not part of the gallery: it loads anywhere
+    flip_rows = bool(gcfg.get("flip_rows", False)) and not ecfg.get("flip_tta")  # queries flipped too: rows are already
+    row_embedder = MirrorAveraged(embedder) if flip_rows else embedder
     if distributed:  # Lightning predict, over processes/GPUs/nodes with a DDP trainer
         from .predict import build_gallery_predicted
 
-        gallery = build_gallery_predicted(root, train, ecfg, out, gcfg, saved_cfg, progress, check)
+        gallery = build_gallery_predicted(root, train, {**ecfg, "flip_tta": True} if flip_rows else ecfg, out, gcfg, saved_cfg,
+                                          progress, check)
     else:  # in-process: faster for small sets (no Lightning start-up; docs/recognition.md "Embedding on a cluster")
-        gallery = Gallery.build(items, embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
+        gallery = Gallery.build(items, row_embedder, index=gcfg.get("index"), prototypes=gcfg.get("prototypes"),
                                 aggregate=gcfg.get("aggregate", DEFAULT_AGGREGATE), embedder_config=saved_cfg, progress=progress)
     gallery.save(out)
     (out / WHITENED_GALLERY).unlink(missing_ok=True)  # an earlier build's: this one fits its own below, or has none
@@ -286,7 +289,8 @@ def build_recognition_folder(data_root: str | Path, out_dir: str | Path, cfg: Ma
             rec.reranker.save(out)
         vemb = ev.embeddings if ev.embeddings is not None else embedder.embed(vimgs)  # same embedder, same images
         save_eval_set(out, gallery, [r for _, r in loaded], root, vemb, calib, top1, val_shas)
-        if include_val:  # thresholds are set; the final gallery also learns from the held-out images
+        if include_val:  # thresholds are set; the final gallery also learns from the held-out images (one view each, as
+            # they were scored: their rows are then found again as their own when fusion's weight is fitted once more)
             for character in sorted(set(vlabels)):
                 idx = [i for i, y in enumerate(vlabels) if y == character]
                 recs = [loaded[i][1] for i in idx]

@@ -30,7 +30,7 @@ from .shared import (DEFAULT_SHARED_MODELS, clear_shared_models, file_fingerprin
                      shared_model, shared_model_keys)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SHARED_MODELS", "ClassifierCard", "ClassifierEmbedder", "Embedder",
-           "EMBEDDER_REGISTRY", "OpenClipEmbedder", "TimmEmbedder", "TorchEmbedder", "build_embedder", "clear_shared_models",
+           "EMBEDDER_REGISTRY", "MirrorAveraged", "OpenClipEmbedder", "TimmEmbedder", "TorchEmbedder", "build_embedder", "clear_shared_models",
            "file_fingerprint", "l2_normalise", "load_classifier", "read_classifier_card", "set_shared_model_limit",
            "shared_model", "shared_model_keys", "to_batch", "weights_fingerprint"]
 
@@ -102,6 +102,23 @@ class TorchEmbedder:
                 f = self.forward_features(x)
             out.append(f.float().cpu().numpy())
         return l2_normalise(np.concatenate(out))
+
+
+class MirrorAveraged:
+    """`inner`'s embedding of each picture averaged with its mirror image's: gallery rows that match a query facing
+    either way (``gallery_build.flip_rows``), while queries stay one view. Same ``model_id`` and ``dim`` as `inner`."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.model_id, self.dim = inner, inner.model_id, inner.dim
+        self.batch_size = getattr(inner, "batch_size", 32)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        from PIL import ImageOps
+
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(self.inner.embed(images) + self.inner.embed([ImageOps.mirror(im) for im in images]))
 
 
 def ready(model: nn.Module, device: str) -> nn.Module:
