@@ -30,9 +30,9 @@ from .shared import (DEFAULT_SHARED_MODELS, clear_shared_models, file_fingerprin
                      shared_model, shared_model_keys)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SHARED_MODELS", "ClassifierCard", "ClassifierEmbedder", "Embedder",
-           "EMBEDDER_REGISTRY", "MirrorAveraged", "OpenClipEmbedder", "TimmEmbedder", "TorchEmbedder", "build_embedder", "clear_shared_models",
-           "file_fingerprint", "l2_normalise", "load_classifier", "read_classifier_card", "set_shared_model_limit",
-           "shared_model", "shared_model_keys", "to_batch", "weights_fingerprint"]
+           "EMBEDDER_REGISTRY", "MirrorAveraged", "OpenClipEmbedder", "TimmEmbedder", "TorchEmbedder", "build_embedder",
+           "clear_shared_models", "file_fingerprint", "l2_normalise", "load_classifier", "read_classifier_card",
+           "set_shared_model_limit", "shared_model", "shared_model_keys", "to_batch", "weights_fingerprint"]
 
 
 @runtime_checkable
